@@ -1,0 +1,33 @@
+# Two commands for a fresh machine: `make train` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A CPU machine takes the local CPU build; a GPU machine the CUDA build of the same release.
+TORCH ?= torch==2.13.0
+ARGS ?=
+
+.PHONY: train test venv dev clean
+
+$(VENV)/.base: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.base
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+venv: $(VENV)/.base
+dev: $(VENV)/.dev
+
+# Trains the default model on official CIFAR-10 (downloaded once), or on --data / CUDACNN_DATA.
+train: $(VENV)/.base
+	$(VENV)/bin/cudacnn train $(ARGS)
+
+test: $(VENV)/.dev
+	$(PY) -m pytest -q $(ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

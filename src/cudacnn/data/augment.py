@@ -1,0 +1,65 @@
+"""On-device augmentation of uint8 NCHW batches. Every function takes a torch.Generator so an epoch is
+reproducible from a seed, and works the same on CPU and CUDA tensors."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def random_crop(images: torch.Tensor, pad: int, gen: torch.Generator, mode: str = "reflect") -> torch.Tensor:
+    """Pad by `pad` pixels and take a random 32x32 window per image (pad=0 leaves images unchanged)."""
+    if pad <= 0:
+        return images
+    n, _, h, w = images.shape
+    padded = pad_images(images, pad, mode)
+    dy = torch.randint(0, 2 * pad + 1, (n,), device=images.device, generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (n,), device=images.device, generator=gen)
+    rows = (dy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, None, :]
+    batch = torch.arange(n, device=images.device)[:, None, None, None]
+    chans = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
+    return padded[batch, chans, rows, cols]
+
+
+def pad_images(images: torch.Tensor, pad: int, mode: str = "reflect") -> torch.Tensor:
+    """Pad H and W by `pad` ('reflect' or 'constant' zeros). F.pad's reflect mode has no uint8 kernel,
+    so the reflection is an index_select."""
+    if mode == "constant":
+        return F.pad(images, (pad, pad, pad, pad))
+    h, w = images.shape[-2:]
+    rows = _reflect_index(h, pad, images.device)
+    cols = _reflect_index(w, pad, images.device)
+    return images.index_select(2, rows).index_select(3, cols)
+
+
+def _reflect_index(size: int, pad: int, device: torch.device) -> torch.Tensor:
+    idx = torch.arange(-pad, size + pad, device=device).abs()
+    return torch.where(idx >= size, 2 * (size - 1) - idx, idx)
+
+
+def random_flip(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Mirror a random half of the images left-right."""
+    mask = torch.rand(images.shape[0], device=images.device, generator=gen) < 0.5
+    return torch.where(mask[:, None, None, None], images.flip(-1), images)
+
+
+def alternating_flip(images: torch.Tensor, base_mask: torch.Tensor, epoch: int) -> torch.Tensor:
+    """airbench's flip: a fixed random half is mirrored on even epochs, the other half on odd ones,
+    so every image is seen both ways within two epochs."""
+    mask = base_mask if epoch % 2 == 0 else ~base_mask
+    return torch.where(mask[:, None, None, None], images.flip(-1), images)
+
+
+def cutout(images: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+    """Zero one size x size square per image, centred anywhere (it may hang over the border)."""
+    if size <= 0:
+        return images
+    n, _, h, w = images.shape
+    cy = torch.randint(0, h, (n,), device=images.device, generator=gen)[:, None, None]
+    cx = torch.randint(0, w, (n,), device=images.device, generator=gen)[:, None, None]
+    ys = torch.arange(h, device=images.device)[None, :, None]
+    xs = torch.arange(w, device=images.device)[None, None, :]
+    top, left = cy - size // 2, cx - size // 2
+    inside = (ys >= top) & (ys < top + size) & (xs >= left) & (xs < left + size)
+    return images.masked_fill(inside[:, None], 0)

@@ -1,0 +1,88 @@
+"""The decoded cache: one uncompressed .npz per source, named and checked by a fingerprint of the source."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from cudacnn.data.dataset import Dataset, Split
+from cudacnn.errors import DataError
+
+FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("CUDACNN_CACHE") or Path.home() / ".cache" / "cudacnn")
+
+
+def fingerprint(path: Path) -> str:
+    """Changes when the source's files change (path, size, modification time of every file)."""
+    path = path.resolve()
+    entries = [f"v{FORMAT_VERSION}", str(path)]
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        stat = file.stat()
+        entries.append(f"{file.relative_to(path) if path.is_dir() else ''}:{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()
+
+
+def cache_path(cache_dir: Path, source: Path, print_: str) -> Path:
+    """<name>-<hash of its location>-<fingerprint>.npz: one live cache per source location."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", source.name)[:60]
+    where = hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:8]
+    return cache_dir / f"{slug}-{where}-{print_[:16]}.npz"
+
+
+def load(path: Path, print_: str) -> Dataset | None:
+    """The cached dataset, or None when there is none; a corrupt or stale file is dropped with a warning."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            meta = json.loads(str(f["meta"]))
+            if meta.get("fingerprint") != print_:
+                raise ValueError("fingerprint does not match the source")
+            dataset = Dataset(meta["name"], meta["classes"], Split(f["train_x"], f["train_y"]),
+                              Split(f["test_x"], f["test_y"]), source=meta["source"], cache_path=path)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, json.JSONDecodeError) as exc:
+        log.warning("warning: cache %s is unreadable (%s); rebuilding it", path, exc)
+        path.unlink(missing_ok=True)
+        return None
+    return dataset
+
+
+def save(dataset: Dataset, path: Path, print_: str) -> Path:
+    """Write atomically: a temporary file in the same folder, renamed over the target when complete."""
+    meta = json.dumps({"fingerprint": print_, "name": dataset.name, "classes": dataset.classes,
+                       "source": dataset.source, "version": FORMAT_VERSION})
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise DataError(f"cache directory {path.parent} is not writable ({exc.strerror or exc}); "
+                        "pass --cache-dir or set CUDACNN_CACHE to a writable folder") from exc
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, meta=np.array(meta), train_x=dataset.train.images, train_y=dataset.train.labels,
+                     test_x=dataset.test.images, test_y=dataset.test.labels)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise DataError(f"could not write the cache {path} ({exc}); free disk space or pass --cache-dir") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    # Drop the caches of earlier versions of the same source.
+    for stale in path.parent.glob(f"{path.name.rsplit('-', 1)[0]}-*.npz"):
+        if stale != path:
+            stale.unlink(missing_ok=True)
+    dataset.cache_path = path
+    return path

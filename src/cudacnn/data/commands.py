@@ -1,0 +1,50 @@
+"""`cudacnn data info SOURCE` and `cudacnn data download NAME`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from cudacnn.data.cifar import OFFICIAL
+from cudacnn.data.dataset import channel_stats
+from cudacnn.data.download import download
+from cudacnn.data.sources import default_data_dir, load_dataset
+
+
+def add_commands(subparsers) -> None:
+    data = subparsers.add_parser("data", help="inspect and download data sources")
+    sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    info = sub.add_parser("info", help="splits, per-class counts, channel mean/std and cache location")
+    info.add_argument("source", nargs="?", help="archive, folder or official name (default: CUDACNN_DATA or cifar10)")
+    info.add_argument("--cache-dir", type=Path, help="where decoded caches live (default: CUDACNN_CACHE)")
+    info.set_defaults(func=run_info)
+    get = sub.add_parser("download", help="download and verify an official archive")
+    get.add_argument("name", choices=sorted(OFFICIAL))
+    get.add_argument("--dir", type=Path, help="target folder (default: CUDACNN_DATA_DIR)")
+    get.set_defaults(func=run_download)
+
+
+def run_info(args) -> int:
+    dataset = load_dataset(args.source, cache_dir=args.cache_dir)
+    console = Console()
+    console.print(f"[bold]{dataset.name}[/] from {dataset.source}")
+    console.print(f"cache: {dataset.cache_path}")
+    table = Table("class", "train", "test")
+    train_counts = dataset.train.class_counts(dataset.num_classes)
+    test_counts = dataset.test.class_counts(dataset.num_classes)
+    for i, name in enumerate(dataset.classes):
+        table.add_row(f"{i} {name}", str(train_counts[i]), str(test_counts[i]))
+    table.add_row("[bold]total", str(len(dataset.train)), str(len(dataset.test)))
+    console.print(table)
+    mean, std = channel_stats(dataset.train.images)
+    console.print("train channel mean (R, G, B): " + ", ".join(f"{m:.4f}" for m in mean))
+    console.print("train channel std  (R, G, B): " + ", ".join(f"{s:.4f}" for s in std))
+    return 0
+
+
+def run_download(args) -> int:
+    path = download(OFFICIAL[args.name], args.dir or default_data_dir())
+    print(f"{args.name}: {path} (MD5 verified)")
+    return 0

@@ -1,0 +1,41 @@
+"""Shared fixtures. The shared JPEG set lives in ../shared/data beside the checkout: tests that need it
+skip when it is absent (a user's fresh clone), but fail when CI=true, so CI always runs them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_JPEG = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+def requires_cuda():
+    import torch
+
+    return pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="session")
+def shared_jpeg_path() -> Path:
+    path = Path(os.environ.get("CUDACNN_SHARED_JPEG", SHARED_JPEG))
+    if not path.exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{path} is missing; CI must run the tests on the shared data set")
+        pytest.skip(f"{path} is absent (only the project's machines have the shared data set)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def cifar_jpeg(shared_jpeg_path, shared_cache_dir):
+    """The shared JPEG set, decoded once per test session."""
+    from cudacnn.data import load_dataset
+
+    return load_dataset(shared_jpeg_path, cache_dir=shared_cache_dir, quiet=True)
