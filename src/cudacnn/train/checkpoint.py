@@ -1,0 +1,85 @@
+"""Checkpoints: one dict saved atomically with torch.save, loaded with weights_only=True (never unpickles
+code). Holds everything needed to rebuild the model and to resume training exactly."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cudacnn.errors import CheckpointError
+
+FORMAT = "cudacnn-checkpoint"
+VERSION = 1
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
+    """Write to a temporary file beside `path`, then rename: a crash never leaves half a checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save({"format": FORMAT, "version": VERSION, **state}, handle)
+        os.replace(tmp_name, path)
+    finally:
+        Path(tmp_name).unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():  # a run folder: take its best checkpoint, else its last
+        for name in ("best.pt", "last.pt"):
+            if (path / "checkpoints" / name).exists():
+                path = path / "checkpoints" / name
+                break
+        else:
+            raise CheckpointError(f"{path} holds no checkpoints/best.pt or checkpoints/last.pt; "
+                                  "pass a checkpoint file or a run folder that finished an epoch")
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass a .pt file written by `cudacnn train`")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"{path} is not a readable cudacnn checkpoint ({str(exc).splitlines()[0]}); "
+                              "it may be truncated, or not a weights-only file") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a cudacnn checkpoint (no '{FORMAT}' marker); "
+                              "for torchvision ImageNet weights use `--pretrained`")
+    return ckpt
+
+
+def model_from_checkpoint(source: str | Path | dict, device: str | torch.device = "cpu"):
+    """(model in eval mode on `device`, checkpoint dict)."""
+    from cudacnn.models import create_model
+
+    ckpt = source if isinstance(source, dict) else load_checkpoint(source)
+    model = create_model(ckpt["model_name"], num_classes=len(ckpt["classes"]), **ckpt.get("model_kwargs", {}))
+    check_compatible(model, ckpt["model"], f"checkpoint of model '{ckpt['model_name']}'")
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt
+
+
+def check_compatible(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Raise one clear CheckpointError when `state` does not fit `model` (other model, other head size)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+             if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+        if wrong:
+            parts.append(f"{len(wrong)} shape mismatches (e.g. {'; '.join(wrong[:3])})")
+        raise CheckpointError(f"{what} does not fit this model: {'; '.join(parts)}. "
+                              "Use a checkpoint written for the same --model and number of classes")
