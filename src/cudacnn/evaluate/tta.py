@@ -1,0 +1,49 @@
+"""Test-time augmentation: average a model's logits over cheap views of each image (airbench's scheme).
+
+level 0: the image itself.
+level 1: the image and its horizontal mirror, averaged.
+level 2: level 1 on the image (weight 1/2) plus level 1 on the image shifted one pixel up-left and one
+         pixel down-right (weight 1/4 each; the shifts read a 1-pixel reflect padding).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+TTA_LEVELS = (0, 1, 2)
+
+
+def mirror_average(model, images: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (model(images) + model(images.flip(-1)))
+
+
+def shifted_views(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two 1-pixel diagonal translations of NCHW images (up-left, down-right)."""
+    h, w = images.shape[-2:]
+    padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
+    return padded[..., 0:h, 0:w], padded[..., 2:h + 2, 2:w + 2]
+
+
+def tta_logits(model, images: torch.Tensor, level: int) -> torch.Tensor:
+    """Averaged logits of one batch under TTA `level` (0, 1 or 2)."""
+    if level == 0:
+        return model(images)
+    if level == 1:
+        return mirror_average(model, images)
+    if level == 2:
+        up_left, down_right = shifted_views(images)
+        shifted = 0.5 * (mirror_average(model, up_left) + mirror_average(model, down_right))
+        return 0.5 * mirror_average(model, images) + 0.5 * shifted
+    raise ValueError(f"TTA level must be one of {TTA_LEVELS}, got {level!r}")
+
+
+@torch.no_grad()
+def predict_tta(model, images: torch.Tensor, level: int = 0, batch_size: int = 2000) -> torch.Tensor:
+    """Logits (float32, N x classes) for normalized NCHW `images`, evaluated in batches of `batch_size`.
+    The caller puts the model in eval mode; nothing here synchronizes with the host."""
+    if level not in TTA_LEVELS:
+        raise ValueError(f"TTA level must be one of {TTA_LEVELS}, got {level!r}")
+    outs = [tta_logits(model, images[i:i + batch_size], level).float()
+            for i in range(0, len(images), batch_size)]
+    return torch.cat(outs)
