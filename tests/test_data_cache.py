@@ -1,0 +1,96 @@
+"""The decoded cache: reused, invalidated by a changed source, rebuilt when corrupt, written atomically."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pytest
+
+from cifar_archives import image_folder_files, png_bytes, write_folder, write_tar
+from cudacnn.data import load_dataset, split_validation, stratified_split
+from cudacnn.data import sources
+from cudacnn.errors import DataError
+
+
+def _count_reads(monkeypatch):
+    calls = []
+    real = sources.read_source
+    monkeypatch.setattr(sources, "read_source", lambda p: calls.append(p) or real(p))
+    return calls
+
+
+def test_second_load_reads_the_cache(tmp_path, monkeypatch):
+    files, expected = image_folder_files()
+    tar = write_tar(tmp_path / "t.tar.gz", files)
+    calls = _count_reads(monkeypatch)
+    first = load_dataset(tar, cache_dir=tmp_path / "cache", quiet=True)
+    second = load_dataset(tar, cache_dir=tmp_path / "cache", quiet=True)
+    assert len(calls) == 1
+    assert second.cache_path == first.cache_path and second.cache_path.exists()
+    np.testing.assert_array_equal(second.train.images, expected["train"][0])
+    assert second.classes == first.classes
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [first.cache_path.name]  # no temp files
+
+
+def test_changed_source_invalidates(tmp_path, monkeypatch):
+    files, _ = image_folder_files()
+    root = write_folder(tmp_path / "tree", files)
+    calls = _count_reads(monkeypatch)
+    first = load_dataset(root, cache_dir=tmp_path / "cache", quiet=True)
+    new = np.full((32, 32, 3), 77, np.uint8)
+    target = root / "tiny/train/cat/0000.png"
+    target.write_bytes(png_bytes(new))
+    os.utime(target, ns=(1, 1))  # a different mtime even on coarse clocks
+    second = load_dataset(root, cache_dir=tmp_path / "cache", quiet=True)
+    assert len(calls) == 2
+    np.testing.assert_array_equal(second.train.images[0], new)
+    assert not first.cache_path.exists() or first.cache_path == second.cache_path
+
+
+def test_corrupt_cache_is_rebuilt_with_warning(tmp_path, monkeypatch, caplog):
+    files, expected = image_folder_files()
+    tar = write_tar(tmp_path / "t.tar.gz", files)
+    first = load_dataset(tar, cache_dir=tmp_path / "cache", quiet=True)
+    first.cache_path.write_bytes(first.cache_path.read_bytes()[:1000])  # a partial file
+    calls = _count_reads(monkeypatch)
+    with caplog.at_level(logging.WARNING):
+        again = load_dataset(tar, cache_dir=tmp_path / "cache", quiet=True)
+    assert len(calls) == 1 and "rebuilding" in caplog.text
+    np.testing.assert_array_equal(again.test.images, expected["test"][0])
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write to read-only folders")
+def test_unwritable_cache_dir(tmp_path):
+    files, _ = image_folder_files()
+    tar = write_tar(tmp_path / "t.tar.gz", files)
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(DataError, match="not writable"):
+        load_dataset(tar, cache_dir=locked / "cache", quiet=True)
+
+
+def test_cache_dir_that_is_a_file(tmp_path):
+    files, _ = image_folder_files()
+    tar = write_tar(tmp_path / "t.tar.gz", files)
+    (tmp_path / "blocker").write_text("a file where the cache folder should be")
+    with pytest.raises(DataError, match="not writable"):
+        load_dataset(tar, cache_dir=tmp_path / "blocker", quiet=True)
+
+
+def test_stratified_split_is_seeded_and_balanced():
+    labels = np.repeat(np.arange(10), 100)
+    train, val = stratified_split(labels, 0.1, seed=3)
+    assert len(val) == 100 and (np.bincount(labels[val], minlength=10) == 10).all()
+    assert len(np.intersect1d(train, val)) == 0 and len(train) + len(val) == 1000
+    np.testing.assert_array_equal(val, stratified_split(labels, 0.1, seed=3)[1])
+    assert not np.array_equal(val, stratified_split(labels, 0.1, seed=4)[1])
+
+
+def test_split_validation_moves_images(tmp_path):
+    files, expected = image_folder_files(per_class=10)
+    ds = load_dataset(write_tar(tmp_path / "t.tar.gz", files), cache_dir=tmp_path / "c", quiet=True)
+    train, val = split_validation(ds.train, 0.2, seed=0)
+    assert len(train) == 24 and len(val) == 6
+    assert (val.class_counts(3) == 2).all()
