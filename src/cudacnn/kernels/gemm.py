@@ -1,0 +1,193 @@
+"""GEMM with a fused epilogue: C = act(A @ B + bias), and its backward pass on the same kernel.
+
+A (M, K) and B (K, N) may be any strided views (a transposed weight is just swapped strides), inputs
+float32 (exact or tf32), bfloat16 or float16; the accumulator is always float32 and the epilogue (bias,
+activation, the optional pre-activation copy kept for backward) runs on it before the one store.
+Tiles walk the output in grouped order (GROUP_M row-blocks at a time) so that A and B stay in L2."""
+
+from __future__ import annotations
+
+import torch
+
+from ._runtime import check_out, interpreting, tl, triton, use_triton
+from .activations import _act_fwd, activation_backward, activation_code, reference_forward
+
+BUILT_FOR_INTERPRETER = interpreting()
+
+GEMM_ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
+
+
+# ---------------------------------------------------------------- reference (plain PyTorch)
+
+def reference_gemm(a, b, bias=None, activation="none"):
+    """Float32 accumulation for 16-bit inputs, like the kernel; float64 stays float64."""
+    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    z = a.to(acc) @ b.to(acc)
+    if bias is not None:
+        z = z + bias.to(acc)
+    return reference_forward(z, activation).to(a.dtype)
+
+
+# ---------------------------------------------------------------- Triton
+
+@triton.jit
+def _gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, z_ptr, M, N, K,
+                 stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+                 HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr,
+                 INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pids_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // pids_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % pids_in_group) % group_size_m
+    pid_n = (pid % pids_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Wrap out-of-range rows/columns onto valid ones: loads need no M/N mask, the store masks them.
+    rows = tl.max_contiguous(tl.multiple_of(offs_m % M, BLOCK_M), BLOCK_M)
+    cols = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N)
+    a_ptrs = a_ptr + rows[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols[None, :].to(tl.int64) * stride_bn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        if UPCAST:  # the interpreter's bf16 dot is wrong (triton 3.9); bf16 products are exact in fp32
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    c_offs = offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
+    c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if STORE_PRE:
+        tl.store(z_ptr + c_offs, acc.to(z_ptr.dtype.element_ty), mask=c_mask)
+    acc = _act_fwd(acc, ACTIVATION)
+    tl.store(c_ptr + c_offs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+def _config(bm, bn, bk, stages, warps, group=8):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group},
+                         num_stages=stages, num_warps=warps)
+
+
+# Hopper: 128x256 / 256x128 tiles run two warpgroups of wgmma; a smaller tile for skinny problems.
+_CONFIGS_16BIT = [
+    _config(128, 256, 64, 3, 8),
+    _config(256, 128, 64, 3, 8),
+    _config(128, 128, 64, 4, 8),
+    _config(128, 128, 64, 4, 4),
+    _config(64, 128, 64, 4, 4),
+]
+# float32 tiles take twice the shared memory per element: halve BLOCK_K.
+_CONFIGS_32BIT = [
+    _config(128, 256, 32, 3, 8),
+    _config(128, 128, 32, 4, 8),
+    _config(128, 128, 32, 3, 4),
+    _config(64, 128, 32, 4, 4),
+]
+_AUTOTUNE_KEY = ["M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn"]
+_gemm_16bit = triton.autotune(configs=_CONFIGS_16BIT, key=_AUTOTUNE_KEY)(_gemm_kernel)
+_gemm_32bit = triton.autotune(configs=_CONFIGS_32BIT, key=_AUTOTUNE_KEY)(_gemm_kernel)
+
+
+def _launch(a, b, c, bias, z, activation, allow_tf32):
+    M, K = a.shape
+    N = b.shape[1]
+    args = (a, b, c, bias if bias is not None else c, z if z is not None else c, M, N, K,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
+    meta = dict(HAS_BIAS=bias is not None, ACTIVATION=activation_code(activation), STORE_PRE=z is not None,
+                INPUT_PRECISION="tf32" if (allow_tf32 and a.dtype == torch.float32) else "ieee",
+                UPCAST=interpreting() and a.dtype == torch.bfloat16)
+    if interpreting():  # autotuning would run every config through the (slow) interpreter
+        grid = (triton.cdiv(M, 16) * triton.cdiv(N, 16),)
+        _gemm_kernel[grid](*args, **meta, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)
+        return
+    kernel = _gemm_32bit if a.dtype == torch.float32 else _gemm_16bit
+    grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)  # noqa: E731
+    kernel[grid](*args, **meta)
+
+
+def _check(a, b, bias, activation):
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"gemm needs a (M, K) and b (K, N); got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.dtype != b.dtype:
+        raise ValueError(f"a is {a.dtype} but b is {b.dtype}")
+    if bias is not None and (bias.shape != (b.shape[1],)):
+        raise ValueError(f"bias must have shape ({b.shape[1]},); got {tuple(bias.shape)}")
+    if activation not in GEMM_ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {GEMM_ACTIVATIONS}")
+
+
+def gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, activation: str = "none",
+         out: torch.Tensor | None = None, allow_tf32: bool = False,
+         pre_activation_out: torch.Tensor | None = None) -> torch.Tensor:
+    """out = act(a @ b + bias). a (M, K), b (K, N), any strides; bias (N,). Writes into `out` (M, N) when
+    given; `pre_activation_out` (M, N) also receives a @ b + bias (what the backward pass needs for gelu)."""
+    _check(a, b, bias, activation)
+    M, N = a.shape[0], b.shape[1]
+    out = check_out(out, (M, N), a.dtype, a.device)
+    if pre_activation_out is not None:
+        check_out(pre_activation_out, (M, N), a.dtype, a.device)
+    if M == 0 or N == 0:
+        return out
+    if not use_triton(a) or a.dtype == torch.float64 or a.shape[1] == 0:
+        acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+        z = a.to(acc) @ b.to(acc) + (bias.to(acc) if bias is not None else 0)
+        if pre_activation_out is not None:
+            pre_activation_out.copy_(z)
+        return out.copy_(reference_forward(z, activation))
+    _launch(a, b, out, bias, pre_activation_out, activation, allow_tf32)
+    return out
+
+
+# ---------------------------------------------------------------- backward
+
+@triton.jit
+def _column_sum_kernel(x_ptr, out_ptr, M, N, stride_m, stride_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[n] = sum over m of x[m, n], float32 accumulation (the bias gradient)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_m + offs_n[None, :] * stride_n, mask=mask,
+                    other=0.0)
+        acc += tl.sum(x.to(tl.float32), axis=0)
+    tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+
+
+def column_sum(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    M, N = x.shape
+    out = check_out(out, (N,), x.dtype, x.device)
+    if not use_triton(x) or x.dtype == torch.float64:
+        return out.copy_(x.sum(0, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32))
+    block_m, block_n = (16, 16) if interpreting() else (64, 64)
+    _column_sum_kernel[(triton.cdiv(N, block_n),)](x, out, M, N, x.stride(0), x.stride(1),
+                                                    BLOCK_M=block_m, BLOCK_N=block_n)
+    return out
+
+
+def gemm_backward(grad_out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, saved: torch.Tensor | None,
+                  activation: str = "none", has_bias: bool = False, allow_tf32: bool = False,
+                  needs_a: bool = True, needs_b: bool = True):
+    """Gradients of out = act(a @ b + bias): returns (grad_a, grad_b, grad_bias), None where not needed.
+    `saved` is the pre-activation a @ b + bias (for relu the forward output works too); unused for 'none'."""
+    if activation == "none":
+        grad_z = grad_out
+    else:
+        grad_z = activation_backward(grad_out, saved, activation)
+    grad_a = gemm(grad_z, b.t(), allow_tf32=allow_tf32) if needs_a else None
+    grad_b = gemm(a.t(), grad_z, allow_tf32=allow_tf32) if needs_b else None
+    grad_bias = column_sum(grad_z) if has_bias else None
+    return grad_a, grad_b, grad_bias
