@@ -1,0 +1,245 @@
+"""The engine's memory pool: device memory taken from torch's allocator only in large slabs, then carved
+into aligned blocks by a best-fit allocator that splits and coalesces free ranges.
+
+`MemoryPool.empty(shape)` hands back a torch tensor that is a raw window into a slab (not a torch view,
+so torch's caching allocator never sees it). A finalizer returns the block when Python drops the last
+reference to the tensor or to any view of it, so blocks live exactly as long as something can read them.
+
+    OffsetAllocator   pure bookkeeping over [0, size): testable without any device
+    MemoryPool        slabs (torch uint8 tensors) + one OffsetAllocator per slab + statistics
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from cudacnn.errors import CudacnnError
+
+ALIGNMENT = 256  # bytes: every block starts on a 256 B boundary, enough for 128-bit vector loads
+DEFAULT_SLAB_BYTES = 256 << 20
+
+
+class PoolExhaustedError(CudacnnError, MemoryError):
+    """The pool would have to grow past its max_bytes limit."""
+
+
+def round_up(n: int, alignment: int = ALIGNMENT) -> int:
+    return (n + alignment - 1) // alignment * alignment
+
+
+class OffsetAllocator:
+    """Best-fit allocator over the byte range [0, size).
+
+    Free ranges are kept twice: sorted by (size, offset) to find the best fit with one bisect, and
+    sorted by offset to find the neighbours to merge with on free."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.by_size: list[tuple[int, int]] = [(size, 0)]
+        self.by_offset: list[tuple[int, int]] = [(0, size)]
+        self.used: dict[int, int] = {}  # offset -> size of live blocks
+
+    def alloc(self, nbytes: int) -> int | None:
+        """Offset of a new block of nbytes (already aligned), or None if no free range is big enough."""
+        i = bisect.bisect_left(self.by_size, (nbytes, -1))
+        if i == len(self.by_size):
+            return None
+        size, offset = self.by_size.pop(i)
+        self.by_offset.remove((offset, size))
+        if size > nbytes:  # split: the tail stays free
+            self._add_free(offset + nbytes, size - nbytes)
+        self.used[offset] = nbytes
+        return offset
+
+    def free(self, offset: int) -> int:
+        size = self.used.pop(offset)
+        # coalesce with the free neighbours on either side
+        j = bisect.bisect_left(self.by_offset, (offset, 0))
+        if j < len(self.by_offset) and self.by_offset[j][0] == offset + size:
+            nxt_off, nxt_size = self.by_offset[j]
+            self._remove_free(nxt_off, nxt_size)
+            size += nxt_size
+        if j > 0 and sum(self.by_offset[j - 1]) == offset:
+            prev_off, prev_size = self.by_offset[j - 1]
+            self._remove_free(prev_off, prev_size)
+            offset, size = prev_off, prev_size + size
+        self._add_free(offset, size)
+        return self.used_bytes
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(self.used.values())
+
+    def largest_free(self) -> int:
+        return self.by_size[-1][0] if self.by_size else 0
+
+    def free_bytes(self) -> int:
+        return self.size - self.used_bytes
+
+    def _add_free(self, offset: int, size: int) -> None:
+        bisect.insort(self.by_size, (size, offset))
+        bisect.insort(self.by_offset, (offset, size))
+
+    def _remove_free(self, offset: int, size: int) -> None:
+        self.by_size.remove((size, offset))
+        self.by_offset.remove((offset, size))
+
+
+@dataclass
+class Slab:
+    storage: torch.Tensor  # uint8, the only memory the pool ever asks torch for
+    allocator: OffsetAllocator
+
+
+class MemoryPool:
+    def __init__(self, device: str | torch.device = "cuda", slab_bytes: int = DEFAULT_SLAB_BYTES,
+                 max_bytes: int | None = None, alignment: int = ALIGNMENT):
+        self.device = torch.device(device)
+        self.slab_bytes = slab_bytes
+        self.max_bytes = max_bytes
+        self.alignment = alignment
+        self.slabs: list[Slab] = []
+        self.in_use = 0
+        self.peak = 0
+        self.served_from_pool = 0
+        self.new_slabs = 0
+        self.frees = 0
+
+    # -- raw blocks -------------------------------------------------------------------------------
+    def alloc(self, nbytes: int) -> tuple[int, int]:
+        """(slab index, byte offset) of a fresh aligned block of at least nbytes."""
+        nbytes = round_up(max(nbytes, 1), self.alignment)
+        best = None  # best fit over all slabs: the smallest free range that holds nbytes
+        for index, slab in enumerate(self.slabs):
+            a = slab.allocator
+            k = bisect.bisect_left(a.by_size, (nbytes, -1))
+            if k < len(a.by_size) and (best is None or a.by_size[k][0] < best[0]):
+                best = (a.by_size[k][0], index)
+        if best is not None:
+            index = best[1]
+            self.served_from_pool += 1
+        else:
+            index = self._grow(nbytes)
+        offset = self.slabs[index].allocator.alloc(nbytes)
+        self.in_use += nbytes
+        self.peak = max(self.peak, self.in_use)
+        return index, offset
+
+    def free(self, index: int, offset: int) -> None:
+        allocator = self.slabs[index].allocator
+        self.in_use -= allocator.used[offset]
+        allocator.free(offset)
+        self.frees += 1
+
+    def _grow(self, nbytes: int) -> int:
+        size = max(self.slab_bytes, nbytes)
+        if self.max_bytes is not None and self.reserved + size > self.max_bytes:
+            raise PoolExhaustedError(
+                f"engine memory pool exhausted: a block of {nbytes / 2**20:.1f} MiB needs a new slab of "
+                f"{size / 2**20:.1f} MiB, but {self.in_use / 2**20:.1f} MiB are in use and the pool may "
+                f"reserve at most {self.max_bytes / 2**20:.1f} MiB; use a smaller batch size or raise the "
+                f"limit with gnn.configure_memory(max_bytes=...)")
+        storage = torch.empty(size, dtype=torch.uint8, device=self.device)
+        self.slabs.append(Slab(storage, OffsetAllocator(size)))
+        self.new_slabs += 1
+        return len(self.slabs) - 1
+
+    # -- tensors ----------------------------------------------------------------------------------
+    def empty(self, shape, dtype=torch.float32, strides=None) -> torch.Tensor:
+        """An uninitialised tensor carved from a slab; the block returns to the pool with its last view."""
+        shape = tuple(int(s) for s in shape)
+        if strides is None:
+            strides = contiguous_strides(shape)
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        span = 1 + sum((s - 1) * st for s, st in zip(shape, strides)) if all(shape) else 0
+        index, offset = self.alloc(span * itemsize)
+        tensor = torch.empty(0, dtype=dtype, device=self.device)
+        tensor.set_(self.slabs[index].storage.untyped_storage(), offset // itemsize, shape, tuple(strides))
+        weakref.finalize(tensor, self.free, index, offset)
+        return tensor
+
+    # -- statistics -------------------------------------------------------------------------------
+    @property
+    def reserved(self) -> int:
+        return sum(s.allocator.size for s in self.slabs)
+
+    def stats(self) -> dict:
+        free = self.reserved - self.in_use
+        largest = max((s.allocator.largest_free() for s in self.slabs), default=0)
+        return {
+            "bytes_in_use": self.in_use,
+            "bytes_reserved": self.reserved,
+            "peak_bytes_in_use": self.peak,
+            "slabs": len(self.slabs),
+            "allocs_from_pool": self.served_from_pool,
+            "allocs_new_slab": self.new_slabs,
+            "frees": self.frees,
+            "live_blocks": sum(len(s.allocator.used) for s in self.slabs),
+            # 0 when all free memory is one range; near 1 when it is scattered in small pieces
+            "fragmentation": 0.0 if free == 0 else 1.0 - largest / free,
+        }
+
+    def reset_peak(self) -> None:
+        self.peak = self.in_use
+
+
+def contiguous_strides(shape) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(int(size), 1)
+    return tuple(reversed(strides))
+
+
+def numel(shape) -> int:
+    return math.prod(int(s) for s in shape)
+
+
+# -- the GPU backend's pool -----------------------------------------------------------------------------
+_pool: MemoryPool | None = None
+_pool_options: dict = {}
+
+
+def gpu_device() -> torch.device:
+    """Where the GPU backend's memory lives: the CUDA device, or CPU memory when Triton interprets
+    kernels (TRITON_INTERPRET=1: how the GPU code path is tested without a GPU)."""
+    import os
+
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return torch.device("cuda")
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return torch.device("cpu")
+    from cudacnn.errors import ConfigError
+
+    raise ConfigError("the engine's GPU backend needs a CUDA GPU (or TRITON_INTERPRET=1 to run its Triton "
+                      "kernels on the CPU); use model.to('cpu') for the NumPy backend")
+
+
+def default_pool() -> MemoryPool:
+    global _pool
+    if _pool is None:
+        _pool = MemoryPool(gpu_device(), **_pool_options)
+    return _pool
+
+
+def configure_memory(slab_bytes: int | None = None, max_bytes: int | None = None) -> None:
+    """Set the GPU pool's slab size and limit. Takes effect for slabs taken from now on."""
+    if slab_bytes is not None:
+        _pool_options["slab_bytes"] = slab_bytes
+    if max_bytes is not None:
+        _pool_options["max_bytes"] = max_bytes
+    if _pool is not None:
+        _pool.slab_bytes = _pool_options.get("slab_bytes", _pool.slab_bytes)
+        _pool.max_bytes = _pool_options.get("max_bytes", _pool.max_bytes)
+
+
+def memory_stats() -> dict:
+    """The GPU pool's counters (all zero before the GPU backend has allocated anything)."""
+    if _pool is None:
+        return MemoryPool("cpu").stats()
+    return _pool.stats()
