@@ -1,0 +1,165 @@
+"""`cudacnn evaluate`, `cudacnn predict`, `cudacnn export` and `cudacnn report`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from cudacnn.errors import ConfigError, DataError
+
+
+def add_commands(subparsers) -> None:
+    ev = subparsers.add_parser("evaluate", help="test-set accuracy, per-class metrics and confusion matrix")
+    ev.add_argument("checkpoint", help="checkpoint file, or a run folder (uses checkpoints/best.pt)")
+    ev.add_argument("--data", help="data source (default: the one the run trained on)")
+    ev.add_argument("--tta", type=int, nargs="?", const=2, default=0, metavar="LEVEL",
+                    help="test-time augmentation: 1 = mirror, 2 = mirror + 1-pixel shifts (default with --tta)")
+    ev.add_argument("--out", type=Path, help="output folder (default: the checkpoint's run folder)")
+    ev.add_argument("--batch-size", type=int, default=1000)
+    ev.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    ev.add_argument("--cache-dir", type=Path, help="where decoded data caches live")
+    ev.set_defaults(func=run_evaluate)
+
+    pr = subparsers.add_parser("predict", help="class and probabilities for 32x32 RGB image files")
+    pr.add_argument("checkpoint", help="checkpoint file, or a run folder")
+    pr.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    pr.add_argument("--top", type=int, default=3, help="how many classes to show per image (default 3)")
+    pr.add_argument("--json", action="store_true", help="print one JSON object per image with all probabilities")
+    pr.add_argument("--device", help="cuda or cpu (default: cpu)")
+    pr.set_defaults(func=run_predict)
+
+    ex = subparsers.add_parser("export", help="export a checkpoint to ONNX, checked against onnxruntime")
+    ex.add_argument("checkpoint", help="checkpoint file, or a run folder")
+    ex.add_argument("--onnx", type=Path, required=True, metavar="FILE", help="where to write the .onnx file")
+    ex.set_defaults(func=run_export)
+
+    rp = subparsers.add_parser("report", help="write RUN/report.html (self-contained) and RUN/summary.md")
+    rp.add_argument("run", type=Path, help="run folder written by `cudacnn train`")
+    rp.set_defaults(func=run_report)
+
+
+def pick_device(name: str | None, default_cuda: bool = True) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if default_cuda and torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name} asked for, but no CUDA GPU is visible; use --device cpu")
+    return torch.device(name)
+
+
+def run_folder_of(checkpoint: str | Path) -> Path:
+    """RUN for RUN/checkpoints/x.pt or RUN itself; otherwise the checkpoint's own folder."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        return path
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+
+
+def data_source_of(config: dict) -> str | None:
+    """The data source a run trained on, from its saved config (a string, or a dict with 'source')."""
+    data = (config or {}).get("data")
+    if isinstance(data, dict):
+        data = data.get("source") or data.get("path")
+    return str(data) if data else None
+
+
+def run_evaluate(args) -> int:
+    from cudacnn.data import GpuLoader, load_dataset
+    from cudacnn.evaluate.metrics import evaluate
+    from cudacnn.evaluate.report import save_evaluation, write_report
+    from cudacnn.train.checkpoint import model_from_checkpoint
+
+    if args.tta not in (0, 1, 2):
+        raise ConfigError(f"--tta takes level 1 or 2, got {args.tta}")
+    if args.batch_size <= 0:
+        raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
+    device = pick_device(args.device)
+    model, ckpt = model_from_checkpoint(args.checkpoint, device=device)
+    source = args.data or data_source_of(ckpt.get("config", {}))
+    dataset = load_dataset(source, cache_dir=args.cache_dir)
+    classes = list(ckpt["classes"])
+    if list(dataset.classes) != classes:
+        raise DataError(f"the data's classes {dataset.classes} differ from the checkpoint's {classes}; "
+                        "evaluate on the data set the model was trained on (--data)")
+    loader = GpuLoader(dataset.test, args.batch_size, device, mean=ckpt["mean"], std=ckpt["std"],
+                       dtype=torch.float32)
+    result = evaluate(model, loader, len(classes), device=device, tta_level=args.tta, classes=classes)
+
+    out = args.out or run_folder_of(args.checkpoint)
+    extra = {"checkpoint": str(args.checkpoint), "data": dataset.source or str(source),
+             "epoch": ckpt.get("epoch"), "model_name": ckpt.get("model_name")}
+    paths = save_evaluation(result, out, extra)
+    print_evaluation(result, Console())
+    console = Console()
+    console.print(f"wrote {paths['json']}, {paths['csv']}, {paths['npy']}, {paths['plot']}")
+    if (out / "metrics.jsonl").exists():  # a run folder: refresh its report with the new numbers
+        html_path, _ = write_report(out)
+        console.print(f"updated {html_path}")
+    return 0
+
+
+def print_evaluation(result, console: Console) -> None:
+    tta = f" (TTA level {result.tta_level})" if result.tta_level else ""
+    console.print(f"[bold]test accuracy {100 * result.accuracy:.2f}%[/]{tta}, loss {result.loss:.4f}, "
+                  f"{result.num_samples} images")
+    table = Table("class", "precision", "recall", "F1", "support")
+    for row in result.per_class:
+        table.add_row(row["class"], f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}",
+                      str(row["support"]))
+    console.print(table)
+    if result.most_confused:
+        pairs = Table("true", "predicted as", "count", "% of true class", title="most confused pairs")
+        for p in result.most_confused:
+            pairs.add_row(p["true"], p["predicted"], str(p["count"]), f"{100 * p['fraction']:.1f}")
+        console.print(pairs)
+
+
+def run_predict(args) -> int:
+    import numpy as np
+
+    from cudacnn.evaluate.predict import predict_probabilities, read_image
+    from cudacnn.train.checkpoint import model_from_checkpoint
+
+    if args.top < 1:
+        raise ConfigError(f"--top must be at least 1, got {args.top}")
+    images = np.stack([read_image(p) for p in args.images])  # check every file before loading the model
+    model, ckpt = model_from_checkpoint(args.checkpoint, device=pick_device(args.device, default_cuda=False))
+    classes = list(ckpt["classes"])
+    probs = predict_probabilities(model, images, ckpt["mean"], ckpt["std"])
+    if args.json:
+        for path, p in zip(args.images, probs):
+            print(json.dumps({"image": str(path), "class": classes[int(p.argmax())],
+                              "probabilities": {c: round(float(v), 6) for c, v in zip(classes, p)}}))
+        return 0
+    top = min(args.top, len(classes))
+    table = Table("image", "class", "probability", *(f"#{i}" for i in range(2, top + 1)))
+    for path, p in zip(args.images, probs):
+        order = np.argsort(-p)[:top]
+        table.add_row(str(path), classes[order[0]], f"{p[order[0]]:.3f}",
+                      *(f"{classes[i]} {p[i]:.3f}" for i in order[1:]))
+    Console().print(table)
+    return 0
+
+
+def run_export(args) -> int:
+    from cudacnn.evaluate.export import PARITY_TOLERANCE, export_onnx
+    from cudacnn.train.checkpoint import model_from_checkpoint
+
+    model, ckpt = model_from_checkpoint(args.checkpoint, device="cpu")
+    metadata = {"model_name": ckpt["model_name"], "classes": list(ckpt["classes"]),
+                "mean": list(ckpt["mean"]), "std": list(ckpt["std"]),
+                "input": "float32 NCHW 32x32 RGB, (x/255 - mean) / std"}
+    diff = export_onnx(model, args.onnx, metadata)
+    print(f"wrote {args.onnx}; onnxruntime parity: max abs difference {diff:.2e} (bound {PARITY_TOLERANCE:g})")
+    return 0
+
+
+def run_report(args) -> int:
+    from cudacnn.evaluate.report import write_report
+
+    html_path, md_path = write_report(args.run)
+    print(f"wrote {html_path} and {md_path}")
+    return 0

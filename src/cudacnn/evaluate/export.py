@@ -1,0 +1,92 @@
+"""ONNX export with an onnxruntime parity check. The graph takes normalized float32 NCHW images with a
+dynamic batch axis and returns logits; classes, mean and std ride along as ONNX metadata."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cudacnn.errors import CudacnnError
+
+PARITY_TOLERANCE = 1e-3
+
+
+@contextmanager
+def quiet_exporter():
+    """The exporter warns about torchvision ops we never use; keep the CLI output readable."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def check_parity(model: torch.nn.Module, onnx_path: Path, batch_sizes=(1, 4), seed: int = 0) -> float:
+    """Largest |torch - onnxruntime| over random inputs of several batch sizes (tests the dynamic axis)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    gen = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    with torch.no_grad():
+        for batch in batch_sizes:
+            x = torch.randn(batch, 3, 32, 32, generator=gen)
+            expected = model(x).numpy()
+            got = session.run(None, {name: x.numpy()})[0]
+            worst = max(worst, float(np.abs(expected - got).max()))
+    return worst
+
+
+def add_metadata(path: Path, metadata: dict[str, str]) -> None:
+    import onnx
+
+    proto = onnx.load(str(path))
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(path))
+
+
+def export_onnx(model: torch.nn.Module, path: str | Path, metadata: dict | None = None,
+                tolerance: float = PARITY_TOLERANCE) -> float:
+    """Export `model` (moved to CPU float32, eval mode) to `path`; returns the parity max abs difference.
+    The file appears only after the check passes: it is written beside `path` and renamed."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ModuleNotFoundError as exc:
+        raise CudacnnError(f"ONNX export needs {exc.name}; install the extras: pip install 'cudacnn[onnx]'") from exc
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.to("cpu", torch.float32).eval()
+    example = torch.randn(2, 3, 32, 32)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".onnx", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        with quiet_exporter():
+            program = torch.onnx.export(model, (example,), dynamo=True, verbose=False,
+                                        input_names=["images"], output_names=["logits"],
+                                        dynamic_shapes=({0: torch.export.Dim("batch")},))
+            program.save(str(tmp))
+        if metadata:
+            add_metadata(tmp, {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
+        diff = check_parity(model, tmp)
+        if not diff <= tolerance:  # also catches NaN
+            raise CudacnnError(f"ONNX parity check failed: max abs difference {diff:.3g} > {tolerance:g} between "
+                               f"PyTorch and onnxruntime; {path} was not written")
+        os.chmod(tmp, 0o644)  # mkstemp makes files private
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return diff

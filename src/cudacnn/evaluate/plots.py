@@ -1,0 +1,83 @@
+"""PNG plots with matplotlib's Agg backend (no display needed): training curves and a confusion heatmap."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Save atomically (temp file + rename), so a reader never sees half a PNG."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; outputs are for sharing
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def series(records: list[dict], key: str) -> tuple[list, list]:
+    points = [(r["epoch"], r[key]) for r in records if r.get(key) is not None and "epoch" in r]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_training_curves(records: list[dict], path: Path) -> Path:
+    """Loss, accuracy and learning rate per epoch from metrics.jsonl records."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, metric, title in ((axes[0], "loss", "loss"), (axes[1], "acc", "accuracy")):
+        for split, style in (("train", "-o"), ("val", "-s")):
+            x, y = series(records, f"{split}_{metric}")
+            if x:
+                ax.plot(x, y, style, markersize=3, label=split)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend()
+    x, y = series(records, "lr")
+    if x:
+        axes[2].plot(x, y, "-o", markersize=3, color="tab:green")
+    axes[2].set_title("learning rate (end of epoch)")
+    axes[2].set_xlabel("epoch")
+    axes[2].grid(alpha=0.3)
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return save_figure(fig, path)
+
+
+def plot_confusion(cm, classes: list[str], path: Path) -> Path:
+    """Heatmap coloured by each true class's fraction (rows sum to 1), annotated with raw counts."""
+    cm = np.asarray(cm)
+    k = len(classes)
+    rows = np.maximum(cm.sum(1, keepdims=True), 1)
+    frac = cm / rows
+    size = max(4.5, 0.55 * k + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
+    ax.set_xticks(range(k), classes, rotation=45, ha="right")
+    ax.set_yticks(range(k), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if k <= 20:  # counts stay legible up to ~20 classes
+        fontsize = 11 if k <= 5 else 8 if k <= 12 else 6
+        for t in range(k):
+            for p in range(k):
+                ax.text(p, t, str(int(cm[t, p])), ha="center", va="center", fontsize=fontsize,
+                        color="white" if frac[t, p] > 0.5 else "black")
+    ax.set_title("confusion matrix (test)")
+    return save_figure(fig, path)

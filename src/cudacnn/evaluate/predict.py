@@ -1,0 +1,51 @@
+"""Classify image files with a trained model: the images must be 32x32 RGB, like the training data
+(resizing would silently change what the model sees, so we refuse instead)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from cudacnn.errors import DataError
+
+IMAGE_SIZE = 32
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """uint8 (32, 32, 3) HWC array of a 32x32 RGB image file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"image {path} does not exist")
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"{path} is not an image Pillow can read ({exc})") from exc
+    if image.size != (IMAGE_SIZE, IMAGE_SIZE) or image.mode != "RGB":
+        raise DataError(f"{path} is {image.size[0]}x{image.size[1]} {image.mode}; the model takes 32x32 RGB images. "
+                        "Resize and convert it first, e.g. Image.open(p).convert('RGB').resize((32, 32))")
+    return np.asarray(image, dtype=np.uint8)
+
+
+def normalize(images: np.ndarray, mean, std) -> torch.Tensor:
+    """uint8 NHWC -> float32 NCHW, normalized the way the training loader does."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
+    mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+@torch.no_grad()
+def predict_probabilities(model: torch.nn.Module, images: np.ndarray, mean, std) -> np.ndarray:
+    """(N, K) softmax probabilities for uint8 (N, 32, 32, 3) images."""
+    param = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(normalize(images, mean, std).to(param.device, param.dtype))
+    finally:
+        model.train(was_training)
+    return torch.softmax(logits.float(), dim=1).cpu().numpy()

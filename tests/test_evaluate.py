@@ -1,0 +1,286 @@
+"""Evaluation: metrics against hand computations, evaluate() over a loader, plots, the run report, and the
+evaluate / predict / report commands on a tiny image-folder data set."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import yaml
+from PIL import Image
+
+from cudacnn.cli import main
+from cudacnn.errors import DataError
+from cudacnn.evaluate.metrics import EvalResult, confusion_matrix, evaluate, most_confused, per_class_metrics
+from cudacnn.evaluate.plots import plot_confusion, plot_training_curves
+from cudacnn.evaluate.report import save_evaluation, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# -- pure metrics
+
+def test_confusion_matrix_by_hand():
+    targets = [0, 0, 0, 1, 1, 2, 2, 2, 2]
+    preds = [0, 0, 1, 1, 2, 2, 2, 0, 2]
+    cm = confusion_matrix(preds, targets, 3)
+    assert cm.dtype == np.int64
+    np.testing.assert_array_equal(cm, [[2, 1, 0],   # rows: true class
+                                       [0, 1, 1],
+                                       [1, 0, 3]])
+
+
+def test_per_class_metrics_by_hand():
+    cm = np.array([[2, 1, 0], [0, 1, 1], [1, 0, 3]])
+    rows = per_class_metrics(cm, ["a", "b", "c"])
+    # a: tp 2, predicted 3, support 3 -> P 2/3, R 2/3, F1 2/3
+    # b: tp 1, predicted 2, support 2 -> P 1/2, R 1/2
+    # c: tp 3, predicted 4, support 4 -> P 3/4, R 3/4
+    expected = [("a", 2 / 3, 2 / 3, 3), ("b", 1 / 2, 1 / 2, 2), ("c", 3 / 4, 3 / 4, 4)]
+    for row, (name, p, r, support) in zip(rows, expected):
+        assert row["class"] == name and row["support"] == support
+        assert row["precision"] == pytest.approx(p) and row["recall"] == pytest.approx(r)
+        assert row["f1"] == pytest.approx(2 * p * r / (p + r))
+
+
+def test_per_class_metrics_unequal_precision_recall_and_empty_class():
+    cm = np.array([[3, 1, 0], [2, 0, 0], [0, 0, 0]])  # class b never right, class c absent
+    a, b, c = per_class_metrics(cm, ["a", "b", "c"])
+    assert a["precision"] == pytest.approx(3 / 5) and a["recall"] == pytest.approx(3 / 4)
+    assert a["f1"] == pytest.approx(2 * 0.6 * 0.75 / 1.35)
+    assert b == {"class": "b", "precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 2}
+    assert c["support"] == 0 and c["f1"] == 0.0
+
+
+def test_most_confused_orders_off_diagonal_cells():
+    cm = np.array([[50, 7, 1], [2, 40, 9], [0, 0, 30]])
+    pairs = most_confused(cm, ["a", "b", "c"], top=3)
+    assert [(p["true"], p["predicted"], p["count"]) for p in pairs] == [("b", "c", 9), ("a", "b", 7), ("b", "a", 2)]
+    assert pairs[0]["fraction"] == pytest.approx(9 / 51)
+    assert most_confused(np.eye(3, dtype=int), ["a", "b", "c"]) == []
+
+
+# -- evaluate() over a loader
+
+class LookupModel(nn.Module):
+    """Predicts the class written in pixel (0, 0) of channel 0, with logit margin 10."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.k = k
+        self.scale = nn.Parameter(torch.tensor(10.0))
+
+    def forward(self, x):
+        return self.scale * nn.functional.one_hot(x[:, 0, 0, 0].round().long(), self.k).float()
+
+
+def lookup_batches(preds, targets, batch=4):
+    images = torch.zeros(len(preds), 3, 4, 4)
+    images[:, 0, 0, 0] = torch.tensor(preds, dtype=torch.float32)
+    labels = torch.tensor(targets)
+    return [(images[i:i + batch], labels[i:i + batch]) for i in range(0, len(preds), batch)]
+
+
+def test_evaluate_accuracy_loss_and_confusion_by_hand():
+    targets = [0, 0, 0, 1, 1, 2, 2, 2, 2]
+    preds = [0, 0, 1, 1, 2, 2, 2, 0, 2]
+    model = LookupModel(3).train()
+    result = evaluate(model, lookup_batches(preds, targets), 3, classes=["a", "b", "c"])
+    assert model.training  # mode restored
+    assert result.accuracy == pytest.approx(6 / 9)
+    np.testing.assert_array_equal(result.confusion, confusion_matrix(preds, targets, 3))
+    # cross entropy with logits (10, 0, 0): right -> log(1 + 2e^-10), wrong -> 10 + log(1 + 2e^-10)
+    base = math.log(1 + 2 * math.exp(-10))
+    assert result.loss == pytest.approx(base + 10 * 3 / 9, rel=1e-5)
+    assert result.most_confused[0]["count"] == 1
+    assert [r["class"] for r in result.per_class] == ["a", "b", "c"]
+
+
+def test_evaluate_with_tta_averages_mirrored_logits():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 8 * 8, 3))
+    images, labels = torch.randn(12, 3, 8, 8), torch.randint(0, 3, (12,))
+    with torch.no_grad():
+        logits = 0.5 * (model(images) + model(images.flip(-1)))
+    result = evaluate(model, [(images[:5], labels[:5]), (images[5:], labels[5:])], 3, tta_level=1)
+    np.testing.assert_array_equal(result.confusion, confusion_matrix(logits.argmax(1), labels, 3))
+    assert result.loss == pytest.approx(nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
+    assert result.tta_level == 1
+
+
+def test_eval_result_round_trips_through_json():
+    cm = np.array([[5, 1], [2, 4]])
+    result = EvalResult.from_confusion(cm, 0.5, ["x", "y"])
+    data = json.loads(json.dumps(result.to_dict()))
+    assert data["accuracy"] == pytest.approx(9 / 12) and data["num_samples"] == 12
+    back = EvalResult.from_dict(data)
+    np.testing.assert_array_equal(back.confusion, cm)
+    assert back.per_class == result.per_class
+
+
+# -- plots and report
+
+RECORDS = [{"epoch": e, "train_loss": 2.0 / e, "train_acc": 0.3 + 0.1 * e, "val_loss": 2.2 / e,
+            "val_acc": 0.25 + 0.1 * e, "lr": 0.01 / e, "epoch_time_s": 1.5, "images_per_s": 1000.0 * e}
+           for e in (1, 2, 3)]
+
+
+def test_plots_are_pngs(tmp_path):
+    curves = plot_training_curves(RECORDS, tmp_path / "a" / "curves.png")
+    heat = plot_confusion(np.array([[5, 1], [2, 4]]), ["cat", "dog"], tmp_path / "heat.png")
+    for path in (curves, heat):
+        assert path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 5000
+    # records without validation (no val split) still plot
+    assert plot_training_curves([{"epoch": 1, "train_loss": 1.0, "train_acc": 0.5}], tmp_path / "c.png").exists()
+
+
+def make_run(run, with_eval=True):
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": "simple", "preset": "keras-cnn",
+                                                     "optimizer": {"name": "adam", "lr": 0.001}}))
+    lines = [json.dumps(r) for r in RECORDS] + ['{"epoch": 4, "train_lo']  # a torn last line
+    (run / "metrics.jsonl").write_text("\n".join(lines))
+    if with_eval:
+        cm = np.array([[40, 5, 5], [10, 35, 5], [0, 0, 50]])
+        save_evaluation(EvalResult.from_confusion(cm, 0.61, ["cat", "dog", "frog"]), run)
+
+
+def test_report_is_self_contained(tmp_path):
+    run = tmp_path / "run"
+    make_run(run)
+    html_path, md_path = write_report(run)
+    html = html_path.read_text()
+    assert html.count("data:image/png;base64,") == 2  # curves + confusion, embedded
+    assert "src='plots/" not in html and "src=\"plots/" not in html
+    assert "83.33%" in html  # test accuracy 125/150
+    assert "55.00% (epoch 3)" in html  # best val accuracy
+    assert "keras-cnn" in html and "optimizer.lr" in html
+    assert "dog" in html and "cat" in html
+    md = md_path.read_text()
+    assert "83.33%" in md and "](plots/curves.png)" in md and "](plots/confusion.png)" in md
+    assert (run / "plots" / "curves.png").exists()
+
+
+def test_report_without_eval_and_bad_folders(tmp_path):
+    run = tmp_path / "run"
+    make_run(run, with_eval=False)
+    html = write_report(run)[0].read_text()
+    assert html.count("data:image/png;base64,") == 1 and "test accuracy" not in html
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no config.yaml"):
+        write_report(tmp_path / "empty")
+    with pytest.raises(DataError, match="does not exist"):
+        write_report(tmp_path / "missing")
+
+
+def test_save_evaluation_files(tmp_path):
+    cm = np.array([[3, 1], [0, 4]])
+    paths = save_evaluation(EvalResult.from_confusion(cm, 0.2, ["cat", "dog"]), tmp_path, {"epoch": 7})
+    np.testing.assert_array_equal(np.load(paths["npy"]), cm)
+    assert paths["csv"].read_text().splitlines() == ["true\\predicted,cat,dog", "cat,3,1", "dog,0,4"]
+    data = json.loads(paths["json"].read_text())
+    assert data["epoch"] == 7 and data["accuracy"] == pytest.approx(7 / 8)
+    assert paths["plot"].read_bytes()[:8] == PNG_MAGIC
+
+
+# -- commands on a tiny data set and checkpoint
+
+CLASSES = ["cat", "dog", "frog"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """An image-folder data set (3 classes, 4 test images each) and a run folder with a checkpoint."""
+    from cudacnn.models import create_model
+    from cudacnn.train.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 2), ("test", 4)):
+        for name in CLASSES:
+            folder = root / "data" / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    torch.manual_seed(0)
+    model = create_model("simple", num_classes=3)
+    run = root / "run"
+    mean, std = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
+    save_checkpoint(run / "checkpoints" / "best.pt", {
+        "model_name": "simple", "model_kwargs": {}, "classes": CLASSES, "mean": mean, "std": std,
+        "model": model.state_dict(), "epoch": 0, "config": {"data": str(root / "data"), "model": "simple"}})
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n")
+    return {"root": root, "run": run, "model": model.eval(), "mean": mean, "std": std}
+
+
+def reference_predictions(tiny_run, images):
+    from cudacnn.evaluate.predict import normalize
+
+    with torch.no_grad():
+        return torch.softmax(tiny_run["model"](normalize(images, tiny_run["mean"], tiny_run["std"])), 1).numpy()
+
+
+def test_evaluate_command_writes_outputs_and_report(tiny_run, capsys):
+    from cudacnn.data import load_dataset
+
+    run, cache = tiny_run["run"], tiny_run["root"] / "cache"
+    assert main(["evaluate", str(run), "--cache-dir", str(cache), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    data = json.loads((run / "eval.json").read_text())
+    test = load_dataset(tiny_run["root"] / "data", cache_dir=cache, quiet=True).test
+    probs = reference_predictions(tiny_run, test.images)
+    expected = confusion_matrix(probs.argmax(1), test.labels, 3)
+    np.testing.assert_array_equal(np.array(data["confusion"]), expected)
+    assert data["accuracy"] == pytest.approx(np.trace(expected) / 12)
+    assert f"test accuracy {100 * data['accuracy']:.2f}%" in out
+    for name in ("confusion.csv", "confusion.npy", "plots/confusion.png", "report.html", "summary.md"):
+        assert (run / name).exists(), name
+
+
+def test_evaluate_command_refuses_other_classes(tiny_run, tmp_path, capsys):
+    other = tmp_path / "other"
+    for split in ("train", "test"):
+        for name in ("a", "b", "c"):
+            (other / split / name).mkdir(parents=True)
+            Image.new("RGB", (32, 32)).save(other / split / name / "0.png")
+    code = main(["evaluate", str(tiny_run["run"] / "checkpoints" / "best.pt"), "--data", str(other),
+                 "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "o"), "--device", "cpu"])
+    assert code == 2 and "differ from the checkpoint's" in capsys.readouterr().err
+
+
+def test_predict_command(tiny_run, tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    paths = []
+    for i, image in enumerate(pixels):
+        paths.append(tmp_path / f"img{i}.png")
+        Image.fromarray(image).save(paths[-1])
+    assert main(["predict", str(tiny_run["run"]), *map(str, paths), "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    expected = reference_predictions(tiny_run, pixels)
+    for line, probs in zip(lines, expected):
+        got = np.array([line["probabilities"][c] for c in CLASSES])
+        np.testing.assert_allclose(got, probs, atol=1e-5)
+        assert line["class"] == CLASSES[int(probs.argmax())]
+    assert main(["predict", str(tiny_run["run"]), str(paths[0])]) == 0
+    assert CLASSES[int(expected[0].argmax())] in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("size,mode", [((64, 64), "RGB"), ((32, 32), "L")])
+def test_predict_refuses_other_images(tiny_run, tmp_path, capsys, size, mode):
+    path = tmp_path / "big.png"
+    Image.new(mode, size).save(path)
+    assert main(["predict", str(tiny_run["run"]), str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{size[0]}x{size[1]} {mode}" in err and "32x32 RGB" in err
+
+
+def test_report_command(tiny_run, tmp_path, capsys):
+    run = tmp_path / "r"
+    make_run(run)
+    assert main(["report", str(run)]) == 0
+    assert "report.html" in capsys.readouterr().out and (run / "summary.md").exists()
