@@ -94,6 +94,7 @@ class OffsetAllocator:
 class Slab:
     storage: torch.Tensor  # uint8, the only memory the pool ever asks torch for
     allocator: OffsetAllocator
+    base: int  # bytes skipped so that offset 0 is aligned (CUDA slabs already are; CPU memory may not be)
 
 
 class MemoryPool:
@@ -144,8 +145,9 @@ class MemoryPool:
                 f"{size / 2**20:.1f} MiB, but {self.in_use / 2**20:.1f} MiB are in use and the pool may "
                 f"reserve at most {self.max_bytes / 2**20:.1f} MiB; use a smaller batch size or raise the "
                 f"limit with gnn.configure_memory(max_bytes=...)")
-        storage = torch.empty(size, dtype=torch.uint8, device=self.device)
-        self.slabs.append(Slab(storage, OffsetAllocator(size)))
+        storage = torch.empty(size + self.alignment, dtype=torch.uint8, device=self.device)
+        base = -storage.data_ptr() % self.alignment
+        self.slabs.append(Slab(storage, OffsetAllocator(size), base))
         self.new_slabs += 1
         return len(self.slabs) - 1
 
@@ -159,7 +161,8 @@ class MemoryPool:
         span = 1 + sum((s - 1) * st for s, st in zip(shape, strides)) if all(shape) else 0
         index, offset = self.alloc(span * itemsize)
         tensor = torch.empty(0, dtype=dtype, device=self.device)
-        tensor.set_(self.slabs[index].storage.untyped_storage(), offset // itemsize, shape, tuple(strides))
+        slab = self.slabs[index]
+        tensor.set_(slab.storage.untyped_storage(), (slab.base + offset) // itemsize, shape, tuple(strides))
         weakref.finalize(tensor, self.free, index, offset)
         return tensor
 
