@@ -54,11 +54,11 @@ def read_source(path: Path) -> Dataset:
 def load_dataset(source: str | os.PathLike | None = None, cache_dir: Path | None = None,
                  data_dir: Path | None = None, use_cache: bool = True, quiet: bool = False) -> Dataset:
     """Load `source` (default: CUDACNN_DATA, else official CIFAR-10), decoding it only on the first call."""
-    path = resolve_source(source, data_dir, quiet=quiet)
+    path = resolve_source(source, Path(data_dir) if data_dir else None, quiet=quiet)
     if not use_cache:
         return read_source(path)
     print_ = cache.fingerprint(path)
-    target = cache.cache_path(cache_dir or cache.default_cache_dir(), path, print_)
+    target = cache.cache_path(Path(cache_dir) if cache_dir else cache.default_cache_dir(), path, print_)
     dataset = cache.load(target, print_)
     if dataset is not None:
         return dataset

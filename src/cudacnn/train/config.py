@@ -1,0 +1,129 @@
+"""Training configuration: defaults <- preset <- --config file <- command-line flags.
+The resolved config is saved with every run as config.yaml."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cudacnn.errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    # what to train on
+    model: str = "smallnet"
+    model_kwargs: dict = field(default_factory=dict)
+    pretrained: str | None = None        # torchvision-format ImageNet weights (resnet18)
+    data: str | None = None              # source; default CUDACNN_DATA, else official CIFAR-10
+    cache_dir: str | None = None
+    val_fraction: float = 0.1            # stratified validation split from the training set (0 = none)
+    # optimisation
+    epochs: int = 30
+    batch_size: int = 256
+    optimizer: str = "sgd"               # sgd (Nesterov) | adam | adamw
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"           # none | onecycle | cosine
+    warmup_epochs: float = 0.0           # linear warm-up (cosine schedule)
+    label_smoothing: float = 0.0
+    grad_clip: float = 0.0               # max gradient norm (0 = off)
+    ema_decay: float = 0.0               # EMA of weights evaluated and saved when > 0
+    # augmentation (on the device)
+    crop_pad: int = 0
+    flip: str = "none"                   # none | random | alternate
+    cutout: int = 0
+    # speed
+    amp: str = "bf16"                    # none | bf16 | fp16 (fp16 uses loss scaling)
+    channels_last: bool = True
+    compile: bool = False
+    tf32: bool = True
+    kernels: str = "torch"               # torch | triton | cuda: which kernels run linear/activation/loss
+    device: str = "auto"                 # auto | cuda | cpu
+    # run control
+    early_stopping: int = 0              # patience in epochs on validation accuracy (0 = off)
+    seed: int = 0
+    deterministic: bool = False
+    tta: bool = False                    # test-time augmentation in the final evaluation
+    out: str = "runs"
+    name: str | None = None
+    runs: int = 1                        # seeded repeats (record presets)
+    preset: str | None = None
+
+    def validate(self) -> "TrainConfig":
+        checks = [
+            (self.optimizer in ("sgd", "adam", "adamw"), "optimizer must be sgd, adam or adamw"),
+            (self.schedule in ("none", "onecycle", "cosine"), "schedule must be none, onecycle or cosine"),
+            (self.amp in ("none", "bf16", "fp16"), "amp must be none, bf16 or fp16"),
+            (self.flip in ("none", "random", "alternate"), "flip must be none, random or alternate"),
+            (self.kernels in ("torch", "triton", "cuda"), "kernels must be torch, triton or cuda"),
+            (self.device in ("auto", "cuda", "cpu") or self.device.startswith("cuda:"),
+             "device must be auto, cpu, cuda or cuda:N"),
+            (self.epochs >= 1, "epochs must be at least 1"),
+            (self.batch_size >= 1, "batch-size must be at least 1"),
+            (self.lr > 0, "lr must be positive"),
+            (0.0 <= self.val_fraction < 1.0, "val-fraction must be in [0, 1)"),
+            (0.0 <= self.label_smoothing < 1.0, "label-smoothing must be in [0, 1)"),
+            (0.0 <= self.ema_decay < 1.0, "ema-decay must be in [0, 1)"),
+            (self.crop_pad >= 0 and self.cutout >= 0, "crop-pad and cutout must be >= 0"),
+            (self.early_stopping >= 0, "early-stopping patience must be >= 0"),
+            (self.runs >= 1, "runs must be at least 1"),
+            (not (self.early_stopping and self.val_fraction == 0),
+             "early stopping needs a validation split: set --val-fraction > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"{message} (see `cudacnn train --help`)")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def from_dict(values: dict[str, Any], base: TrainConfig | None = None, origin: str = "config") -> TrainConfig:
+    unknown = sorted(set(values) - FIELDS)
+    if unknown:
+        raise ConfigError(f"{origin}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(FIELDS))}")
+    return dataclasses.replace(base or TrainConfig(), **values)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        text = path.read_text()
+        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}")
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of setting: value")
+    return values
+
+
+def save_config(config: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def resolve(preset: str | None, config_file: str | None, flags: dict[str, Any]) -> TrainConfig:
+    from cudacnn.train.presets import PRESETS
+
+    config = TrainConfig()
+    if preset:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        config = from_dict(PRESETS[preset]["config"], config, f"preset {preset}")
+        config.preset = preset
+    if config_file:
+        config = from_dict(load_config_file(config_file), config, str(config_file))
+    config = from_dict({k: v for k, v in flags.items() if v is not None}, config, "flags")
+    return config.validate()

@@ -1,0 +1,59 @@
+"""`cudacnn train --preset fast94|fast96 --runs N`: seeded record-speed runs back to back, each saved as a
+normal run folder (checkpoint, eval.json), and one table of statistics over the runs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+from datetime import datetime
+from pathlib import Path
+
+from cudacnn.data import channel_stats, load_dataset
+from cudacnn.train.checkpoint import save_checkpoint
+from cudacnn.train.config import TrainConfig, save_config
+from cudacnn.train.setup import pick_device
+
+log = logging.getLogger(__name__)
+
+
+def summarize(rows: list[dict]) -> dict:
+    accs = [r["test_acc"] for r in rows]
+    times = [r["train_time_s"] for r in rows]
+    return {"runs": len(rows), "acc_mean": statistics.fmean(accs), "acc_min": min(accs), "acc_max": max(accs),
+            "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "time_median_s": statistics.median(times)}
+
+
+def run_record(config: TrainConfig, quiet: bool = False) -> dict:
+    from cudacnn.train.fast import train_fast
+
+    device = pick_device(config.device)
+    dataset = load_dataset(config.data, cache_dir=config.cache_dir, quiet=quiet)
+    root = Path(config.out) / (config.name or f"{config.preset}-{datetime.now():%Y%m%d-%H%M%S}")
+    root.mkdir(parents=True, exist_ok=False)
+    save_config(config, root / "config.yaml")
+    mean, std = channel_stats(dataset.train.images)
+    rows = []
+    for index in range(config.runs):
+        seed = config.seed + index
+        result = train_fast(config.preset, dataset, seed=seed, device=str(device), compile=config.compile,
+                            log=(lambda *a: None) if quiet else print)
+        row = {"run": index, "seed": seed, "test_acc": result.test_acc, "test_acc_plain": result.test_acc_plain,
+               "train_time_s": result.train_time_s}
+        rows.append(row)
+        run_dir = root / f"run{index}"
+        save_checkpoint(run_dir / "checkpoints" / "last.pt", {
+            "model_name": config.model, "model_kwargs": config.model_kwargs, "classes": dataset.classes,
+            "mean": tuple(map(float, mean)), "std": tuple(map(float, std)), "model": result.model.state_dict(),
+            "epoch": len(result.history) - 1, "config": {**config.to_dict(), **result.config, "seed": seed}})
+        (run_dir / "eval.json").write_text(json.dumps({**row, "history": result.history}, indent=2))
+        if not quiet:
+            log.info("run %d (seed %d): test accuracy %.4f (TTA), %.4f plain, %.3f s", index, seed,
+                     result.test_acc, result.test_acc_plain, result.train_time_s)
+    summary = {"preset": config.preset, "device": str(device), "data": dataset.source, **summarize(rows),
+               "rows": rows}
+    (root / "results.json").write_text(json.dumps(summary, indent=2))
+    log.info("%s over %d runs: accuracy mean %.4f (min %.4f, max %.4f), median time %.3f s; %s",
+             config.preset, summary["runs"], summary["acc_mean"], summary["acc_min"], summary["acc_max"],
+             summary["time_median_s"], root / "results.json")
+    return summary

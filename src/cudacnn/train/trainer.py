@@ -1,0 +1,314 @@
+"""The trainer: a data source and a config in, a trained, evaluated and reported run folder out.
+
+Run folder: config.yaml, metrics.jsonl (one line per epoch), checkpoints/{last,best}.pt, eval.json,
+plots/*.png, report.html, summary.md. Checkpoints are written at every epoch end, so an interruption
+loses at most the current epoch, and `--resume RUN` continues to the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from cudacnn.data import Augment, Dataset, GpuLoader, channel_stats, load_dataset, split_validation
+from cudacnn.errors import CheckpointError, CudacnnError
+from cudacnn.models import create_model
+from cudacnn.train import setup
+from cudacnn.train.callbacks import EarlyStopping
+from cudacnn.train.checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from cudacnn.train.config import TrainConfig, from_dict, load_config_file, save_config
+
+log = logging.getLogger(__name__)
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainingDiverged(CudacnnError):
+    pass
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    epochs_done: int
+    test_accuracy: float
+    best_val_accuracy: float | None
+    history: list[dict] = field(default_factory=list)
+
+
+class Trainer:
+    """`Trainer(config).fit()`; callbacks are called as cb(trainer, epoch_record) after each epoch."""
+
+    def __init__(self, config: TrainConfig, run_dir: Path | None = None, resume: bool = False,
+                 dataset: Dataset | None = None, callbacks: tuple[Callable, ...] = (), quiet: bool = False):
+        self.config, self.callbacks, self.quiet, self.resume = config, callbacks, quiet, resume
+        self.run_dir = Path(run_dir) if run_dir else new_run_dir(config)
+        self.device = setup.pick_device(config.device)
+        setup.seed_everything(config.seed, config.deterministic)
+        setup.set_tf32(config.tf32)
+        self.dataset = dataset or load_dataset(config.data, cache_dir=config.cache_dir, quiet=quiet)
+        self._build_data()
+        self._build_model()
+
+    # ------------------------------------------------------------------ construction
+    def _build_data(self) -> None:
+        c = self.config
+        train, self.val_split = self.dataset.train, None
+        if c.val_fraction > 0:
+            train, self.val_split = split_validation(train, c.val_fraction, seed=c.seed)
+        mean, std = channel_stats(train.images)
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        dtype = torch.float32  # autocast casts inside the model; inputs stay fp32 for exactness on CPU
+        common = dict(device=self.device, mean=self.mean, std=self.std, dtype=dtype,
+                      channels_last=c.channels_last and self.device.type == "cuda")
+        self.train_loader = GpuLoader(train, c.batch_size, augment=Augment(c.crop_pad, "reflect", c.flip, c.cutout),
+                                      shuffle=True, drop_last=len(train) > c.batch_size, seed=c.seed, **common)
+        eval_batch = max(c.batch_size, 500)
+        self.val_loader = GpuLoader(self.val_split, eval_batch, **common) if self.val_split else None
+        self.test_loader = GpuLoader(self.dataset.test, eval_batch, **common)
+
+    def _build_model(self) -> None:
+        c = self.config
+        self.model = create_model(c.model, num_classes=self.dataset.num_classes, **c.model_kwargs)
+        if c.pretrained:
+            from cudacnn.models.resnet import load_pretrained
+
+            load_pretrained(self.model, c.pretrained)
+        if c.kernels != "torch":
+            from cudacnn.kernels import cross_entropy_loss, swap_modules
+
+            self.model = swap_modules(self.model, c.kernels)
+            self.criterion = cross_entropy_loss(c.kernels, c.label_smoothing)
+        else:
+            self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=c.label_smoothing)
+        memory_format = torch.channels_last if c.channels_last and self.device.type == "cuda" else None
+        self.model = self.model.to(self.device, memory_format=memory_format)
+        self.forward = torch.compile(self.model) if c.compile else self.model
+        self.optimizer = setup.build_optimizer(self.model, c)
+        self.scheduler = setup.build_scheduler(self.optimizer, c, len(self.train_loader))
+        self.scaler = torch.amp.GradScaler(self.device.type) if c.amp == "fp16" else None
+        self.ema = setup.build_ema(self.model, c.ema_decay)
+        self.early = EarlyStopping(c.early_stopping)
+        self.history: list[dict] = []
+        self.start_epoch = 0
+
+    # ------------------------------------------------------------------ checkpoints
+    def _state(self, epoch: int) -> dict:
+        inference = self.ema.module if self.ema else self.model
+        return {
+            "model_name": self.config.model, "model_kwargs": self.config.model_kwargs,
+            "classes": self.dataset.classes, "mean": self.mean, "std": self.std,
+            "model": inference.state_dict(), "epoch": epoch, "config": self.config.to_dict(),
+            "train_state": {
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+                "scaler": self.scaler.state_dict() if self.scaler else None,
+                "ema": self.ema.state_dict() if self.ema else None,
+                "early_stopping": self.early.state_dict(), "rng": setup.rng_state(), "history": self.history,
+            },
+        }
+
+    def _restore(self, ckpt: dict) -> None:
+        if ckpt["model_name"] != self.config.model:
+            raise CheckpointError(f"the checkpoint is of model '{ckpt['model_name']}', the run trains "
+                                  f"'{self.config.model}'; resume with the run's own config")
+        state = ckpt["train_state"]
+        check_compatible(self.model, state["model"], f"checkpoint of model '{ckpt['model_name']}'")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler and state["scheduler"]:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        if self.ema and state["ema"]:
+            self.ema.load_state_dict(state["ema"])
+        self.early.load_state_dict(state["early_stopping"])
+        setup.set_rng_state(state["rng"])
+        self.history = list(state["history"])
+        self.start_epoch = ckpt["epoch"] + 1
+
+    # ------------------------------------------------------------------ loops
+    def _train_epoch(self, epoch: int, progress: Progress) -> dict:
+        c, model = self.config, self.model
+        model.train()
+        self.train_loader.set_epoch(epoch)
+        steps = len(self.train_loader)
+        task = progress.add_task(f"epoch {epoch + 1}/{c.epochs}", total=steps, stats="")
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        seen, start = 0, time.perf_counter()
+        amp = c.amp != "none"
+        for step, (images, labels) in enumerate(self.train_loader):
+            with torch.autocast(self.device.type, dtype=AMP_DTYPES.get(c.amp), enabled=amp):
+                logits = self.forward(images)
+                loss = self.criterion(logits.float(), labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler:
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.optimizer)
+            else:
+                loss.backward()
+            if c.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
+            if self.scaler:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            if self.scheduler:
+                self.scheduler.step()
+            if self.ema:
+                self.ema.update_parameters(model)
+            loss_sum += loss.detach() * len(labels)
+            correct += (logits.argmax(1) == labels).sum()
+            seen += len(labels)
+            if step % 25 == 24 or step == steps - 1:  # the only host syncs of the epoch
+                mean_loss = loss_sum.item() / seen
+                if not math.isfinite(mean_loss):
+                    raise TrainingDiverged(self._diverged_message(epoch))
+                rate = seen / (time.perf_counter() - start)
+                progress.update(task, completed=step + 1, stats=f"loss {mean_loss:.3f} "
+                                f"acc {correct.item() / seen:.3f} {rate:,.0f} img/s")
+        progress.remove_task(task)
+        elapsed = time.perf_counter() - start
+        return {"epoch": epoch + 1, "train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
+                "lr": self.optimizer.param_groups[0]["lr"], "epoch_time_s": elapsed,
+                "images_per_s": seen / elapsed}
+
+    @torch.no_grad()
+    def _validate(self, loader: GpuLoader) -> tuple[float, float]:
+        model = self.ema.module if self.ema else self.model
+        model.eval()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        for images, labels in loader:
+            with torch.autocast(self.device.type, dtype=AMP_DTYPES.get(self.config.amp),
+                                enabled=self.config.amp != "none"):
+                logits = model(images).float()
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum")
+            correct += (logits.argmax(1) == labels).sum()
+        n = loader.shard_size()
+        return loss_sum.item() / n, correct.item() / n
+
+    def _diverged_message(self, epoch: int) -> str:
+        last = self.run_dir / "checkpoints" / "last.pt"
+        kept = f"the last good checkpoint is {last}" if last.exists() else "no epoch had finished"
+        return (f"the training loss became NaN/inf in epoch {epoch + 1}; stopped ({kept}). "
+                f"Lower --lr (now {self.config.lr}), add --grad-clip 1.0, or use --amp bf16 instead of fp16")
+
+    # ------------------------------------------------------------------ the run
+    def fit(self) -> RunResult:
+        c = self.config
+        ckpt_dir = self.run_dir / "checkpoints"
+        if self.resume:
+            self._restore(load_checkpoint(ckpt_dir / "last.pt", map_location=self.device))
+            log.info("resuming %s at epoch %d", self.run_dir, self.start_epoch + 1)
+        else:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            save_config(c, self.run_dir / "config.yaml")
+        if not self.quiet:
+            log.info("training %s on %s (%d train / %d val / %d test) on %s; run folder %s", c.model,
+                     self.dataset.name, self.train_loader.shard_size(),
+                     len(self.val_split) if self.val_split else 0, len(self.dataset.test), self.device, self.run_dir)
+        epoch = self.start_epoch
+        try:
+            with make_progress(self.quiet) as progress:
+                for epoch in range(self.start_epoch, c.epochs):
+                    record = self._train_epoch(epoch, progress)
+                    if self.val_loader:
+                        record["val_loss"], record["val_acc"] = self._validate(self.val_loader)
+                    self._end_epoch(epoch, record)
+                    if self.early.should_stop:
+                        log.info("early stopping: no validation gain in %d epochs", c.early_stopping)
+                        break
+        except KeyboardInterrupt:
+            log.warning("interrupted in epoch %d; checkpoints in %s. Continue with: cudacnn train --resume %s",
+                        epoch + 1, ckpt_dir, self.run_dir)
+            raise
+        except torch.cuda.OutOfMemoryError as exc:
+            raise CudacnnError(f"CUDA ran out of memory at batch size {c.batch_size}; "
+                               f"try --batch-size {max(1, c.batch_size // 2)}") from exc
+        return self.finish()
+
+    def _end_epoch(self, epoch: int, record: dict) -> None:
+        self.history.append(record)
+        improved = self.early.update(record["val_acc"]) if "val_acc" in record else False
+        state = self._state(epoch)
+        save_checkpoint(self.run_dir / "checkpoints" / "last.pt", state)
+        if improved:
+            save_checkpoint(self.run_dir / "checkpoints" / "best.pt", state)
+        # Rewritten from the checkpointed history, so a resumed run never repeats or loses a line.
+        write_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
+        if not self.quiet:
+            val = f" val loss {record['val_loss']:.3f} acc {record['val_acc']:.4f}" if "val_acc" in record else ""
+            log.info("epoch %d: train loss %.3f acc %.4f%s (%.1f s, %.0f img/s)", record["epoch"],
+                     record["train_loss"], record["train_acc"], val, record["epoch_time_s"], record["images_per_s"])
+        for callback in self.callbacks:
+            callback(self, record)
+
+    def finish(self) -> RunResult:
+        """Evaluate the best (or last) weights on the test split and write plots and the report."""
+        from cudacnn.evaluate.metrics import evaluate
+        from cudacnn.evaluate.plots import plot_confusion, plot_training_curves
+        from cudacnn.evaluate.report import write_report
+
+        best = self.run_dir / "checkpoints" / "best.pt"
+        weights = load_checkpoint(best if best.exists() else self.run_dir / "checkpoints" / "last.pt",
+                                  map_location=self.device)
+        model = self.ema.module if self.ema else self.model
+        model.load_state_dict(weights["model"])
+        result = evaluate(model, self.test_loader, self.dataset.num_classes, device=self.device,
+                          tta_level=2 if self.config.tta else 0, classes=self.dataset.classes)
+        info = result.to_dict()
+        info.update(checkpoint=str(best if best.exists() else self.run_dir / "checkpoints" / "last.pt"),
+                    epoch=weights["epoch"] + 1, data=self.dataset.source, device=str(self.device))
+        (self.run_dir / "eval.json").write_text(json.dumps(info, indent=2))
+        plots = self.run_dir / "plots"
+        plots.mkdir(exist_ok=True)
+        plot_training_curves(self.history, plots / "curves.png")
+        plot_confusion(result.confusion, self.dataset.classes, plots / "confusion.png")
+        write_report(self.run_dir)
+        best_val = max((r["val_acc"] for r in self.history if "val_acc" in r), default=None)
+        if not self.quiet:
+            log.info("test accuracy %.4f (%s); report: %s", result.accuracy, self.dataset.name,
+                     self.run_dir / "report.html")
+        return RunResult(self.run_dir, len(self.history), result.accuracy, best_val, self.history)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def make_progress(quiet: bool) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), disable=quiet, transient=True)
+
+
+def new_run_dir(config: TrainConfig) -> Path:
+    name = config.name or f"{config.preset or config.model}-{datetime.now():%Y%m%d-%H%M%S}"
+    if config.runs > 1:
+        name += f"-seed{config.seed}"
+    path = Path(config.out) / name
+    if path.exists() and any(path.iterdir()):
+        raise CudacnnError(f"run folder {path} already exists; pick another --name or continue it with --resume")
+    return path
+
+
+def resume_config(run_dir: Path, overrides: dict | None = None) -> TrainConfig:
+    """The saved config of a run folder (device-like settings may be overridden)."""
+    config_file = Path(run_dir) / "config.yaml"
+    if not config_file.exists():
+        raise CheckpointError(f"{run_dir} is not a run folder (no config.yaml); pass the folder that "
+                              "`cudacnn train` created")
+    return from_dict(overrides or {}, from_dict(load_config_file(config_file), origin=str(config_file))).validate()

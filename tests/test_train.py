@@ -1,0 +1,164 @@
+"""The trainer on the CPU: the loss falls, resume equals an uninterrupted run, early stopping fires,
+NaN is caught, checkpoints of another model are refused, bad flags are rejected."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cudacnn.cli import main
+from cudacnn.data import Dataset, Split
+from cudacnn.errors import CheckpointError, ConfigError
+from cudacnn.train.checkpoint import load_checkpoint, model_from_checkpoint
+from cudacnn.train.config import TrainConfig, resolve
+from cudacnn.train.trainer import Trainer, TrainingDiverged
+
+from cifar_archives import image_folder_files, write_tar
+
+
+def learnable_dataset(n_train=320, n_test=100, classes=4, seed=0) -> Dataset:
+    """Each class is a fixed random pattern plus noise: a small CNN separates them in a few epochs."""
+    rng = np.random.default_rng(seed)
+    patterns = rng.integers(0, 256, (classes, 32, 32, 3))
+
+    def split(n):
+        labels = rng.integers(0, classes, n)
+        noise = rng.normal(0, 60, (n, 32, 32, 3))
+        return Split(np.clip(patterns[labels] + noise, 0, 255).astype(np.uint8), labels)
+
+    return Dataset("patterns", [f"c{i}" for i in range(classes)], split(n_train), split(n_test), source="synthetic")
+
+
+def tiny_config(tmp_path, **overrides) -> TrainConfig:
+    base = dict(model="simple", epochs=3, batch_size=32, optimizer="adam", lr=2e-3, weight_decay=0.0,
+                schedule="onecycle", amp="none", device="cpu", val_fraction=0.2, out=str(tmp_path / "runs"),
+                deterministic=True)
+    base.update(overrides)
+    return TrainConfig(**base).validate()
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return learnable_dataset()
+
+
+def test_loss_falls_and_run_folder_is_complete(tmp_path, dataset):
+    result = Trainer(tiny_config(tmp_path, epochs=4, name="a"), dataset=dataset, quiet=True).fit()
+    losses = [r["train_loss"] for r in result.history]
+    assert losses[-1] < 0.5 * losses[0]
+    assert result.test_accuracy > 0.8  # four classes: chance is 0.25
+    run = result.run_dir
+    for name in ("config.yaml", "metrics.jsonl", "eval.json", "report.html", "summary.md",
+                 "checkpoints/last.pt", "checkpoints/best.pt", "plots/curves.png", "plots/confusion.png"):
+        assert (run / name).exists(), name
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3, 4]
+    evaluation = json.loads((run / "eval.json").read_text())
+    assert evaluation["accuracy"] == pytest.approx(result.test_accuracy)
+    model, ckpt = model_from_checkpoint(run / "checkpoints" / "best.pt")
+    assert ckpt["classes"] == dataset.classes and len(ckpt["mean"]) == 3
+
+
+def _final_weights(run_dir):
+    return load_checkpoint(run_dir / "checkpoints" / "last.pt")["train_state"]["model"]
+
+
+def test_resume_ends_with_the_same_weights(tmp_path, dataset):
+    config = tiny_config(tmp_path, dropout_free=None) if False else tiny_config(tmp_path, model="bn_dropout",
+                                                                                  epochs=3, batch_size=64)
+    straight = Trainer(dataclasses.replace(config, name="straight"), dataset=dataset, quiet=True).fit()
+
+    def interrupt_after_second(trainer, record):
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    interrupted = dataclasses.replace(config, name="interrupted")
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(interrupted, dataset=dataset, callbacks=(interrupt_after_second,), quiet=True).fit()
+    run_dir = tmp_path / "runs" / "interrupted"
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["epoch"] == 1
+    resumed = Trainer(interrupted, run_dir=run_dir, resume=True, dataset=dataset, quiet=True).fit()
+    a, b = _final_weights(straight.run_dir), _final_weights(resumed.run_dir)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in straight.history]
+
+
+def test_early_stopping_fires(tmp_path, dataset):
+    config = tiny_config(tmp_path, epochs=10, lr=1e-9, schedule="none", early_stopping=2, crop_pad=0, flip="none")
+    result = Trainer(config, dataset=dataset, quiet=True).fit()
+    assert result.epochs_done == 3  # epoch 1 sets the best; 2 and 3 do not beat it
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, dataset):
+    def explode(trainer, record):
+        for group in trainer.optimizer.param_groups:
+            group["lr"] = 1e30
+    config = tiny_config(tmp_path, schedule="none", optimizer="sgd", epochs=3, name="nan")
+    with pytest.raises(TrainingDiverged, match="NaN/inf in epoch 2.*last good checkpoint"):
+        Trainer(config, dataset=dataset, callbacks=(explode,), quiet=True).fit()
+    ckpt = load_checkpoint(tmp_path / "runs" / "nan" / "checkpoints" / "last.pt")
+    assert ckpt["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path, dataset):
+    result = Trainer(tiny_config(tmp_path, epochs=1, name="simple"), dataset=dataset, quiet=True).fit()
+    ckpt = load_checkpoint(result.run_dir)
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        model_from_checkpoint({**ckpt, "model_name": "bn_dropout"})
+    other = dataclasses.replace(tiny_config(tmp_path, epochs=2), model="bn_dropout")
+    with pytest.raises(CheckpointError, match="model 'simple'"):
+        Trainer(other, run_dir=result.run_dir, resume=True, dataset=dataset, quiet=True).fit()
+
+
+def test_not_a_checkpoint(tmp_path):
+    bad = tmp_path / "x.pt"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="not a readable cudacnn checkpoint"):
+        load_checkpoint(bad)
+    torch.save({"weights": torch.zeros(2)}, bad)
+    with pytest.raises(CheckpointError, match="not a cudacnn checkpoint"):
+        load_checkpoint(bad)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--amp", "fp8"], "amp must be"), (["--epochs", "0"], "epochs must be"),
+    (["--val-fraction", "1.5"], "val-fraction"), (["--early-stopping", "3", "--val-fraction", "0"], "validation split"),
+])
+def test_bad_flag_values_are_rejected(flags, message, capsys):
+    assert main(["train", "--model", "simple", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_preset_and_config_keys(tmp_path):
+    with pytest.raises(SystemExit):
+        main(["train", "--preset", "nope"])
+    bad = tmp_path / "c.yaml"
+    bad.write_text("learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="unknown setting.*learning_rate"):
+        resolve(None, str(bad), {})
+
+
+def test_preset_config_and_flags_layer(tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"epochs": 7, "lr": 0.05}))
+    config = resolve("keras-cnn", str(cfg), {"lr": 0.01, "batch_size": None})
+    assert (config.model, config.batch_size, config.epochs, config.lr) == ("simple", 32, 7, 0.01)
+
+
+def test_cli_trains_from_an_archive(tmp_path, capsys):
+    files, _ = image_folder_files(classes=("a", "b"), per_class=12)
+    tar = write_tar(tmp_path / "imgs.tar.gz", files)
+    args = ["train", "--data", str(tar), "--model", "simple", "--epochs", "1", "--batch-size", "8",
+            "--device", "cpu", "--amp", "none", "--out", str(tmp_path / "runs"), "--name", "cli",
+            "--cache-dir", str(tmp_path / "cache"), "--val-fraction", "0.25", "--quiet"]
+    assert main(args) == 0
+    assert (tmp_path / "runs" / "cli" / "report.html").exists()
+    assert main(args) == 2  # the folder exists now
+    assert "already exists" in capsys.readouterr().err
