@@ -1,0 +1,273 @@
+"""`cudacnn bench {ops,train,loader,kernels,all,compare}`: every suite prints a table and, with --out DIR,
+writes DIR/<suite>.json (schema in report.py), DIR/<suite>.md and DIR/<suite>.png."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from cudacnn.bench import report
+from cudacnn.bench.harness import set_threads
+from cudacnn.errors import ConfigError
+
+log = logging.getLogger(__name__)
+SUITES = ("loader", "ops", "train", "kernels")
+
+
+def add_commands(subparsers) -> None:
+    bench = subparsers.add_parser("bench", help="CPU vs GPU benchmarks: ops, training, loader, kernels")
+    sub = bench.add_subparsers(dest="bench_command", metavar="ACTION", required=True)
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--out", type=Path, help="write <suite>.json/.md/.png into this folder")
+    common.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: its own choice; stated in results)")
+    common.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: the CPU and, when present, the GPU; cpu or cuda: that side only")
+    common.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
+    common.add_argument("--repeats", type=int, default=10, help="timed repeats (median and spread reported)")
+    common.add_argument("--budget", type=float, default=5.0,
+                        help="seconds per case after which repeating stops (at least 3 repeats)")
+
+    data = argparse.ArgumentParser(add_help=False)
+    data.add_argument("--data", help="data source (default: CUDACNN_DATA, else official CIFAR-10)")
+    data.add_argument("--cache-dir", type=Path, help="decoded-cache folder (default: CUDACNN_CACHE)")
+    data.add_argument("--synthetic", type=int, metavar="N",
+                      help="use N random images (and N//5 test images) instead of a data set")
+    data.add_argument("--limit-train", type=int, metavar="N", help="use the first N training images")
+    data.add_argument("--limit-test", type=int, metavar="N", help="use the first N test images")
+
+    ops = sub.add_parser("ops", parents=[common], help="matmul, the zoo's conv layers, ResNet-18 fwd/fwd+bwd")
+    add_ops_options(ops)
+    ops.set_defaults(func=run_ops)
+
+    train = sub.add_parser("train", parents=[common, data], help="training: CPU vs GPU, naive loop vs our pipeline")
+    add_train_options(train)
+    train.set_defaults(func=run_train)
+
+    loader = sub.add_parser("loader", parents=[common, data], help="GpuLoader: one augmented epoch")
+    add_loader_options(loader)
+    loader.set_defaults(func=run_loader)
+
+    kernels = sub.add_parser("kernels", parents=[common], help="custom Triton/CUDA kernels vs PyTorch")
+    kernels.add_argument("--quick", action="store_true", help="small sizes, few repeats")
+    kernels.set_defaults(func=run_kernels)
+
+    every = sub.add_parser("all", parents=[common, data], help="loader, ops, train and kernels in one go")
+    add_ops_options(every)
+    add_train_options(every)
+    add_loader_options(every)
+    every.add_argument("--quick", action="store_true", help="kernels suite: small sizes, few repeats")
+    every.set_defaults(func=run_all)
+
+    comp = sub.add_parser("compare", help="ratios between two result files (e.g. two machines)")
+    comp.add_argument("a", type=Path, help="JSON result A")
+    comp.add_argument("b", type=Path, help="JSON result B (ratio = A / B)")
+    comp.add_argument("--out", type=Path, help="also write the table as markdown to this file")
+    comp.set_defaults(func=run_compare)
+
+
+def add_ops_options(p) -> None:
+    p.add_argument("--batch", type=int, default=128, help="batch for conv layers and ResNet-18")
+    p.add_argument("--models", default="simple,bn_dropout,smallnet,resnet18",
+                   help="comma-separated zoo models whose conv shapes to time")
+    p.add_argument("--matmul-size", type=int, default=1024)
+    p.add_argument("--no-resnet", action="store_true", help="skip the ResNet-18 forward/backward rows")
+
+
+def add_train_options(p) -> None:
+    p.add_argument("--model", default="simple", help="zoo model to train (default: the Keras tutorial CNN)")
+    p.add_argument("--epochs", type=int, default=15, help="epochs of the GPU naive loop and of the pipeline")
+    p.add_argument("--cpu-epochs", type=int, default=1, help="epochs of the same loop on the CPU")
+    p.add_argument("--cpu-batches", type=int, help="time only this many batches per CPU epoch and scale up")
+    p.add_argument("--pipeline-batch", type=int, default=512, help="batch size of our pipeline")
+    p.add_argument("--pipeline-lr", type=float, default=4e-3, help="OneCycle peak learning rate of our pipeline")
+    p.add_argument("--no-compile", action="store_true", help="pipeline without torch.compile")
+    p.add_argument("--no-pipeline", action="store_true", help="only the CPU vs GPU comparison")
+
+
+def add_loader_options(p) -> None:
+    p.add_argument("--loader-batch", type=int, default=512)
+    p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated output dtypes (fp32, bf16, fp16)")
+    p.add_argument("--cutouts", default="0,8", help="comma-separated cutout sizes (0 = off)")
+
+
+# -- helpers
+def devices(args) -> list[str]:
+    has_gpu = torch.cuda.is_available()
+    if args.device == "cuda" and not has_gpu:
+        raise ConfigError("--device cuda asked for, but PyTorch sees no CUDA GPU; use --device cpu or auto")
+    if args.device != "auto":
+        return [args.device]
+    return ["cpu", "cuda"] if has_gpu else ["cpu"]
+
+
+def command_line() -> str:
+    return "cudacnn " + shlex.join(sys.argv[1:])
+
+
+def config_of(args) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
+
+
+def load_splits(args):
+    """(train, test) splits from --synthetic or the data source, cut to --limit-* if given."""
+    from cudacnn.bench.loader import synthetic_split
+
+    if args.synthetic:
+        train, test = synthetic_split(args.synthetic, seed=0), synthetic_split(max(args.synthetic // 5, 1), seed=1)
+    else:
+        from cudacnn.data import load_dataset
+
+        dataset = load_dataset(args.data, cache_dir=args.cache_dir)
+        train, test = dataset.train, dataset.test
+    if args.limit_train:
+        train = train.subset(torch.arange(min(args.limit_train, len(train))).numpy())
+    if args.limit_test:
+        test = test.subset(torch.arange(min(args.limit_test, len(test))).numpy())
+    return train, test
+
+
+def finish(suite: str, rows: list[dict], args) -> dict:
+    doc = report.make_document(suite, rows, config_of(args), command_line())
+    written = report.write_outputs(doc, args.out)
+    for kind, path in written.items():
+        log.info("wrote %s", path)
+    return doc
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+# -- suites
+def run_ops(args) -> int:
+    from cudacnn.bench import ops
+
+    set_threads(args.threads)
+    rows = ops.run(devices(args), _csv(args.models), args.batch, args.matmul_size, args.warmup, args.repeats,
+                   args.budget, resnet=not args.no_resnet)
+    finish("ops", rows, args)
+    return 0
+
+
+def run_loader(args) -> int:
+    from cudacnn.bench import loader
+
+    set_threads(args.threads)
+    train, _ = load_splits(args)
+    rows = loader.run(train, devices(args), args.loader_batch, _csv(args.dtypes),
+                      [int(c) for c in _csv(args.cutouts)], warmup=max(args.warmup, 1),
+                      repeats=max(args.repeats, 3), budget_s=args.budget)
+    finish("loader", rows, args)
+    return 0
+
+
+def run_train(args) -> int:
+    from cudacnn.bench import train as bt
+    from cudacnn.bench.ops import build_zoo_model
+    from cudacnn.bench.report import measurement, result_row
+
+    set_threads(args.threads)
+    train, test = load_splits(args)
+    sides = devices(args)
+    torch.manual_seed(0)
+    initial = build_zoo_model(args.model)
+    recipe_name = f"{args.model}: Adam 1e-3, batch 32, fp32, eager, per-batch copies from NumPy"
+    runs = {}
+    for device in sides:
+        epochs = args.cpu_epochs if device == "cpu" else args.epochs
+        log.info("naive loop on %s, %d epochs", device, epochs)
+        runs[device] = bt.train_naive(bt.fresh(initial), train, test, device, epochs,
+                                      max_batches=args.cpu_batches if device == "cpu" else None,
+                                      eval_epochs={args.cpu_epochs}, label=f"naive {device}")
+    # Sequential vs parallel: accuracies compared after the same number of epochs (the CPU's).
+    cpu_vs_gpu = {d: measurement(r.stats, accuracy=r.extra["accuracy_at"].get(args.cpu_epochs), note=r.note)
+                  for d, r in runs.items()}
+    rows = [result_row(f"{args.model} epoch, CPU vs GPU", f"same recipe ({recipe_name}); accuracy after "
+                       f"{args.cpu_epochs} epoch(s)", cpu_vs_gpu,
+                       epochs={d: r.epochs for d, r in runs.items()},
+                       batches_per_epoch=runs[sides[0]].batches_per_epoch)]
+    if not args.no_pipeline:
+        device = sides[-1]
+        recipe = bt.PipelineRecipe(batch_size=args.pipeline_batch, lr=args.pipeline_lr,
+                                   compile=not args.no_compile and device == "cuda")
+        log.info("our pipeline on %s, %d epochs", device, args.epochs)
+        fast = bt.train_pipeline(bt.fresh(initial), train, test, device, args.epochs, recipe)
+        naive = runs[device]
+        if naive.epochs != args.epochs:  # the CPU-only case: the naive side ran --cpu-epochs
+            log.info("naive loop on %s for %d epochs, to compare accuracy", device, args.epochs)
+            naive = bt.train_naive(bt.fresh(initial), train, test, device, args.epochs,
+                                   max_batches=args.cpu_batches, label=f"naive {device}")
+        pair = {"naive": measurement(naive.stats, accuracy=naive.accuracy, note=naive.note),
+                "pipeline": measurement(fast.stats, accuracy=fast.accuracy)}
+        row = result_row(f"{args.model} epoch, naive loop vs our pipeline ({device})",
+                         f"{device}: naive loop vs GPU-resident pipeline, {args.epochs} epochs, "
+                         f"accuracy after the last", pair, device=device, epochs=args.epochs, **fast.extra,
+                         pipeline_batch=recipe.batch_size, pipeline_wall_s=round(fast.wall_s, 2),
+                         naive_wall_s=round(naive.wall_s, 2))
+        row["info"]["target"] = ">= 30x faster per epoch at equal or better accuracy"
+        row["info"]["meets_target"] = bool(row["speedup"] and row["speedup"] >= 30
+                                           and fast.accuracy >= naive.accuracy)
+        rows.append(row)
+    finish("train", rows, args)
+    return 0
+
+
+def run_kernels(args) -> int:
+    try:
+        kbench = importlib.import_module("cudacnn.kernels.bench")
+    except ModuleNotFoundError as exc:
+        if exc.name != "cudacnn.kernels.bench":
+            raise
+        raise ConfigError("the kernels benchmark (cudacnn.kernels.bench) is not part of this install; "
+                          "run `cudacnn bench ops` or `cudacnn bench train` instead")
+    set_threads(args.threads)
+    rows = kbench.run(quick=args.quick)
+    rows = [dict(r, name=str(r.get("name", f"kernel {i}"))) for i, r in enumerate(rows)]
+    finish("kernels", rows, args)
+    return 0
+
+
+def run_all(args) -> int:
+    for suite, fn in (("loader", run_loader), ("ops", run_ops), ("train", run_train), ("kernels", run_kernels)):
+        log.info("== bench %s", suite)
+        try:
+            fn(args)
+        except ConfigError as exc:
+            if suite != "kernels":
+                raise
+            log.warning("skipping kernels: %s", exc)
+    return 0
+
+
+def run_compare(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    a, b = report.read_json(args.a), report.read_json(args.b)
+    if a["suite"] != b["suite"]:
+        raise ConfigError(f"{args.a} is a '{a['suite']}' result but {args.b} is '{b['suite']}'; "
+                          "compare two results of the same suite")
+    rows = report.compare(a, b)
+    console = Console()
+    for tag, doc, path in (("A", a, args.a), ("B", b, args.b)):
+        env = doc["environment"]
+        console.print(f"{tag}: {path}: {env.get('gpu') or 'no GPU'}, {env.get('cpu_model')} "
+                      f"({env.get('torch_threads')} threads), {env.get('date')}")
+    header, body = report.compare_table(rows)
+    table = Table(*header, title=f"cudacnn bench compare ({a['suite']})")
+    for cells in body:
+        table.add_row(*cells)
+    console.print(table)
+    if not rows:
+        console.print("no rows in common")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(report.compare_markdown(rows, str(args.a), str(args.b)))
+    return 0

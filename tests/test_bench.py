@@ -1,0 +1,232 @@
+"""The benchmark harness on the CPU: statistics, the JSON schema, markdown/PNG outputs, compare, and a tiny
+run of every `cudacnn bench` suite. No timing is asserted: only that the numbers are well-formed."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cudacnn.bench import report
+from cudacnn.bench.harness import Stats, Timer, cpu_model, environment, time_fn
+from cudacnn.cli import main
+from cudacnn.errors import ConfigError
+
+
+@pytest.fixture(autouse=True)
+def keep_thread_count():
+    """--threads changes a process-wide setting; other tests must not inherit it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def stats(median, spread=1.0, repeats=5) -> Stats:
+    return Stats(median, median - spread, median + spread, median - 2 * spread, median + 2 * spread, repeats)
+
+
+def doc_with(rows, suite="ops") -> dict:
+    return report.make_document(suite, rows, {"batch": 2}, "cudacnn bench test")
+
+
+def measured_doc(cpu_ms: float, gpu_ms: float, suite="ops") -> dict:
+    rows = [report.result_row("matmul 8x8 fp32", "matmul",
+                              {"cpu": report.measurement(stats(cpu_ms)), "cuda": report.measurement(stats(gpu_ms))}),
+            report.result_row("conv 3->32", "conv", {"cpu": report.measurement(stats(2 * cpu_ms), accuracy=0.5),
+                                                     "cuda": report.measurement(stats(gpu_ms))})]
+    return doc_with(rows, suite)
+
+
+# -- statistics and timers
+def test_stats_of_known_samples():
+    s = Stats.of([100.0, 3.0, 1.0, 4.0, 2.0])
+    assert (s.median_ms, s.q1_ms, s.q3_ms, s.min_ms, s.max_ms, s.repeats) == (3.0, 2.0, 4.0, 1.0, 100.0, 5)
+    assert s.iqr_ms == 2.0
+    even = Stats.of([1.0, 2.0, 3.0, 10.0])
+    assert even.median_ms == 2.5 and even.q1_ms == 1.75 and even.q3_ms == 4.75
+    with pytest.raises(ValueError):
+        Stats.of([])
+
+
+def test_time_fn_warms_up_then_repeats():
+    calls = []
+    s = time_fn(lambda: calls.append(1), "cpu", warmup=2, repeats=7)
+    assert len(calls) == 9 and s.repeats == 7
+    assert 0 <= s.min_ms <= s.q1_ms <= s.median_ms <= s.q3_ms <= s.max_ms
+
+
+def test_time_fn_budget_stops_after_three_repeats():
+    calls = []
+    s = time_fn(lambda: calls.append(1), "cpu", warmup=0, repeats=50, budget_s=0.0)
+    assert s.repeats == 3 and len(calls) == 3
+
+
+def test_timer_measures_a_region():
+    with Timer("cpu") as t:
+        sum(range(1000))
+    assert t.ms >= 0
+
+
+def test_environment_records_machine_and_versions():
+    env = environment()
+    for key in ("date", "gpu", "driver", "cuda", "torch", "triton", "cpu_model", "cpu_cores", "torch_threads"):
+        assert key in env
+    assert env["torch"] == torch.__version__ and env["torch_threads"] == torch.get_num_threads()
+    assert isinstance(cpu_model(), str) and cpu_model()
+
+
+# -- documents
+def test_speedup_is_baseline_over_candidate():
+    row = report.result_row("x", "g", {"cpu": report.measurement(stats(30.0)), "cuda": report.measurement(stats(1.5))})
+    assert row["speedup"] == pytest.approx(20.0)
+    single = report.result_row("x", "g", {"cpu": report.measurement(stats(30.0))})
+    assert single["speedup"] is None
+
+
+def test_schema_valid_and_invalid():
+    doc = measured_doc(10.0, 1.0)
+    assert report.validate(doc) == []
+    assert report.validate(json.loads(json.dumps(doc))) == []
+    assert doc["schema"] == "cudacnn.bench" and doc["version"] == report.SCHEMA_VERSION
+    bad = json.loads(json.dumps(doc))
+    bad["version"] = 99
+    del bad["results"][0]["measurements"]["cpu"]["q3_ms"]
+    problems = report.validate(bad)
+    assert any("version" in p for p in problems) and any("q3_ms" in p for p in problems)
+    assert report.validate([1, 2]) != []
+    # rows of another shape (the kernels suite) only need a name
+    assert report.validate(doc_with([{"name": "k", "torch_ms": 1.0, "speedup": 2.0}], "kernels")) == []
+    assert report.validate(doc_with([{"torch_ms": 1.0}], "kernels")) != []
+
+
+def test_outputs_written(tmp_path):
+    doc = measured_doc(10.0, 0.5)
+    written = report.write_outputs(doc, tmp_path)
+    assert set(written) == {"json", "md", "png"}
+    assert report.read_json(written["json"]) == json.loads(json.dumps(doc))
+    md = written["md"].read_text()
+    assert "| matmul 8x8 fp32 | 10 ms [9 ms-11 ms] | 500 us [-500 us-1.5 ms] | 20x |" in md
+    assert "acc 50.0%" in md and "40x" in md and "cudacnn bench test" in md
+    assert written["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_generic_rows_render_and_plot(tmp_path):
+    doc = doc_with([{"name": "softmax", "torch_ms": 2.0, "triton_ms": 0.5, "speedup": 4.0}], "kernels")
+    md = report.to_markdown(doc)
+    assert "| name | torch_ms | triton_ms | speedup |" in md and "| softmax | 2 | 0.5 | 4 |" in md
+    assert report.plot_speedups(doc, tmp_path / "k.png").exists()
+    assert report.plot_speedups(doc_with([{"name": "n"}]), tmp_path / "none.png") is None
+
+
+def test_read_json_refuses_other_files(tmp_path):
+    (tmp_path / "x.json").write_text('{"hello": 1}')
+    with pytest.raises(ConfigError, match="not a cudacnn bench result"):
+        report.read_json(tmp_path / "x.json")
+    with pytest.raises(ConfigError, match="does not exist"):
+        report.read_json(tmp_path / "missing.json")
+
+
+def test_compare_ratios(tmp_path):
+    a, b = measured_doc(10.0, 2.0), measured_doc(5.0, 1.0)
+    b["results"].append(report.result_row("only in b", "g", {"cpu": report.measurement(stats(1.0))}))
+    rows = report.compare(a, b)
+    by_key = {(r["name"], r["value"]): r["ratio"] for r in rows}
+    assert by_key == {("matmul 8x8 fp32", "cpu"): 2.0, ("matmul 8x8 fp32", "cuda"): 2.0,
+                      ("conv 3->32", "cpu"): 2.0, ("conv 3->32", "cuda"): 2.0}
+    pa = report.write_json(a, tmp_path / "a.json")
+    pb = report.write_json(b, tmp_path / "b.json")
+    assert main(["bench", "compare", str(pa), str(pb), "--out", str(tmp_path / "cmp.md")]) == 0
+    assert "| matmul 8x8 fp32 | cpu | 10 ms | 5 ms | 2 |" in (tmp_path / "cmp.md").read_text()
+    other = report.write_json(measured_doc(1.0, 1.0, suite="train"), tmp_path / "t.json")
+    assert main(["bench", "compare", str(pa), str(other)]) == 2
+
+
+# -- the suites, tiny
+def test_conv_shapes_of_the_simple_model():
+    from cudacnn.bench.ops import build_zoo_model, conv_shapes
+
+    shapes = conv_shapes(build_zoo_model("simple"))
+    assert [(s.c_in, s.c_out, s.height) for s in shapes] == [(3, 32, 32), (32, 64, 15), (64, 64, 6)]
+    assert shapes[0].name == "conv 3->32 k3 s1 p0 @32x32"
+    assert shapes[0].flops(2) == 2 * 2 * 32 * 30 * 30 * 3 * 9
+
+
+def test_conv_shapes_of_resnet18_cover_its_layers():
+    from cudacnn.bench.ops import zoo_conv_shapes
+
+    shapes = zoo_conv_shapes(["resnet18"])
+    names = {s.name for s in shapes}
+    assert "conv 3->64 k3 s1 p1 @32x32" in names and "conv 256->512 k1 s2 p0 @8x8" in names
+    assert len(shapes) == 11  # stem, 4 stages x (3x3 convs) and 3 downsample 1x1 convs, deduplicated
+
+
+def run_cli(tmp_path, *argv) -> dict:
+    assert main(["bench", *argv, "--device", "cpu", "--threads", "1", "--out", str(tmp_path)]) == 0
+    doc = report.read_json(tmp_path / f"{argv[0]}.json")
+    assert (tmp_path / f"{argv[0]}.md").exists()
+    return doc
+
+
+def finite_measurements(doc) -> list[float]:
+    values = [m["median_ms"] for r in doc["results"] for m in r["measurements"].values()]
+    assert values and all(np.isfinite(v) and v > 0 for v in values)
+    return values
+
+
+def test_bench_ops_tiny(tmp_path):
+    doc = run_cli(tmp_path, "ops", "--models", "simple", "--batch", "1", "--matmul-size", "16",
+                  "--repeats", "3", "--warmup", "1", "--budget", "0")
+    names = [r["name"] for r in doc["results"]]
+    assert names[0] == "matmul 16x16 fp32" and len(names) == 1 + 3 + 2
+    assert names[-2:] == ["resnet18 forward, batch 1", "resnet18 forward+backward, batch 1"]
+    assert doc["environment"]["torch_threads"] == 1 and doc["config"]["batch"] == 1
+    finite_measurements(doc)
+
+
+def test_bench_loader_tiny(tmp_path):
+    doc = run_cli(tmp_path, "loader", "--synthetic", "64", "--loader-batch", "16", "--dtypes", "fp32,bf16",
+                  "--cutouts", "0,8", "--repeats", "3", "--warmup", "1")
+    assert len(doc["results"]) == 4
+    for row in doc["results"]:
+        m = row["measurements"]["cpu"]
+        assert m["images_per_s"] == pytest.approx(64 / (m["median_ms"] / 1e3), rel=1e-3)
+
+
+@pytest.mark.slow
+def test_bench_train_tiny(tmp_path):
+    doc = run_cli(tmp_path, "train", "--synthetic", "96", "--epochs", "2", "--cpu-epochs", "1",
+                  "--cpu-batches", "2", "--pipeline-batch", "32")
+    cpu_gpu, pipeline = doc["results"]
+    assert cpu_gpu["measurements"]["cpu"]["note"].startswith("naive cpu: 2 of 3 batches")
+    assert list(pipeline["measurements"]) == ["naive", "pipeline"]
+    assert 0 <= pipeline["measurements"]["pipeline"]["accuracy"] <= 1
+    assert pipeline["measurements"]["naive"]["repeats"] == 2  # one sample per epoch
+    assert pipeline["info"]["meets_target"] in (True, False)
+    finite_measurements(doc)
+
+
+def test_bench_kernels_runs_or_says_why(tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("cudacnn.kernels.bench") is None:
+        assert main(["bench", "kernels", "--out", str(tmp_path)]) == 2
+        assert "cudacnn.kernels.bench" in capsys.readouterr().err
+    else:
+        pytest.skip("the kernels suite is tested by the kernels tests (it needs TRITON_INTERPRET on CPU)")
+
+
+def test_naive_loop_scales_partial_epochs():
+    from cudacnn.bench.loader import synthetic_split
+    from cudacnn.bench.train import train_naive
+    from cudacnn.models import create_model
+
+    train, test = synthetic_split(80), synthetic_split(20, seed=1)
+    assert train.images.any()
+    torch.manual_seed(0)
+    run = train_naive(create_model("simple"), train, test, "cpu", epochs=2, batch_size=16, max_batches=2,
+                      eval_epochs={1})
+    assert run.batches_per_epoch == 5 and run.timed_batches == 2 and len(run.epoch_ms) == 2
+    assert set(run.extra["accuracy_at"]) == {1, 2} and run.accuracy == run.extra["accuracy_at"][2]
+    assert "2 of 5 batches" in run.note
