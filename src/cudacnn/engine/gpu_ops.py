@@ -17,8 +17,10 @@ import triton
 
 from cudacnn.engine import gpu_kernels as K
 from cudacnn.engine.memory import default_pool
-from cudacnn.kernels import activations as kact
-from cudacnn.kernels import gemm as kgemm
+
+# the submodules themselves (the package re-exports functions of the same names)
+kact = importlib.import_module("cudacnn.kernels.activations")
+kgemm = importlib.import_module("cudacnn.kernels.gemm")
 
 name = "cuda"
 BLOCK = 1024  # elements per program for elementwise kernels
@@ -79,7 +81,9 @@ def asarray(x) -> torch.Tensor:
 
 
 def to_numpy(x: torch.Tensor) -> np.ndarray:
-    return x.detach().cpu().numpy()
+    # always a copy: under the interpreter the pool lives in host memory, and a NumPy view of a block
+    # would change when the pool hands the block out again
+    return x.detach().cpu().numpy().copy() if x.device.type == "cpu" else x.detach().cpu().numpy()
 
 
 def copy_into(dst: torch.Tensor, src) -> None:
