@@ -168,3 +168,22 @@ def test_load_pretrained_refuses_non_weight_files(tmp_path):
     junk.write_bytes(b"not a torch file")
     with pytest.raises(CheckpointError, match="not a readable"):
         load_pretrained(create_model("resnet18"), junk)
+
+
+def test_package_imports_without_the_fast_family():
+    """models/fast.py is built separately; the zoo must still import when it is absent."""
+    import subprocess
+    import sys
+
+    code = """
+import importlib.abc, sys
+class Hide(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "cudacnn.models.fast":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Hide())
+from cudacnn.models import list_models
+print(",".join(list_models()))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "bn_dropout,resnet18,simple,smallnet"

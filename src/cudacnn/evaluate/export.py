@@ -3,10 +3,12 @@ dynamic batch axis and returns logits; classes, mean and std ride along as ONNX 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,7 +27,9 @@ def quiet_exporter():
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # deprecations inside torch.export itself
+            yield
     finally:
         logger.setLevel(level)
 
@@ -59,7 +63,7 @@ def add_metadata(path: Path, metadata: dict[str, str]) -> None:
 
 def export_onnx(model: torch.nn.Module, path: str | Path, metadata: dict | None = None,
                 tolerance: float = PARITY_TOLERANCE) -> float:
-    """Export `model` (moved to CPU float32, eval mode) to `path`; returns the parity max abs difference.
+    """Export a CPU float32 eval-mode copy of `model` to `path`; returns the parity max abs difference.
     The file appears only after the check passes: it is written beside `path` and renamed."""
     try:
         import onnx  # noqa: F401
@@ -68,7 +72,7 @@ def export_onnx(model: torch.nn.Module, path: str | Path, metadata: dict | None 
         raise CudacnnError(f"ONNX export needs {exc.name}; install the extras: pip install 'cudacnn[onnx]'") from exc
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = model.to("cpu", torch.float32).eval()
+    model = copy.deepcopy(model).to("cpu", torch.float32).eval()
     example = torch.randn(2, 3, 32, 32)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".onnx", dir=path.parent)
     os.close(fd)
