@@ -1,0 +1,17 @@
+"""Custom GPU kernels (Triton and CUDA C++) wired into PyTorch.
+
+Functional:  gemm, gemm_backward, activation_forward, activation_backward, softmax_cross_entropy
+Autograd / torch.compile ops:  ops.linear, ops.activation, ops.cross_entropy (torch.library custom ops)
+Modules:  Linear, Activation, CrossEntropyLoss, swap_modules(model, backend), cross_entropy_loss(backend, ...)
+Backends:  "torch" (unchanged PyTorch), "triton", "cuda" (CUDA C++ GEMM forward + activations)."""
+
+from .activations import activation_backward, activation_forward
+from .cross_entropy import softmax_cross_entropy
+from .gemm import column_sum, gemm, gemm_backward
+from .modules import Activation, CrossEntropyLoss, Linear, cross_entropy_loss, swap_modules
+from .ops import BACKENDS
+
+__all__ = [
+    "gemm", "gemm_backward", "column_sum", "activation_forward", "activation_backward", "softmax_cross_entropy",
+    "Linear", "Activation", "CrossEntropyLoss", "swap_modules", "cross_entropy_loss", "BACKENDS",
+]

@@ -39,6 +39,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def interpreter_ready() -> bool:
+    """Triton's own library (tl.sum, tl.cdiv...) is built for the interpreter only when TRITON_INTERPRET=1
+    was set before triton was first imported; our kernel modules are reloaded as needed."""
+    if not HAS_TRITON:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.standard.cdiv, InterpretedFunction)
+
+
 def _refresh_interpreted_kernels() -> None:
     for name in KERNEL_MODULES:  # order matters: gemm imports activation helpers
         module = sys.modules.get(name)
@@ -53,12 +63,14 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     device_type = tensors[0].device.type
     if HAS_TRITON and device_type == "cuda" and not interpreting():
         return True
-    if HAS_TRITON and device_type == "cpu" and interpreting():
+    if HAS_TRITON and device_type == "cpu" and interpreting() and interpreter_ready():
         _refresh_interpreted_kernels()
         return True
     if not _warned_fallback:
         _warned_fallback = True
-        why = "triton is not installed" if not HAS_TRITON else f"tensors are on {device_type}, not a CUDA GPU"
+        why = ("triton is not installed" if not HAS_TRITON else
+               "triton was imported before TRITON_INTERPRET=1 was set" if interpreting() and device_type == "cpu"
+               else f"tensors are on {device_type}, not a CUDA GPU")
         warnings.warn(f"cudacnn.kernels: {why}; using the PyTorch reference implementations "
                       "(set TRITON_INTERPRET=1 to run the Triton kernels on the CPU)", RuntimeWarning, stacklevel=3)
     return False

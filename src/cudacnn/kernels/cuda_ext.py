@@ -1,0 +1,97 @@
+"""The CUDA C++ kernels (kernels/cuda/*.cu): built just in time with torch.utils.cpp_extension on first use,
+cached under ~/.cache/cudacnn (or $CUDACNN_CUDA_BUILD_DIR), and their Python launchers.
+
+The GEMM takes bf16/fp16 with K a multiple of 8 (16-byte cp.async rows); other inputs go to the Triton
+GEMM, which handles every case."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+from .activations import activation_code
+
+SOURCE_DIR = Path(__file__).parent / "cuda"
+SOURCES = ("bindings.cpp", "gemm.cu", "activations.cu")
+HEADERS = ("kernels.h", "activation_math.cuh")
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available() and torch.version.cuda is not None
+
+
+@functools.cache
+def extension():
+    """Compile (once per source version and GPU architecture) and load the extension."""
+    from torch.utils.cpp_extension import load
+
+    if not cuda_available():
+        raise RuntimeError("the CUDA C++ kernels need a CUDA GPU and a CUDA build of PyTorch")
+    major, minor = torch.cuda.get_device_capability()
+    if major < 8:
+        raise RuntimeError(f"the CUDA C++ GEMM uses bf16 mma.sync, which needs sm_80 or newer (this GPU: sm_{major}{minor})")
+    arch = f"{major}{minor}"
+    digest = hashlib.sha256()
+    for name in SOURCES + HEADERS:
+        digest.update((SOURCE_DIR / name).read_bytes())
+    tag = f"sm{arch}_{digest.hexdigest()[:12]}"
+    root = Path(os.environ.get("CUDACNN_CUDA_BUILD_DIR", Path.home() / ".cache" / "cudacnn" / "cuda_ext"))
+    build_dir = root / tag
+    build_dir.mkdir(parents=True, exist_ok=True)
+    return load(
+        name=f"cudacnn_cuda_{tag}",
+        sources=[str(SOURCE_DIR / s) for s in SOURCES],
+        extra_cflags=["-O3", "-std=c++17"],
+        extra_cuda_cflags=["-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}", "--use_fast_math",
+                           "-lineinfo"],
+        extra_include_paths=[str(SOURCE_DIR)],
+        build_directory=str(build_dir),
+        verbose=os.environ.get("CUDACNN_CUDA_VERBOSE") == "1",
+    )
+
+
+def _stream() -> int:
+    return torch.cuda.current_stream().cuda_stream
+
+
+def gemm_supported(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether cuda_gemm takes a (M, K) @ b (K, N) without copies: bf16/fp16, K-contiguous rows."""
+    return (a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and a.dtype == b.dtype
+            and a.stride(1) == 1 and b.stride(0) == 1 and a.shape[1] % 8 == 0
+            and a.stride(0) % 8 == 0 and b.stride(1) % 8 == 0
+            and a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0)
+
+
+def cuda_gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, activation: str = "none",
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """out = act(a @ b + bias) on the tensor-core mma.sync kernel; b (K, N) must be a transposed view of a
+    K-contiguous (N, K) matrix, like nn.Linear's weight.t() (see gemm_supported)."""
+    if not gemm_supported(a, b):
+        raise ValueError("cuda_gemm needs bf16/fp16 a (M, K) row-major and b = w.t() with w (N, K) row-major, "
+                         "K a multiple of 8; use kernels.gemm for other layouts")
+    M, N = a.shape[0], b.shape[1]
+    if out is None:
+        out = torch.empty((M, N), dtype=a.dtype, device=a.device)
+    if bias is not None:
+        bias = bias.contiguous()
+    extension().gemm_tn(a, b.t(), bias, out, activation_code(activation), _stream())
+    return out
+
+
+def cuda_activation_forward(x: torch.Tensor, kind: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    x = x.contiguous()
+    y = torch.empty_like(x) if out is None or not out.is_contiguous() else out
+    extension().activation_forward(x, y, activation_code(kind), _stream())
+    return y if out is None or y is out else out.copy_(y)
+
+
+def cuda_activation_backward(grad_out: torch.Tensor, x: torch.Tensor, kind: str,
+                             out: torch.Tensor | None = None) -> torch.Tensor:
+    grad_out, x = grad_out.contiguous(), x.contiguous()
+    dx = torch.empty_like(x) if out is None or not out.is_contiguous() else out
+    extension().activation_backward(grad_out, x, dx, activation_code(kind), _stream())
+    return dx if out is None or dx is out else out.copy_(dx)

@@ -1,0 +1,198 @@
+"""torch.library custom ops over the kernels, so they run in eager mode, under autograd and inside
+torch.compile (fake implementations give shapes; no graph breaks).
+
+backend "triton": the Triton kernels. backend "cuda": the CUDA C++ GEMM (forward, bf16/fp16) and
+activations, the Triton kernels elsewhere (GEMM backward, cross-entropy). Without a GPU both fall back to
+the PyTorch references with one warning (see _runtime.use_triton)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import activations as _act
+from . import cross_entropy as _ce
+from . import cuda_ext as _cuda
+from .gemm import gemm as _gemm_fn
+from .gemm import gemm_backward as _gemm_backward_fn
+
+BACKENDS = ("torch", "triton", "cuda")
+# Activations whose derivative needs the pre-activation (relu's can be read off its output).
+NEEDS_PRE_ACTIVATION = ("gelu", "gelu_tanh", "silu")
+
+
+def _use_cuda(backend: str, t: Tensor) -> bool:
+    return backend == "cuda" and t.is_cuda and _cuda.cuda_available()
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty((0,))
+
+
+# ---------------------------------------------------------------- linear: y = act(x @ w^T + b)
+
+@torch.library.custom_op("cudacnn::linear", mutates_args=())
+def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, backend: str,
+            allow_tf32: bool, save_pre: bool) -> tuple[Tensor, Tensor]:
+    b = weight.t()
+    if _use_cuda(backend, x) and _cuda.gemm_supported(x, b):
+        if not save_pre:
+            return _cuda.cuda_gemm(x, b, bias, activation), _empty(x)
+        pre = _cuda.cuda_gemm(x, b, bias, "none")
+        return _cuda.cuda_activation_forward(pre, activation), pre
+    pre = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device) if save_pre else None
+    y = _gemm_fn(x, b, bias, activation, allow_tf32=allow_tf32, pre_activation_out=pre)
+    return y, (pre if save_pre else _empty(x))
+
+
+@_linear.register_fake
+def _(x, weight, bias, activation, backend, allow_tf32, save_pre):
+    y = x.new_empty((x.shape[0], weight.shape[0]))
+    return y, (torch.empty_like(y) if save_pre else x.new_empty((0,)))
+
+
+@torch.library.custom_op("cudacnn::linear_backward", mutates_args=())
+def _linear_backward(grad_y: Tensor, x: Tensor, weight: Tensor, saved: Tensor, activation: str, backend: str,
+                     allow_tf32: bool, has_bias: bool, needs_x: bool, needs_w: bool) -> tuple[Tensor, Tensor, Tensor]:
+    grad_y = grad_y.contiguous()
+    if activation != "none" and _use_cuda(backend, x):
+        grad_y = _cuda.cuda_activation_backward(grad_y, saved, activation)
+        activation = "none"
+    gx, gw_t, gb = _gemm_backward_fn(grad_y, x, weight.t(), saved, activation, has_bias, allow_tf32,
+                                       needs_a=needs_x, needs_b=needs_w)
+    # gemm_backward returns d(w^T) (K, N); the weight's gradient is its transpose, made contiguous.
+    return (gx if needs_x else _empty(x), gw_t.t().contiguous() if needs_w else _empty(x),
+            gb if has_bias else _empty(x))
+
+
+@_linear_backward.register_fake
+def _(grad_y, x, weight, saved, activation, backend, allow_tf32, has_bias, needs_x, needs_w):
+    return (torch.empty_like(x) if needs_x else x.new_empty((0,)),
+            torch.empty_like(weight) if needs_w else x.new_empty((0,)),
+            weight.new_empty((weight.shape[0],)) if has_bias else x.new_empty((0,)))
+
+
+def _linear_setup(ctx, inputs, output):
+    x, weight, bias, activation, backend, allow_tf32, save_pre = inputs
+    y, pre = output
+    saved = pre if activation in NEEDS_PRE_ACTIVATION else y
+    ctx.save_for_backward(x, weight, saved)
+    ctx.config = (activation, backend, allow_tf32, bias is not None)
+
+
+def _linear_grad(ctx, grad_y, grad_pre):
+    x, weight, saved = ctx.saved_tensors
+    activation, backend, allow_tf32, has_bias = ctx.config
+    if activation in NEEDS_PRE_ACTIVATION and saved.numel() != grad_y.numel():
+        raise RuntimeError("cudacnn::linear was called with save_pre=False; call kernels.ops.linear instead")
+    needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
+    gx, gw, gb = _linear_backward(grad_y, x, weight, saved, activation, backend, allow_tf32, has_bias and needs_b,
+                                  needs_x, needs_w)
+    return (gx if needs_x else None, gw if needs_w else None, gb if (has_bias and needs_b) else None,
+            None, None, None, None)
+
+
+_linear.register_autograd(_linear_grad, setup_context=_linear_setup)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str = "none",
+           backend: str = "triton", allow_tf32: bool = False) -> Tensor:
+    """act(x @ weight^T + bias) over the last dimension of x, like F.linear followed by the activation."""
+    if backend == "torch":
+        return _act.reference_forward(torch.nn.functional.linear(x, weight, bias), activation)
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    y, _ = _linear(x2, weight, bias, activation, backend, allow_tf32,
+                   grad and activation in NEEDS_PRE_ACTIVATION)
+    return y.reshape(*lead, weight.shape[0])
+
+
+# ---------------------------------------------------------------- elementwise activation
+
+@torch.library.custom_op("cudacnn::activation", mutates_args=())
+def _activation(x: Tensor, kind: str, backend: str) -> Tensor:
+    if _use_cuda(backend, x) and x.dtype != torch.float64:
+        return _cuda.cuda_activation_forward(x, kind)
+    return _act.activation_forward(x, kind)
+
+
+@_activation.register_fake
+def _(x, kind, backend):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("cudacnn::activation_backward", mutates_args=())
+def _activation_backward(grad_y: Tensor, x: Tensor, kind: str, backend: str) -> Tensor:
+    if _use_cuda(backend, x) and x.dtype != torch.float64:
+        return _cuda.cuda_activation_backward(grad_y, x, kind)
+    return _act.activation_backward(grad_y, x, kind)
+
+
+@_activation_backward.register_fake
+def _(grad_y, x, kind, backend):
+    return torch.empty_like(x)
+
+
+def _activation_setup(ctx, inputs, output):
+    x, kind, backend = inputs
+    ctx.save_for_backward(x)
+    ctx.config = (kind, backend)
+
+
+def _activation_grad(ctx, grad_y):
+    (x,) = ctx.saved_tensors
+    kind, backend = ctx.config
+    return _activation_backward(grad_y, x, kind, backend), None, None
+
+
+_activation.register_autograd(_activation_grad, setup_context=_activation_setup)
+
+
+def activation(x: Tensor, kind: str, backend: str = "triton") -> Tensor:
+    if backend == "torch":
+        return _act.reference_forward(x, kind)
+    return _activation(x, kind, backend)
+
+
+# ---------------------------------------------------------------- softmax + cross-entropy
+
+@torch.library.custom_op("cudacnn::cross_entropy", mutates_args=())
+def _cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float, reduction: str,
+                   compute_grad: bool) -> tuple[Tensor, Tensor]:
+    if not compute_grad:
+        return _ce.softmax_cross_entropy(logits, targets, label_smoothing, reduction), _empty(logits)
+    return _ce.softmax_cross_entropy(logits, targets, label_smoothing, reduction, return_grad=True)
+
+
+@_cross_entropy.register_fake
+def _(logits, targets, label_smoothing, reduction, compute_grad):
+    loss = logits.new_empty((), dtype=torch.float32 if logits.dtype != torch.float64 else torch.float64)
+    return loss, (torch.empty_like(logits) if compute_grad else logits.new_empty((0,)))
+
+
+def _cross_entropy_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _cross_entropy_grad(ctx, grad_loss, grad_grad):
+    (grad,) = ctx.saved_tensors
+    if grad.numel() == 0:
+        raise RuntimeError("cudacnn::cross_entropy was called with compute_grad=False; use kernels.ops.cross_entropy")
+    return grad * grad_loss.to(grad.dtype), None, None, None, None
+
+
+_cross_entropy.register_autograd(_cross_entropy_grad, setup_context=_cross_entropy_setup)
+
+
+def cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0, reduction: str = "mean",
+                  backend: str = "triton") -> Tensor:
+    """Mean (or summed) softmax cross-entropy; the gradient comes from the forward kernel."""
+    if backend == "torch":
+        return torch.nn.functional.cross_entropy(logits, targets, label_smoothing=label_smoothing,
+                                                 reduction=reduction)
+    grad = torch.is_grad_enabled() and logits.requires_grad
+    loss, _ = _cross_entropy(logits, targets, float(label_smoothing), reduction, grad)
+    return loss

@@ -1,0 +1,225 @@
+"""Triton kernels against float64 references: awkward shapes, every dtype, strided inputs, poisoned
+outputs. On the CPU they run under the Triton interpreter (TRITON_INTERPRET=1, set for this module only);
+on a GPU they run compiled."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Triton builds its language library for the interpreter only if TRITON_INTERPRET=1 is set when it is
+# first imported: set it for that import, then only while this module's tests run (fixture below).
+_saved_env = os.environ.get("TRITON_INTERPRET")
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
+from cudacnn.kernels import _runtime  # noqa: E402
+from cudacnn.kernels import (activation_backward, activation_forward, column_sum, gemm, gemm_backward,
+                             softmax_cross_entropy)
+from cudacnn.kernels.activations import reference_backward, reference_forward  # noqa: E402
+
+if _saved_env is None:
+    os.environ.pop("TRITON_INTERPRET", None)
+else:
+    os.environ["TRITON_INTERPRET"] = _saved_env
+# Relative error bounds (|out - ref| / |ref|) by input dtype: fp32 math, bf16/fp16 rounding of the output.
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def triton_interpreter():
+    with pytest.MonkeyPatch.context() as mp:
+        if DEVICE == "cpu":
+            mp.setenv("TRITON_INTERPRET", "1")
+            if not _runtime.interpreter_ready():
+                reason = "triton was imported before TRITON_INTERPRET=1; run with TRITON_INTERPRET=1 set"
+                if os.environ.get("CI") == "true":
+                    pytest.fail(reason)
+                pytest.skip(reason)
+        yield
+
+
+def rel_err(out, ref):
+    assert not torch.isnan(out).any(), "output has NaN: an element was not written"
+    return ((out.double().cpu() - ref.double().cpu()).norm() / ref.double().cpu().norm().clamp_min(1e-12)).item()
+
+
+def poisoned(shape, dtype):
+    return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+
+
+def randn(*shape, dtype=torch.float32):
+    return torch.randn(*shape, device=DEVICE).to(dtype)
+
+
+# ---------------------------------------------------------------- GEMM
+
+GEMM_SHAPES = [(1, 1, 1), (1, 7, 5), (17, 13, 29), (33, 1, 40), (5, 37, 1), (31, 47, 18)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", GEMM_SHAPES)
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu"])
+def test_gemm_matches_float64(dtype, shape, activation):
+    M, N, K = shape
+    a, b, bias = randn(M, K, dtype=dtype), randn(K, N, dtype=dtype), randn(N, dtype=dtype)
+    out = poisoned((M, N), dtype)
+    result = gemm(a, b, bias, activation, out=out)
+    assert result is out
+    ref = reference_forward(a.double() @ b.double() + bias.double(), activation)
+    assert rel_err(out, ref) < TOL[dtype] * 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemm_strided_and_transposed_views(dtype):
+    # a: every other row and a column slice of a bigger buffer; b: the transpose of an (N, K) weight.
+    big = randn(2 * 19 + 1, 40, dtype=dtype)
+    a = big[::2, 3:26]
+    w = randn(11, 23, dtype=dtype)
+    assert not a.is_contiguous() and not w.t().is_contiguous()
+    out = gemm(a, w.t())
+    assert rel_err(out, a.double() @ w.t().double()) < TOL[dtype] * 3
+
+
+def test_gemm_writes_transposed_out_view():
+    a, b = randn(9, 6), randn(6, 14)
+    base = poisoned((14, 9), torch.float32)
+    gemm(a, b, out=base.t())
+    assert rel_err(base.t(), a.double() @ b.double()) < 1e-5
+
+
+def test_gemm_tf32_option_is_close():
+    a, b = randn(20, 33), randn(33, 12)
+    out = gemm(a, b, allow_tf32=True)
+    assert rel_err(out, a.double() @ b.double()) < 5e-3
+
+
+def test_gemm_pre_activation_out():
+    a, b, bias = randn(7, 9), randn(9, 5), randn(5)
+    pre = poisoned((7, 5), torch.float32)
+    y = gemm(a, b, bias, "gelu", pre_activation_out=pre)
+    z = a.double() @ b.double() + bias.double()
+    assert rel_err(pre, z) < 1e-5 and rel_err(y, F.gelu(z)) < 1e-5
+
+
+def test_gemm_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="gemm needs"):
+        gemm(randn(3, 4), randn(5, 2))
+    with pytest.raises(ValueError, match="activation"):
+        gemm(randn(3, 4), randn(4, 2), activation="tanh")
+    with pytest.raises(ValueError, match="bias"):
+        gemm(randn(3, 4), randn(4, 2), bias=randn(3))
+    with pytest.raises(ValueError, match="out has shape"):
+        gemm(randn(3, 4), randn(4, 2), out=randn(2, 3))
+
+
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu"])
+def test_gemm_backward_matches_autograd(activation):
+    M, K, N = 13, 7, 11
+    a, b, bias, g = randn(M, K), randn(K, N), randn(N), randn(M, N)
+    pre = a @ b + bias
+    ga, gb, gbias = gemm_backward(g, a, b, pre, activation, has_bias=True)
+    a64, b64, bias64 = (t.double().requires_grad_() for t in (a, b, bias))
+    reference_forward(a64 @ b64 + bias64, activation).backward(g.double())
+    for ours, ref in ((ga, a64.grad), (gb, b64.grad), (gbias, bias64.grad)):
+        assert rel_err(ours, ref) < 1e-5
+
+
+def test_column_sum():
+    x = randn(37, 19)
+    assert rel_err(column_sum(x), x.double().sum(0)) < 1e-6
+    assert rel_err(column_sum(x.t()), x.double().t().sum(0)) < 1e-6
+
+
+# ---------------------------------------------------------------- activations
+
+KINDS = ["relu", "gelu", "gelu_tanh", "silu"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1,), (997,), (3, 5, 7)])
+def test_activation_forward_backward(kind, dtype, shape):
+    x, g = randn(*shape, dtype=dtype) * 3, randn(*shape, dtype=dtype)
+    y = activation_forward(x, kind, out=poisoned(shape, dtype))
+    assert rel_err(y, reference_forward(x.double(), kind)) < TOL[dtype]
+    dx = activation_backward(g, x, kind, out=poisoned(shape, dtype))
+    assert rel_err(dx, reference_backward(g.double(), x.double(), kind)) < TOL[dtype]
+
+
+def test_activation_backward_reference_matches_autograd():
+    x = torch.randn(50, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(50, dtype=torch.float64)
+    for kind in KINDS:
+        x.grad = None
+        reference_forward(x, kind).backward(g)
+        assert torch.allclose(reference_backward(g, x.detach(), kind), x.grad)
+
+
+def test_activation_non_contiguous_in_and_out():
+    x = randn(8, 30)[:, ::3]
+    out = poisoned((10, 8), torch.float32).t()
+    activation_forward(x, "silu", out=out)
+    assert rel_err(out, F.silu(x.double())) < 1e-5
+    g = randn(10, 8).t()
+    assert rel_err(activation_backward(g, x, "gelu"), reference_backward(g.double(), x.double(), "gelu")) < 1e-5
+
+
+def test_activation_rejects_unknown_kind():
+    with pytest.raises(ValueError, match="unknown activation"):
+        activation_forward(randn(3), "swish")
+
+
+# ---------------------------------------------------------------- softmax + cross-entropy
+
+CE_SHAPES = [(1, 1), (7, 10), (33, 10), (5, 37), (3, 200)]  # (3, 200) exercises the multi-chunk path
+
+
+@pytest.mark.parametrize("shape", CE_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("smoothing,reduction", [(0.0, "mean"), (0.2, "mean"), (0.1, "sum")])
+def test_cross_entropy_loss_and_grad(shape, dtype, smoothing, reduction):
+    R, C = shape
+    x = (randn(R, C) * 4).to(dtype)
+    t = torch.randint(0, C, (R,), device=DEVICE)
+    loss, grad = softmax_cross_entropy(x, t, smoothing, reduction, return_grad=True,
+                                       grad_out=poisoned((R, C), dtype))
+    x64 = x.double().requires_grad_()
+    ref = F.cross_entropy(x64, t, label_smoothing=smoothing, reduction=reduction)
+    ref.backward()
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert abs(loss.item() - ref.item()) <= 1e-5 * max(1.0, abs(ref.item()))
+    assert rel_err(grad, x64.grad) < TOL[dtype] + 1e-6
+    assert softmax_cross_entropy(x, t, smoothing, reduction).item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_cross_entropy_strided_logits():
+    base = randn(12, 25) * 2
+    x = base[:, ::2]  # (12, 13), column stride 2
+    t = torch.randint(0, 13, (12,), device=DEVICE)
+    loss, grad = softmax_cross_entropy(x, t, 0.3, return_grad=True)
+    x64 = x.double().requires_grad_()
+    F.cross_entropy(x64, t, label_smoothing=0.3).backward()
+    assert rel_err(grad, x64.grad) < 1e-5
+    assert abs(loss.item() - F.cross_entropy(x.double(), t, label_smoothing=0.3).item()) < 1e-5
+
+
+def test_cross_entropy_extreme_logits_stay_finite():
+    x = torch.tensor([[1000.0, -1000.0, 0.0], [-1e4, 1e4, 5.0]], device=DEVICE)
+    t = torch.tensor([0, 2], device=DEVICE)
+    loss, grad = softmax_cross_entropy(x, t, 0.1, return_grad=True)
+    ref = F.cross_entropy(x.double(), t, label_smoothing=0.1)
+    assert torch.isfinite(grad).all() and abs(loss.item() - ref.item()) < 1e-3 * ref.item()
+
+
+def test_cross_entropy_rejects_bad_arguments():
+    x, t = randn(4, 3), torch.zeros(4, dtype=torch.long, device=DEVICE)
+    with pytest.raises(ValueError, match="reduction"):
+        softmax_cross_entropy(x, t, reduction="none")
+    with pytest.raises(ValueError, match="logits"):
+        softmax_cross_entropy(x, t[:3])
+    with pytest.raises(ValueError, match="label_smoothing"):
+        softmax_cross_entropy(x, t, label_smoothing=1.5)
