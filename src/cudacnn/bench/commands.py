@@ -10,6 +10,7 @@ import shlex
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cudacnn.bench import report
@@ -87,6 +88,10 @@ def add_train_options(p) -> None:
     p.add_argument("--cpu-batches", type=int, help="time only this many batches per CPU epoch and scale up")
     p.add_argument("--pipeline-batch", type=int, default=512, help="batch size of our pipeline")
     p.add_argument("--pipeline-lr", type=float, default=4e-3, help="OneCycle peak learning rate of our pipeline")
+    p.add_argument("--pipeline-crop", type=int, default=2, help="pipeline: random-crop padding (0 = off)")
+    p.add_argument("--pipeline-flip", choices=("none", "random", "alternate"), default="alternate",
+                   help="pipeline: horizontal flip mode")
+    p.add_argument("--pipeline-smoothing", type=float, default=0.1, help="pipeline: label smoothing")
     p.add_argument("--no-compile", action="store_true", help="pipeline without torch.compile")
     p.add_argument("--no-pipeline", action="store_true", help="only the CPU vs GPU comparison")
 
@@ -126,11 +131,14 @@ def load_splits(args):
 
         dataset = load_dataset(args.data, cache_dir=args.cache_dir)
         train, test = dataset.train, dataset.test
-    if args.limit_train:
-        train = train.subset(torch.arange(min(args.limit_train, len(train))).numpy())
-    if args.limit_test:
-        test = test.subset(torch.arange(min(args.limit_test, len(test))).numpy())
-    return train, test
+    return random_subset(train, args.limit_train), random_subset(test, args.limit_test)
+
+
+def random_subset(split, n: int | None, seed: int = 0):
+    """n images drawn at random (seeded): folder-sourced splits are sorted by class, so a prefix is not."""
+    if not n or n >= len(split):
+        return split
+    return split.subset(np.sort(np.random.default_rng(seed).permutation(len(split))[:n]))
 
 
 def finish(suite: str, rows: list[dict], args) -> dict:
@@ -172,6 +180,7 @@ def run_train(args) -> int:
     from cudacnn.bench import train as bt
     from cudacnn.bench.ops import build_zoo_model
     from cudacnn.bench.report import measurement, result_row
+    from cudacnn.data import Augment
 
     set_threads(args.threads)
     train, test = load_splits(args)
@@ -196,6 +205,8 @@ def run_train(args) -> int:
     if not args.no_pipeline:
         device = sides[-1]
         recipe = bt.PipelineRecipe(batch_size=args.pipeline_batch, lr=args.pipeline_lr,
+                                   label_smoothing=args.pipeline_smoothing,
+                                   augment=Augment(crop_pad=args.pipeline_crop, flip=args.pipeline_flip),
                                    compile=not args.no_compile and device == "cuda")
         log.info("our pipeline on %s, %d epochs", device, args.epochs)
         fast = bt.train_pipeline(bt.fresh(initial), train, test, device, args.epochs, recipe)
@@ -227,11 +238,22 @@ def run_kernels(args) -> int:
             raise
         raise ConfigError("the kernels benchmark (cudacnn.kernels.bench) is not part of this install; "
                           "run `cudacnn bench ops` or `cudacnn bench train` instead")
+    if not torch.cuda.is_available() or args.device == "cpu":
+        raise ConfigError("the kernels benchmark needs a CUDA GPU (its CPU tests run under TRITON_INTERPRET=1)")
     set_threads(args.threads)
-    rows = kbench.run(quick=args.quick)
-    rows = [dict(r, name=str(r.get("name", f"kernel {i}"))) for i, r in enumerate(rows)]
+    rows = [kernel_row(r) for r in kbench.run(quick=args.quick)]
     finish("kernels", rows, args)
     return 0
+
+
+def kernel_row(row: dict) -> dict:
+    """A kernels-suite row, named uniquely (name, shape, dtype) for compare, its ratio
+    (baseline / ours) plotted as the speedup."""
+    row = dict(row)
+    row["name"] = " ".join(str(row[k]) for k in ("name", "shape", "dtype") if row.get(k) is not None) or "kernel"
+    if "speedup" not in row and isinstance(row.get("ratio"), (int, float)):
+        row["speedup"] = row["ratio"]
+    return row
 
 
 def run_all(args) -> int:

@@ -145,7 +145,7 @@ def tables(doc: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         if "measurements" in row:
             key = ("m", row.get("group", ""), tuple(row["measurements"]))
         else:
-            key = ("g", row.get("group", ""), tuple(k for k in row if k != "group"))
+            key = ("g", row.get("group", ""), ())
         grouped.setdefault(key, []).append(row)
     out = []
     for (kind, group, labels), rows in grouped.items():
@@ -155,9 +155,9 @@ def tables(doc: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                     for r in rows]
             notes = {n for r in rows for m in r["measurements"].values() if (n := m.get("note"))}
             title = group + ("" if not notes else "  (" + "; ".join(sorted(notes)) + ")")
-        else:
-            header = list(labels)
-            body = [[fmt_value(r.get(k)) for k in header] for r in rows]
+        else:  # one column per key any row has, in first-seen order
+            header = list(dict.fromkeys(k for r in rows for k in r if k != "group"))
+            body = [[fmt_value(r[k]) if k in r else "" for k in header] for r in rows]
             title = group
         out.append((title, header, body))
     return out
@@ -229,7 +229,7 @@ def plot_speedups(doc: dict, path: Path) -> Path | None:
         ax.text(v, i, f" {v:.3g}x", va="center", fontsize=8)
     env = doc["environment"]
     ax.set_xlabel("speedup (baseline median / candidate median), log scale")
-    ax.set_title(f"cudacnn bench {doc['suite']}: {env.get('gpu') or 'no GPU'} vs {env.get('cpu_model')} "
+    ax.set_title(f"cudacnn bench {doc['suite']} | GPU: {env.get('gpu') or 'none'} | CPU: {env.get('cpu_model')} "
                  f"({env.get('torch_threads')} threads)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
