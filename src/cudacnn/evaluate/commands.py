@@ -92,8 +92,8 @@ def run_evaluate(args) -> int:
     extra = {"checkpoint": str(args.checkpoint), "data": dataset.source or str(source),
              "epoch": ckpt.get("epoch"), "model_name": ckpt.get("model_name")}
     paths = save_evaluation(result, out, extra)
-    print_evaluation(result, Console())
     console = Console()
+    print_evaluation(result, console)
     console.print(f"wrote {paths['json']}, {paths['csv']}, {paths['npy']}, {paths['plot']}")
     if (out / "metrics.jsonl").exists():  # a run folder: refresh its report with the new numbers
         html_path, _ = write_report(out)

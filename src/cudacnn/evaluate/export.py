@@ -20,18 +20,24 @@ from cudacnn.errors import CudacnnError
 PARITY_TOLERANCE = 1e-3
 
 
+# The exporter warns about torchvision ops we never use and logs its optimizer passes at INFO.
+NOISY_LOGGERS = ("torch.onnx._internal.exporter._registration", "onnx_ir", "onnxscript")
+
+
 @contextmanager
 def quiet_exporter():
-    """The exporter warns about torchvision ops we never use; keep the CLI output readable."""
-    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """Keep the CLI output to our own lines while torch.onnx.export runs."""
+    loggers = [logging.getLogger(name) for name in NOISY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # deprecations inside torch.export itself
             yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def check_parity(model: torch.nn.Module, onnx_path: Path, batch_sizes=(1, 4), seed: int = 0) -> float:
