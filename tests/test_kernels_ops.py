@@ -1,0 +1,147 @@
+"""The torch.library custom ops, the nn.Module wrappers and swap_modules: autograd (gradcheck in
+float64, which the ops route to the references through the same wiring), opcheck registration checks,
+torch.compile without graph breaks, and the one-warning CPU fallback."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_saved_env = os.environ.get("TRITON_INTERPRET")
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"  # must be set when triton is first imported (see test_kernels.py)
+import cudacnn.kernels as K  # noqa: E402
+from cudacnn.kernels import _runtime, ops  # noqa: E402
+
+if _saved_env is None:
+    os.environ.pop("TRITON_INTERPRET", None)
+else:
+    os.environ["TRITON_INTERPRET"] = _saved_env
+
+
+@pytest.fixture(autouse=True)
+def triton_interpreter(monkeypatch):
+    if DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        if not _runtime.interpreter_ready():
+            reason = "triton was imported before TRITON_INTERPRET=1; run with TRITON_INTERPRET=1 set"
+            if os.environ.get("CI") == "true":
+                pytest.fail(reason)
+            pytest.skip(reason)
+
+
+def f64(*shape):
+    return torch.randn(*shape, dtype=torch.float64, device=DEVICE, requires_grad=True)
+
+
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu", "silu"])
+def test_linear_gradcheck(activation):
+    x, w, b = f64(2, 3, 5), f64(4, 5), f64(4)
+    assert torch.autograd.gradcheck(lambda x, w, b: ops.linear(x, w, b, activation), (x, w, b))
+    assert torch.autograd.gradcheck(lambda x, w: ops.linear(x, w, None, activation), (x, w))
+
+
+def test_activation_and_cross_entropy_gradcheck():
+    x = f64(3, 7)
+    for kind in ("relu", "gelu", "gelu_tanh", "silu"):
+        assert torch.autograd.gradcheck(lambda x: ops.activation(x, kind), (x,))
+    t = torch.randint(0, 7, (3,), device=DEVICE)
+    for reduction in ("mean", "sum"):
+        assert torch.autograd.gradcheck(lambda x: ops.cross_entropy(x, t, 0.2, reduction), (x,))
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_linear_triton_backward_matches_float64(activation):
+    # float32 runs the Triton forward and backward kernels; compare with float64 autograd.
+    x, w, b = (torch.randn(*s, device=DEVICE, requires_grad=True) for s in ((6, 9), (5, 9), (5,)))
+    g = torch.randn(6, 5, device=DEVICE)
+    ops.linear(x, w, b, activation).backward(g)
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    getattr(F, activation)(F.linear(x64, w64, b64)).backward(g.double())
+    for ours, ref in ((x.grad, x64.grad), (w.grad, w64.grad), (b.grad, b64.grad)):
+        assert torch.allclose(ours.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_opcheck_registrations():
+    x, w, b = (torch.randn(*s, device=DEVICE, requires_grad=True) for s in ((3, 4), (2, 4), (2,)))
+    t = torch.randint(0, 4, (3,), device=DEVICE)
+    torch.library.opcheck(torch.ops.cudacnn.linear.default, (x, w, b, "gelu", "triton", False, True))
+    torch.library.opcheck(torch.ops.cudacnn.linear.default, (x, w, None, "relu", "triton", False, False))
+    torch.library.opcheck(torch.ops.cudacnn.activation.default, (x, "silu", "triton"))
+    torch.library.opcheck(torch.ops.cudacnn.cross_entropy.default, (x, t, 0.1, "mean", True))
+
+
+def test_torch_compile_has_no_graph_breaks():
+    torch._dynamo.reset()
+    model = K.swap_modules(nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 4)), "triton").to(DEVICE)
+    loss_fn = K.cross_entropy_loss("triton", label_smoothing=0.1)
+    x, t = torch.randn(5, 6, device=DEVICE), torch.randint(0, 4, (5,), device=DEVICE)
+
+    def forward(x, t):
+        return loss_fn(model(x), t)
+
+    eager_loss = forward(x, t)
+    eager_loss.backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    # fullgraph: a graph break raises; AOTAutograd traces the backward through the custom ops too.
+    compiled_loss = torch.compile(forward, fullgraph=True, backend="aot_eager")(x, t)
+    compiled_loss.backward()
+    assert torch.allclose(compiled_loss, eager_loss, rtol=1e-5)
+    for p, g in zip(model.parameters(), eager_grads):
+        assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-6)
+
+
+def test_swap_modules_replaces_fuses_and_shares_parameters():
+    inner = nn.Sequential(nn.Linear(4, 4), nn.SiLU())
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), inner, nn.GELU(approximate="tanh"), nn.Linear(4, 2))
+    reference = [p for p in model.parameters()]
+    x = torch.randn(7, 3, device=DEVICE)
+    model.to(DEVICE)
+    expected = model(x)
+    K.swap_modules(model, "triton")
+    assert isinstance(model[0], K.Linear) and model[0].activation == "relu" and isinstance(model[1], nn.Identity)
+    assert isinstance(inner[0], K.Linear) and inner[0].activation == "silu"
+    assert isinstance(model[3], K.Activation) and model[3].kind == "gelu_tanh"
+    assert [p for p in model.parameters()] == reference  # same Parameter objects: optimizers keep working
+    assert torch.allclose(model(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_swap_modules_torch_backend_is_a_no_op_and_bad_backend_raises():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    assert K.swap_modules(model, "torch") is model and type(model[0]) is nn.Linear
+    with pytest.raises(ValueError, match="backend"):
+        K.swap_modules(model, "tpu")
+    assert isinstance(K.cross_entropy_loss("torch", 0.1), nn.CrossEntropyLoss)
+    loss = K.cross_entropy_loss("cuda", 0.2)
+    x, t = torch.randn(4, 3, device=DEVICE), torch.randint(0, 3, (4,), device=DEVICE)
+    assert loss(x, t).item() == pytest.approx(F.cross_entropy(x, t, label_smoothing=0.2).item(), rel=1e-5)
+
+
+def test_modules_match_torch_forward():
+    lin = K.Linear(5, 3, activation="gelu").to(DEVICE)
+    x = torch.randn(2, 4, 5, device=DEVICE)
+    assert lin(x).shape == (2, 4, 3)
+    assert torch.allclose(lin(x), F.gelu(F.linear(x, lin.weight, lin.bias)), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(K.Activation("silu")(x), F.silu(x), atol=1e-6)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the fallback is the CPU path")
+def test_cpu_fallback_warns_once(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setattr(_runtime, "_warned_fallback", False)
+    x, w = torch.randn(3, 4), torch.randn(2, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = ops.linear(x, w, None, "relu")
+        ops.activation(x, "gelu")
+        ops.cross_entropy(x, torch.tensor([0, 1, 3]))
+    fallback = [w_ for w_ in caught if "reference implementations" in str(w_.message)]
+    assert len(fallback) == 1
+    assert torch.allclose(y, F.relu(x @ w.t()))
