@@ -10,6 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from cudacnn.errors import DataError
@@ -181,8 +182,6 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
 
 def save_evaluation(result, out_dir: str | Path, extra: dict | None = None) -> dict[str, Path]:
     """Write an EvalResult as eval.json, confusion.csv (labelled), confusion.npy and plots/confusion.png."""
-    import numpy as np
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "eval.json", "csv": out / "confusion.csv", "npy": out / "confusion.npy",
