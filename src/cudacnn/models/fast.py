@@ -1,0 +1,111 @@
+"""The record-speed CIFAR nets (after airbench, arXiv 2404.00498), written for cudacnn.
+
+fast94: a 2x2 patch-whitening conv (frozen weights set from data), then three conv groups of widths
+64/256/256, each conv -> maxpool -> BN -> GELU -> conv -> BN -> GELU, a global max pool and a linear head.
+fast96: widths 128/384/512 and a third conv per group with a residual around the last two.
+BatchNorm scales are frozen at 1 (only the biases learn); convs start as identities on their first
+channels (dirac init), so the deep net starts close to a shallow one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cudacnn.models.registry import register_model
+
+
+class BatchNorm(nn.BatchNorm2d):
+    """BatchNorm with a fixed unit scale and a learnable bias. airbench's momentum 0.6 is in the
+    opposite convention from PyTorch's, hence 1 - 0.6."""
+
+    def __init__(self, channels: int, momentum: float = 0.4, eps: float = 1e-12):
+        super().__init__(channels, momentum=momentum, eps=eps)
+        self.weight.requires_grad_(False)
+
+
+class Conv(nn.Conv2d):
+    def __init__(self, cin: int, cout: int):
+        super().__init__(cin, cout, kernel_size=3, padding="same", bias=False)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        w = self.weight.data
+        nn.init.dirac_(w[: w.size(1)])  # identity on the first cin outputs
+
+
+class ConvGroup(nn.Module):
+    """conv -> pool -> BN -> GELU, then depth-1 more conv -> BN -> GELU; with depth 3, a residual
+    connection adds the group's first activation to its output."""
+
+    def __init__(self, cin: int, cout: int, depth: int = 2, bn_momentum: float = 0.4):
+        super().__init__()
+        self.depth = depth
+        self.convs = nn.ModuleList([Conv(cin, cout)] + [Conv(cout, cout) for _ in range(depth - 1)])
+        self.norms = nn.ModuleList([BatchNorm(cout, bn_momentum) for _ in range(depth)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.norms[0](F.max_pool2d(self.convs[0](x), 2)))
+        first = x
+        for conv, norm in zip(self.convs[1:], self.norms[1:]):
+            x = F.gelu(norm(conv(x)))
+        return x + first if self.depth >= 3 else x
+
+
+class FastNet(nn.Module):
+    def __init__(self, widths=(64, 256, 256), depth: int = 2, num_classes: int = 10,
+                 whiten_kernel: int = 2, bn_momentum: float = 0.4, logit_scale: float | None = None):
+        super().__init__()
+        whiten_width = 2 * 3 * whiten_kernel**2  # each eigen-direction and its negation
+        self.whiten = nn.Conv2d(3, whiten_width, kernel_size=whiten_kernel, padding=0, bias=True)
+        self.whiten.weight.requires_grad_(False)
+        chans = [whiten_width, *widths]
+        self.groups = nn.Sequential(*[ConvGroup(chans[i], chans[i + 1], depth, bn_momentum)
+                                      for i in range(len(widths))])
+        self.head = nn.Linear(widths[-1], num_classes, bias=False)
+        # 1/width keeps the first logits tiny, matching the head lr tuned for a summed loss (airbench94_muon)
+        self.logit_scale = logit_scale if logit_scale is not None else 1 / widths[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.whiten(x))
+        x = self.groups(x)
+        x = F.adaptive_max_pool2d(x, 1).flatten(1)
+        return self.head(x) * self.logit_scale
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Fresh weights and BatchNorm statistics in place, so a compiled copy can be reused across runs."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.reset_parameters()
+            elif isinstance(m, nn.BatchNorm2d):
+                m.reset_running_stats()
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+
+    @torch.no_grad()
+    def init_whiten(self, images: torch.Tensor, eps: float = 5e-4) -> None:
+        """Set the first conv to whiten the k x k patches of `images` (normalized NCHW)."""
+        from cudacnn.train.fast.whitening import whitening_filters
+
+        weight = whitening_filters(images, self.whiten.kernel_size[0], eps)
+        self.whiten.weight.copy_(torch.cat([weight, -weight]).to(self.whiten.weight.dtype))
+
+    def to_training_dtype(self, dtype: torch.dtype) -> "FastNet":
+        """Convs and head in `dtype` (bf16 on GPU); BatchNorm stays float32 for its statistics."""
+        self.to(dtype)
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.float()
+        return self
+
+
+@register_model("fast94")
+def fast94(num_classes: int = 10, **kw) -> nn.Module:
+    return FastNet(widths=(64, 256, 256), depth=2, num_classes=num_classes, **kw)
+
+
+@register_model("fast96")
+def fast96(num_classes: int = 10, **kw) -> nn.Module:
+    return FastNet(widths=(128, 384, 512), depth=3, num_classes=num_classes, **kw)

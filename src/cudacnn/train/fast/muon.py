@@ -1,0 +1,51 @@
+"""Muon (MomentUm Orthogonalized by Newton-Schulz) for conv filters, as in airbench94_muon: SGD-Nesterov
+momentum whose update is replaced by the nearest semi-orthogonal matrix, found by a quintic
+Newton-Schulz iteration in bf16. The filters are renormalized each step (BatchNorm follows every conv,
+so only their direction matters) and the orthogonal update sets the step size."""
+
+from __future__ import annotations
+
+import torch
+
+# Quintic coefficients tuned so that 5 steps push every singular value in (0, 1] into about [0.7, 1.2].
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype=None) -> torch.Tensor:
+    """Approximately U V^T for G = U S V^T (a 2-D matrix), i.e. G with its singular values set to ~1.
+    Runs in bf16 on GPUs (the iteration tolerates it), float32 elsewhere (CPUs have slow bf16 matmuls)."""
+    a, b, c = NS_COEFFS
+    if dtype is None:
+        dtype = torch.bfloat16 if g.is_cuda else torch.float32
+    x = g.to(dtype)
+    tall = x.size(0) > x.size(1)
+    if tall:  # iterate on the smaller Gram matrix
+        x = x.T
+    x = x / (x.norm() + eps)  # Frobenius norm >= spectral norm, so singular values start in (0, 1]
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    def __init__(self, params, lr: float = 0.24, momentum: float = 0.6, nesterov: bool = True,
+                 ns_steps: int = 5):
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                buf = state["momentum_buffer"]
+                buf.mul_(momentum).add_(p.grad)
+                g = p.grad.add(buf, alpha=momentum) if group["nesterov"] else buf
+                p.mul_(len(p) ** 0.5 / p.norm())  # keep each filter bank at unit RMS row norm
+                update = newton_schulz(g.reshape(len(g), -1), group["ns_steps"]).view_as(p)
+                p.add_(update.to(p.dtype), alpha=-lr)

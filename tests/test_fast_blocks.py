@@ -1,0 +1,123 @@
+"""Building blocks of the record recipes: whitening init, Muon's orthogonalisation, Lookahead,
+the alternating flip schedule, the fast nets' shapes and init."""
+
+import numpy as np
+import pytest
+import torch
+
+from cudacnn.data import Augment, GpuLoader, Split
+from cudacnn.models import create_model
+from cudacnn.train.fast.lookahead import Lookahead
+from cudacnn.train.fast.muon import Muon, newton_schulz
+from cudacnn.train.fast.whitening import patches, whitening_filters
+
+
+def correlated_images(n=300, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, 3, 8, 8, generator=g)
+    mix = torch.tensor([[1.0, 0.0, 0.0], [0.8, 0.6, 0.0], [0.5, 0.5, 0.7]])  # correlated channels
+    x = torch.einsum("ij,njhw->nihw", mix, base)
+    return x + 0.7 * torch.roll(x, 1, dims=3) + 3.0  # neighbouring pixels correlated, nonzero mean
+
+
+def test_whitening_filters_whiten_patches():
+    x = correlated_images()
+    w = whitening_filters(x, kernel=2, eps=0.0)
+    out = torch.nn.functional.conv2d(x, w)  # (N, 12, 7, 7)
+    flat = out.permute(0, 2, 3, 1).reshape(-1, 12).double()
+    cov = torch.cov(flat.T)
+    torch.testing.assert_close(cov, torch.eye(12, dtype=torch.float64), atol=2e-3, rtol=0)
+    # the raw patches were far from white, so the test would catch a no-op
+    raw = torch.cov(patches(x, 2).double().T)
+    assert (raw - torch.diag(raw.diag())).abs().max() > 0.5
+
+
+def test_whitening_orders_directions_by_variance():
+    x = correlated_images()
+    w = whitening_filters(x, kernel=2, eps=0.0).reshape(12, -1).double()
+    inv_norms = 1 / w.norm(dim=1)  # ~ sqrt(eigenvalue)
+    assert torch.all(inv_norms[:-1] >= inv_norms[1:] - 1e-9)
+
+
+@pytest.mark.parametrize("shape", [(64, 216), (256, 576), (40, 10)])
+def test_newton_schulz_sets_singular_values_near_one(shape):
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    g = g * torch.logspace(-1, 1, shape[1])  # unequal singular values (condition number ~100)
+    x = newton_schulz(g)
+    assert x.shape == g.shape
+    s = torch.linalg.svdvals(x.float())
+    assert s.min() > 0.5 and s.max() < 1.3
+    # same singular vectors: X is U V^T of G up to the singular-value squashing
+    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    assert torch.nn.functional.cosine_similarity((u @ vh).flatten(), x.flatten(), dim=0) > 0.9
+
+
+def test_muon_step_renormalizes_and_moves_against_gradient():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(8, 4, 3, 3) * 5)
+    opt = Muon([p], lr=0.1, momentum=0.0, nesterov=False)
+    p.grad = torch.randn_like(p)
+    before = p.detach().clone()
+    opt.step()
+    normed = before * (8 ** 0.5 / before.norm())
+    update = (normed - p.detach()).reshape(8, -1) / 0.1
+    assert torch.dot(update.flatten(), p.grad.flatten()) > 0  # a descent direction
+    torch.testing.assert_close(update, newton_schulz(p.grad.reshape(8, -1)), atol=1e-5, rtol=1e-5)
+
+
+def test_lookahead_update_rule():
+    fast = [torch.tensor([1.0, 2.0]), torch.tensor([10.0])]
+    la = Lookahead(fast)
+    fast[0] += torch.tensor([4.0, 4.0])
+    fast[1] -= 10.0
+    la.update(decay=0.75)  # slow <- 0.75 slow + 0.25 fast; fast <- slow
+    torch.testing.assert_close(la.slow[0], torch.tensor([2.0, 3.0]))
+    torch.testing.assert_close(la.slow[1], torch.tensor([7.5]))
+    torch.testing.assert_close(fast[0], la.slow[0])
+    fast[1] += 2.0
+    la.update(decay=1.0)  # back to the slow weights
+    torch.testing.assert_close(fast[1], torch.tensor([7.5]))
+    fast[1] += 2.0
+    la.update(decay=0.0)  # no-op on the fast weights
+    torch.testing.assert_close(fast[1], torch.tensor([9.5]))
+
+
+def test_lookahead_tracks_model_floats_in_place():
+    net = create_model("fast94")
+    la = Lookahead.of_model(net)
+    assert len(la.fast) == sum(1 for t in net.state_dict().values() if t.is_floating_point())
+    with torch.no_grad():
+        net.head.weight.add_(1.0)
+    la.update(decay=1.0)
+    assert torch.equal(net.head.weight, la.slow[[t.data_ptr() for t in la.fast].index(net.head.weight.data_ptr())])
+
+
+def test_alternating_flip_schedule():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (64, 4, 4, 3)).astype(np.uint8)
+    loader = GpuLoader(Split(images, np.arange(64) % 10), 64, augment=Augment(flip="alternate"))
+    src = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    flipped = []
+    for epoch in range(4):
+        loader.set_epoch(epoch)
+        out, _ = loader.prepare_epoch()
+        plain = loader.normalize(src.to(torch.uint8)).float()
+        mirrored = plain.flip(-1)
+        is_flip = torch.tensor([torch.equal(o, m) and not torch.equal(o, p)
+                               for o, p, m in zip(out.float(), plain, mirrored)])
+        flipped.append(is_flip)
+    assert 20 < flipped[0].sum() < 44  # a random half first ...
+    assert torch.equal(flipped[1], ~flipped[0])  # ... then the other half
+    assert torch.equal(flipped[2], flipped[0]) and torch.equal(flipped[3], flipped[1])
+
+
+@pytest.mark.parametrize("name,width", [("fast94", 256), ("fast96", 512)])
+def test_fast_nets_shapes_and_identity_init(name, width):
+    net = create_model(name, num_classes=7)
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+    assert net.head.in_features == width
+    conv = net.groups[1].convs[1]
+    w = conv.weight
+    assert torch.all(w[:, :, 1, 1].diagonal() == 1) and w[0, :, 1, 1].sum() == 1  # dirac init
+    frozen = [n for n, p in net.named_parameters() if not p.requires_grad]
+    assert "whiten.weight" in frozen and all("norms" in n or n == "whiten.weight" for n in frozen)

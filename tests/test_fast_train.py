@@ -1,0 +1,48 @@
+"""train_fast end to end on a few images on the CPU (a smoke run: the public API, not accuracy)."""
+
+import numpy as np
+import pytest
+import torch
+
+from cudacnn.data import Dataset, Split
+from cudacnn.errors import ConfigError
+from cudacnn.train.fast import train_fast
+from cudacnn.train.fast.bench import parse_overrides
+
+
+def tiny_dataset(n_train=64, n_test=32):
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        labels = rng.integers(0, 10, n)
+        images = rng.integers(0, 256, (n, 32, 32, 3)).astype(np.uint8)
+        return Split(images, labels)
+
+    return Dataset("tiny", [str(i) for i in range(10)], split(n_train), split(n_test))
+
+
+@pytest.mark.slow
+def test_train_fast_smoke_run_on_cpu():
+    lines = []
+    result = train_fast("fast94", tiny_dataset(), seed=3, device="cpu", compile=False, log=lines.append,
+                        batch_size=32, epochs=2, max_steps=3, whiten_images=64)
+    assert not result.model.training
+    assert 0.0 <= result.test_acc <= 1.0 and 0.0 <= result.test_acc_plain <= 1.0
+    assert result.train_time_s > 0
+    assert [h["step"] for h in result.history] == [2, 3]  # max_steps stops inside epoch 2
+    assert all(np.isfinite(h["train_loss"]) for h in result.history)
+    assert result.config["seed"] == 3 and result.config["max_steps"] == 3
+    assert lines and "fast94 seed 3" in lines[0]
+    w = result.model.whiten.weight.float()
+    assert torch.equal(w[:12], -w[12:]) and w.abs().sum() > 0  # whitening init ran
+
+
+def test_unknown_preset_and_option_are_config_errors():
+    with pytest.raises(ConfigError, match="unknown fast preset"):
+        train_fast("fast99", tiny_dataset(), device="cpu")
+    with pytest.raises(ConfigError, match="unknown option"):
+        train_fast("fast94", tiny_dataset(), device="cpu", learning_rate=1.0)
+
+
+def test_bench_overrides_are_typed():
+    assert parse_overrides(["epochs=7", "cutout=12", "max_steps=None"]) == dict(epochs=7.0, cutout=12, max_steps=None)
