@@ -204,3 +204,8 @@ def test_simple_cnn_backends_agree_at_full_size():
     ref = model.forward(x)
     model.to("cuda")
     np.testing.assert_allclose(model.forward(x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_split_k_matmul_for_weight_gradients():
+    a, b = randn(300, 5), randn(300, 7)  # a.T @ b: a (5, 300) transposed view, long reduction
+    close(G.matmul_split_k(G.asarray(a).T, G.asarray(b)), a.T @ b, tol=1e-4)

@@ -253,7 +253,7 @@ def gather_rows_kernel(src_ptr, index_ptr, dst_ptr, D, W, seed, FLIP: tl.constex
     source = tl.load(index_ptr + row).to(tl.int64)
     read = cols
     if FLIP:
-        flip = tl.rand(seed, row) < 0.5
+        flip = tl.rand(seed, row + tl.zeros([BLOCK], tl.int32)) < 0.5  # one coin per row
         w = cols % W
         read = tl.where(flip, cols - w + (W - 1 - w), cols)
     tl.store(dst_ptr + row * D + cols, tl.load(src_ptr + source * D + read, mask=live), mask=live)
@@ -331,3 +331,25 @@ def adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, total, lr, beta1, beta2, eps, weight
     tl.store(m_ptr + idx, m, mask=live)
     tl.store(v_ptr + idx, v, mask=live)
     tl.store(p_ptr + idx, p - lr * (m / bias1) / (tl.sqrt(v / bias2) + eps), mask=live)
+
+
+# -- split-K GEMM for weight gradients ----------------------------------------------------------------
+@triton.jit
+def gemm_split_k_kernel(a_ptr, b_ptr, c_ptr, M, N, K, sam, sak, sbk, sbn, K_PER_SPLIT,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """c (M, N) += a[:, ks] @ b[ks, :] for this program's slice ks of K; c must be zeroed first.
+    A weight gradient (F, C*kh*kw) = dy_rows.T @ cols reduces over every output pixel of the batch
+    (K ~ 10^5) into a few tiles: without splitting K, one or two SMs would do all the work."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_start = tl.program_id(2) * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(k_start, k_end, BLOCK_K):
+        rk = k + tl.arange(0, BLOCK_K)
+        a = tl.load(a_ptr + rm[:, None] * sam + rk[None, :] * sak, mask=(rm[:, None] < M) & (rk[None, :] < k_end),
+                    other=0.0)
+        b = tl.load(b_ptr + rk[:, None] * sbk + rn[None, :] * sbn, mask=(rk[:, None] < k_end) & (rn[None, :] < N),
+                    other=0.0)
+        acc += tl.dot(a, b, input_precision="ieee")
+    tl.atomic_add(c_ptr + rm[:, None] * N + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))

@@ -118,8 +118,28 @@ allow_tf32 = False  # float32 GEMMs in full precision, so both backends agree to
 
 
 def matmul(a, b, bias=None, activation="none"):
-    out = empty((a.shape[0], b.shape[1]))
+    m, k = a.shape
+    n = b.shape[1]
+    if bias is None and activation == "none" and k >= 4096 and triton.cdiv(m, 64) * triton.cdiv(n, 64) < 32:
+        return matmul_split_k(a, b)
+    out = empty((m, n))
     return kgemm.gemm(a, b, bias=bias, activation=activation, out=out, allow_tf32=allow_tf32)
+
+
+def matmul_split_k(a, b):
+    """a @ b for a small output and a long reduction (weight gradients): K is cut into slices that
+    separate programs reduce in parallel, adding their partial tiles atomically."""
+    m, k = a.shape
+    n = b.shape[1]
+    out = zeros((m, n))
+    block = 16 if _interpreting() else 64
+    tiles = triton.cdiv(m, block) * triton.cdiv(n, block)
+    splits = max(1, min(triton.cdiv(k, 4 * block), 264 // tiles))  # ~2 programs per SM on an H100
+    k_per_split = triton.cdiv(triton.cdiv(k, splits), 32) * 32
+    grid = (triton.cdiv(m, block), triton.cdiv(n, block), triton.cdiv(k, k_per_split))
+    _kernels().gemm_split_k_kernel[grid](a, b, out, m, n, k, *a.stride(), *b.stride(), k_per_split,
+                                         BLOCK_M=block, BLOCK_N=block, BLOCK_K=16 if _interpreting() else 32)
+    return out
 
 
 def conv_out_size(size: int, k: int, stride: int, pad: int) -> int:

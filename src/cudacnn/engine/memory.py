@@ -95,9 +95,21 @@ class Slab:
     storage: torch.Tensor  # uint8, the only memory the pool ever asks torch for
     allocator: OffsetAllocator
     base: int  # bytes skipped so that offset 0 is aligned (CUDA slabs already are; CPU memory may not be)
+    untyped: torch.UntypedStorage
+
+
+class _Block(weakref.ref):
+    """A weak reference to a pool tensor that remembers which block to give back when it dies."""
+
+    __slots__ = ("index", "offset")
 
 
 class MemoryPool:
+    """Slabs + a best-fit allocator per slab, with an exact-size free list in front: a freed block waits
+    in the list for its size (a training step asks for the same sizes every time, so this is O(1)),
+    and goes back to its slab's allocator, coalescing with free neighbours, only when a request finds
+    nothing else, before the pool would take a new slab."""
+
     def __init__(self, device: str | torch.device = "cuda", slab_bytes: int = DEFAULT_SLAB_BYTES,
                  max_bytes: int | None = None, alignment: int = ALIGNMENT):
         self.device = torch.device(device)
@@ -105,6 +117,8 @@ class MemoryPool:
         self.max_bytes = max_bytes
         self.alignment = alignment
         self.slabs: list[Slab] = []
+        self.free_lists: dict[int, list[tuple[int, int]]] = {}  # block size -> freed (slab, offset)
+        self._live: set[_Block] = set()
         self.in_use = 0
         self.peak = 0
         self.served_from_pool = 0
@@ -115,27 +129,46 @@ class MemoryPool:
     def alloc(self, nbytes: int) -> tuple[int, int]:
         """(slab index, byte offset) of a fresh aligned block of at least nbytes."""
         nbytes = round_up(max(nbytes, 1), self.alignment)
-        best = None  # best fit over all slabs: the smallest free range that holds nbytes
-        for index, slab in enumerate(self.slabs):
-            a = slab.allocator
-            k = bisect.bisect_left(a.by_size, (nbytes, -1))
-            if k < len(a.by_size) and (best is None or a.by_size[k][0] < best[0]):
-                best = (a.by_size[k][0], index)
-        if best is not None:
-            index = best[1]
+        cached = self.free_lists.get(nbytes)
+        if cached:
+            index, offset = cached.pop()
             self.served_from_pool += 1
         else:
-            index = self._grow(nbytes)
-        offset = self.slabs[index].allocator.alloc(nbytes)
+            index = self._best_fit(nbytes)
+            if index is None and self.free_lists:
+                self.release_cached()  # coalesce what the free lists hold, then look again
+                index = self._best_fit(nbytes)
+            if index is None:
+                index = self._grow(nbytes)
+            else:
+                self.served_from_pool += 1
+            offset = self.slabs[index].allocator.alloc(nbytes)
         self.in_use += nbytes
         self.peak = max(self.peak, self.in_use)
         return index, offset
 
     def free(self, index: int, offset: int) -> None:
-        allocator = self.slabs[index].allocator
-        self.in_use -= allocator.used[offset]
-        allocator.free(offset)
+        nbytes = self.slabs[index].allocator.used[offset]
+        self.free_lists.setdefault(nbytes, []).append((index, offset))
+        self.in_use -= nbytes
         self.frees += 1
+
+    def release_cached(self) -> None:
+        """Hand every block waiting in the free lists back to its slab's allocator."""
+        for blocks in self.free_lists.values():
+            for index, offset in blocks:
+                self.slabs[index].allocator.free(offset)
+        self.free_lists.clear()
+
+    def _best_fit(self, nbytes: int) -> int | None:
+        """The slab whose smallest free range that holds nbytes is smallest."""
+        best = None
+        for index, slab in enumerate(self.slabs):
+            by_size = slab.allocator.by_size
+            k = bisect.bisect_left(by_size, (nbytes, -1))
+            if k < len(by_size) and (best is None or by_size[k][0] < best[0]):
+                best = (by_size[k][0], index)
+        return None if best is None else best[1]
 
     def _grow(self, nbytes: int) -> int:
         size = max(self.slab_bytes, nbytes)
@@ -147,24 +180,31 @@ class MemoryPool:
                 f"limit with gnn.configure_memory(max_bytes=...)")
         storage = torch.empty(size + self.alignment, dtype=torch.uint8, device=self.device)
         base = -storage.data_ptr() % self.alignment
-        self.slabs.append(Slab(storage, OffsetAllocator(size), base))
+        self.slabs.append(Slab(storage, OffsetAllocator(size), base, storage.untyped_storage()))
         self.new_slabs += 1
         return len(self.slabs) - 1
 
     # -- tensors ----------------------------------------------------------------------------------
     def empty(self, shape, dtype=torch.float32, strides=None) -> torch.Tensor:
-        """An uninitialised tensor carved from a slab; the block returns to the pool with its last view."""
-        shape = tuple(int(s) for s in shape)
+        """An uninitialised tensor carved from a slab; the block returns to the pool with its last view
+        (a view of a tensor keeps its base alive, so a weak reference to the base sees the last one go)."""
+        shape = tuple(shape)
         if strides is None:
             strides = contiguous_strides(shape)
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        span = 1 + sum((s - 1) * st for s, st in zip(shape, strides)) if all(shape) else 0
+        itemsize = dtype.itemsize
+        span = 1 + sum((n - 1) * st for n, st in zip(shape, strides)) if all(shape) else 0
         index, offset = self.alloc(span * itemsize)
-        tensor = torch.empty(0, dtype=dtype, device=self.device)
         slab = self.slabs[index]
-        tensor.set_(slab.storage.untyped_storage(), (slab.base + offset) // itemsize, shape, tuple(strides))
-        weakref.finalize(tensor, self.free, index, offset)
+        tensor = torch.empty(0, dtype=dtype, device=self.device)
+        tensor.set_(slab.untyped, (slab.base + offset) // itemsize, shape, strides)
+        block = _Block(tensor, self._release)
+        block.index, block.offset = index, offset
+        self._live.add(block)
         return tensor
+
+    def _release(self, block: _Block) -> None:
+        self._live.discard(block)
+        self.free(block.index, block.offset)
 
     # -- statistics -------------------------------------------------------------------------------
     @property
@@ -172,6 +212,7 @@ class MemoryPool:
         return sum(s.allocator.size for s in self.slabs)
 
     def stats(self) -> dict:
+        self.release_cached()  # so that free ranges are coalesced and counted as such
         free = self.reserved - self.in_use
         largest = max((s.allocator.largest_free() for s in self.slabs), default=0)
         return {

@@ -44,8 +44,14 @@ class _Memory:
             from cudacnn.engine.memory import default_pool
 
             self.pool = default_pool()
-        elif not tracemalloc.is_tracing():
-            tracemalloc.start()
+        else:
+            self.started = not tracemalloc.is_tracing()
+            if self.started:
+                tracemalloc.start()
+
+    def close(self) -> None:
+        if not self.gpu and self.started:  # tracemalloc slows every NumPy allocation: stop it again
+            tracemalloc.stop()
 
     def in_use(self) -> int:
         return self.pool.in_use if self.gpu else tracemalloc.get_traced_memory()[0]
@@ -89,6 +95,7 @@ def profile_model(model, X, y, repeats: int = 5, print_table: bool = True) -> li
             fwd[i].append(timer.elapsed_ms(start, end))
         for i, start, end in marks_b:
             bwd[i].append(timer.elapsed_ms(start, end))
+    memory.close()
     rows = []
     for i, layer in enumerate(layers):
         params = sum(int(np.prod(p.shape)) for p in layer.parameters().values())
