@@ -44,7 +44,7 @@ def triton_interpreter():
 
 def rel_err(out, ref):
     assert not torch.isnan(out).any(), "output has NaN: an element was not written"
-    return ((out.double().cpu() - ref.double().cpu()).norm() / ref.double().cpu().norm().clamp_min(1e-12)).item()
+    return ((out.double().cpu() - ref.double().cpu()).norm() / ref.double().cpu().norm().clamp_min(1e-3)).item()
 
 
 def poisoned(shape, dtype):
@@ -82,6 +82,23 @@ def test_gemm_strided_and_transposed_views(dtype):
     assert not a.is_contiguous() and not w.t().is_contiguous()
     out = gemm(a, w.t())
     assert rel_err(out, a.double() @ w.t().double()) < TOL[dtype] * 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b_layout", ["kn", "nk"])
+def test_gemm_tma_path(dtype, b_layout, monkeypatch):
+    """The Hopper TMA kernel (forced on under the interpreter): rows 16-byte aligned, edges clipped."""
+    from cudacnn.kernels.gemm import use_tma
+
+    monkeypatch.setenv("CUDACNN_GEMM_TMA", "1")
+    M, N, K = 19, 24, 40
+    a, bias = randn(M, K, dtype=dtype), randn(N, dtype=dtype)
+    b = randn(K, N, dtype=dtype) if b_layout == "kn" else randn(N, K, dtype=dtype).t()
+    out, pre = poisoned((M, N), dtype), poisoned((M, N), dtype)
+    assert use_tma(a, b, out, pre) == (DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9)
+    gemm(a, b, bias, "gelu", out=out, pre_activation_out=pre)
+    z = a.double() @ b.double() + bias.double()
+    assert rel_err(pre, z) < TOL[dtype] * 3 and rel_err(out, F.gelu(z)) < TOL[dtype] * 3
 
 
 def test_gemm_writes_transposed_out_view():

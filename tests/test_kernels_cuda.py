@@ -16,7 +16,7 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 
 def rel_err(out, ref):
     assert not torch.isnan(out).any(), "output has NaN: an element was not written"
-    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-12)).item()
+    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-3)).item()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -76,7 +77,7 @@ def run(quick: bool = False, compile: bool = True) -> list[dict]:
     from . import cuda_ext, ops
     from .activations import activation_backward, activation_forward
     from .cross_entropy import softmax_cross_entropy
-    from .gemm import gemm
+    from .gemm import gemm, use_tma
 
     if not torch.cuda.is_available():
         raise RuntimeError("kernel benchmarks need a CUDA GPU")
@@ -109,8 +110,17 @@ def run(quick: bool = False, compile: bool = True) -> list[dict]:
             ours = _time(lambda: gemm(a, b, allow_tf32=tf32))
             base = _time(lambda: torch.matmul(a, b))
             err = _rel_err(gemm(a, b, allow_tf32=tf32), torch.matmul(a.double(), b.double()))
-            rows.append(_row("triton gemm", f"{n_gemm}^3", label, ours, "torch.matmul", base, 2 * n_gemm ** 3,
+            name = "triton gemm (tma)" if use_tma(a, b, a, None) else "triton gemm"
+            rows.append(_row(name, f"{n_gemm}^3", label, ours, "torch.matmul", base, 2 * n_gemm ** 3,
                              "tflops", peaks[label], err))
+            os.environ["CUDACNN_GEMM_TMA"] = "0"  # the pointer-based kernel, for comparison
+            try:
+                ours = _time(lambda: gemm(a, b, allow_tf32=tf32))
+                err = _rel_err(gemm(a, b, allow_tf32=tf32), torch.matmul(a.double(), b.double()))
+            finally:
+                del os.environ["CUDACNN_GEMM_TMA"]
+            rows.append(_row("triton gemm (pointers)", f"{n_gemm}^3", label, ours, "torch.matmul", base,
+                             2 * n_gemm ** 3, "tflops", peaks[label], err))
         torch.backends.cuda.matmul.allow_tf32 = False
 
     def fused_linear_gelu(rows):

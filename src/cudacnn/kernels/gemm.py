@@ -11,10 +11,17 @@ import os
 
 import torch
 
-from ._runtime import check_out, interpreting, tl, triton, use_triton
+from ._runtime import HAS_TRITON, check_out, interpreting, tl, triton, use_triton
 from .activations import _act_fwd, activation_backward, activation_code, reference_forward
 
 BUILT_FOR_INTERPRETER = interpreting()
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    HAS_TENSOR_DESCRIPTOR = HAS_TRITON
+except ImportError:  # older triton: the pointer kernel does everything
+    HAS_TENSOR_DESCRIPTOR = False
 
 GEMM_ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
 
@@ -78,9 +85,56 @@ def _gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, z_ptr, M, N, K,
     tl.store(c_ptr + c_offs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
-def _config(bm, bn, bk, stages, warps, group=8):
+@triton.jit
+def _gemm_tma_kernel(a_desc, b_desc, c_desc, z_desc, bias_ptr, M, N, K, B_IS_NK: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr,
+                     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """Same GEMM with tiles moved by the Hopper tensor-memory accelerator (TMA): no address arithmetic,
+    out-of-range rows, columns and K read as zeros and stores are clipped by the hardware. B is read
+    either as (K, N) or, for a transposed weight, as its (N, K) original (B_IS_NK)."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pids_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // pids_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    off_m = (first_pid_m + (pid % pids_in_group) % group_size_m) * BLOCK_M
+    off_n = ((pid % pids_in_group) // group_size_m) * BLOCK_N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        a = a_desc.load([off_m, k * BLOCK_K])
+        if B_IS_NK:
+            b = b_desc.load([off_n, k * BLOCK_K]).T
+        else:
+            b = b_desc.load([k * BLOCK_K, off_n])
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    if HAS_BIAS:
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    if STORE_PRE:
+        z_desc.store([off_m, off_n], acc.to(z_desc.dtype))
+    acc = _act_fwd(acc, ACTIVATION)
+    c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
+
+
+def _set_tma_blocks(nargs):
+    """Autotune pre-hook: the descriptors' block shapes follow the config being tried."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["a_desc"].block_shape = [bm, bk]
+    nargs["b_desc"].block_shape = [bn, bk] if nargs["B_IS_NK"] else [bk, bn]
+    nargs["c_desc"].block_shape = [bm, bn]
+    nargs["z_desc"].block_shape = [bm, bn]
+
+
+def _config(bm, bn, bk, stages, warps, group=8, pre_hook=None):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group},
-                         num_stages=stages, num_warps=warps)
+                         num_stages=stages, num_warps=warps, pre_hook=pre_hook)
 
 
 # Hopper: 128x256 / 256x128 tiles run two warpgroups of wgmma; a smaller tile for skinny problems.
@@ -101,6 +155,64 @@ _CONFIGS_32BIT = [
 _AUTOTUNE_KEY = ["M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn"]
 _gemm_16bit = triton.autotune(configs=_CONFIGS_16BIT, key=_AUTOTUNE_KEY)(_gemm_kernel)
 _gemm_32bit = triton.autotune(configs=_CONFIGS_32BIT, key=_AUTOTUNE_KEY)(_gemm_kernel)
+_TMA_KEY = ["M", "N", "K", "B_IS_NK"]
+_gemm_tma_16bit = triton.autotune(
+    configs=[_config(*c, pre_hook=_set_tma_blocks) for c in ((128, 256, 64, 3, 8), (256, 128, 64, 3, 8),
+                                                             (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
+                                                             (64, 128, 64, 4, 4))],
+    key=_TMA_KEY)(_gemm_tma_kernel)
+_gemm_tma_32bit = triton.autotune(
+    configs=[_config(*c, pre_hook=_set_tma_blocks) for c in ((128, 256, 32, 3, 8), (128, 128, 32, 4, 8),
+                                                             (128, 128, 32, 3, 4), (64, 128, 32, 4, 4))],
+    key=_TMA_KEY)(_gemm_tma_kernel)
+
+
+def _tma_layout_ok(t: torch.Tensor) -> bool:
+    return t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+
+
+def _b_is_nk(b: torch.Tensor) -> bool:
+    """b (K, N) is the transposed view of a row-major (N, K) matrix (an nn.Linear weight)."""
+    return b.stride(1) != 1
+
+
+def use_tma(a, b, c, z) -> bool:
+    """TMA needs sm_90+, 16-byte aligned rows and one unit-stride dimension per operand.
+    CUDACNN_GEMM_TMA=0 turns it off; =1 turns it on under the interpreter (for tests)."""
+    flag = os.environ.get("CUDACNN_GEMM_TMA", "")
+    if flag == "0" or not HAS_TENSOR_DESCRIPTOR:
+        return False
+    if a.is_cuda:
+        if torch.cuda.get_device_capability(a.device)[0] < 9:
+            return False
+    elif flag != "1":
+        return False
+    b_rows = b.t() if _b_is_nk(b) else b
+    return all(_tma_layout_ok(t) for t in (a, b_rows, c) + ((z,) if z is not None else ()))
+
+
+def _launch_tma(a, b, c, bias, z, meta):
+    M, K = a.shape
+    N = b.shape[1]
+    b_is_nk = _b_is_nk(b)
+    b_rows = b.t() if b_is_nk else b
+    placeholder = [16, 16]  # replaced by the config's block shape (pre-hook)
+    descs = [TensorDescriptor.from_tensor(t, placeholder) for t in (a, b_rows, c, z if z is not None else c)]
+    meta = {k: v for k, v in meta.items()}
+    meta["B_IS_NK"] = b_is_nk
+    args = (*descs, bias if bias is not None else c, M, N, K)
+    if interpreting() or os.environ.get("CUDACNN_GEMM_AUTOTUNE", "1") == "0":
+        blocks = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2) if interpreting() else \
+            dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32 if a.dtype == torch.float32 else 64, GROUP_M=8)
+        _set_tma_blocks({"a_desc": descs[0], "b_desc": descs[1], "c_desc": descs[2], "z_desc": descs[3],
+                         "B_IS_NK": b_is_nk, **blocks})
+        grid = (triton.cdiv(M, blocks["BLOCK_M"]) * triton.cdiv(N, blocks["BLOCK_N"]),)
+        extra = {} if interpreting() else dict(num_stages=3, num_warps=8)
+        _gemm_tma_kernel[grid](*args, **meta, **blocks, **extra)
+        return
+    kernel = _gemm_tma_32bit if a.dtype == torch.float32 else _gemm_tma_16bit
+    grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)  # noqa: E731
+    kernel[grid](*args, **meta)
 
 
 def _launch(a, b, c, bias, z, activation, allow_tf32):
@@ -111,6 +223,9 @@ def _launch(a, b, c, bias, z, activation, allow_tf32):
     meta = dict(HAS_BIAS=bias is not None, ACTIVATION=activation_code(activation), STORE_PRE=z is not None,
                 INPUT_PRECISION="tf32" if (allow_tf32 and a.dtype == torch.float32) else "ieee",
                 UPCAST=interpreting() and a.dtype == torch.bfloat16)
+    if use_tma(a, b, c, z):
+        _launch_tma(a, b, c, bias, z, meta)
+        return
     if interpreting():  # autotuning would run every config through the (slow) interpreter
         grid = (triton.cdiv(M, 16) * triton.cdiv(N, 16),)
         _gemm_kernel[grid](*args, **meta, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)
