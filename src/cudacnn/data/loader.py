@@ -38,7 +38,7 @@ class Augment:
 class GpuLoader:
     """Iterate (images, labels) batches; one epoch per `iter()`. With `shuffle`, each epoch draws a fresh
     permutation from (seed, epoch); with `rank`/`world_size`, each rank takes a disjoint contiguous part of
-    that permutation (all parts together cover the epoch exactly)."""
+    that permutation (all parts together cover the epoch exactly) and augments it with its own random stream."""
 
     def __init__(self, split: Split, batch_size: int, device: str | torch.device = "cpu", *,
                  augment: Augment = Augment(), shuffle: bool = False, drop_last: bool = False,
@@ -86,7 +86,8 @@ class GpuLoader:
     def prepare_epoch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole epoch's augmented, normalized images and labels, in epoch order."""
         gen = self._generator()
-        gen.manual_seed(gen.initial_seed() + 7919)  # a stream distinct from the permutation's
+        # A stream distinct from the permutation's, and per rank (rank 0 keeps the single-process stream).
+        gen.manual_seed(gen.initial_seed() + 7919 + 104_729 * self.rank)
         idx = self.epoch_indices()
         images = self.images[idx]
         aug = self.augment

@@ -1,4 +1,6 @@
-"""`cudacnn train`: flags mirror TrainConfig; --preset and --config set defaults, flags override them."""
+"""`cudacnn train`: flags mirror TrainConfig; --preset and --config set defaults, flags override them.
+`--gpus N` trains data-parallel on N GPUs (N processes through torchrun's launcher), or with `--runs R`
+spreads R seeded runs over N GPUs; `cudacnn sweep SWEEP.yaml` runs a grid of settings the same way."""
 
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ def add_commands(subparsers) -> None:
     parser.add_argument("--resume", type=Path, metavar="RUN", help="continue an interrupted run folder")
     parser.add_argument("--model-kwargs", type=json.loads, help='JSON, e.g. \'{"stem": "cifar"}\'')
     parser.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    add_parallel_flags(parser)
     for f in dataclasses.fields(TrainConfig):
         if f.name in SKIP:
             continue
@@ -45,10 +48,71 @@ def add_commands(subparsers) -> None:
             parser.add_argument(flag, type=kind, default=None, help=HELP.get(f.name))
     parser.set_defaults(func=run_train)
 
+    sweep = subparsers.add_parser("sweep", help="run a grid of settings and/or seeds over the GPUs; one results table",
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sweep.add_argument("spec", type=Path, metavar="SWEEP.yaml",
+                       help="preset/config/base settings, a grid of values, seeds or runs, gpus (see docs/multigpu.md)")
+    sweep.add_argument("--gpus", type=int, help="worker processes, one per GPU (default: the file's gpus, else 1)")
+    sweep.add_argument("--device", help="auto | cuda | cpu (cpu: CPU workers)")
+    sweep.add_argument("--data", help="data source for every run (overrides the file)")
+    sweep.add_argument("--out", help="parent folder of the sweep folder")
+    sweep.add_argument("--name", help="sweep folder name (default: the file's name or stem)")
+    sweep.add_argument("--quiet", action="store_true")
+    sweep.set_defaults(func=run_sweep_command)
+
+
+def add_parallel_flags(parser) -> None:
+    group = parser.add_argument_group("several GPUs (see docs/multigpu.md)")
+    group.add_argument("--gpus", type=int, default=1, help="processes on this host, one per GPU (CPU processes "
+                       "with --device cpu): data-parallel training, or with --runs R, R runs spread over them")
+    group.add_argument("--sync-bn", action="store_true", help="data-parallel: SyncBatchNorm across GPUs")
+    group.add_argument("--max-per-gpu-batch", type=int, help="data-parallel: at most this many samples per "
+                       "forward; larger per-GPU parts of the global batch use gradient accumulation")
+    group.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
+                       help="a collective operation waiting longer than this ends the job (a dead or hung rank)")
+
+
+def child_argv(args) -> list[str]:
+    """This command line again, for the ranks the launcher starts (without --gpus)."""
+    argv = ["train"]
+    for name in ("preset", "config", "resume"):
+        if getattr(args, name):
+            argv += [f"--{name}", str(getattr(args, name))]
+    if args.model_kwargs is not None:
+        argv += ["--model-kwargs", json.dumps(args.model_kwargs)]
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(args, f.name, None)
+        if f.name in SKIP or value is None:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        argv += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
+    if args.quiet:
+        argv.append("--quiet")
+    if args.sync_bn:
+        argv.append("--sync-bn")
+    if args.max_per_gpu_batch:
+        argv += ["--max-per-gpu-batch", str(args.max_per_gpu_batch)]
+    return argv + ["--dist-timeout", str(args.dist_timeout)]
+
+
+def run_sweep_command(args) -> int:
+    from cudacnn.train.sweep import sweep_from_file
+
+    overrides = {k: v for k, v in (("device", args.device), ("data", args.data)) if v is not None}
+    sweep_from_file(args.spec, gpus=args.gpus, overrides=overrides, out=args.out, name=args.name, quiet=args.quiet)
+    return 0
+
 
 def run_train(args) -> int:
+    from cudacnn.train import distributed
     from cudacnn.train.trainer import Trainer, resume_config
 
+    if args.gpus < 1:
+        raise ConfigError("--gpus must be at least 1")
+    inside_launch = distributed.from_env().enabled  # a rank started by torchrun / `--gpus`
+    if args.max_per_gpu_batch is not None and args.max_per_gpu_batch < 1:
+        raise ConfigError("--max-per-gpu-batch must be at least 1")
+    parallel = dict(sync_bn=args.sync_bn, max_per_gpu_batch=args.max_per_gpu_batch, dist_timeout_s=args.dist_timeout)
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in SKIP}
     if args.model_kwargs is not None:
         flags["model_kwargs"] = args.model_kwargs
@@ -58,15 +122,38 @@ def run_train(args) -> int:
         if given or args.preset or args.config:
             raise ConfigError(f"--resume continues a run with its saved config; drop {', '.join(given) or '--preset/--config'}")
         config = resume_config(args.resume, {k: v for k, v in flags.items() if v is not None})
-        Trainer(config, run_dir=args.resume, resume=True, quiet=args.quiet).fit()
+        if args.gpus > 1 and not inside_launch:
+            distributed.launch(args.gpus, ["-m", "cudacnn", *child_argv(args)])
+            return 0
+        try:
+            Trainer(config, run_dir=args.resume, resume=True, quiet=args.quiet, **parallel).fit()
+        finally:
+            distributed.shutdown()
         return 0
     preset = args.preset or (None if args.config or args.model else DEFAULT_PRESET)
     config = resolve(preset, args.config, flags)
+    if args.gpus > 1 and not inside_launch:
+        if config.runs > 1:  # independent runs, one per GPU
+            from cudacnn.train.sweep import seeds_sweep
+
+            seeds_sweep(config, args.gpus, quiet=args.quiet)
+        elif config.preset in FAST_PRESETS:
+            raise ConfigError(f"the {config.preset} preset trains on one GPU; spread seeded runs over "
+                              f"GPUs with --runs N --gpus {args.gpus}")
+        else:
+            distributed.launch(args.gpus, ["-m", "cudacnn", *child_argv(args)])
+        return 0
     if config.preset in FAST_PRESETS:
+        if inside_launch:
+            raise ConfigError(f"the {config.preset} preset trains on one GPU; run it without torchrun, or "
+                              "spread seeded runs over GPUs with `cudacnn train --runs N --gpus K`")
         from cudacnn.train.record import run_record
 
         run_record(config, quiet=args.quiet)
         return 0
-    for index in range(config.runs):
-        Trainer(dataclasses.replace(config, seed=config.seed + index), quiet=args.quiet).fit()
+    try:
+        for index in range(config.runs):
+            Trainer(dataclasses.replace(config, seed=config.seed + index), quiet=args.quiet, **parallel).fit()
+    finally:
+        distributed.shutdown()
     return 0

@@ -3,6 +3,10 @@
 Run folder: config.yaml, metrics.jsonl (one line per epoch), checkpoints/{last,best}.pt, eval.json,
 plots/*.png, report.html, summary.md. Checkpoints are written at every epoch end, so an interruption
 loses at most the current epoch, and `--resume RUN` continues to the same weights as an uninterrupted run.
+
+Under torchrun (or `cudacnn train --gpus N`) the same trainer runs data-parallel: every rank trains its part
+of each global batch through DistributedDataParallel, evaluation is sharded and all-reduced, and rank 0
+alone writes the run folder (see cudacnn.train.distributed).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import json
 import logging
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -23,7 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from cudacnn.data import Augment, Dataset, GpuLoader, channel_stats, load_dataset, split_validation
 from cudacnn.errors import CheckpointError, CudacnnError
 from cudacnn.models import create_model
-from cudacnn.train import setup
+from cudacnn.train import distributed, setup
 from cudacnn.train.callbacks import EarlyStopping
 from cudacnn.train.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from cudacnn.train.config import TrainConfig, from_dict, load_config_file, save_config
@@ -46,13 +51,19 @@ class RunResult:
 
 
 class Trainer:
-    """`Trainer(config).fit()`; callbacks are called as cb(trainer, epoch_record) after each epoch."""
+    """`Trainer(config).fit()`; callbacks are called as cb(trainer, epoch_record) after each epoch (on every
+    rank). Data-parallel options: `sync_bn` (SyncBatchNorm across ranks), `max_per_gpu_batch` (gradient
+    accumulation keeps each forward at most this big), `dist_timeout_s` (a collective waiting longer fails)."""
 
     def __init__(self, config: TrainConfig, run_dir: Path | None = None, resume: bool = False,
-                 dataset: Dataset | None = None, callbacks: tuple[Callable, ...] = (), quiet: bool = False):
-        self.config, self.callbacks, self.quiet, self.resume = config, callbacks, quiet, resume
-        self.run_dir = Path(run_dir) if run_dir else new_run_dir(config)
-        self.device = setup.pick_device(config.device)
+                 dataset: Dataset | None = None, callbacks: tuple[Callable, ...] = (), quiet: bool = False,
+                 sync_bn: bool = False, max_per_gpu_batch: int | None = None,
+                 dist_timeout_s: float = distributed.DEFAULT_TIMEOUT_S):
+        self.config, self.callbacks, self.resume = config, callbacks, resume
+        self.sync_bn, self.max_per_gpu_batch = sync_bn, max_per_gpu_batch
+        self.dist, self.device = distributed.init(config.device, dist_timeout_s)
+        self.quiet = quiet or not self.dist.is_main
+        self.run_dir = Path(run_dir) if run_dir else distributed.main_computes(lambda: new_run_dir(config))
         setup.seed_everything(config.seed, config.deterministic)
         setup.set_tf32(config.tf32)
         self.dataset = dataset or load_dataset(config.data, cache_dir=config.cache_dir, quiet=quiet)
@@ -69,10 +80,19 @@ class Trainer:
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         dtype = torch.float32  # autocast casts inside the model; inputs stay fp32 for exactness on CPU
         common = dict(device=self.device, mean=self.mean, std=self.std, dtype=dtype,
-                      channels_last=c.channels_last and self.device.type == "cuda")
-        self.train_loader = GpuLoader(train, c.batch_size, augment=Augment(c.crop_pad, "reflect", c.flip, c.cutout),
-                                      shuffle=True, drop_last=len(train) > c.batch_size, seed=c.seed, **common)
-        eval_batch = max(c.batch_size, 500)
+                      channels_last=c.channels_last and self.device.type == "cuda",
+                      rank=self.dist.rank, world_size=self.dist.world_size)
+        distributed.check_plan(c.batch_size, self.dist.world_size, len(train))
+        # Each rank takes its part of every global batch, so the world size never changes what is trained.
+        self.train_loader = distributed.GlobalBatchLoader(
+            train, c.batch_size, augment=Augment(c.crop_pad, "reflect", c.flip, c.cutout),
+            shuffle=True, drop_last=len(train) > c.batch_size, seed=c.seed, **common)
+        self.accumulation = distributed.accumulation_steps(c.batch_size, self.dist.world_size,
+                                                           self.max_per_gpu_batch)
+        eval_batch = max(-(-c.batch_size // self.dist.world_size), 500)
+        if self.max_per_gpu_batch:
+            eval_batch = min(eval_batch, self.max_per_gpu_batch)
+        # Evaluation shards are contiguous parts of the split; metrics are summed over ranks.
         self.val_loader = GpuLoader(self.val_split, eval_batch, **common) if self.val_split else None
         self.test_loader = GpuLoader(self.dataset.test, eval_batch, **common)
 
@@ -90,9 +110,19 @@ class Trainer:
             self.criterion = cross_entropy_loss(c.kernels, c.label_smoothing)
         else:
             self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=c.label_smoothing)
+        if self.sync_bn and self.dist.enabled:
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         memory_format = torch.channels_last if c.channels_last and self.device.type == "cuda" else None
         self.model = self.model.to(self.device, memory_format=memory_format)
-        self.forward = torch.compile(self.model) if c.compile else self.model
+        self.ddp = None
+        if self.dist.enabled:  # DDP broadcasts rank 0's initial weights and averages gradients
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self._fold_rank_into_rng(0)
+        wrapped = self.ddp or self.model
+        self.forward = torch.compile(wrapped) if c.compile else wrapped
         self.optimizer = setup.build_optimizer(self.model, c)
         self.scheduler = setup.build_scheduler(self.optimizer, c, len(self.train_loader))
         self.scaler = torch.amp.GradScaler(self.device.type) if c.amp == "fp16" else None
@@ -135,6 +165,12 @@ class Trainer:
         setup.set_rng_state(state["rng"])
         self.history = list(state["history"])
         self.start_epoch = ckpt["epoch"] + 1
+        self._fold_rank_into_rng(self.start_epoch)
+
+    def _fold_rank_into_rng(self, epoch: int) -> None:
+        """Ranks >= 1 draw their own dropout masks; rank 0 keeps the single-process stream."""
+        if self.dist.rank > 0:
+            torch.manual_seed(self.config.seed * 1_000_003 + epoch * 7919 + self.dist.rank)
 
     # ------------------------------------------------------------------ loops
     def _train_epoch(self, epoch: int, progress: Progress) -> dict:
@@ -147,16 +183,28 @@ class Trainer:
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         seen, start = 0, time.perf_counter()
         amp = c.amp != "none"
-        for step, (images, labels) in enumerate(self.train_loader):
-            with torch.autocast(self.device.type, dtype=AMP_DTYPES.get(c.amp), enabled=amp):
-                logits = self.forward(images)
-                loss = self.criterion(logits.float(), labels)
+        world = self.dist.world_size
+        batches = zip(self.train_loader, self.train_loader.step_sizes())
+        for step, ((images, labels), global_size) in enumerate(batches):
             self.optimizer.zero_grad(set_to_none=True)
+            micro = [(x, y) for x, y in zip(images.tensor_split(self.accumulation),
+                                            labels.tensor_split(self.accumulation)) if len(y)]
+            for index, (x, y) in enumerate(micro):
+                # Gradients are all-reduced once, after the last micro-batch.
+                last = index == len(micro) - 1
+                with nullcontext() if last or self.ddp is None else self.ddp.no_sync():
+                    with torch.autocast(self.device.type, dtype=AMP_DTYPES.get(c.amp), enabled=amp):
+                        logits = self.forward(x)
+                        loss = self.criterion(logits.float(), y)
+                    # DDP averages over ranks: scaled so the result is the global batch's mean-loss gradient.
+                    scale = len(y) * world / global_size
+                    scaled = loss if scale == 1 else loss * scale
+                    (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+                loss_sum += loss.detach() * len(y)
+                correct += (logits.argmax(1) == y).sum()
+                seen += len(y)
             if self.scaler:
-                self.scaler.scale(loss).backward()
                 self.scaler.unscale_(self.optimizer)
-            else:
-                loss.backward()
             if c.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
             if self.scaler:
@@ -168,25 +216,33 @@ class Trainer:
                 self.scheduler.step()
             if self.ema:
                 self.ema.update_parameters(model)
-            loss_sum += loss.detach() * len(labels)
-            correct += (logits.argmax(1) == labels).sum()
-            seen += len(labels)
             if step % 25 == 24 or step == steps - 1:  # the only host syncs of the epoch
-                mean_loss = loss_sum.item() / seen
+                mean_loss, accuracy, total = self._global_stats(loss_sum, correct, seen)
                 if not math.isfinite(mean_loss):
                     raise TrainingDiverged(self._diverged_message(epoch))
-                rate = seen / (time.perf_counter() - start)
+                rate = total / (time.perf_counter() - start)
                 progress.update(task, completed=step + 1, stats=f"loss {mean_loss:.3f} "
-                                f"acc {correct.item() / seen:.3f} {rate:,.0f} img/s")
+                                f"acc {accuracy:.3f} {rate:,.0f} img/s")
         progress.remove_task(task)
         elapsed = time.perf_counter() - start
-        return {"epoch": epoch + 1, "train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
+        mean_loss, accuracy, total = self._global_stats(loss_sum, correct, seen)
+        return {"epoch": epoch + 1, "train_loss": mean_loss, "train_acc": accuracy,
                 "lr": self.optimizer.param_groups[0]["lr"], "epoch_time_s": elapsed,
-                "images_per_s": seen / elapsed}
+                "images_per_s": total / elapsed}
+
+    def _global_stats(self, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> tuple[float, float, int]:
+        """(mean loss, accuracy, samples) over all ranks; one host sync."""
+        if not self.dist.enabled:
+            return loss_sum.item() / seen, correct.item() / seen, seen
+        stats = torch.stack([loss_sum.double(), correct.double(),
+                             torch.tensor(float(seen), dtype=torch.float64, device=self.device)])
+        total_loss, total_correct, total = distributed.all_reduce_sum(stats).tolist()
+        return total_loss / total, total_correct / total, int(total)
 
     @torch.no_grad()
     def _validate(self, loader: GpuLoader) -> tuple[float, float]:
         model = self.ema.module if self.ema else self.model
+        distributed.broadcast_buffers(model)  # evaluate with rank 0's BN statistics, the saved ones
         model.eval()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
@@ -196,8 +252,12 @@ class Trainer:
                 logits = model(images).float()
             loss_sum += F.cross_entropy(logits, labels, reduction="sum")
             correct += (logits.argmax(1) == labels).sum()
-        n = loader.shard_size()
-        return loss_sum.item() / n, correct.item() / n
+        if not self.dist.enabled:
+            n = loader.shard_size()
+            return loss_sum.item() / n, correct.item() / n
+        stats = distributed.all_reduce_sum(torch.stack([loss_sum.double(), correct.double()]))
+        n = len(loader.labels)
+        return stats[0].item() / n, stats[1].item() / n
 
     def _diverged_message(self, epoch: int) -> str:
         last = self.run_dir / "checkpoints" / "last.pt"
@@ -210,15 +270,22 @@ class Trainer:
         c = self.config
         ckpt_dir = self.run_dir / "checkpoints"
         if self.resume:
-            self._restore(load_checkpoint(ckpt_dir / "last.pt", map_location=self.device))
-            log.info("resuming %s at epoch %d", self.run_dir, self.start_epoch + 1)
-        else:
+            # Rank 0 reads the checkpoint and sends it to all: other hosts need no copy of the run folder.
+            where = self.device if not self.dist.enabled else "cpu"
+            self._restore(distributed.main_computes(lambda: load_checkpoint(ckpt_dir / "last.pt", map_location=where)))
+            if not self.quiet:
+                log.info("resuming %s at epoch %d", self.run_dir, self.start_epoch + 1)
+        elif self.dist.is_main:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             save_config(c, self.run_dir / "config.yaml")
+        if self.dist.enabled and self.dist.is_main:
+            self._write_parallel_info()
         if not self.quiet:
             log.info("training %s on %s (%d train / %d val / %d test) on %s; run folder %s", c.model,
-                     self.dataset.name, self.train_loader.shard_size(),
-                     len(self.val_split) if self.val_split else 0, len(self.dataset.test), self.device, self.run_dir)
+                     self.dataset.name, len(self.train_loader.labels),
+                     len(self.val_split) if self.val_split else 0, len(self.dataset.test),
+                     f"{self.dist.world_size} x {self.device.type}" if self.dist.enabled else self.device,
+                     self.run_dir)
         epoch = self.start_epoch
         try:
             with make_progress(self.quiet) as progress:
@@ -235,19 +302,38 @@ class Trainer:
                         epoch + 1, ckpt_dir, self.run_dir)
             raise
         except torch.cuda.OutOfMemoryError as exc:
+            if self.dist.enabled:
+                per_rank = -(-c.batch_size // self.dist.world_size) // self.accumulation
+                raise CudacnnError(f"CUDA ran out of memory at {per_rank} samples per GPU; try "
+                                   f"--max-per-gpu-batch {max(1, per_rank // 2)} (same global batch)") from exc
             raise CudacnnError(f"CUDA ran out of memory at batch size {c.batch_size}; "
                                f"try --batch-size {max(1, c.batch_size // 2)}") from exc
+        except RuntimeError as exc:
+            if self.dist.enabled and distributed.is_collective_failure(exc):
+                raise CudacnnError(distributed.timeout_message(self.dist, exc)) from exc
+            raise
         return self.finish()
+
+    def _write_parallel_info(self) -> None:
+        c, world = self.config, self.dist.world_size
+        info = {"world_size": world, "backend": "nccl" if self.device.type == "cuda" else "gloo",
+                "global_batch": c.batch_size,
+                "per_rank_batch": [hi - lo for lo, hi in (distributed.part(c.batch_size, r, world)
+                                                          for r in range(world))],
+                "accumulation_steps": self.accumulation, "sync_bn": self.sync_bn,
+                "from_epoch": self.start_epoch + 1}
+        (self.run_dir / "distributed.json").write_text(json.dumps(info, indent=2))
 
     def _end_epoch(self, epoch: int, record: dict) -> None:
         self.history.append(record)
         improved = self.early.update(record["val_acc"]) if "val_acc" in record else False
-        state = self._state(epoch)
-        save_checkpoint(self.run_dir / "checkpoints" / "last.pt", state)
-        if improved:
-            save_checkpoint(self.run_dir / "checkpoints" / "best.pt", state)
-        # Rewritten from the checkpointed history, so a resumed run never repeats or loses a line.
-        write_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
+        if self.dist.is_main:
+            state = self._state(epoch)
+            save_checkpoint(self.run_dir / "checkpoints" / "last.pt", state)
+            if improved:
+                save_checkpoint(self.run_dir / "checkpoints" / "best.pt", state)
+            # Rewritten from the checkpointed history, so a resumed run never repeats or loses a line.
+            write_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
         if not self.quiet:
             val = f" val loss {record['val_loss']:.3f} acc {record['val_acc']:.4f}" if "val_acc" in record else ""
             log.info("epoch %d: train loss %.3f acc %.4f%s (%.1f s, %.0f img/s)", record["epoch"],
@@ -262,26 +348,41 @@ class Trainer:
         from cudacnn.evaluate.report import write_report
 
         best = self.run_dir / "checkpoints" / "best.pt"
-        weights = load_checkpoint(best if best.exists() else self.run_dir / "checkpoints" / "last.pt",
-                                  map_location=self.device)
+        where = self.device if not self.dist.enabled else "cpu"
+
+        def read_weights():
+            path = best if best.exists() else self.run_dir / "checkpoints" / "last.pt"
+            return path, load_checkpoint(path, map_location=where)
+
+        path, weights = distributed.main_computes(read_weights)  # only rank 0 has the run folder for sure
         model = self.ema.module if self.ema else self.model
         model.load_state_dict(weights["model"])
         result = evaluate(model, self.test_loader, self.dataset.num_classes, device=self.device,
                           tta_level=2 if self.config.tta else 0, classes=self.dataset.classes)
-        info = result.to_dict()
-        info.update(checkpoint=str(best if best.exists() else self.run_dir / "checkpoints" / "last.pt"),
-                    epoch=weights["epoch"] + 1, data=self.dataset.source, device=str(self.device))
-        (self.run_dir / "eval.json").write_text(json.dumps(info, indent=2))
-        plots = self.run_dir / "plots"
-        plots.mkdir(exist_ok=True)
-        plot_training_curves(self.history, plots / "curves.png")
-        plot_confusion(result.confusion, self.dataset.classes, plots / "confusion.png")
-        write_report(self.run_dir)
+        result = distributed.reduce_eval(result)  # each rank evaluated its shard of the test split
+        if self.dist.is_main:
+            info = result.to_dict()
+            info.update(checkpoint=str(path), epoch=weights["epoch"] + 1, data=self.dataset.source,
+                        device=device_name(self.device), train_time_s=sum(r["epoch_time_s"] for r in self.history))
+            if self.dist.enabled:
+                info["world_size"] = self.dist.world_size
+            if self.device.type == "cuda":
+                info["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+            (self.run_dir / "eval.json").write_text(json.dumps(info, indent=2))
+            plots = self.run_dir / "plots"
+            plots.mkdir(exist_ok=True)
+            plot_training_curves(self.history, plots / "curves.png")
+            plot_confusion(result.confusion, self.dataset.classes, plots / "confusion.png")
+            write_report(self.run_dir)
         best_val = max((r["val_acc"] for r in self.history if "val_acc" in r), default=None)
         if not self.quiet:
             log.info("test accuracy %.4f (%s); report: %s", result.accuracy, self.dataset.name,
                      self.run_dir / "report.html")
         return RunResult(self.run_dir, len(self.history), result.accuracy, best_val, self.history)
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def write_atomic(path: Path, text: str) -> None:
