@@ -8,6 +8,7 @@ Tiles walk the output in grouped order (GROUP_M row-blocks at a time) so that A 
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -167,6 +168,9 @@ _gemm_tma_32bit = triton.autotune(
     key=_TMA_KEY)(_gemm_tma_kernel)
 
 
+_tma_failed = False
+
+
 def _tma_layout_ok(t: torch.Tensor) -> bool:
     return t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
 
@@ -180,7 +184,7 @@ def use_tma(a, b, c, z) -> bool:
     """TMA needs sm_90+, 16-byte aligned rows and one unit-stride dimension per operand.
     CUDACNN_GEMM_TMA=0 turns it off; =1 turns it on under the interpreter (for tests)."""
     flag = os.environ.get("CUDACNN_GEMM_TMA", "")
-    if flag == "0" or not HAS_TENSOR_DESCRIPTOR:
+    if flag == "0" or not HAS_TENSOR_DESCRIPTOR or _tma_failed:
         return False
     if a.is_cuda:
         if torch.cuda.get_device_capability(a.device)[0] < 9:
@@ -224,8 +228,14 @@ def _launch(a, b, c, bias, z, activation, allow_tf32):
                 INPUT_PRECISION="tf32" if (allow_tf32 and a.dtype == torch.float32) else "ieee",
                 UPCAST=interpreting() and a.dtype == torch.bfloat16)
     if use_tma(a, b, c, z):
-        _launch_tma(a, b, c, bias, z, meta)
-        return
+        try:
+            _launch_tma(a, b, c, bias, z, meta)
+            return
+        except Exception as exc:  # an older triton without this TMA API: use the pointer kernel from now on
+            global _tma_failed
+            _tma_failed = True
+            warnings.warn(f"cudacnn: the TMA GEMM failed ({type(exc).__name__}: {exc}); using the pointer-based "
+                          "kernel", RuntimeWarning, stacklevel=3)
     if interpreting():  # autotuning would run every config through the (slow) interpreter
         grid = (triton.cdiv(M, 16) * triton.cdiv(N, 16),)
         _gemm_kernel[grid](*args, **meta, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)
