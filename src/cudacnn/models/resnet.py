@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from cudacnn.errors import CheckpointError, ConfigError
 from cudacnn.models.registry import register_model
@@ -36,10 +37,13 @@ class BasicBlock(nn.Module):
 
 class ResNet(nn.Module):
     def __init__(self, layers=(2, 2, 2, 2), num_classes: int = 10, stem: str = "cifar",
-                 zero_init_residual: bool = False):
+                 zero_init_residual: bool = False, input_size: int | None = None):
         super().__init__()
         if stem not in STEMS:
             raise ConfigError(f"resnet stem must be one of {STEMS}, got {stem!r}")
+        # Transfer recipes upsample CIFAR images, so the ImageNet stem's two stride-2 steps do not
+        # shrink a 32x32 image to 8x8 before the first residual stage.
+        self.input_size = input_size
         if stem == "imagenet":
             self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
             self.maxpool = nn.MaxPool2d(3, 2, 1)
@@ -69,14 +73,17 @@ class ResNet(nn.Module):
                     nn.init.zeros_(m.bn2.weight)
 
     def forward(self, x):
+        if self.input_size and x.shape[-1] != self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(self.avgpool(x).flatten(1))
 
 
 @register_model("resnet18")
-def resnet18(num_classes: int = 10, stem: str = "cifar", zero_init_residual: bool = False) -> nn.Module:
-    return ResNet((2, 2, 2, 2), num_classes, stem, zero_init_residual)
+def resnet18(num_classes: int = 10, stem: str = "cifar", zero_init_residual: bool = False,
+             input_size: int | None = None) -> nn.Module:
+    return ResNet((2, 2, 2, 2), num_classes, stem, zero_init_residual, input_size)
 
 
 HEAD_PREFIX = "fc."

@@ -20,12 +20,12 @@ PRESETS: dict[str, dict] = {
                  "early stopping, up to 100 epochs",
         "config": dict(model="smallnet", optimizer="adamw", lr=3e-3, weight_decay=5e-2, batch_size=128,
                        epochs=100, schedule="onecycle", label_smoothing=0.1, amp="bf16", crop_pad=4,
-                       flip="random", early_stopping=15, val_fraction=0.1),
+                       flip="random", early_stopping=30, val_fraction=0.1),
     },
     "resnet18-transfer": {
-        "about": "ResNet-18 (ImageNet stem): Adam 1e-3, batch 128, 10 epochs; --pretrained FILE loads "
-                 "torchvision ImageNet weights",
-        "config": dict(model="resnet18", model_kwargs={"stem": "imagenet"}, optimizer="adam", lr=1e-3,
+        "about": "ResNet-18 (ImageNet stem, images upsampled to 128x128): Adam 1e-3, batch 128, 10 epochs; "
+                 "--pretrained FILE loads torchvision ImageNet weights",
+        "config": dict(model="resnet18", model_kwargs={"stem": "imagenet", "input_size": 128}, optimizer="adam", lr=1e-3,
                        weight_decay=0.0, batch_size=128, epochs=10, schedule="none", amp="bf16",
                        flip="random", crop_pad=4, val_fraction=0.0),
     },
