@@ -1,0 +1,110 @@
+"""Sweeps: grid expansion, the worker queue, the results table's statistics, and a CPU sweep end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+from cudacnn.cli import main
+from cudacnn.errors import ConfigError
+from cudacnn.train import sweep
+from cudacnn.train.config import TrainConfig
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_table_statistics_per_setting():
+    rows = [{"setting": "lr=0.1", "test_acc": a, "train_time_s": t} for a, t in ((0.90, 10), (0.92, 12), (0.97, 11))]
+    rows += [{"setting": "lr=0.2", "test_acc": 0.5, "train_time_s": 9}, {"setting": "lr=0.2", "status": "failed"}]
+    first, second = sweep.summarize(rows)
+    assert first["setting"] == "lr=0.1" and first["runs"] == 3 and first["failed"] == 0
+    assert first["acc_mean"] == pytest.approx(0.93)
+    assert first["acc_std"] == pytest.approx(statistics.stdev([0.90, 0.92, 0.97]))  # sample std, n - 1
+    assert (first["acc_min"], first["acc_max"], first["train_time_median_s"]) == (0.90, 0.97, 11)
+    assert (second["runs"], second["failed"], second["acc_std"], second["acc_mean"]) == (1, 1, 0.0, 0.5)
+    table = sweep.markdown_table([first, second])
+    assert "| lr=0.1 | 3 | 0 | 0.9300 | 0.0361 | 0.9000 | 0.9700 | 11.0 |" in table
+
+
+def test_grid_times_seeds_and_validation_before_anything_runs(tmp_path):
+    base = TrainConfig(model="simple", device="cpu")
+    jobs = sweep.plan_jobs(base, {"lr": [0.1, 0.2], "batch_size": [64, 128]}, [0, 1, 2], tmp_path)
+    assert len(jobs) == 12 and len({j.name for j in jobs}) == 12
+    assert {(j.config.lr, j.config.batch_size, j.config.seed) for j in jobs} == {
+        (lr, bs, s) for lr in (0.1, 0.2) for bs in (64, 128) for s in (0, 1, 2)}
+    assert jobs[0].setting == "lr=0.1 batch_size=64" and jobs[0].config.out == str(tmp_path)
+    with pytest.raises(ConfigError, match="lr must be positive"):
+        sweep.plan_jobs(base, {"lr": [0.1, -1.0]}, [0], tmp_path)
+    with pytest.raises(ConfigError, match="unknown setting.*learning_rate"):
+        sweep.plan_jobs(base, {"learning_rate": [0.1]}, [0], tmp_path)
+    with pytest.raises(ConfigError, match="non-empty list"):
+        sweep.grid_points({"lr": 0.1})
+    bad = tmp_path / "s.yaml"
+    bad.write_text("grids: {lr: [0.1]}\n")
+    with pytest.raises(ConfigError, match="unknown key.*grids"):
+        sweep.load_spec(bad)
+
+
+def test_queue_runs_at_most_one_job_per_worker(tmp_path):
+    """Six jobs, two workers: each job sees its worker's CUDA_VISIBLE_DEVICES, never more than two at once."""
+    code = ("import os, sys, time, json; t0 = time.time(); time.sleep(0.3); "
+            "json.dump([os.environ['CUDA_VISIBLE_DEVICES'], t0, time.time()], open(sys.argv[1], 'w'))")
+    commands = [[sys.executable, "-c", code, str(tmp_path / f"{i}.json")] for i in range(6)]
+    envs = [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}]
+    results = sweep.run_queue(commands, envs, [tmp_path / "logs" / f"{i}.log" for i in range(6)], poll_s=0.02)
+    assert [r["returncode"] for r in results] == [0] * 6
+    seen = [json.loads((tmp_path / f"{i}.json").read_text()) for i in range(6)]
+    assert all(gpu == envs[r["worker"]]["CUDA_VISIBLE_DEVICES"] for (gpu, _, _), r in zip(seen, results))
+    assert {gpu for gpu, _, _ in seen} == {"0", "1"}
+    events = sorted([(start, 1) for _, start, _ in seen] + [(end, -1) for _, _, end in seen])
+    running = peak = 0
+    for _, step in events:
+        running += step
+        peak = max(peak, running)
+    assert peak <= 2
+
+
+def test_train_runs_with_gpus_becomes_a_seed_sweep(monkeypatch, tmp_path):
+    called = {}
+    monkeypatch.setattr(sweep, "seeds_sweep", lambda config, gpus, quiet: called.update(
+        seeds=(config.seed, config.runs), gpus=gpus))
+    assert main(["train", "--model", "simple", "--runs", "3", "--seed", "5", "--gpus", "2", "--device", "cpu",
+                 "--out", str(tmp_path)]) == 0
+    assert called == {"seeds": (5, 3), "gpus": 2}
+
+
+@pytest.mark.slow
+def test_cpu_sweep_end_to_end(tmp_path, monkeypatch):
+    from cifar_archives import image_folder_files, write_tar
+
+    files, _ = image_folder_files(classes=("a", "b"), per_class=10)
+    tar = write_tar(tmp_path / "imgs.tar.gz", files)
+    spec = tmp_path / "grid.yaml"
+    spec.write_text(f"base: {{model: simple, epochs: 1, batch_size: 8, amp: none, val_fraction: 0.0, "
+                    f"data: '{tar}', cache_dir: '{tmp_path / 'cache'}', channels_last: false}}\n"
+                    "grid: {lr: [0.01, 0.02]}\nseeds: [0, 1]\ngpus: 2\n")
+    monkeypatch.setenv("PYTHONPATH", str(REPO / "src"))
+    out = tmp_path / "sweeps"
+    assert main(["sweep", str(spec), "--device", "cpu", "--out", str(out), "--quiet"]) == 0
+    folder = out / "grid"
+    summary = json.loads((folder / "results.json").read_text())
+    assert summary["workers"] == 2 and len(summary["runs"]) == 4
+    assert [s["setting"] for s in summary["settings"]] == ["lr=0.01", "lr=0.02"]
+    for entry in summary["settings"]:
+        accs = [r["test_acc"] for r in summary["runs"] if r["setting"] == entry["setting"]]
+        assert entry["runs"] == 2 and entry["acc_mean"] == pytest.approx(statistics.fmean(accs))
+        assert entry["acc_min"] == min(accs) and entry["acc_max"] == max(accs)
+    for run in summary["runs"]:  # each run is a normal run folder, its config as the grid point says
+        run_dir = folder / run["run"]
+        assert json.loads((run_dir / "eval.json").read_text())["accuracy"] == run["test_acc"]
+        assert (run_dir / "checkpoints" / "last.pt").exists()
+    assert "| lr=0.01 | 2 | 0 |" in (folder / "results.md").read_text()
+    # running the sweep again finds every run finished and only rewrites the table
+    before = {p: p.stat().st_mtime_ns for p in folder.glob("*/eval.json")}
+    assert main(["sweep", str(spec), "--device", "cpu", "--out", str(out), "--quiet"]) == 0
+    assert before == {p: p.stat().st_mtime_ns for p in folder.glob("*/eval.json")}
