@@ -108,3 +108,12 @@ def test_cpu_sweep_end_to_end(tmp_path, monkeypatch):
     before = {p: p.stat().st_mtime_ns for p in folder.glob("*/eval.json")}
     assert main(["sweep", str(spec), "--device", "cpu", "--out", str(out), "--quiet"]) == 0
     assert before == {p: p.stat().st_mtime_ns for p in folder.glob("*/eval.json")}
+
+
+def test_fast_preset_seeds_go_in_one_block_per_worker(monkeypatch, tmp_path):
+    captured = {}
+    monkeypatch.setattr(sweep, "run_sweep", lambda jobs, folder, gpus, quiet: captured.update(jobs=jobs, gpus=gpus))
+    config = TrainConfig(model="fast94", preset="fast94", runs=8, seed=10, out=str(tmp_path), name="s")
+    sweep.seeds_sweep(config, 3, quiet=True)
+    blocks = [(j.config.seed, j.config.runs) for j in captured["jobs"]]
+    assert blocks == [(10, 2), (12, 3), (15, 3)] and captured["gpus"] == 3  # seeds 10..17, each once

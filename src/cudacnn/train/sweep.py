@@ -150,12 +150,13 @@ def run_queue(commands: list[list[str]], envs: list[dict], logs: list[Path],
 
 
 # ---------------------------------------------------------------------- results
-def read_result(run_dir: Path) -> dict | None:
-    """(test accuracy, training time) of a finished run folder; None if it did not finish."""
+def read_results(run_dir: Path, seed: int) -> list[dict]:
+    """[{seed, test_acc, train_time_s}] of a finished run folder (several for a fast preset's --runs);
+    [] if it did not finish."""
     record = run_dir / "results.json"  # fast presets (cudacnn.train.record)
     if record.exists():
-        row = json.loads(record.read_text())["rows"][0]
-        return {"test_acc": row["test_acc"], "train_time_s": row["train_time_s"]}
+        return [{"seed": row["seed"], "test_acc": row["test_acc"], "train_time_s": row["train_time_s"]}
+                for row in json.loads(record.read_text())["rows"]]
     evaluation = run_dir / "eval.json"
     if evaluation.exists():
         info = json.loads(evaluation.read_text())
@@ -163,8 +164,8 @@ def read_result(run_dir: Path) -> dict | None:
         train_time = info.get("train_time_s")
         if train_time is None and metrics.exists():
             train_time = sum(json.loads(line)["epoch_time_s"] for line in metrics.read_text().splitlines())
-        return {"test_acc": info["accuracy"], "train_time_s": train_time}
-    return None
+        return [{"seed": seed, "test_acc": info["accuracy"], "train_time_s": train_time}]
+    return []
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -204,7 +205,7 @@ def run_sweep(jobs: list[Job], sweep_dir: Path, workers: int, quiet: bool = Fals
     todo, commands, logs = [], [], []
     for job in jobs:
         run_dir = sweep_dir / job.name
-        if read_result(run_dir):
+        if read_results(run_dir, job.seed):
             continue
         config_file = sweep_dir / "configs" / f"{job.name}.yaml"
         config_file.parent.mkdir(parents=True, exist_ok=True)
@@ -230,11 +231,12 @@ def run_sweep(jobs: list[Job], sweep_dir: Path, workers: int, quiet: bool = Fals
     wall = time.perf_counter() - start
     rows = []
     for job in jobs:
-        result = read_result(sweep_dir / job.name) or {}
         outcome = outcomes.get(job.name, {})
-        rows.append({"run": job.name, "setting": job.setting, "seed": job.seed, **result,
-                     "wall_s": outcome.get("wall_s"), "returncode": outcome.get("returncode", 0),
-                     "status": "done" if result else "failed"})
+        common = {"run": job.name, "setting": job.setting, "wall_s": outcome.get("wall_s"),
+                  "returncode": outcome.get("returncode", 0)}
+        results = read_results(sweep_dir / job.name, job.seed)
+        rows += [{**common, **r, "status": "done"} for r in results] or [
+            {**common, "seed": job.seed, "status": "failed"}]
     table = summarize(rows)
     summary = {"sweep": str(sweep_dir), "workers": len(envs), "wall_time_s": wall, "settings": table,
                "runs": rows, "date": datetime.now().isoformat(timespec="seconds")}
@@ -273,8 +275,16 @@ def sweep_from_file(path: str | Path, gpus: int | None = None, overrides: dict |
 
 
 def seeds_sweep(config: TrainConfig, gpus: int, quiet: bool = False) -> dict:
-    """`train --runs N --gpus K`: seeds seed..seed+N-1 of one config."""
+    """`train --runs N --gpus K`: seeds seed..seed+N-1 of one config. A fast preset's runs last seconds,
+    so there each worker takes one block of consecutive seeds in one process (start-up paid once per GPU)."""
+    from cudacnn.train.presets import FAST_PRESETS
+
     name = config.name or f"{config.preset or config.model}-{datetime.now():%Y%m%d-%H%M%S}"
     sweep_dir = Path(config.out) / name
-    jobs = plan_jobs(config, None, [config.seed + i for i in range(config.runs)], sweep_dir)
+    seeds = [config.seed + i for i in range(config.runs)]
+    if config.preset not in FAST_PRESETS:
+        return run_sweep(plan_jobs(config, None, seeds, sweep_dir), sweep_dir, gpus, quiet=quiet)
+    blocks = [seeds[i * len(seeds) // gpus:(i + 1) * len(seeds) // gpus] for i in range(gpus)]
+    jobs = [Job(f"seeds{b[0]}-{b[-1]}", "base", b[0], dataclasses.replace(
+        config, seed=b[0], runs=len(b), name=f"seeds{b[0]}-{b[-1]}", out=str(sweep_dir))) for b in blocks if b]
     return run_sweep(jobs, sweep_dir, gpus, quiet=quiet)
