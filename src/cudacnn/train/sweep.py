@@ -34,6 +34,7 @@ import yaml
 
 from cudacnn.errors import ConfigError, CudacnnError
 from cudacnn.train.config import TrainConfig, from_dict, load_config_file, resolve, save_config
+from cudacnn.train.distributed import disable_multicast
 
 log = logging.getLogger(__name__)
 SPEC_KEYS = {"preset", "config", "base", "grid", "seeds", "runs", "gpus", "name", "out"}
@@ -227,6 +228,7 @@ def run_sweep(jobs: list[Job], sweep_dir: Path, workers: int, quiet: bool = Fals
 
     start = time.perf_counter()
     _ensure_importable()
+    disable_multicast()  # every worker inherits NVLink multicast switched off
     outcomes = dict(zip((j.name for j in todo), run_queue(commands, envs, logs, on_done=done)))
     wall = time.perf_counter() - start
     rows = []

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Several GPUs, measured on a 2- or 4-GPU H200 machine (nvidia-h200-x2 / -x4), in one call:
+#   1. ResNet-18 (CIFAR stem, preset resnet18-cifar) for EPOCHS epochs at global batch 512 on 1, 2 and 4
+#      GPUs (as many as the machine has): training throughput (median images/s over epochs 2..E) and test
+#      accuracy of each, so the speed-up comes with an accuracy check at the same number of steps.
+#   2. 8 seeded fast94 runs one after another on one GPU vs spread over 4 GPUs (`--runs 8 --gpus 4`).
+# Run from the repository root with the data carried:  run(command="bash scripts/gpu_multigpu.sh",
+#   carry=[".data"], kind="nvidia-h200-x4", timeout_s=600). Results: $OUT/summary.{md,json}, logs, runs.
+# Expected: about 5-7 minutes on 4 GPUs (decode ~0.5 min, ResNet-18 1/2/4 GPUs ~1.5/1/0.8 min, fast94
+# 8 runs ~1.5 min sequential + ~0.7 min spread); EPOCHS=5 halves the ResNet part if time is short.
+set -uo pipefail
+OUT=${OUT:-/tmp/multigpu-out}
+DATA=${DATA:-.data/cifar10-jpeg.tar.gz}
+CACHE=${CACHE:-/tmp/cudacnn-cache}
+EPOCHS=${EPOCHS:-10}
+FAST_RUNS=${FAST_RUNS:-8}
+mkdir -p "$OUT/logs"
+export PYTHONPATH=src
+# NVLink multicast stays off on these shared machines (the launcher sets these too; belt and braces).
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+NGPU=$(nvidia-smi -L | wc -l)
+{
+  date -u +%FT%TZ; nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'nccl', torch.cuda.nccl.version())"
+  nvidia-smi topo -m
+} > "$OUT/machine.txt" 2>&1
+cat "$OUT/machine.txt" | head -8
+
+# Decode the JPEG set once, so no timed run pays for it.
+python3 -c "from cudacnn.data import load_dataset; d = load_dataset('$DATA', cache_dir='$CACHE', quiet=True); print(d.name, len(d.train), len(d.test))" \
+  > "$OUT/logs/decode.log" 2>&1 || { echo "decode failed"; tail "$OUT/logs/decode.log"; exit 1; }
+
+now() { date +%s.%N; }
+declare -A WALL
+for G in 1 2 4; do
+  [ "$G" -le "$NGPU" ] || continue
+  t0=$(now)
+  timeout 300 python3 -m cudacnn train --preset resnet18-cifar --epochs "$EPOCHS" --gpus "$G" --data "$DATA" \
+    --cache-dir "$CACHE" --out "$OUT/runs" --name "r18-g$G" --quiet > "$OUT/logs/r18-g$G.log" 2>&1 \
+    || echo "r18 on $G GPU(s) failed: see logs/r18-g$G.log"
+  WALL[r18-g$G]=$(python3 -c "print($(now) - $t0)")
+done
+
+S=$(( NGPU < 4 ? NGPU : 4 ))
+t0=$(now)
+timeout 300 python3 -m cudacnn train --preset fast94 --runs "$FAST_RUNS" --gpus 1 --data "$DATA" --cache-dir "$CACHE" \
+  --out "$OUT/runs" --name fast94-seq --quiet > "$OUT/logs/fast94-seq.log" 2>&1 || echo "fast94 sequential failed"
+WALL[fast94-seq]=$(python3 -c "print($(now) - $t0)")
+t0=$(now)
+timeout 300 python3 -m cudacnn train --preset fast94 --runs "$FAST_RUNS" --gpus "$S" --data "$DATA" --cache-dir "$CACHE" \
+  --out "$OUT/runs" --name "fast94-g$S" --quiet > "$OUT/logs/fast94-g$S.log" 2>&1 || echo "fast94 sweep failed"
+WALL[fast94-g$S]=$(python3 -c "print($(now) - $t0)")
+
+WALLS=""; for k in "${!WALL[@]}"; do WALLS+="$k=${WALL[$k]} "; done
+python3 - "$OUT" "$S" "$WALLS" <<'EOF'
+import json, statistics, sys
+from pathlib import Path
+out, sweep_gpus, walls = Path(sys.argv[1]), int(sys.argv[2]), dict(w.split("=") for w in sys.argv[3].split())
+runs, rows, result = out / "runs", [], {"walls_s": {k: float(v) for k, v in walls.items()}}
+lines = ["| ResNet-18 (CIFAR stem) | GPUs | images/s (median, epochs 2..E) | speed-up | test acc (TTA) | wall s |",
+         "|---|---:|---:|---:|---:|---:|"]
+base = None
+for g in (1, 2, 4):
+    run = runs / f"r18-g{g}"
+    if not (run / "eval.json").exists():
+        continue
+    hist = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    ips = statistics.median(r["images_per_s"] for r in hist[1:] or hist)
+    acc = json.loads((run / "eval.json").read_text())["accuracy"]
+    base = base or ips
+    rows.append({"gpus": g, "images_per_s": ips, "speedup": ips / base, "test_acc": acc, "epochs": len(hist)})
+    lines.append(f"| resnet18-cifar | {g} | {ips:,.0f} | {ips / base:.2f}x | {acc:.4f} | {float(walls.get(f'r18-g{g}', 0)):.0f} |")
+result["resnet18"] = rows
+seq, par = runs / "fast94-seq" / "results.json", runs / f"fast94-g{sweep_gpus}" / "results.json"
+if seq.exists() and par.exists():
+    s, p = json.loads(seq.read_text()), json.loads(par.read_text())
+    ws, wp = float(walls["fast94-seq"]), float(walls[f"fast94-g{sweep_gpus}"])
+    pacc = [r["test_acc"] for r in p["runs"] if r.get("test_acc") is not None]
+    result["fast94"] = {"sequential_wall_s": ws, "sweep_wall_s": wp, "speedup": ws / wp, "sweep_gpus": sweep_gpus,
+                        "seq_acc_mean": s["acc_mean"], "sweep_acc_mean": statistics.fmean(pacc), "sweep_runs": len(pacc),
+                        "seq_train_time_sum_s": sum(r["train_time_s"] for r in s["rows"])}
+    f = result["fast94"]
+    lines += ["", "| fast94 x8 | wall s (whole command) | speed-up | accuracy mean |", "|---|---:|---:|---:|",
+              f"| one after another, 1 GPU | {ws:.1f} | 1.00x | {f['seq_acc_mean']:.4f} |",
+              f"| spread over {sweep_gpus} GPUs | {wp:.1f} | {ws / wp:.2f}x | {f['sweep_acc_mean']:.4f} ({len(pacc)} runs) |"]
+(out / "summary.json").write_text(json.dumps(result, indent=2))
+(out / "summary.md").write_text("\n".join(lines) + "\n")
+print("\n".join(lines))
+EOF
