@@ -348,19 +348,29 @@ class Trainer:
         from cudacnn.evaluate.report import save_evaluation, write_report
 
         best = self.run_dir / "checkpoints" / "best.pt"
-        chosen = best if best.exists() else self.run_dir / "checkpoints" / "last.pt"
-        weights = load_checkpoint(chosen, map_location=self.device)
+        where = self.device if not self.dist.enabled else "cpu"
+
+        def read_weights():
+            chosen = best if best.exists() else self.run_dir / "checkpoints" / "last.pt"
+            return chosen, load_checkpoint(chosen, map_location=where)
+
+        chosen, weights = distributed.main_computes(read_weights)  # only rank 0 has the run folder for sure
         model = self.ema.module if self.ema else self.model
         model.load_state_dict(weights["model"])
         result = evaluate(model, self.test_loader, self.dataset.num_classes, device=self.device,
                           tta_level=2 if self.config.tta else 0, classes=self.dataset.classes)
-        extra = {"checkpoint": str(chosen), "epoch": weights["epoch"] + 1, "data": self.dataset.source,
-                 "device": device_name(self.device), "train_time_s": sum(r["epoch_time_s"] for r in self.history)}
-        if self.device.type == "cuda":
-            extra["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
-        save_evaluation(result, self.run_dir, extra)
-        plot_training_curves(self.history, self.run_dir / "plots" / "curves.png")
-        write_report(self.run_dir)
+        result = distributed.reduce_eval(result)  # each rank evaluated its shard of the test split
+        if self.dist.is_main:  # rank 0 alone writes the run folder
+            extra = {"checkpoint": str(chosen), "epoch": weights["epoch"] + 1, "data": self.dataset.source,
+                     "device": device_name(self.device),
+                     "train_time_s": sum(r["epoch_time_s"] for r in self.history)}
+            if self.dist.enabled:
+                extra["world_size"] = self.dist.world_size
+            if self.device.type == "cuda":
+                extra["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+            save_evaluation(result, self.run_dir, extra)
+            plot_training_curves(self.history, self.run_dir / "plots" / "curves.png")
+            write_report(self.run_dir)
         best_val = max((r["val_acc"] for r in self.history if "val_acc" in r), default=None)
         if not self.quiet:
             log.info("test accuracy %.4f (%s); report: %s", result.accuracy, self.dataset.name,
