@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import time
@@ -34,7 +35,10 @@ def main() -> None:
     dataset = load_dataset(args.data)
     rows = []
     for preset in args.presets:
-        torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
+        gc.collect()  # free the previous trainer's device tensors before measuring this one's peak
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
         config = resolve(preset, None, {"out": args.out, "name": f"{preset}-{int(time.time())}", **overrides})
         start = time.perf_counter()
         result = Trainer(config, dataset=dataset, quiet=True).fit()
@@ -45,6 +49,7 @@ def main() -> None:
                "tta": config.tta}
         rows.append(row)
         print(json.dumps(row), flush=True)
+        del result
     env = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
            "torch": torch.__version__, "cuda": torch.version.cuda, "date": str(date.today())}
     if args.json:
