@@ -86,12 +86,15 @@ def test_gemm_strided_and_transposed_views(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("b_layout", ["kn", "nk"])
-def test_gemm_tma_path(dtype, b_layout, monkeypatch):
-    """The Hopper TMA kernel (forced on under the interpreter): rows 16-byte aligned, edges clipped."""
+@pytest.mark.parametrize("kernel", ["tma", "persistent"])
+def test_gemm_tma_path(dtype, b_layout, kernel, monkeypatch):
+    """The Hopper TMA kernels (forced on under the interpreter): rows 16-byte aligned, edges clipped; the
+    persistent one walks several tiles per program."""
     from cudacnn.kernels.gemm import use_tma
 
     monkeypatch.setenv("CUDACNN_GEMM_TMA", "1")
-    M, N, K = 19, 24, 40
+    monkeypatch.setenv("CUDACNN_GEMM_KERNEL", kernel)
+    M, N, K = (19, 24, 40) if DEVICE == "cpu" else (300, 520, 136)
     a, bias = randn(M, K, dtype=dtype), randn(N, dtype=dtype)
     b = randn(K, N, dtype=dtype) if b_layout == "kn" else randn(N, K, dtype=dtype).t()
     out, pre = poisoned((M, N), dtype), poisoned((M, N), dtype)

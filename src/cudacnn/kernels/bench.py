@@ -10,6 +10,7 @@ rel_err = |ours - baseline| / |baseline| on the same random inputs."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -64,6 +65,18 @@ def _compiled_ms(fn, *args):
         return f"failed: {type(exc).__name__}"
 
 
+def _graph_ms(fn):
+    """Median time of fn replayed from a CUDA graph (triton.testing.do_bench_cudagraph)."""
+    import triton.testing
+
+    try:
+        fn()
+        torch.cuda.synchronize()
+        return round(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"), 4)
+    except Exception as exc:  # noqa: BLE001
+        return f"failed: {type(exc).__name__}"
+
+
 def _try(rows, fn):
     """One failing benchmark (a build error, say) must not cost the others."""
     try:
@@ -77,7 +90,9 @@ def run(quick: bool = False, compile: bool = True) -> list[dict]:
     from . import cuda_ext, ops
     from .activations import activation_backward, activation_forward
     from .cross_entropy import softmax_cross_entropy
-    from .gemm import gemm, use_tma
+    from .gemm import gemm
+
+    gemm_module = importlib.import_module("cudacnn.kernels.gemm")  # the package's `gemm` is the function
 
     if not torch.cuda.is_available():
         raise RuntimeError("kernel benchmarks need a CUDA GPU")
@@ -100,6 +115,29 @@ def run(quick: bool = False, compile: bool = True) -> list[dict]:
                          "gbps": round(copy_gbps[dtype], 1), "roofline_fraction": round(copy_gbps[dtype] / peaks["hbm"], 3)})
             print(f"  device copy {dtype}: {copy_gbps[dtype]:.0f} GB/s", file=sys.stderr, flush=True)
 
+    def with_env(name, value, fn):
+        old = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = old
+
+    def triton_variants(fn, tf32=False):
+        """(kernel name, ms, output) for each Triton GEMM kernel; a kernel that fails is reported as such."""
+        results = []
+        for kernel in ("tma", "persistent") + (("pointers",) if tf32 else ()):
+            gemm_module._tma_failed = False
+            ms = with_env("CUDACNN_GEMM_KERNEL", kernel, lambda: _time(fn))
+            out = with_env("CUDACNN_GEMM_KERNEL", kernel, fn)
+            failed = gemm_module._tma_failed
+            gemm_module._tma_failed = False
+            results.append((kernel + (" FAILED->pointers" if failed else ""), ms, out))
+        return results
+
     def triton_gemm(rows):
         for dtype, label, tf32 in ((torch.bfloat16, "bf16", False), (torch.float16, "fp16", False),
                                    (torch.float32, "tf32", True)):
@@ -107,20 +145,11 @@ def run(quick: bool = False, compile: bool = True) -> list[dict]:
             w = torch.randn(n_gemm, n_gemm, device=dev, dtype=dtype)
             b = w.t()  # nn.Linear layout: y = x @ w^T
             torch.backends.cuda.matmul.allow_tf32 = tf32
-            ours = _time(lambda: gemm(a, b, allow_tf32=tf32))
             base = _time(lambda: torch.matmul(a, b))
-            err = _rel_err(gemm(a, b, allow_tf32=tf32), torch.matmul(a.double(), b.double()))
-            name = "triton gemm (tma)" if use_tma(a, b, a, None) else "triton gemm"
-            rows.append(_row(name, f"{n_gemm}^3", label, ours, "torch.matmul", base, 2 * n_gemm ** 3,
-                             "tflops", peaks[label], err))
-            os.environ["CUDACNN_GEMM_TMA"] = "0"  # the pointer-based kernel, for comparison
-            try:
-                ours = _time(lambda: gemm(a, b, allow_tf32=tf32))
-                err = _rel_err(gemm(a, b, allow_tf32=tf32), torch.matmul(a.double(), b.double()))
-            finally:
-                del os.environ["CUDACNN_GEMM_TMA"]
-            rows.append(_row("triton gemm (pointers)", f"{n_gemm}^3", label, ours, "torch.matmul", base,
-                             2 * n_gemm ** 3, "tflops", peaks[label], err))
+            ref = torch.matmul(a.double(), b.double())
+            for kernel, ours, out in triton_variants(lambda: gemm(a, b, allow_tf32=tf32), tf32):
+                rows.append(_row(f"triton gemm ({kernel})", f"{n_gemm}^3", label, ours, "torch.matmul", base,
+                                 2 * n_gemm ** 3, "tflops", peaks[label], _rel_err(out, ref)))
         torch.backends.cuda.matmul.allow_tf32 = False
 
     def fused_linear_gelu(rows):
@@ -130,19 +159,22 @@ def run(quick: bool = False, compile: bool = True) -> list[dict]:
             bias = torch.randn(N, device=dev, dtype=torch.bfloat16)
             eager = lambda: F.gelu(F.linear(x, w, bias))  # noqa: E731
             base = _time(eager)
-            ours = _time(lambda: gemm(x, w.t(), bias, "gelu"))
-            extra = {}
+            plain = _time(lambda: F.linear(x, w, bias))
+            ref = F.gelu(F.linear(x.double(), w.double(), bias.double()))
+            extra = {"cublas_linear_ms": round(plain, 4)}
             if compile:
                 extra["compile_ms"] = _compiled_ms(eager)
-            err = _rel_err(gemm(x, w.t(), bias, "gelu"), F.gelu(F.linear(x.double(), w.double(), bias.double())))
-            rows.append(_row("triton gemm+bias+gelu", f"{M}x{K}x{N}", "bf16", ours, "eager linear+gelu", base,
-                             2 * M * N * K, "tflops", peaks["bf16"], err, **extra))
+            for kernel, ours, out in triton_variants(lambda: gemm(x, w.t(), bias, "gelu")):
+                rows.append(_row(f"triton gemm+bias+gelu ({kernel})", f"{M}x{K}x{N}", "bf16", ours,
+                                 "eager linear+gelu", base, 2 * M * N * K, "tflops", peaks["bf16"],
+                                 _rel_err(out, ref), **extra))
             if cuda_ext.cuda_available():
-                ours_cuda = _time(lambda: cuda_ext.cuda_gemm(x, w.t(), bias, "gelu"))
-                err = _rel_err(cuda_ext.cuda_gemm(x, w.t(), bias, "gelu"),
-                               F.gelu(F.linear(x.double(), w.double(), bias.double())))
-                rows.append(_row("cuda gemm+bias+gelu", f"{M}x{K}x{N}", "bf16", ours_cuda, "eager linear+gelu", base,
-                                 2 * M * N * K, "tflops", peaks["bf16"], err))
+                for variant in (0, 5):
+                    fn = lambda: cuda_ext.cuda_gemm(x, w.t(), bias, "gelu", variant=variant)  # noqa: E731
+                    ours_cuda = _time(fn)
+                    rows.append(_row(f"cuda gemm+bias+gelu (v{variant})", f"{M}x{K}x{N}", "bf16", ours_cuda,
+                                     "eager linear+gelu", base, 2 * M * N * K, "tflops", peaks["bf16"],
+                                     _rel_err(fn(), ref)))
 
     def activations(rows):
         for dtype in (torch.float32, torch.bfloat16):
@@ -186,6 +218,10 @@ def run(quick: bool = False, compile: bool = True) -> list[dict]:
         eager()
         err = _rel_err(grad, xg.grad)
         extra = {"autograd_ms": round(_time(ours_autograd), 4)}
+        # The same work replayed from CUDA graphs: device time without Python and launch overheads.
+        for key, fn in (("graph_ours_ms", lambda: softmax_cross_entropy(x, t, 0.2, return_grad=True)),
+                        ("graph_eager_ms", eager), ("graph_ours_autograd_ms", ours_autograd)):
+            extra[key] = _graph_ms(fn)
         if compile:
             def compiled_step(x_, t_):
                 return torch.func.grad(lambda z: F.cross_entropy(z, t_, label_smoothing=0.2))(x_)
@@ -197,14 +233,20 @@ def run(quick: bool = False, compile: bool = True) -> list[dict]:
     def cuda_gemm(rows):
         if not cuda_ext.cuda_available():
             return
-        for dtype, label in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+        for dtype, label, variants in ((torch.bfloat16, "bf16", (0, 1, 2, 3, 4, 5)), (torch.float16, "fp16", (0, 5))):
             a = torch.randn(n_gemm, n_gemm, device=dev, dtype=dtype)
             w = torch.randn(n_gemm, n_gemm, device=dev, dtype=dtype)
-            ours = _time(lambda: cuda_ext.cuda_gemm(a, w.t()))
             base = _time(lambda: torch.matmul(a, w.t()))
-            err = _rel_err(cuda_ext.cuda_gemm(a, w.t()), torch.matmul(a.double(), w.t().double()))
-            rows.append(_row("cuda c++ gemm (mma.sync)", f"{n_gemm}^3", label, ours, "cuBLAS", base, 2 * n_gemm ** 3,
-                             "tflops", peaks[label], err))
+            ref = torch.matmul(a.double(), w.t().double())
+            for variant in variants:
+                try:
+                    fn = lambda: cuda_ext.cuda_gemm(a, w.t(), variant=variant)  # noqa: E731
+                    ours = _time(fn)
+                    rows.append(_row(f"cuda c++ gemm v{variant} ({'wgmma' if variant == 5 else 'mma.sync'})",
+                                     f"{n_gemm}^3", label, ours, "cuBLAS", base, 2 * n_gemm ** 3, "tflops",
+                                     peaks[label], _rel_err(fn(), ref)))
+                except Exception as exc:  # noqa: BLE001 - one variant failing must not hide the others
+                    rows.append({"name": f"cuda c++ gemm v{variant}", "error": f"{type(exc).__name__}: {exc}"[:300]})
 
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, cuda {torch.version.cuda}",
           file=sys.stderr, flush=True)
@@ -226,7 +268,9 @@ def format_table(rows: list[dict]) -> str:
                      f"{r.get('roofline_fraction', float('nan')):5.3f} {r.get('rel_err', ''):>8}  {r.get('baseline', '')}"
                      + (f" of_copy={r['of_copy']}" if "of_copy" in r else "")
                      + (f" compile={r['compile_ms']}ms" if "compile_ms" in r else "")
-                     + (f" autograd={r['autograd_ms']}ms" if "autograd_ms" in r else ""))
+                     + (f" autograd={r['autograd_ms']}ms" if "autograd_ms" in r else "")
+                     + "".join(f" {k}={r[k]}" for k in ("cublas_linear_ms", "graph_ours_ms", "graph_eager_ms",
+                                                         "graph_ours_autograd_ms") if k in r))
     return "\n".join(lines)
 
 

@@ -16,8 +16,8 @@ import torch
 from .activations import activation_code
 
 SOURCE_DIR = Path(__file__).parent / "cuda"
-SOURCES = ("bindings.cpp", "gemm.cu", "activations.cu")
-HEADERS = ("kernels.h", "activation_math.cuh")
+SOURCES = ("bindings.cpp", "gemm.cu", "gemm_variants.cu", "gemm_wgmma.cu", "activations.cu")
+HEADERS = ("kernels.h", "activation_math.cuh", "gemm_kernel.cuh")
 
 
 def cuda_available() -> bool:
@@ -34,7 +34,8 @@ def extension():
     major, minor = torch.cuda.get_device_capability()
     if major < 8:
         raise RuntimeError(f"the CUDA C++ GEMM uses bf16 mma.sync, which needs sm_80 or newer (this GPU: sm_{major}{minor})")
-    arch = f"{major}{minor}"
+    # sm_90 builds as sm_90a so that gemm_wgmma.cu gets Hopper's warpgroup MMA.
+    arch = f"{major}{minor}" + ("a" if (major, minor) == (9, 0) else "")
     digest = hashlib.sha256()
     for name in SOURCES + HEADERS:
         digest.update((SOURCE_DIR / name).read_bytes())
@@ -47,7 +48,7 @@ def extension():
         sources=[str(SOURCE_DIR / s) for s in SOURCES],
         extra_cflags=["-O3", "-std=c++17"],
         extra_cuda_cflags=["-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}", "--use_fast_math",
-                           "-lineinfo"],
+                           "-lineinfo"] + (["-DCUDACNN_HAVE_SM90A"] if arch.endswith("a") else []),
         extra_include_paths=[str(SOURCE_DIR)],
         build_directory=str(build_dir),
         verbose=os.environ.get("CUDACNN_CUDA_VERBOSE") == "1",
@@ -66,10 +67,20 @@ def gemm_supported(a: torch.Tensor, b: torch.Tensor) -> bool:
             and a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0)
 
 
+# 0: mma.sync (any sm_80+); 5: wgmma (sm_90a). CUDACNN_CUDA_GEMM_VARIANT overrides.
+DEFAULT_GEMM_VARIANT = 0
+
+
+def default_gemm_variant() -> int:
+    return int(os.environ.get("CUDACNN_CUDA_GEMM_VARIANT", DEFAULT_GEMM_VARIANT))
+
+
 def cuda_gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, activation: str = "none",
-              out: torch.Tensor | None = None) -> torch.Tensor:
+              out: torch.Tensor | None = None, variant: int | None = None) -> torch.Tensor:
     """out = act(a @ b + bias) on the tensor-core mma.sync kernel; b (K, N) must be a transposed view of a
-    K-contiguous (N, K) matrix, like nn.Linear's weight.t() (see gemm_supported)."""
+    K-contiguous (N, K) matrix, like nn.Linear's weight.t() (see gemm_supported). variant: 0 mma.sync,
+    5 wgmma (Hopper), 1-4 other mma.sync tile shapes (bf16, no activation) kept for the benchmark."""
+    variant = default_gemm_variant() if variant is None else variant
     if not gemm_supported(a, b):
         raise ValueError("cuda_gemm needs bf16/fp16 a (M, K) row-major and b = w.t() with w (N, K) row-major, "
                          "K a multiple of 8; use kernels.gemm for other layouts")
@@ -78,7 +89,7 @@ def cuda_gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None
         out = torch.empty((M, N), dtype=a.dtype, device=a.device)
     if bias is not None:
         bias = bias.contiguous()
-    extension().gemm_tn(a, b.t(), bias, out, activation_code(activation), _stream())
+    extension().gemm_tn(a, b.t(), bias, out, activation_code(activation), _stream(), variant)
     return out
 
 

@@ -44,7 +44,7 @@ def reference_gemm(a, b, bias=None, activation="none"):
 def _gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, z_ptr, M, N, K,
                  stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
                  HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr,
-                 INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -82,14 +82,14 @@ def _gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, z_ptr, M, N, K,
     c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if STORE_PRE:
         tl.store(z_ptr + c_offs, acc.to(z_ptr.dtype.element_ty), mask=c_mask)
-    acc = _act_fwd(acc, ACTIVATION)
+    acc = _act_fwd(acc, ACTIVATION, FAST)
     tl.store(c_ptr + c_offs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
 @triton.jit
 def _gemm_tma_kernel(a_desc, b_desc, c_desc, z_desc, bias_ptr, M, N, K, B_IS_NK: tl.constexpr,
                      HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr,
-                     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """Same GEMM with tiles moved by the Hopper tensor-memory accelerator (TMA): no address arithmetic,
     out-of-range rows, columns and K read as zeros and stores are clipped by the hardware. B is read
@@ -120,8 +120,53 @@ def _gemm_tma_kernel(a_desc, b_desc, c_desc, z_desc, bias_ptr, M, N, K, B_IS_NK:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     if STORE_PRE:
         z_desc.store([off_m, off_n], acc.to(z_desc.dtype))
-    acc = _act_fwd(acc, ACTIVATION)
+    acc = _act_fwd(acc, ACTIVATION, FAST)
     c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
+
+
+@triton.jit
+def _gemm_persistent_kernel(a_desc, b_desc, c_desc, z_desc, bias_ptr, M, N, K, B_IS_NK: tl.constexpr,
+                            HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr,
+                            INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr):
+    """The TMA GEMM as a persistent kernel: one program per SM walks the output tiles; the flattened loop
+    lets the compiler pipeline the next tile's loads under this tile's epilogue (bias, activation)."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    num_tiles = num_pid_m * num_pid_n
+    pids_in_group = GROUP_M * num_pid_n
+    tile_c = tl.program_id(0) - NUM_SMS  # the tile whose epilogue runs; trails tile_id by one step
+    for tile_id in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=True):
+        first_pid_m = (tile_id // pids_in_group) * GROUP_M
+        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+        off_m = (first_pid_m + (tile_id % pids_in_group) % group_size_m) * BLOCK_M
+        off_n = ((tile_id % pids_in_group) // group_size_m) * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            a = a_desc.load([off_m, ki * BLOCK_K])
+            if B_IS_NK:
+                b = b_desc.load([off_n, ki * BLOCK_K]).T
+            else:
+                b = b_desc.load([ki * BLOCK_K, off_n])
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+        tile_c += NUM_SMS
+        first_pid_m = (tile_c // pids_in_group) * GROUP_M
+        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+        off_m = (first_pid_m + (tile_c % pids_in_group) % group_size_m) * BLOCK_M
+        off_n = ((tile_c % pids_in_group) // group_size_m) * BLOCK_N
+        if HAS_BIAS:
+            offs_n = off_n + tl.arange(0, BLOCK_N)
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        if STORE_PRE:
+            z_desc.store([off_m, off_n], acc.to(z_desc.dtype))
+        acc = _act_fwd(acc, ACTIVATION, FAST)
+        c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
 
 
 def _set_tma_blocks(nargs):
@@ -153,10 +198,10 @@ _CONFIGS_32BIT = [
     _config(128, 128, 32, 3, 4),
     _config(64, 128, 32, 4, 4),
 ]
-_AUTOTUNE_KEY = ["M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn"]
+_AUTOTUNE_KEY = ["M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn", "ACTIVATION", "HAS_BIAS"]
 _gemm_16bit = triton.autotune(configs=_CONFIGS_16BIT, key=_AUTOTUNE_KEY)(_gemm_kernel)
 _gemm_32bit = triton.autotune(configs=_CONFIGS_32BIT, key=_AUTOTUNE_KEY)(_gemm_kernel)
-_TMA_KEY = ["M", "N", "K", "B_IS_NK"]
+_TMA_KEY = ["M", "N", "K", "B_IS_NK", "ACTIVATION", "HAS_BIAS", "STORE_PRE"]
 _gemm_tma_16bit = triton.autotune(
     configs=[_config(*c, pre_hook=_set_tma_blocks) for c in ((128, 256, 64, 3, 8), (256, 128, 64, 3, 8),
                                                              (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
@@ -166,6 +211,25 @@ _gemm_tma_32bit = triton.autotune(
     configs=[_config(*c, pre_hook=_set_tma_blocks) for c in ((128, 256, 32, 3, 8), (128, 128, 32, 4, 8),
                                                              (128, 128, 32, 3, 4), (64, 128, 32, 4, 4))],
     key=_TMA_KEY)(_gemm_tma_kernel)
+_gemm_persistent_16bit = triton.autotune(
+    configs=[_config(*c, pre_hook=_set_tma_blocks) for c in ((128, 256, 64, 3, 8), (128, 128, 64, 4, 8),
+                                                             (256, 128, 64, 3, 8))],
+    key=_TMA_KEY)(_gemm_persistent_kernel)
+_gemm_persistent_32bit = triton.autotune(
+    configs=[_config(*c, pre_hook=_set_tma_blocks) for c in ((128, 256, 32, 3, 8), (128, 128, 32, 4, 8),
+                                                             (128, 128, 64, 3, 8))],
+    key=_TMA_KEY)(_gemm_persistent_kernel)
+
+# Which kernel a TMA-eligible GEMM runs: "tma", "persistent", or "pointers" (CUDACNN_GEMM_KERNEL overrides).
+DEFAULT_KERNEL = "tma"
+
+
+def kernel_choice() -> str:
+    return os.environ.get("CUDACNN_GEMM_KERNEL", DEFAULT_KERNEL)
+
+
+def _num_sms(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 _tma_failed = False
@@ -184,7 +248,7 @@ def use_tma(a, b, c, z) -> bool:
     """TMA needs sm_90+, 16-byte aligned rows and one unit-stride dimension per operand.
     CUDACNN_GEMM_TMA=0 turns it off; =1 turns it on under the interpreter (for tests)."""
     flag = os.environ.get("CUDACNN_GEMM_TMA", "")
-    if flag == "0" or not HAS_TENSOR_DESCRIPTOR or _tma_failed:
+    if flag == "0" or not HAS_TENSOR_DESCRIPTOR or _tma_failed or kernel_choice() == "pointers":
         return False
     if a.is_cuda:
         if torch.cuda.get_device_capability(a.device)[0] < 9:
@@ -205,6 +269,20 @@ def _launch_tma(a, b, c, bias, z, meta):
     meta = {k: v for k, v in meta.items()}
     meta["B_IS_NK"] = b_is_nk
     args = (*descs, bias if bias is not None else c, M, N, K)
+    if kernel_choice() == "persistent":
+        sms = _num_sms(a.device)
+        tiles = lambda m: triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"])  # noqa: E731
+        if interpreting() or os.environ.get("CUDACNN_GEMM_AUTOTUNE", "1") == "0":
+            blocks = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2) if interpreting() else \
+                dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32 if a.dtype == torch.float32 else 64, GROUP_M=8)
+            _set_tma_blocks({"a_desc": descs[0], "b_desc": descs[1], "c_desc": descs[2], "z_desc": descs[3],
+                             "B_IS_NK": b_is_nk, **blocks})
+            extra = {} if interpreting() else dict(num_stages=3, num_warps=8)
+            _gemm_persistent_kernel[(min(sms, tiles(blocks)),)](*args, **meta, **blocks, NUM_SMS=sms, **extra)
+            return
+        kernel = _gemm_persistent_32bit if a.dtype == torch.float32 else _gemm_persistent_16bit
+        kernel[lambda m: (min(sms, tiles(m)),)](*args, **meta, NUM_SMS=sms)
+        return
     if interpreting() or os.environ.get("CUDACNN_GEMM_AUTOTUNE", "1") == "0":
         blocks = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2) if interpreting() else \
             dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32 if a.dtype == torch.float32 else 64, GROUP_M=8)
@@ -226,7 +304,7 @@ def _launch(a, b, c, bias, z, activation, allow_tf32):
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
     meta = dict(HAS_BIAS=bias is not None, ACTIVATION=activation_code(activation), STORE_PRE=z is not None,
                 INPUT_PRECISION="tf32" if (allow_tf32 and a.dtype == torch.float32) else "ieee",
-                UPCAST=interpreting() and a.dtype == torch.bfloat16)
+                UPCAST=interpreting() and a.dtype == torch.bfloat16, FAST=c.dtype != torch.float32)
     if use_tma(a, b, c, z):
         try:
             _launch_tma(a, b, c, bias, z, meta)

@@ -2,10 +2,15 @@
 // in a grid-stride loop; a misaligned tensor takes the one-element path.
 #include <cuda_runtime.h>
 #include <cstdint>
+#include <type_traits>
 #include "activation_math.cuh"
 #include "kernels.h"
 
 namespace {
+
+// 16-bit outputs take the cheaper erf (see activation_math.cuh): its error is far below their rounding.
+template <typename T>
+constexpr bool kFast = !std::is_same<T, float>::value;
 
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Vec {
@@ -19,11 +24,11 @@ __global__ void activation_forward_kernel(const T* __restrict__ x, T* __restrict
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n_vec; i += stride) {
     Vec<T, VEC> in = reinterpret_cast<const Vec<T, VEC>*>(x)[i], out;
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) out.v[j] = from_float<T>(act_forward<KIND>(to_float(in.v[j])));
+    for (int j = 0; j < VEC; ++j) out.v[j] = from_float<T>(act_forward<KIND, kFast<T>>(to_float(in.v[j])));
     reinterpret_cast<Vec<T, VEC>*>(y)[i] = out;
   }
   int64_t tail = n_vec * VEC + (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (tail < n) y[tail] = from_float<T>(act_forward<KIND>(to_float(x[tail])));
+  if (tail < n) y[tail] = from_float<T>(act_forward<KIND, kFast<T>>(to_float(x[tail])));
 }
 
 template <typename T, int VEC, int KIND>
@@ -35,11 +40,11 @@ __global__ void activation_backward_kernel(const T* __restrict__ g, const T* __r
     Vec<T, VEC> gv = reinterpret_cast<const Vec<T, VEC>*>(g)[i];
     Vec<T, VEC> xv = reinterpret_cast<const Vec<T, VEC>*>(x)[i], out;
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) out.v[j] = from_float<T>(to_float(gv.v[j]) * act_grad<KIND>(to_float(xv.v[j])));
+    for (int j = 0; j < VEC; ++j) out.v[j] = from_float<T>(to_float(gv.v[j]) * act_grad<KIND, kFast<T>>(to_float(xv.v[j])));
     reinterpret_cast<Vec<T, VEC>*>(dx)[i] = out;
   }
   int64_t tail = n_vec * VEC + (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (tail < n) dx[tail] = from_float<T>(to_float(g[tail]) * act_grad<KIND>(to_float(x[tail])));
+  if (tail < n) dx[tail] = from_float<T>(to_float(g[tail]) * act_grad<KIND, kFast<T>>(to_float(x[tail])));
 }
 
 constexpr int kThreads = 256;

@@ -18,13 +18,13 @@ int dtype_code(const at::Tensor& t) {
 void check(int error, const char* what) { TORCH_CHECK(error == 0, what, " failed: ", cuda_error_string(error)); }
 
 void gemm_tn(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias, at::Tensor& c,
-             int64_t activation, int64_t stream) {
+             int64_t activation, int64_t stream, int64_t variant) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && c.dim() == 2 && a.stride(1) == 1 && b.stride(1) == 1 &&
                   c.stride(1) == 1, "gemm_tn needs row-major 2-D a, b, c");
   const void* bias_ptr = bias.has_value() ? bias->data_ptr() : nullptr;
   check(launch_gemm_tn(dtype_code(a), a.data_ptr(), b.data_ptr(), bias_ptr, c.data_ptr(), (int)a.size(0),
                        (int)b.size(0), (int)a.size(1), a.stride(0), b.stride(0), c.stride(0), (int)activation,
-                       reinterpret_cast<cudaStream_t>(stream)),
+                       reinterpret_cast<cudaStream_t>(stream), (int)variant),
         "gemm_tn");
 }
 

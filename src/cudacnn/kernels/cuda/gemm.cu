@@ -3,224 +3,52 @@
 // A (M, K) and B (N, K) are both K-contiguous ("TN", the layout of x and an nn.Linear weight), so every
 // operand tile is loaded with ldmatrix without transposes. One block computes a 128x256 tile of C with
 // 8 warps (2 x 4, each 64x64 = 4 x 8 mma.sync.m16n8k16). K advances 32 at a time through a 4-stage
-// cp.async pipeline in shared memory. Shared tiles are [rows][32] with the 16-byte chunk index XOR-ed
-// by row bits, so ldmatrix reads and cp.async writes are free of bank conflicts. Blocks walk C in groups
+// cp.async pipeline in shared memory. Shared tiles are [rows][BK] with the 16-byte chunk index XOR-ed
+// by row bits, so ldmatrix reads and cp.async writes are free of bank conflicts. (Tile is a template:
+// launch_variant builds other shapes for the benchmark.) Blocks walk C in groups
 // of 8 row-tiles so the A and B tiles they share stay in L2.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <cstdint>
-#include <type_traits>
-#include "activation_math.cuh"
+#include "gemm_kernel.cuh"
 #include "kernels.h"
 
+int launch_gemm_variant(int variant, const void* a, const void* b, const void* bias, void* c, int M, int N, int K,
+                        int64_t lda, int64_t ldb, int64_t ldc, cudaStream_t stream);  // gemm_variants.cu
+
 namespace {
-
-constexpr int BM = 128, BN = 256, BK = 32, STAGES = 4;
-constexpr int WARPS_M = 2, WARPS_N = 4, THREADS = 32 * WARPS_M * WARPS_N;
-constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;  // 64 x 64 per warp
-constexpr int MT = WM / 16, NT = WN / 8;             // mma tiles per warp: 4 x 8
-constexpr int CHUNKS = BK / 8;                       // 16-byte chunks per shared row
-constexpr int A_STAGE = BM * BK, B_STAGE = BN * BK;  // elements per stage
-constexpr int SMEM_BYTES = STAGES * (A_STAGE + B_STAGE) * 2;
-constexpr int GROUP_M = 8;
-
-__device__ __forceinline__ int swizzle(int row, int chunk) { return row * BK + ((chunk ^ ((row >> 1) & 3)) << 3); }
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
-  unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  int bytes = pred ? 16 : 0;  // 0 source bytes: the 16 shared bytes are zero-filled
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
-__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* smem) {
-  unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-template <typename T>
-__device__ __forceinline__ void mma16816(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ void store_pair(T* p, float v0, float v1);
-template <>
-__device__ __forceinline__ void store_pair<__nv_bfloat16>(__nv_bfloat16* p, float v0, float v1) {
-  *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(v0, v1);
-}
-template <>
-__device__ __forceinline__ void store_pair<__half>(__half* p, float v0, float v1) {
-  *reinterpret_cast<__half2*>(p) = __floats2half2_rn(v0, v1);
-}
-
-// Copy the (BM or BN) x BK tile starting at (row0, k0) of a K-contiguous matrix into shared memory.
-template <typename T, int ROWS>
-__device__ __forceinline__ void load_tile(T* smem, const T* g, int rows_total, int K, int64_t ld, int row0, int k0) {
-#pragma unroll
-  for (int i = 0; i < ROWS * CHUNKS / THREADS; ++i) {
-    int id = threadIdx.x + i * THREADS;
-    int row = id / CHUNKS, chunk = id % CHUNKS;
-    int grow = row0 + row, gk = k0 + chunk * 8;
-    bool ok = grow < rows_total && gk < K;
-    const T* src = ok ? g + (int64_t)grow * ld + gk : g;
-    cp_async16(smem + swizzle(row, chunk), src, ok);
-  }
-}
-
-template <typename T, int ACT>
-__global__ void __launch_bounds__(THREADS, 1)
-    gemm_tn_kernel(const T* __restrict__ A, const T* __restrict__ B, const T* __restrict__ bias, T* __restrict__ C,
-                   int M, int N, int K, int64_t lda, int64_t ldb, int64_t ldc, bool pair_store) {
-  extern __shared__ __align__(128) unsigned char smem_raw[];
-  T* As = reinterpret_cast<T*>(smem_raw);
-  T* Bs = As + STAGES * A_STAGE;
-
-  // Grouped rasterization over output tiles.
-  int tiles_m = (M + BM - 1) / BM, tiles_n = (N + BN - 1) / BN;
-  int pid = blockIdx.x, per_group = GROUP_M * tiles_n;
-  int first_m = (pid / per_group) * GROUP_M;
-  int group_m = min(tiles_m - first_m, GROUP_M);
-  int m0 = (first_m + (pid % per_group) % group_m) * BM;
-  int n0 = ((pid % per_group) / group_m) * BN;
-
-  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  int wm = warp / WARPS_N, wn = warp % WARPS_N;
-
-  float acc[MT][NT][4];
-#pragma unroll
-  for (int i = 0; i < MT; ++i)
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
-
-  int k_tiles = (K + BK - 1) / BK;
-#pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < k_tiles) {
-      load_tile<T, BM>(As + s * A_STAGE, A, M, K, lda, m0, s * BK);
-      load_tile<T, BN>(Bs + s * B_STAGE, B, N, K, ldb, n0, s * BK);
-    }
-    cp_async_commit();
-  }
-
-  for (int kt = 0; kt < k_tiles; ++kt) {
-    cp_async_wait<STAGES - 2>();  // tile kt has landed
-    __syncthreads();              // ... for every thread, and everyone is done with tile kt - 1
-    int next = kt + STAGES - 1;
-    if (next < k_tiles) {
-      int s = next % STAGES;
-      load_tile<T, BM>(As + s * A_STAGE, A, M, K, lda, m0, next * BK);
-      load_tile<T, BN>(Bs + s * B_STAGE, B, N, K, ldb, n0, next * BK);
-    }
-    cp_async_commit();
-
-    const T* a_s = As + (kt % STAGES) * A_STAGE;
-    const T* b_s = Bs + (kt % STAGES) * B_STAGE;
-#pragma unroll
-    for (int kk = 0; kk < BK / 16; ++kk) {
-      unsigned af[MT][4], bf[NT][2];
-#pragma unroll
-      for (int i = 0; i < MT; ++i)
-        ldmatrix_x4(af[i], a_s + swizzle(wm * WM + i * 16 + (lane & 15), kk * 2 + (lane >> 4)));
-#pragma unroll
-      for (int j = 0; j < NT / 2; ++j) {
-        unsigned r[4];
-        ldmatrix_x4(r, b_s + swizzle(wn * WN + j * 16 + (lane & 7) + ((lane >> 4) << 3), kk * 2 + ((lane >> 3) & 1)));
-        bf[2 * j][0] = r[0];
-        bf[2 * j][1] = r[1];
-        bf[2 * j + 1][0] = r[2];
-        bf[2 * j + 1][1] = r[3];
-      }
-#pragma unroll
-      for (int i = 0; i < MT; ++i)
-#pragma unroll
-        for (int j = 0; j < NT; ++j) mma16816<T>(acc[i][j], af[i], bf[j]);
-    }
-  }
-  cp_async_wait<0>();
-
-  // Epilogue straight from the accumulators: bias, activation, one store.
-#pragma unroll
-  for (int j = 0; j < NT; ++j) {
-    int col = n0 + wn * WN + j * 8 + (lane & 3) * 2;
-    float b0 = 0.0f, b1 = 0.0f;
-    if (bias != nullptr) {
-      if (col < N) b0 = to_float(bias[col]);
-      if (col + 1 < N) b1 = to_float(bias[col + 1]);
-    }
-#pragma unroll
-    for (int i = 0; i < MT; ++i) {
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        int row = m0 + wm * WM + i * 16 + (lane >> 2) + half * 8;
-        if (row >= M) continue;
-        float v0 = act_forward<ACT>(acc[i][j][2 * half] + b0);
-        float v1 = act_forward<ACT>(acc[i][j][2 * half + 1] + b1);
-        T* dst = C + (int64_t)row * ldc + col;
-        if (pair_store && col + 1 < N) {
-          store_pair<T>(dst, v0, v1);
-        } else {
-          if (col < N) dst[0] = from_float<T>(v0);
-          if (col + 1 < N) dst[1] = from_float<T>(v1);
-        }
-      }
-    }
-  }
-}
-
-template <typename T, int ACT>
-int launch(const void* a, const void* b, const void* bias, void* c, int M, int N, int K, int64_t lda, int64_t ldb,
-           int64_t ldc, cudaStream_t stream) {
-  auto kernel = gemm_tn_kernel<T, ACT>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES);
-  if (err != cudaSuccess) return (int)err;
-  bool pair_store = (ldc % 2 == 0) && (reinterpret_cast<uintptr_t>(c) % 4 == 0);
-  int blocks = ((M + BM - 1) / BM) * ((N + BN - 1) / BN);
-  kernel<<<blocks, THREADS, SMEM_BYTES, stream>>>((const T*)a, (const T*)b, (const T*)bias, (T*)c, M, N, K, lda,
-                                                  ldb, ldc, pair_store);
-  return (int)cudaGetLastError();
-}
+using namespace cudacnn_gemm;
 
 template <typename T>
 int launch_act(int act, const void* a, const void* b, const void* bias, void* c, int M, int N, int K, int64_t lda,
                int64_t ldb, int64_t ldc, cudaStream_t stream) {
+  using Cfg = DefaultTile;
   switch (act) {
-    case kNone: return launch<T, kNone>(a, b, bias, c, M, N, K, lda, ldb, ldc, stream);
-    case kRelu: return launch<T, kRelu>(a, b, bias, c, M, N, K, lda, ldb, ldc, stream);
-    case kGelu: return launch<T, kGelu>(a, b, bias, c, M, N, K, lda, ldb, ldc, stream);
-    case kGeluTanh: return launch<T, kGeluTanh>(a, b, bias, c, M, N, K, lda, ldb, ldc, stream);
-    case kSilu: return launch<T, kSilu>(a, b, bias, c, M, N, K, lda, ldb, ldc, stream);
+    case kNone: return launch<Cfg, T, kNone>(a, b, bias, c, M, N, K, lda, ldb, ldc, stream);
+    case kRelu: return launch<Cfg, T, kRelu>(a, b, bias, c, M, N, K, lda, ldb, ldc, stream);
+    case kGelu: return launch<Cfg, T, kGelu>(a, b, bias, c, M, N, K, lda, ldb, ldc, stream);
+    case kGeluTanh: return launch<Cfg, T, kGeluTanh>(a, b, bias, c, M, N, K, lda, ldb, ldc, stream);
+    case kSilu: return launch<Cfg, T, kSilu>(a, b, bias, c, M, N, K, lda, ldb, ldc, stream);
     default: return (int)cudaErrorInvalidValue;
   }
 }
+
+
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 }  // namespace
 
 int launch_gemm_tn(int dtype, const void* a, const void* b, const void* bias, void* c, int M, int N, int K,
-                   int64_t lda, int64_t ldb, int64_t ldc, int activation, cudaStream_t stream) {
+                   int64_t lda, int64_t ldb, int64_t ldc, int activation, cudaStream_t stream, int variant) {
   if (K % 8 || lda % 8 || ldb % 8 || !aligned16(a) || !aligned16(b)) return (int)cudaErrorInvalidValue;
   if (M == 0 || N == 0) return 0;
+  if (variant == 5) return launch_gemm_wgmma(dtype, a, b, bias, c, M, N, K, lda, ldb, ldc, activation, stream);
+  if (variant != 0) {
+    if (dtype != kBFloat16 || activation != kNone) return (int)cudaErrorInvalidValue;
+    return launch_gemm_variant(variant, a, b, bias, c, M, N, K, lda, ldb, ldc, stream);
+  }
   if (dtype == kBFloat16) return launch_act<__nv_bfloat16>(activation, a, b, bias, c, M, N, K, lda, ldb, ldc, stream);
   if (dtype == kFloat16) return launch_act<__half>(activation, a, b, bias, c, M, N, K, lda, ldb, ldc, stream);
   return (int)cudaErrorInvalidValue;
