@@ -194,8 +194,9 @@ _CONFIGS_16BIT = [
 # float32 tiles take twice the shared memory per element: halve BLOCK_K.
 _CONFIGS_32BIT = [
     _config(128, 256, 32, 3, 8),
+    _config(256, 128, 32, 3, 8),
+    _config(128, 256, 32, 4, 8),
     _config(128, 128, 32, 4, 8),
-    _config(128, 128, 32, 3, 4),
     _config(64, 128, 32, 4, 4),
 ]
 _AUTOTUNE_KEY = ["M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn", "ACTIVATION", "HAS_BIAS"]

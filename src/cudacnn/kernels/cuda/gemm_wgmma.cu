@@ -5,7 +5,7 @@
 // wgmma.mma_async m64n256k16, both operands read by the tensor cores straight from shared memory through
 // matrix descriptors. The [rows][64] bf16 tiles, 16-byte chunk c of row r stored at c ^ (r % 8), are
 // exactly the hardware's 128-byte swizzle, so the descriptors say "128B swizzle", 8-row stride 1024 B.
-// K advances 64 at a time through a 4-stage cp.async pipeline (48 KB a stage).
+// K advances 64 at a time through a 4-stage cp.async pipeline (48 KB a stage), one wgmma group in flight.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -39,9 +39,10 @@ __device__ __forceinline__ void wgmma_commit() {
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 #endif
 }
-__device__ __forceinline__ void wgmma_wait_all() {
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 #endif
 }
 __device__ __forceinline__ void fence_async_shared() {
@@ -98,9 +99,12 @@ __global__ void __launch_bounds__(WgTile::THREADS, 1)
 #pragma unroll
   for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
 
+  // Prefetch distance STAGES - 2: the stage refilled at step kt was last read by the wgmma of step kt - 2,
+  // which every warpgroup has retired (wait_group 1 at the end of step kt - 1, then the barrier), so one
+  // wgmma group stays in flight while the next tile's loads are issued.
   int k_tiles = (K + BK - 1) / BK;
 #pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
+  for (int s = 0; s < STAGES - 2; ++s) {
     if (s < k_tiles) {
       load_tile<Cfg, T, BM>(As + s * A_STAGE, A, M, K, lda, m0, s * BK);
       load_tile<Cfg, T, BN>(Bs + s * B_STAGE, B, N, K, ldb, n0, s * BK);
@@ -109,10 +113,10 @@ __global__ void __launch_bounds__(WgTile::THREADS, 1)
   }
 
   for (int kt = 0; kt < k_tiles; ++kt) {
-    cp_async_wait<STAGES - 2>();
-    fence_async_shared();  // make this thread's cp.async writes visible to the tensor cores' (async) reads
-    __syncthreads();       // every thread's part of tile kt landed; the stage refilled below is free
-    int next = kt + STAGES - 1;
+    cp_async_wait<STAGES - 3>();  // tile kt has landed (for this thread's copies)
+    fence_async_shared();         // make them visible to the tensor cores' (async-proxy) reads
+    __syncthreads();              // ... for every thread's copies
+    int next = kt + STAGES - 2;
     if (next < k_tiles) {
       int s = next % STAGES;
       load_tile<Cfg, T, BM>(As + s * A_STAGE, A, M, K, lda, m0, next * BK);
@@ -126,8 +130,9 @@ __global__ void __launch_bounds__(WgTile::THREADS, 1)
 #pragma unroll
     for (int kk = 0; kk < BK / 16; ++kk) wgmma_m64n256k16<T>(acc, smem_desc(a_s + kk * 16), smem_desc(b_s + kk * 16));
     wgmma_commit();
-    wgmma_wait_all();  // before the next iteration's loads overwrite a stage these read
+    wgmma_wait<1>();  // the previous step's group has retired; this one keeps the tensor cores busy
   }
+  wgmma_wait<0>();
   cp_async_wait<0>();
 
   // Accumulator fragment: register 4j + {0,1} is row 16 * warp + lane / 4, columns 8j + 2 (lane % 4) + {0,1};
