@@ -184,6 +184,7 @@ def test_gpu_and_cpu_backends_agree_on_a_training_run():
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_profile_and_fit_on_the_gpu_backend(capsys):
     gnn.manual_seed(0)
     model = _model().to("cuda")
