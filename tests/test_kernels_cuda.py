@@ -15,8 +15,10 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 
 
 def rel_err(out, ref):
+    # |out - ref| / max(|ref|, 1): relative for real-sized outputs, absolute for tiny ones (a lone GELU of a
+    # large negative x is 1 - erf cancellation in float32, in PyTorch's own GELU too).
     assert not torch.isnan(out).any(), "output has NaN: an element was not written"
-    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-3)).item()
+    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1.0)).item()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
