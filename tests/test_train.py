@@ -162,3 +162,27 @@ def test_cli_trains_from_an_archive(tmp_path, capsys):
     assert (tmp_path / "runs" / "cli" / "report.html").exists()
     assert main(args) == 2  # the folder exists now
     assert "already exists" in capsys.readouterr().err
+
+
+def test_record_preset_runs_seeds_and_summarizes(tmp_path, monkeypatch, dataset):
+    import cudacnn.train.fast as fast
+    from cudacnn.train import record
+
+    real = fast.train_fast
+    seeds = []
+
+    def short(name, data, **kw):  # the real recipe, cut to two steps so it runs on the CPU
+        seeds.append(kw["seed"])
+        return real(name, data, epochs=1, max_steps=2, batch_size=64, **kw)
+
+    monkeypatch.setattr(fast, "train_fast", short)
+    monkeypatch.setattr(record, "load_dataset", lambda *a, **k: dataset)
+    config = resolve("fast94", None, {"device": "cpu", "out": str(tmp_path), "name": "rec", "runs": 2,
+                                      "seed": 5, "compile": False})
+    summary = record.run_record(config, quiet=True)
+    assert seeds == [5, 6] and summary["runs"] == 2
+    accs = [row["test_acc"] for row in summary["rows"]]
+    assert summary["acc_min"] == min(accs) and summary["acc_mean"] == pytest.approx(sum(accs) / 2)
+    model, ckpt = model_from_checkpoint(tmp_path / "rec" / "run1" / "checkpoints" / "last.pt")
+    assert ckpt["model_name"] == "fast94" and ckpt["config"]["seed"] == 6
+    assert json.loads((tmp_path / "rec" / "results.json").read_text())["preset"] == "fast94"
