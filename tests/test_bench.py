@@ -212,7 +212,8 @@ def test_bench_kernels_runs_or_says_why(tmp_path, capsys):
 
     if importlib.util.find_spec("cudacnn.kernels.bench") is None or not torch.cuda.is_available():
         assert main(["bench", "kernels", "--out", str(tmp_path)]) == 2
-        assert "CUDA GPU" in capsys.readouterr().err or "cudacnn.kernels.bench" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "CUDA GPU" in err or "cudacnn.kernels.bench" in err
     else:
         pytest.skip("the kernels suite is tested by the kernels tests (it needs TRITON_INTERPRET on CPU)")
 

@@ -51,28 +51,29 @@ def synchronize(device: torch.device | str) -> None:
 
 def time_fn(fn: Callable[[], object], device: torch.device | str = "cpu", *, warmup: int = 1,
             repeats: int = 5, budget_s: float | None = None) -> Stats:
-    """Time `fn()`: `warmup` untimed calls, then up to `repeats` timed ones. With `budget_s`, stop
-    repeating once that much time went by (at least 3 repeats, or all of them if fewer were asked):
-    slow CPU cases get fewer repeats instead of minutes of waiting."""
+    """Time `fn()`: `warmup` untimed calls, then up to `repeats` timed ones. On a GPU the repeats are
+    queued back to back between CUDA events and read after one synchronize, so each sample is device time,
+    not launch latency. On the CPU, with `budget_s`, repeating stops once that much time went by (at least
+    3 repeats, or all if fewer were asked): slow cases get fewer repeats instead of minutes of waiting."""
     device = torch.device(device)
     on_gpu = device.type == "cuda"
     for _ in range(warmup):
         fn()
     synchronize(device)
-    samples = []
-    started = time.perf_counter()
-    for i in range(repeats):
-        if on_gpu:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    if on_gpu:
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+        for start, end in events:
             start.record()
             fn()
             end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
+        torch.cuda.synchronize(device)
+        return Stats.of(start.elapsed_time(end) for start, end in events)
+    samples = []
+    started = time.perf_counter()
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
         if budget_s is not None and i + 1 >= min(3, repeats) and time.perf_counter() - started > budget_s:
             break
     return Stats.of(samples)
@@ -151,6 +152,7 @@ def environment() -> dict:
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,  # busy machine?
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "gpu": None,

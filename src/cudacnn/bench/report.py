@@ -168,7 +168,8 @@ def environment_lines(env: dict) -> list[str]:
         if env.get("gpu") else "none"
     return [f"date: {env.get('date')}",
             f"GPU: {gpu}",
-            f"CPU: {env.get('cpu_model')}, {env.get('cpu_cores')} cores, torch threads {env.get('torch_threads')}",
+            f"CPU: {env.get('cpu_model')}, {env.get('cpu_cores')} cores, torch threads {env.get('torch_threads')}, "
+            f"load average {env.get('load_avg_1m')} at start",
             f"torch {env.get('torch')}, triton {env.get('triton')}, python {env.get('python')}, numpy {env.get('numpy')}"]
 
 
