@@ -222,7 +222,8 @@ _gemm_persistent_32bit = triton.autotune(
     key=_TMA_KEY)(_gemm_persistent_kernel)
 
 # Which kernel a TMA-eligible GEMM runs: "tma", "persistent", or "pointers" (CUDACNN_GEMM_KERNEL overrides).
-DEFAULT_KERNEL = "tma"
+# Persistent won on an H200 (benchmarks/kernels.md): 0.99x cuBLAS bf16 4096^3 against 0.87x for "tma".
+DEFAULT_KERNEL = "persistent"
 
 
 def kernel_choice() -> str:
