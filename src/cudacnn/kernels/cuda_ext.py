@@ -1,8 +1,8 @@
 """The CUDA C++ kernels (kernels/cuda/*.cu): built just in time with torch.utils.cpp_extension on first use,
 cached under ~/.cache/cudacnn (or $CUDACNN_CUDA_BUILD_DIR), and their Python launchers.
 
-The GEMM (wgmma on Hopper, mma.sync elsewhere) takes bf16/fp16 with K a multiple of 8 (16-byte cp.async rows); other inputs go to the Triton
-GEMM, which handles every case."""
+The GEMM (wgmma on Hopper, mma.sync elsewhere) takes bf16/fp16 with K a multiple of 8 (16-byte cp.async
+rows); other inputs go to the Triton GEMM, which handles every case."""
 
 from __future__ import annotations
 

@@ -3,7 +3,11 @@
 A (M, K) and B (K, N) may be any strided views (a transposed weight is just swapped strides), inputs
 float32 (exact or tf32), bfloat16 or float16; the accumulator is always float32 and the epilogue (bias,
 activation, the optional pre-activation copy kept for backward) runs on it before the one store.
-Tiles walk the output in grouped order (GROUP_M row-blocks at a time) so that A and B stay in L2."""
+Tiles walk the output in grouped order (GROUP_M row-blocks at a time) so that A and B stay in L2.
+
+Three kernels share that math: a pointer-based one (any strides, any GPU), a TMA one (Hopper; tiles moved
+by the tensor-memory accelerator) and a persistent TMA one (one program per SM; the default on Hopper,
+see DEFAULT_KERNEL). Each is autotuned over a few Hopper-sized configs."""
 
 from __future__ import annotations
 
