@@ -280,6 +280,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("cudacnn.kernels.bench: no CUDA GPU here; the kernel benchmarks need one", file=sys.stderr)
+        return 2
     rows = run(quick=args.quick, compile=not args.no_compile)
     if args.json:
         with open(args.json, "w") as f:
