@@ -265,6 +265,20 @@ def use_tma(a, b, c, z) -> bool:
     return all(_tma_layout_ok(t) for t in (a, b_rows, c) + ((z,) if z is not None else ()))
 
 
+def _autotuning() -> bool:
+    """Autotune on a GPU unless CUDACNN_GEMM_AUTOTUNE=0 (quick test runs); never under the interpreter,
+    which would run every config through numpy."""
+    return not interpreting() and os.environ.get("CUDACNN_GEMM_AUTOTUNE", "1") != "0"
+
+
+def _fixed_config(dtype) -> tuple[dict, dict]:
+    """(block sizes, launch options) used when not autotuning."""
+    if interpreting():
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2), {}
+    bk = 32 if dtype == torch.float32 else 64
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk, GROUP_M=8), dict(num_stages=3, num_warps=8)
+
+
 def _launch_tma(a, b, c, bias, z, meta):
     M, K = a.shape
     N = b.shape[1]
@@ -272,34 +286,28 @@ def _launch_tma(a, b, c, bias, z, meta):
     b_rows = b.t() if b_is_nk else b
     placeholder = [16, 16]  # replaced by the config's block shape (pre-hook)
     descs = [TensorDescriptor.from_tensor(t, placeholder) for t in (a, b_rows, c, z if z is not None else c)]
-    meta = {k: v for k, v in meta.items()}
-    meta["B_IS_NK"] = b_is_nk
     args = (*descs, bias if bias is not None else c, M, N, K)
-    if kernel_choice() == "persistent":
-        sms = _num_sms(a.device)
-        tiles = lambda m: triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"])  # noqa: E731
-        if interpreting() or os.environ.get("CUDACNN_GEMM_AUTOTUNE", "1") == "0":
-            blocks = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2) if interpreting() else \
-                dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32 if a.dtype == torch.float32 else 64, GROUP_M=8)
-            _set_tma_blocks({"a_desc": descs[0], "b_desc": descs[1], "c_desc": descs[2], "z_desc": descs[3],
-                             "B_IS_NK": b_is_nk, **blocks})
-            extra = {} if interpreting() else dict(num_stages=3, num_warps=8)
-            _gemm_persistent_kernel[(min(sms, tiles(blocks)),)](*args, **meta, **blocks, NUM_SMS=sms, **extra)
-            return
-        kernel = _gemm_persistent_32bit if a.dtype == torch.float32 else _gemm_persistent_16bit
-        kernel[lambda m: (min(sms, tiles(m)),)](*args, **meta, NUM_SMS=sms)
-        return
-    if interpreting() or os.environ.get("CUDACNN_GEMM_AUTOTUNE", "1") == "0":
-        blocks = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2) if interpreting() else \
-            dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32 if a.dtype == torch.float32 else 64, GROUP_M=8)
+    meta = dict(meta, B_IS_NK=b_is_nk)
+    persistent = kernel_choice() == "persistent"
+    sms = _num_sms(a.device)
+    if persistent:
+        meta["NUM_SMS"] = sms
+
+    def grid(m):
+        tiles = triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"])
+        return (min(sms, tiles),) if persistent else (tiles,)
+
+    if not _autotuning():
+        blocks, options = _fixed_config(a.dtype)
         _set_tma_blocks({"a_desc": descs[0], "b_desc": descs[1], "c_desc": descs[2], "z_desc": descs[3],
                          "B_IS_NK": b_is_nk, **blocks})
-        grid = (triton.cdiv(M, blocks["BLOCK_M"]) * triton.cdiv(N, blocks["BLOCK_N"]),)
-        extra = {} if interpreting() else dict(num_stages=3, num_warps=8)
-        _gemm_tma_kernel[grid](*args, **meta, **blocks, **extra)
+        kernel = _gemm_persistent_kernel if persistent else _gemm_tma_kernel
+        kernel[grid(blocks)](*args, **meta, **blocks, **options)
         return
-    kernel = _gemm_tma_32bit if a.dtype == torch.float32 else _gemm_tma_16bit
-    grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)  # noqa: E731
+    if persistent:
+        kernel = _gemm_persistent_32bit if a.dtype == torch.float32 else _gemm_persistent_16bit
+    else:
+        kernel = _gemm_tma_32bit if a.dtype == torch.float32 else _gemm_tma_16bit
     kernel[grid](*args, **meta)
 
 
@@ -320,15 +328,10 @@ def _launch(a, b, c, bias, z, activation, allow_tf32):
             _tma_failed = True
             warnings.warn(f"cudacnn: the TMA GEMM failed ({type(exc).__name__}: {exc}); using the pointer-based "
                           "kernel", RuntimeWarning, stacklevel=3)
-    if interpreting():  # autotuning would run every config through the (slow) interpreter
-        grid = (triton.cdiv(M, 16) * triton.cdiv(N, 16),)
-        _gemm_kernel[grid](*args, **meta, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)
-        return
-    if os.environ.get("CUDACNN_GEMM_AUTOTUNE", "1") == "0":  # one fixed config: quick GPU test runs
-        bk = 32 if a.dtype == torch.float32 else 64
-        grid = (triton.cdiv(M, 128) * triton.cdiv(N, 128),)
-        _gemm_kernel[grid](*args, **meta, BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk, GROUP_M=8, num_stages=3,
-                           num_warps=8)
+    if not _autotuning():
+        blocks, options = _fixed_config(a.dtype)
+        grid = (triton.cdiv(M, blocks["BLOCK_M"]) * triton.cdiv(N, blocks["BLOCK_N"]),)
+        _gemm_kernel[grid](*args, **meta, **blocks, **options)
         return
     kernel = _gemm_32bit if a.dtype == torch.float32 else _gemm_16bit
     grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)  # noqa: E731
