@@ -231,3 +231,54 @@ def test_naive_loop_scales_partial_epochs():
     assert run.batches_per_epoch == 5 and run.timed_batches == 2 and len(run.epoch_ms) == 2
     assert set(run.extra["accuracy_at"]) == {1, 2} and run.accuracy == run.extra["accuracy_at"][2]
     assert "2 of 5 batches" in run.note
+
+
+def test_onecycle_schedule_comes_from_pytorch():
+    from cudacnn.bench.train import onecycle_lrs
+
+    lrs = onecycle_lrs(8e-3, total_steps=100, pct_start=0.25)
+    assert len(lrs) == 100
+    assert lrs[0] == pytest.approx(8e-3 / 25)                  # OneCycle's div_factor
+    assert max(lrs) == pytest.approx(8e-3) and int(np.argmax(lrs)) in (24, 25)
+    assert lrs[-1] < lrs[0] / 1000                              # annealed far below the start
+
+
+def test_pipeline_recipe_labels():
+    from cudacnn.bench.train import PipelineRecipe
+
+    assert PipelineRecipe(compile=False, cuda_graph=False).label == "eager"
+    assert PipelineRecipe(compile=True, cuda_graph=True).label == "compile + CUDA graph"
+
+
+@pytest.mark.slow
+def test_bench_all_tiny(tmp_path):
+    argv = ["bench", "all", "--device", "cpu", "--threads", "1", "--out", str(tmp_path), "--synthetic", "64",
+            "--models", "simple", "--batch", "1", "--matmul-size", "16", "--no-resnet", "--repeats", "3",
+            "--warmup", "1", "--budget", "0", "--epochs", "1", "--cpu-batches", "1", "--pipeline-batch", "32",
+            "--loader-batch", "16", "--dtypes", "fp32", "--cutouts", "0"]
+    assert main(argv) == 0
+    for suite in ("loader", "ops", "train"):
+        assert report.read_json(tmp_path / f"{suite}.json")["suite"] == suite
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_graphed_pipeline_learns_like_eager():
+    """The replayed graph must really train: same task, same seed, accuracy close to the eager step's."""
+    from cudacnn.bench.loader import synthetic_split
+    from cudacnn.bench.train import PipelineRecipe, train_pipeline
+    from cudacnn.data import Augment
+    from cudacnn.models import create_model
+
+    def top_brighter(split):  # a learnable label: is the top half brighter than the bottom half?
+        img = split.images.astype(np.float32)
+        split.labels[:] = (img[:, :16].mean(axis=(1, 2, 3)) > img[:, 16:].mean(axis=(1, 2, 3))).astype(np.int64)
+        return split
+
+    train, test = top_brighter(synthetic_split(4096)), top_brighter(synthetic_split(512, seed=1))
+    runs = {}
+    for graph in (False, True):
+        torch.manual_seed(0)
+        recipe = PipelineRecipe(batch_size=256, cuda_graph=graph, augment=Augment())
+        runs[graph] = train_pipeline(create_model("simple"), train, test, "cuda", 4, recipe)
+    assert runs[True].extra["cuda_graph"] and not runs[False].extra["cuda_graph"]
+    assert runs[True].accuracy > 0.7 and abs(runs[True].accuracy - runs[False].accuracy) < 0.1
