@@ -46,3 +46,11 @@ def test_unknown_preset_and_option_are_config_errors():
 
 def test_bench_overrides_are_typed():
     assert parse_overrides(["epochs=7", "cutout=12", "max_steps=None"]) == dict(epochs=7.0, cutout=12, max_steps=None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_train_fast_compiled_on_gpu():
+    result = train_fast("fast94", tiny_dataset(4000, 2000), device="cuda", compile=True, log=lambda *_: None,
+                        epochs=1, whiten_images=2000)
+    assert result.train_time_s > 0 and len(result.history) == 1
+    assert next(result.model.parameters()).dtype == torch.bfloat16

@@ -48,7 +48,7 @@ class FastConfig:
 
 PRESETS = {
     "fast94": FastConfig("fast94", epochs=8.0),
-    "fast96": FastConfig("fast96", epochs=24.0, muon_lr=0.2, crop_pad=4, cutout=12, lookahead_every=5),
+    "fast96": FastConfig("fast96", epochs=28.0, muon_lr=0.2, crop_pad=4, cutout=12, lookahead_every=5),
 }
 FACTORIES = {"fast94": fast94, "fast96": fast96}
 
