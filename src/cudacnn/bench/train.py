@@ -202,8 +202,13 @@ def train_pipeline(model: nn.Module, train, test, device: torch.device | str, ep
     lr_schedule = torch.tensor(lrs, device=device)
     # A graph reads the learning rate from a device tensor (capturable AdamW); eager steps take a float.
     lr_now = torch.zeros((), device=device) if use_graph else lrs[0]
-    opt = torch.optim.AdamW(model.parameters(), lr=lr_now, weight_decay=recipe.weight_decay,
-                            **({"capturable": True, "foreach": True} if use_graph else {"fused": on_gpu} if on_gpu else {}))
+    if use_graph:
+        impl = {"capturable": True, "foreach": True}
+    else:
+        impl = {"fused": True} if on_gpu else {}
+    opt = torch.optim.AdamW(model.parameters(), lr=lr_now, weight_decay=recipe.weight_decay, **impl)
+    if use_graph:
+        lr_now = opt.param_groups[0]["lr"]  # the very tensor the captured AdamW step reads
     forward = torch.compile(model) if recipe.compile else model
 
     def loss_backward_step(x, y):
