@@ -286,3 +286,18 @@ def test_graphed_pipeline_learns_like_eager():
         runs[graph] = train_pipeline(create_model("simple"), train, test, "cuda", 4, recipe)
     assert runs[True].extra["cuda_graph"] and not runs[False].extra["cuda_graph"]
     assert runs[True].accuracy > 0.7 and abs(runs[True].accuracy - runs[False].accuracy) < 0.1
+
+
+def test_kernel_rows_named_uniquely_and_plotted(tmp_path):
+    from cudacnn.bench.commands import kernel_row
+
+    raw = [{"name": "triton gemm", "shape": "4096^3", "dtype": "bf16", "ours_ms": 0.2, "baseline_ms": 0.19, "ratio": 0.95},
+           {"name": "triton gemm", "shape": "4096^3", "dtype": "fp16", "ours_ms": 0.2, "baseline_ms": 0.2, "ratio": 1.0},
+           {"name": "activations", "error": "RuntimeError: no nvcc"}]
+    rows = [kernel_row(r) for r in raw]
+    assert [r["name"] for r in rows] == ["triton gemm 4096^3 bf16", "triton gemm 4096^3 fp16", "activations"]
+    assert rows[0]["speedup"] == 0.95 and "speedup" not in rows[2]
+    doc = doc_with(rows, "kernels")
+    assert report.validate(doc) == []
+    assert len(report.speedups(doc)) == 2
+    assert "RuntimeError: no nvcc" in report.to_markdown(doc)
