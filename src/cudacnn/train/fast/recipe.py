@@ -182,7 +182,9 @@ def train_fast(name: str, dataset: Dataset, *, seed: int = 0, device="cuda", com
 
     timer = DeviceTimer(device)
     timer.start()
-    model.init_whiten(train.normalize(train.images[: cfg.whiten_images]))
+    # a strided sample: image-folder sources store the training set sorted by class
+    stride = max(1, len(train.images) // cfg.whiten_images)
+    model.init_whiten(train.normalize(train.images[::stride][: cfg.whiten_images]))
     lookahead = Lookahead.of_model(model) if cfg.lookahead_every else None  # slow copy after the init
     history, step = [], 0
     for epoch in range(math.ceil(total_steps / steps_per_epoch)):
