@@ -42,7 +42,7 @@ class FastConfig:
     crop_pad: int = 2
     cutout: int = 0
     tta_level: int = 2
-    lookahead_every: int = 0        # 0 = off; else sync slow weights every k steps (decay 0.95^k * lr^3)
+    lookahead_every: int = 0        # 0 = off; else sync every k steps, decay 0.95^k * (step/total)^3
     max_steps: int | None = None    # cut training short (smoke tests)
 
 
@@ -210,7 +210,8 @@ def train_fast(name: str, dataset: Dataset, *, seed: int = 0, device="cuda", com
             muon.zero_grad(set_to_none=True)
             step += 1
             if lookahead and step % cfg.lookahead_every == 0:
-                lookahead.update(decay=(0.95 ** cfg.lookahead_every) * (1 - step / total_steps) ** 3)
+                # no averaging early on, growing to an EMA over the last few hundred steps
+                lookahead.update(decay=(0.95 ** cfg.lookahead_every) * (step / total_steps) ** 3)
             loss_sum += loss.detach().float()
             correct += (outputs.detach().argmax(1) == labels).sum()
             seen += len(labels)
