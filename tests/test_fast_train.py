@@ -53,4 +53,4 @@ def test_train_fast_compiled_on_gpu():
     result = train_fast("fast94", tiny_dataset(4000, 2000), device="cuda", compile=True, log=lambda *_: None,
                         epochs=1, whiten_images=2000)
     assert result.train_time_s > 0 and len(result.history) == 1
-    assert next(result.model.parameters()).dtype == torch.bfloat16
+    assert next(result.model.parameters()).dtype == torch.float16

@@ -93,7 +93,7 @@ class FastNet(nn.Module):
         self.whiten.weight.copy_(torch.cat([weight, -weight]).to(self.whiten.weight.dtype))
 
     def to_training_dtype(self, dtype: torch.dtype) -> "FastNet":
-        """Convs and head in `dtype` (bf16 on GPU); BatchNorm stays float32 for its statistics."""
+        """Convs and head in `dtype` (fp16 on GPU); BatchNorm stays float32 for its statistics."""
         self.to(dtype)
         for m in self.modules():
             if isinstance(m, nn.BatchNorm2d):

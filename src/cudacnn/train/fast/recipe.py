@@ -79,7 +79,10 @@ _PREPARED: dict[tuple, tuple[FastNet, nn.Module]] = {}
 
 
 def training_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    """fp16 on GPUs, as airbench: weights live in this dtype, and Muon renormalizes them every step, so
+    bf16's 8-bit mantissa would add rounding noise as large as the late, small updates. The summed loss
+    keeps fp16 gradients clear of underflow without loss scaling."""
+    return torch.float16 if device.type == "cuda" else torch.float32
 
 
 def prepared_model(name: str, device, num_classes: int, compile: bool) -> tuple[FastNet, nn.Module]:
@@ -145,6 +148,11 @@ def make_optimizers(model: FastNet, cfg: FastConfig) -> tuple[torch.optim.Optimi
     return sgd, muon
 
 
+def set_lr_scale(groups, scale: float) -> None:
+    for group in groups:
+        group["lr"] = group["initial_lr"] * scale
+
+
 def train_fast(name: str, dataset: Dataset, *, seed: int = 0, device="cuda", compile: bool = True,
                log=print, _warm: bool = False, **overrides) -> FastResult:
     """Train preset `name` ('fast94' | 'fast96') on `dataset`; `overrides` replace FastConfig fields
@@ -177,7 +185,7 @@ def train_fast(name: str, dataset: Dataset, *, seed: int = 0, device="cuda", com
     total_steps = math.ceil(cfg.epochs * steps_per_epoch)
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
-    whiten_steps = math.ceil(cfg.whiten_bias_epochs * steps_per_epoch)
+    whiten_steps = max(1, math.ceil(cfg.whiten_bias_epochs * steps_per_epoch))
     sgd, muon = make_optimizers(model, cfg)
 
     timer = DeviceTimer(device)
@@ -195,12 +203,9 @@ def train_fast(name: str, dataset: Dataset, *, seed: int = 0, device="cuda", com
         for images, labels in train:
             if step >= total_steps:
                 break
-            lr_scale = 1 - step / total_steps
-            for opt in (sgd, muon):
-                for group in opt.param_groups:
-                    group["lr"] = group["initial_lr"] * lr_scale
-            if step >= whiten_steps:
-                sgd.param_groups[0]["lr"] = 0.0  # freeze the whitening bias
+            set_lr_scale(sgd.param_groups[1:] + muon.param_groups, 1 - step / total_steps)
+            # the whitening bias decays to zero lr over its own short span, then stays frozen
+            set_lr_scale(sgd.param_groups[:1], max(0.0, 1 - step / whiten_steps))
             outputs = net(images)
             loss = F.cross_entropy(outputs, labels, label_smoothing=cfg.label_smoothing, reduction="sum")
             loss.backward()
