@@ -54,3 +54,30 @@ def test_train_fast_compiled_on_gpu():
                         epochs=1, whiten_images=2000)
     assert result.train_time_s > 0 and len(result.history) == 1
     assert next(result.model.parameters()).dtype == torch.float16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_timed_path_never_waits_on_the_host(monkeypatch):
+    """Between the whitening init and the timer's stop, any implicit device->host sync raises."""
+    from cudacnn.models.fast import FastNet
+    from cudacnn.train.fast import recipe
+
+    data = tiny_dataset(4000, 2000)
+    recipe.warmup("fast94", data, "cuda")  # compiling may sync; do it outside the strict region
+    init_whiten, stop = FastNet.init_whiten, recipe.DeviceTimer.stop
+
+    def init_then_strict(self, *args, **kwargs):
+        init_whiten(self, *args, **kwargs)  # its 12x12 eigh is the one allowed wait
+        torch.cuda.set_sync_debug_mode("error")
+
+    def relax_then_stop(self):
+        torch.cuda.set_sync_debug_mode(0)
+        stop(self)
+
+    monkeypatch.setattr(FastNet, "init_whiten", init_then_strict)
+    monkeypatch.setattr(recipe.DeviceTimer, "stop", relax_then_stop)
+    try:
+        result = train_fast("fast94", data, device="cuda", log=lambda *_: None, epochs=2, whiten_images=2000)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert result.history[-1]["step"] == 4
