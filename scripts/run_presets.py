@@ -31,7 +31,10 @@ def main() -> None:
     overrides = {}
     for item in args.set:
         key, value = item.split("=", 1)
-        overrides[key] = json.loads(value) if value[:1] in "0123456789-[{tf" else value
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:  # a bare word such as triton
+            overrides[key] = value
     dataset = load_dataset(args.data)
     rows = []
     for preset in args.presets:
@@ -44,7 +47,8 @@ def main() -> None:
         result = Trainer(config, dataset=dataset, quiet=True).fit()
         evaluation = json.loads((result.run_dir / "eval.json").read_text())
         row = {"preset": preset, "model": config.model, "epochs": result.epochs_done,
-               "test_acc": result.test_accuracy, "train_time_s": evaluation["train_time_s"],
+               "test_acc": result.test_accuracy,
+               "test_acc_without_tta": evaluation.get("accuracy_without_tta"), "train_time_s": evaluation["train_time_s"],
                "wall_s": time.perf_counter() - start, "peak_gpu_mb": evaluation.get("peak_gpu_memory_mb"),
                "tta": config.tta}
         rows.append(row)
@@ -55,9 +59,10 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"env": env, "rows": rows}, indent=2))
     print(env)
-    print(f"{'preset':22} {'epochs':>6} {'test acc':>9} {'train s':>8} {'peak MB':>8}")
+    print(f"{'preset':22} {'epochs':>6} {'test acc':>9} {'no TTA':>7} {'train s':>8} {'peak MB':>8}")
     for r in rows:
-        print(f"{r['preset']:22} {r['epochs']:>6} {r['test_acc']:>9.4f} {r['train_time_s']:>8.1f} "
+        print(f"{r['preset']:22} {r['epochs']:>6} {r['test_acc']:>9.4f} {r['test_acc_without_tta']:>7.4f} "
+              f"{r['train_time_s']:>8.1f} "
               f"{(r['peak_gpu_mb'] or 0):>8.0f}")
 
 

@@ -15,11 +15,12 @@ def random_crop(images: torch.Tensor, pad: int, gen: torch.Generator, mode: str 
     padded = pad_images(images, pad, mode)
     dy = torch.randint(0, 2 * pad + 1, (n,), device=images.device, generator=gen)
     dx = torch.randint(0, 2 * pad + 1, (n,), device=images.device, generator=gen)
-    rows = (dy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, None, :]
-    batch = torch.arange(n, device=images.device)[:, None, None, None]
-    chans = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
-    return padded[batch, chans, rows, cols]
+    rows = dy[:, None] + torch.arange(h, device=images.device)  # (N, h) source rows of each image
+    cols = dx[:, None] + torch.arange(w, device=images.device)
+    # Two gathers with broadcast (stride-0) indices: no index tensor as large as the images.
+    c, padded_w = images.shape[1], padded.shape[3]
+    out = padded.gather(2, rows[:, None, :, None].expand(n, c, h, padded_w))
+    return out.gather(3, cols[:, None, None, :].expand(n, c, h, w))
 
 
 def pad_images(images: torch.Tensor, pad: int, mode: str = "reflect") -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from . import ops
@@ -35,7 +36,12 @@ class Linear(nn.Linear):
         return new
 
     def forward(self, x):
-        return ops.linear(x, self.weight, self.bias, self.activation, self.backend, self.allow_tf32)
+        weight, bias = self.weight, self.bias
+        if torch.is_autocast_enabled(x.device.type):  # custom ops are not autocast-aware: cast as nn.Linear is
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        return ops.linear(x, weight, bias, self.activation, self.backend, self.allow_tf32)
 
     def extra_repr(self):
         return f"{super().extra_repr()}, activation={self.activation}, backend={self.backend}"

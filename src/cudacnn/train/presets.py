@@ -17,10 +17,10 @@ PRESETS: dict[str, dict] = {
     },
     "smallnet-onecycle": {
         "about": "Conv-BN-ReLU net: AdamW + OneCycle, label smoothing 0.1, bf16 AMP, crop/flip, "
-                 "early stopping, up to 100 epochs",
+                 "early stopping, up to 100 epochs, flip/translate TTA at test time",
         "config": dict(model="smallnet", optimizer="adamw", lr=3e-3, weight_decay=5e-2, batch_size=128,
                        epochs=100, schedule="onecycle", label_smoothing=0.1, amp="bf16", crop_pad=4,
-                       flip="random", early_stopping=30, val_fraction=0.1),
+                       flip="random", early_stopping=30, val_fraction=0.1, tta=True),
     },
     "resnet18-transfer": {
         "about": "ResNet-18 (ImageNet stem, images upsampled to 128x128): Adam 1e-3, batch 128, 10 epochs; "

@@ -357,13 +357,18 @@ class Trainer:
         chosen, weights = distributed.main_computes(read_weights)  # only rank 0 has the run folder for sure
         model = self.ema.module if self.ema else self.model
         model.load_state_dict(weights["model"])
-        result = evaluate(model, self.test_loader, self.dataset.num_classes, device=self.device,
-                          tta_level=2 if self.config.tta else 0, classes=self.dataset.classes)
-        result = distributed.reduce_eval(result)  # each rank evaluated its shard of the test split
+        def test_eval(tta_level: int):  # each rank evaluates its shard of the test split
+            return distributed.reduce_eval(evaluate(model, self.test_loader, self.dataset.num_classes,
+                                                    device=self.device, tta_level=tta_level,
+                                                    classes=self.dataset.classes))
+
+        result = test_eval(2 if self.config.tta else 0)
+        plain_accuracy = test_eval(0).accuracy if self.config.tta else result.accuracy
         if self.dist.is_main:  # rank 0 alone writes the run folder
             extra = {"checkpoint": str(chosen), "epoch": weights["epoch"] + 1, "data": self.dataset.source,
                      "device": device_name(self.device),
-                     "train_time_s": sum(r["epoch_time_s"] for r in self.history)}
+                     "train_time_s": sum(r["epoch_time_s"] for r in self.history),
+                     "accuracy_without_tta": plain_accuracy}
             if self.dist.enabled:
                 extra["world_size"] = self.dist.world_size
             if self.device.type == "cuda":
