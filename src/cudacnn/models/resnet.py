@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from cudacnn.errors import CheckpointError, ConfigError
 from cudacnn.models.registry import register_model
+from cudacnn.models.weights import describe_mismatch
 
 STEMS = ("imagenet", "cifar")
 
@@ -123,20 +124,11 @@ def load_pretrained(model: nn.Module, path: str | Path) -> nn.Module:
     state = {k: v for k, v in read_state_dict(path).items() if not k.startswith(HEAD_PREFIX)}
     own = {k: v for k, v in model.state_dict().items() if not k.startswith(HEAD_PREFIX)}
     # old torchvision files lack BN's num_batches_tracked counters; they carry no learned state
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in own]
-    wrong = [f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items()
-             if k in state and state[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
-        if wrong:
-            parts.append(f"{len(wrong)} shape mismatches (e.g. {'; '.join(wrong[:3])})")
-        hint = ("; ImageNet weights fit stem='imagenet'" if any(w.startswith("conv1.") for w in wrong) else "")
-        raise CheckpointError(f"pretrained weights {path} do not fit this model: {'; '.join(parts)}{hint}. "
+    mismatch = describe_mismatch(own, state, optional_suffixes=("num_batches_tracked",))
+    if mismatch:
+        stem_differs = "conv1.weight" in state and state["conv1.weight"].shape != own["conv1.weight"].shape
+        hint = "; ImageNet weights fit stem='imagenet'" if stem_differs else ""
+        raise CheckpointError(f"pretrained weights {path} do not fit this model: {mismatch}{hint}. "
                               "Pass torchvision-format ResNet-18 weights")
     model.load_state_dict(state, strict=False)
     return model

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from cudacnn.errors import CheckpointError
+from cudacnn.models.weights import describe_mismatch
 
 FORMAT = "cudacnn-checkpoint"
 VERSION = 1
@@ -68,18 +69,7 @@ def model_from_checkpoint(source: str | Path | dict, device: str | torch.device 
 
 def check_compatible(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
     """Raise one clear CheckpointError when `state` does not fit `model` (other model, other head size)."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-             if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} keys (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
-        if wrong:
-            parts.append(f"{len(wrong)} shape mismatches (e.g. {'; '.join(wrong[:3])})")
-        raise CheckpointError(f"{what} does not fit this model: {'; '.join(parts)}. "
+    mismatch = describe_mismatch(model.state_dict(), state)
+    if mismatch:
+        raise CheckpointError(f"{what} does not fit this model: {mismatch}. "
                               "Use a checkpoint written for the same --model and number of classes")
