@@ -124,7 +124,7 @@ def _rank_main(rank: int, port: int, out: str, dataset, configs: dict) -> None:
         (out / "eval_2ranks.json").write_text(json.dumps(result.to_dict()))
     # training: the same global batch as the one-process references
     Trainer(configs["dp"], dataset=dataset, quiet=True).fit()
-    Trainer(configs["uneven"], dataset=dataset, quiet=True, max_per_gpu_batch=6).fit()
+    Trainer(configs["uneven"], dataset=dataset, quiet=True).fit()
     Trainer(configs["one_to_two"], run_dir=Path(configs["one_to_two"].out) / "one_to_two", resume=True,
             dataset=dataset, quiet=True).fit()
     try:
@@ -156,7 +156,7 @@ def two_ranks(tmp_path_factory):
     # SGD, not Adam: Adam is blind to a wrongly scaled gradient, and it magnifies rounding differences
     base = tiny_config(tmp, epochs=3, batch_size=32, val_fraction=0.25, optimizer="sgd", lr=0.05)
     configs = {name: dataclasses.replace(base, name=name) for name in ("dp", "one_to_two", "two_to_one")}
-    configs["uneven"] = dataclasses.replace(base, name="uneven", batch_size=31)
+    configs["uneven"] = dataclasses.replace(base, name="uneven", batch_size=31, max_per_gpu_batch=6)
     # one-process runs: the references, and the start of the run the 2-process job resumes
     Trainer(dataclasses.replace(base, name="ref"), dataset=dataset, quiet=True).fit()
     Trainer(dataclasses.replace(base, name="ref_uneven", batch_size=31), dataset=dataset, quiet=True).fit()

@@ -22,6 +22,8 @@ HELP = {
     "none | random | alternate", "schedule": "none | onecycle | cosine", "optimizer": "sgd | adam | adamw",
     "early_stopping": "patience in epochs (0 = off)", "ema_decay": "EMA of weights (0 = off)",
     "runs": "seeded repeats (seed, seed+1, ...)", "pretrained": "torchvision-format ImageNet weights file",
+    "sync_bn": "data-parallel: SyncBatchNorm across GPUs", "max_per_gpu_batch": "data-parallel: at most this "
+    "many samples per forward; larger per-GPU parts of the global batch use gradient accumulation (0 = off)",
 }
 SKIP = {"model_kwargs", "preset"}
 
@@ -65,9 +67,6 @@ def add_parallel_flags(parser) -> None:
     group = parser.add_argument_group("several GPUs (see docs/multigpu.md)")
     group.add_argument("--gpus", type=int, default=1, help="processes on this host, one per GPU (CPU processes "
                        "with --device cpu): data-parallel training, or with --runs R, R runs spread over them")
-    group.add_argument("--sync-bn", action="store_true", help="data-parallel: SyncBatchNorm across GPUs")
-    group.add_argument("--max-per-gpu-batch", type=int, help="data-parallel: at most this many samples per "
-                       "forward; larger per-GPU parts of the global batch use gradient accumulation")
     group.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
                        help="a collective operation waiting longer than this ends the job (a dead or hung rank)")
 
@@ -88,10 +87,6 @@ def child_argv(args) -> list[str]:
         argv += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
     if args.quiet:
         argv.append("--quiet")
-    if args.sync_bn:
-        argv.append("--sync-bn")
-    if args.max_per_gpu_batch:
-        argv += ["--max-per-gpu-batch", str(args.max_per_gpu_batch)]
     return argv + ["--dist-timeout", str(args.dist_timeout)]
 
 
@@ -110,14 +105,12 @@ def run_train(args) -> int:
     if args.gpus < 1:
         raise ConfigError("--gpus must be at least 1")
     inside_launch = distributed.from_env().enabled  # a rank started by torchrun / `--gpus`
-    if args.max_per_gpu_batch is not None and args.max_per_gpu_batch < 1:
-        raise ConfigError("--max-per-gpu-batch must be at least 1")
-    parallel = dict(sync_bn=args.sync_bn, max_per_gpu_batch=args.max_per_gpu_batch, dist_timeout_s=args.dist_timeout)
+    parallel = dict(dist_timeout_s=args.dist_timeout)
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in SKIP}
     if args.model_kwargs is not None:
         flags["model_kwargs"] = args.model_kwargs
     if args.resume:
-        allowed = {"device", "compile", "data", "cache_dir", "epochs"}
+        allowed = {"device", "compile", "data", "cache_dir", "epochs", "sync_bn", "max_per_gpu_batch"}
         given = sorted(k for k, v in flags.items() if v is not None and k not in allowed)
         if given or args.preset or args.config:
             raise ConfigError(f"--resume continues a run with its saved config; drop {', '.join(given) or '--preset/--config'}")

@@ -46,6 +46,9 @@ class TrainConfig:
     tf32: bool = True
     kernels: str = "torch"               # torch | triton | cuda: which kernels run linear/activation/loss
     device: str = "auto"                 # auto | cuda | cpu
+    # several GPUs (batch_size is the global batch whatever the world size)
+    sync_bn: bool = False                # SyncBatchNorm across ranks
+    max_per_gpu_batch: int = 0           # gradient accumulation keeps each forward at most this big (0 = off)
     # run control
     early_stopping: int = 0              # patience in epochs on validation accuracy (0 = off)
     seed: int = 0
@@ -74,6 +77,7 @@ class TrainConfig:
             (self.crop_pad >= 0 and self.cutout >= 0, "crop-pad and cutout must be >= 0"),
             (self.early_stopping >= 0, "early-stopping patience must be >= 0"),
             (self.runs >= 1, "runs must be at least 1"),
+            (self.max_per_gpu_batch >= 0, "max-per-gpu-batch must be >= 0"),
             (not (self.early_stopping and self.val_fraction == 0),
              "early stopping needs a validation split: set --val-fraction > 0"),
         ]

@@ -52,15 +52,12 @@ class RunResult:
 
 class Trainer:
     """`Trainer(config).fit()`; callbacks are called as cb(trainer, epoch_record) after each epoch (on every
-    rank). Data-parallel options: `sync_bn` (SyncBatchNorm across ranks), `max_per_gpu_batch` (gradient
-    accumulation keeps each forward at most this big), `dist_timeout_s` (a collective waiting longer fails)."""
+    rank). `dist_timeout_s`: under torchrun, a collective waiting longer than this fails (a dead or hung rank)."""
 
     def __init__(self, config: TrainConfig, run_dir: Path | None = None, resume: bool = False,
                  dataset: Dataset | None = None, callbacks: tuple[Callable, ...] = (), quiet: bool = False,
-                 sync_bn: bool = False, max_per_gpu_batch: int | None = None,
                  dist_timeout_s: float = distributed.DEFAULT_TIMEOUT_S):
         self.config, self.callbacks, self.resume = config, callbacks, resume
-        self.sync_bn, self.max_per_gpu_batch = sync_bn, max_per_gpu_batch
         self.dist, self.device = distributed.init(config.device, dist_timeout_s)
         self.quiet = quiet or not self.dist.is_main
         self.run_dir = Path(run_dir) if run_dir else distributed.main_computes(lambda: new_run_dir(config))
@@ -88,10 +85,10 @@ class Trainer:
             train, c.batch_size, augment=Augment(c.crop_pad, "reflect", c.flip, c.cutout),
             shuffle=True, drop_last=len(train) > c.batch_size, seed=c.seed, **common)
         self.accumulation = distributed.accumulation_steps(c.batch_size, self.dist.world_size,
-                                                           self.max_per_gpu_batch)
+                                                           c.max_per_gpu_batch)
         eval_batch = max(-(-c.batch_size // self.dist.world_size), 500)
-        if self.max_per_gpu_batch:
-            eval_batch = min(eval_batch, self.max_per_gpu_batch)
+        if c.max_per_gpu_batch:
+            eval_batch = min(eval_batch, c.max_per_gpu_batch)
         # Evaluation shards are contiguous parts of the split; metrics are summed over ranks.
         self.val_loader = GpuLoader(self.val_split, eval_batch, **common) if self.val_split else None
         self.test_loader = GpuLoader(self.dataset.test, eval_batch, **common)
@@ -110,7 +107,7 @@ class Trainer:
             self.criterion = cross_entropy_loss(c.kernels, c.label_smoothing)
         else:
             self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=c.label_smoothing)
-        if self.sync_bn and self.dist.enabled:
+        if c.sync_bn and self.dist.enabled:
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         memory_format = torch.channels_last if c.channels_last and self.device.type == "cuda" else None
         self.model = self.model.to(self.device, memory_format=memory_format)
@@ -320,7 +317,7 @@ class Trainer:
                 "global_batch": c.batch_size,
                 "per_rank_batch": [hi - lo for lo, hi in (distributed.part(c.batch_size, r, world)
                                                           for r in range(world))],
-                "accumulation_steps": self.accumulation, "sync_bn": self.sync_bn,
+                "accumulation_steps": self.accumulation, "sync_bn": self.config.sync_bn,
                 "from_epoch": self.start_epoch + 1}
         (self.run_dir / "distributed.json").write_text(json.dumps(info, indent=2))
 
