@@ -4,9 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # A CPU machine takes the local CPU build; a GPU machine the CUDA build of the same release.
 TORCH ?= torch==2.13.0
-# The Triton that runs the kernel tests on the CPU (TRITON_INTERPRET=1); GPU machines may override it
+# The Triton whose interpreter runs the kernel tests on the CPU (TRITON_INTERPRET=1); GPU machines may override it
 # with the version their torch build requires.
-TRITON ?= triton==3.6.0
+TRITON ?= triton==3.9.0
 ARGS ?=
 
 .PHONY: train test venv dev clean
