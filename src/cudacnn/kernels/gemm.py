@@ -45,19 +45,54 @@ def reference_gemm(a, b, bias=None, activation="none"):
 # ---------------------------------------------------------------- Triton
 
 @triton.jit
+def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Grouped tile order: GROUP_M row-tiles share each column sweep, so B tiles are reused from L2."""
+    pids_in_group = GROUP_M * num_pid_n
+    first_pid_m = (tile_id // pids_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (tile_id % pids_in_group) % group_size_m
+    pid_n = (tile_id % pids_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _tma_dot(a_desc, b_desc, off_m, off_n, K, B_IS_NK: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+             UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One output tile's fp32 accumulator, A and B tiles moved by TMA (B read as (K, N) or (N, K))."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        a = a_desc.load([off_m, k * BLOCK_K])
+        if B_IS_NK:
+            b = b_desc.load([off_n, k * BLOCK_K]).T
+        else:
+            b = b_desc.load([k * BLOCK_K, off_n])
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _tma_epilogue(acc, c_desc, z_desc, bias_ptr, off_m, off_n, N, HAS_BIAS: tl.constexpr,
+                  ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Bias, the pre-activation copy (for backward), the activation, and the clipped TMA store."""
+    if HAS_BIAS:
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    if STORE_PRE:
+        z_desc.store([off_m, off_n], acc.to(z_desc.dtype))
+    acc = _act_fwd(acc, ACTIVATION, FAST)
+    c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
+
+
+@triton.jit
 def _gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, z_ptr, M, N, K,
                  stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
                  HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr,
                  INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    pids_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // pids_in_group) * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % pids_in_group) % group_size_m
-    pid_n = (pid % pids_in_group) // group_size_m
+    pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -98,34 +133,10 @@ def _gemm_tma_kernel(a_desc, b_desc, c_desc, z_desc, bias_ptr, M, N, K, B_IS_NK:
     """Same GEMM with tiles moved by the Hopper tensor-memory accelerator (TMA): no address arithmetic,
     out-of-range rows, columns and K read as zeros and stores are clipped by the hardware. B is read
     either as (K, N) or, for a transposed weight, as its (N, K) original (B_IS_NK)."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    pids_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // pids_in_group) * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    off_m = (first_pid_m + (pid % pids_in_group) % group_size_m) * BLOCK_M
-    off_n = ((pid % pids_in_group) // group_size_m) * BLOCK_N
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        a = a_desc.load([off_m, k * BLOCK_K])
-        if B_IS_NK:
-            b = b_desc.load([off_n, k * BLOCK_K]).T
-        else:
-            b = b_desc.load([k * BLOCK_K, off_n])
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-
-    if HAS_BIAS:
-        offs_n = off_n + tl.arange(0, BLOCK_N)
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    if STORE_PRE:
-        z_desc.store([off_m, off_n], acc.to(z_desc.dtype))
-    acc = _act_fwd(acc, ACTIVATION, FAST)
-    c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
+    pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    off_m, off_n = pid_m * BLOCK_M, pid_n * BLOCK_N
+    acc = _tma_dot(a_desc, b_desc, off_m, off_n, K, B_IS_NK, INPUT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+    _tma_epilogue(acc, c_desc, z_desc, bias_ptr, off_m, off_n, N, HAS_BIAS, ACTIVATION, STORE_PRE, FAST, BLOCK_N)
 
 
 @triton.jit
@@ -138,39 +149,16 @@ def _gemm_persistent_kernel(a_desc, b_desc, c_desc, z_desc, bias_ptr, M, N, K, B
     lets the compiler pipeline the next tile's loads under this tile's epilogue (bias, activation)."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    k_tiles = tl.cdiv(K, BLOCK_K)
     num_tiles = num_pid_m * num_pid_n
-    pids_in_group = GROUP_M * num_pid_n
     tile_c = tl.program_id(0) - NUM_SMS  # the tile whose epilogue runs; trails tile_id by one step
     for tile_id in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=True):
-        first_pid_m = (tile_id // pids_in_group) * GROUP_M
-        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-        off_m = (first_pid_m + (tile_id % pids_in_group) % group_size_m) * BLOCK_M
-        off_n = ((tile_id % pids_in_group) // group_size_m) * BLOCK_N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for ki in range(k_tiles):
-            a = a_desc.load([off_m, ki * BLOCK_K])
-            if B_IS_NK:
-                b = b_desc.load([off_n, ki * BLOCK_K]).T
-            else:
-                b = b_desc.load([ki * BLOCK_K, off_n])
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-
+        pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        acc = _tma_dot(a_desc, b_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, K, B_IS_NK, INPUT_PRECISION, UPCAST,
+                       BLOCK_M, BLOCK_N, BLOCK_K)
         tile_c += NUM_SMS
-        first_pid_m = (tile_c // pids_in_group) * GROUP_M
-        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-        off_m = (first_pid_m + (tile_c % pids_in_group) % group_size_m) * BLOCK_M
-        off_n = ((tile_c % pids_in_group) // group_size_m) * BLOCK_N
-        if HAS_BIAS:
-            offs_n = off_n + tl.arange(0, BLOCK_N)
-            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        if STORE_PRE:
-            z_desc.store([off_m, off_n], acc.to(z_desc.dtype))
-        acc = _act_fwd(acc, ACTIVATION, FAST)
-        c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
+        pid_m, pid_n = _tile_coords(tile_c, num_pid_m, num_pid_n, GROUP_M)
+        _tma_epilogue(acc, c_desc, z_desc, bias_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, N, HAS_BIAS, ACTIVATION,
+                      STORE_PRE, FAST, BLOCK_N)
 
 
 def _set_tma_blocks(nargs):
