@@ -12,7 +12,7 @@ import torch
 
 from cudacnn.cli import main
 from cudacnn.data import Dataset, Split
-from cudacnn.errors import CheckpointError, ConfigError
+from cudacnn.errors import CheckpointError, ConfigError, CudacnnError
 from cudacnn.train.checkpoint import load_checkpoint, model_from_checkpoint
 from cudacnn.train.config import TrainConfig, resolve
 from cudacnn.train.trainer import Trainer, TrainingDiverged
@@ -186,3 +186,14 @@ def test_record_preset_runs_seeds_and_summarizes(tmp_path, monkeypatch, dataset)
     model, ckpt = model_from_checkpoint(tmp_path / "rec" / "run1" / "checkpoints" / "last.pt")
     assert ckpt["model_name"] == "fast94" and ckpt["config"]["seed"] == 6
     assert json.loads((tmp_path / "rec" / "results.json").read_text())["preset"] == "fast94"
+
+
+def test_out_of_memory_names_a_smaller_batch(tmp_path, dataset):
+    trainer = Trainer(tiny_config(tmp_path, epochs=1, batch_size=64), dataset=dataset, quiet=True)
+
+    def oom(images):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    trainer.forward = oom
+    with pytest.raises(CudacnnError, match="out of memory at batch size 64; try --batch-size 32"):
+        trainer.fit()
