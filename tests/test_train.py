@@ -197,3 +197,20 @@ def test_out_of_memory_names_a_smaller_batch(tmp_path, dataset):
     trainer.forward = oom
     with pytest.raises(CudacnnError, match="out of memory at batch size 64; try --batch-size 32"):
         trainer.fit()
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 5, 9, 200])
+def test_onecycle_handles_short_runs(steps):
+    from cudacnn.train.setup import build_scheduler
+
+    optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    scheduler = build_scheduler(optimizer, TrainConfig(epochs=1, lr=0.1), steps)
+    rates = []
+    for _ in range(steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        if scheduler:
+            scheduler.step()
+    assert max(rates) == pytest.approx(0.1, rel=0.05)
+    if steps >= 4:
+        assert rates[0] < 0.1 and rates[-1] < 0.1  # warm-up from below, annealed at the end

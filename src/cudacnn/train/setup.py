@@ -60,8 +60,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps
     """A per-step schedule (None for a constant learning rate)."""
     total = config.epochs * steps_per_epoch
     if config.schedule == "onecycle":
+        if total < 4:  # too few steps for a warm-up and an annealing phase: keep the peak rate
+            return None
+        # OneCycleLR divides by each phase's length, so the warm-up needs at least two steps.
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total,
-                                                   pct_start=0.25, div_factor=25, final_div_factor=1e3)
+                                                   pct_start=max(0.25, 2 / total), div_factor=25,
+                                                   final_div_factor=1e3)
     if config.schedule == "cosine":
         warmup = int(config.warmup_epochs * steps_per_epoch)
 
