@@ -18,6 +18,21 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_JPEG = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 
+@pytest.fixture
+def triton_interpreter():
+    """Kernel tests on the CPU need Triton's interpreter, which works only if it was on at triton's first
+    import (set above): skip otherwise, and fail under CI, where it must always work."""
+    if torch.cuda.is_available():
+        return
+    from cudacnn.kernels import _runtime
+
+    if not _runtime.interpreter_ready():
+        reason = "triton was imported before TRITON_INTERPRET=1; run with TRITON_INTERPRET=1 set"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def shared_jpeg_path() -> Path:
     path = Path(os.environ.get("CUDACNN_SHARED_JPEG", SHARED_JPEG))

@@ -4,17 +4,13 @@ training loop on the GPU backend (Triton interpreter on CPU, or a real GPU when 
 from __future__ import annotations
 
 import gc
-import os
 
 import numpy as np
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # run the GPU backend's Triton kernels on CPU tensors
-
-import cudacnn.engine as gnn  # noqa: E402
-from cudacnn.engine.memory import ALIGNMENT, MemoryPool, OffsetAllocator, PoolExhaustedError  # noqa: E402
+import cudacnn.engine as gnn
+from cudacnn.engine.memory import ALIGNMENT, MemoryPool, OffsetAllocator, PoolExhaustedError
 
 
 def _assert_disjoint(blocks: dict[int, int]) -> None:

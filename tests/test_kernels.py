@@ -1,45 +1,22 @@
 """Triton kernels against float64 references: awkward shapes, every dtype, strided inputs, poisoned
-outputs. On the CPU they run under the Triton interpreter (TRITON_INTERPRET=1, set for this module only);
+outputs. On the CPU they run under the Triton interpreter (TRITON_INTERPRET=1, set in conftest.py);
 on a GPU they run compiled."""
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# Triton builds its language library for the interpreter only if TRITON_INTERPRET=1 is set when it is
-# first imported: set it for that import, then only while this module's tests run (fixture below).
-_saved_env = os.environ.get("TRITON_INTERPRET")
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"
-from cudacnn.kernels import _runtime  # noqa: E402
 from cudacnn.kernels import (activation_backward, activation_forward, column_sum, gemm, gemm_backward,
                              softmax_cross_entropy)
-from cudacnn.kernels.activations import reference_backward, reference_forward  # noqa: E402
+from cudacnn.kernels.activations import reference_backward, reference_forward
 
-if _saved_env is None:
-    os.environ.pop("TRITON_INTERPRET", None)
-else:
-    os.environ["TRITON_INTERPRET"] = _saved_env
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.usefixtures("triton_interpreter")  # conftest switches the interpreter on for the CPU
 # Relative error bounds (|out - ref| / |ref|) by input dtype: fp32 math, bf16/fp16 rounding of the output.
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def triton_interpreter():
-    with pytest.MonkeyPatch.context() as mp:
-        if DEVICE == "cpu":
-            mp.setenv("TRITON_INTERPRET", "1")
-            if not _runtime.interpreter_ready():
-                reason = "triton was imported before TRITON_INTERPRET=1; run with TRITON_INTERPRET=1 set"
-                if os.environ.get("CI") == "true":
-                    pytest.fail(reason)
-                pytest.skip(reason)
-        yield
 
 
 def rel_err(out, ref):

@@ -4,7 +4,6 @@ torch.compile without graph breaks, and the one-warning CPU fallback."""
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import pytest
@@ -12,28 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import cudacnn.kernels as K
+from cudacnn.kernels import _runtime, ops
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-_saved_env = os.environ.get("TRITON_INTERPRET")
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"  # must be set when triton is first imported (see test_kernels.py)
-import cudacnn.kernels as K  # noqa: E402
-from cudacnn.kernels import _runtime, ops  # noqa: E402
-
-if _saved_env is None:
-    os.environ.pop("TRITON_INTERPRET", None)
-else:
-    os.environ["TRITON_INTERPRET"] = _saved_env
-
-
-@pytest.fixture(autouse=True)
-def triton_interpreter(monkeypatch):
-    if DEVICE == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        if not _runtime.interpreter_ready():
-            reason = "triton was imported before TRITON_INTERPRET=1; run with TRITON_INTERPRET=1 set"
-            if os.environ.get("CI") == "true":
-                pytest.fail(reason)
-            pytest.skip(reason)
+pytestmark = pytest.mark.usefixtures("triton_interpreter")  # conftest switches the interpreter on for the CPU
 
 
 def f64(*shape):
