@@ -72,8 +72,8 @@ class GpuLoader:
         self.epoch = epoch
 
     # -- one epoch
-    def _generator(self) -> torch.Generator:
-        return torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + self.epoch)
+    def _generator(self, stream: int = 0) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + self.epoch + stream)
 
     def epoch_indices(self) -> torch.Tensor:
         n = len(self.labels)
@@ -85,9 +85,8 @@ class GpuLoader:
 
     def prepare_epoch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole epoch's augmented, normalized images and labels, in epoch order."""
-        gen = self._generator()
         # A stream distinct from the permutation's, and per rank (rank 0 keeps the single-process stream).
-        gen.manual_seed(gen.initial_seed() + 7919 + 104_729 * self.rank)
+        gen = self._generator(stream=7919 + 104_729 * self.rank)
         idx = self.epoch_indices()
         images = self.images[idx]
         aug = self.augment

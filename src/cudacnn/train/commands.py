@@ -120,6 +120,7 @@ def run_train(args) -> int:
             return 0
         try:
             Trainer(config, run_dir=args.resume, resume=True, quiet=args.quiet, **parallel).fit()
+            distributed.wait_for_all()
         finally:
             distributed.shutdown()
         return 0
@@ -147,6 +148,7 @@ def run_train(args) -> int:
     try:
         for index in range(config.runs):
             Trainer(dataclasses.replace(config, seed=config.seed + index), quiet=args.quiet, **parallel).fit()
+        distributed.wait_for_all()
     finally:
         distributed.shutdown()
     return 0

@@ -88,6 +88,13 @@ def init(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[Di
     return here, target
 
 
+def wait_for_all() -> None:
+    """After a successful run: no rank tears its connections down while another still uses them (rank 0
+    finishes last, writing the report). Not after a failure, where the others may never arrive."""
+    if active():
+        dist.barrier()
+
+
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from cudacnn.data import Augment, Dataset, GpuLoader, channel_stats, load_dataset, split_validation
 from cudacnn.errors import CheckpointError, CudacnnError
+from cudacnn.evaluate.metrics import evaluate
 from cudacnn.models import create_model
 from cudacnn.train import distributed, setup
 from cudacnn.train.callbacks import EarlyStopping
@@ -236,25 +236,13 @@ class Trainer:
         total_loss, total_correct, total = distributed.all_reduce_sum(stats).tolist()
         return total_loss / total, total_correct / total, int(total)
 
-    @torch.no_grad()
     def _validate(self, loader: GpuLoader) -> tuple[float, float]:
+        """(loss, accuracy) on a split; the same evaluation as the final test, summed over ranks."""
         model = self.ema.module if self.ema else self.model
         distributed.broadcast_buffers(model)  # evaluate with rank 0's BN statistics, the saved ones
-        model.eval()
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
-        for images, labels in loader:
-            with torch.autocast(self.device.type, dtype=AMP_DTYPES.get(self.config.amp),
-                                enabled=self.config.amp != "none"):
-                logits = model(images).float()
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum")
-            correct += (logits.argmax(1) == labels).sum()
-        if not self.dist.enabled:
-            n = loader.shard_size()
-            return loss_sum.item() / n, correct.item() / n
-        stats = distributed.all_reduce_sum(torch.stack([loss_sum.double(), correct.double()]))
-        n = len(loader.labels)
-        return stats[0].item() / n, stats[1].item() / n
+        result = distributed.reduce_eval(evaluate(model, loader, self.dataset.num_classes, device=self.device,
+                                                  classes=self.dataset.classes))
+        return result.loss, result.accuracy
 
     def _diverged_message(self, epoch: int) -> str:
         last = self.run_dir / "checkpoints" / "last.pt"
@@ -340,7 +328,6 @@ class Trainer:
 
     def finish(self) -> RunResult:
         """Evaluate the best (or last) weights on the test split and write plots and the report."""
-        from cudacnn.evaluate.metrics import evaluate
         from cudacnn.evaluate.plots import plot_training_curves
         from cudacnn.evaluate.report import save_evaluation, write_report
 
