@@ -3,7 +3,10 @@
 #   1. ResNet-18 (CIFAR stem, preset resnet18-cifar) for EPOCHS epochs at global batch 512 on 1, 2 and 4
 #      GPUs (as many as the machine has): training throughput (median images/s over epochs 2..E) and test
 #      accuracy of each, so the speed-up comes with an accuracy check at the same number of steps.
-#   2. 8 seeded fast94 runs one after another on one GPU vs spread over 4 GPUs (`--runs 8 --gpus 4`).
+#      Global batch R18_BATCH (default 1024: 256 per GPU on 4) at every world size.
+#   2. 8 seeded fast94 runs one after another on one GPU vs spread over 4 GPUs (`--runs 8 --gpus 4`), after
+#      one untimed run that fills the compile and data caches both commands then read. Reported: whole-command
+#      wall time, and the run phase (first run's start to last run's end, from each run's wall-clock stamps).
 # Run from the repository root with the data carried:  run(command="bash scripts/gpu_multigpu.sh",
 #   carry=[".data"], kind="nvidia-h200-x4", timeout_s=600). Results: $OUT/summary.{md,json}, logs, runs.
 # Expected: about 5-7 minutes on 4 GPUs (decode ~0.5 min, ResNet-18 1/2/4 GPUs ~1.5/1/0.8 min, fast94
@@ -13,6 +16,7 @@ OUT=${OUT:-/tmp/multigpu-out}
 DATA=${DATA:-.data/cifar10-jpeg.tar.gz}
 CACHE=${CACHE:-/tmp/cudacnn-cache}
 EPOCHS=${EPOCHS:-10}
+R18_BATCH=${R18_BATCH:-1024}
 FAST_RUNS=${FAST_RUNS:-8}
 mkdir -p "$OUT/logs"
 export PYTHONPATH=src
@@ -35,13 +39,16 @@ declare -A WALL
 for G in 1 2 4; do
   [ "$G" -le "$NGPU" ] || continue
   t0=$(now)
-  timeout 300 python3 -m cudacnn train --preset resnet18-cifar --epochs "$EPOCHS" --gpus "$G" --data "$DATA" \
+  timeout 300 python3 -m cudacnn train --preset resnet18-cifar --epochs "$EPOCHS" --batch-size "$R18_BATCH" \
+    --gpus "$G" --data "$DATA" \
     --cache-dir "$CACHE" --out "$OUT/runs" --name "r18-g$G" --quiet > "$OUT/logs/r18-g$G.log" 2>&1 \
     || echo "r18 on $G GPU(s) failed: see logs/r18-g$G.log"
   WALL[r18-g$G]=$(python3 -c "print($(now) - $t0)")
 done
 
 S=$(( NGPU < 4 ? NGPU : 4 ))
+timeout 200 python3 -m cudacnn train --preset fast94 --runs 1 --data "$DATA" --cache-dir "$CACHE" --out "$OUT/runs" \
+  --name fast94-warmup --quiet > "$OUT/logs/fast94-warmup.log" 2>&1 || echo "fast94 warm-up failed"
 t0=$(now)
 timeout 300 python3 -m cudacnn train --preset fast94 --runs "$FAST_RUNS" --gpus 1 --data "$DATA" --cache-dir "$CACHE" \
   --out "$OUT/runs" --name fast94-seq --quiet > "$OUT/logs/fast94-seq.log" 2>&1 || echo "fast94 sequential failed"
@@ -79,10 +86,18 @@ if seq.exists() and par.exists():
     result["fast94"] = {"sequential_wall_s": ws, "sweep_wall_s": wp, "speedup": ws / wp, "sweep_gpus": sweep_gpus,
                         "seq_acc_mean": s["acc_mean"], "sweep_acc_mean": statistics.fmean(pacc), "sweep_runs": len(pacc),
                         "seq_train_time_sum_s": sum(r["train_time_s"] for r in s["rows"])}
+    def run_phase(folder):  # first run's start to last run's end, over every process of the command
+        stamped = [r for f in [folder / "results.json", *folder.glob("*/results.json")] if f.exists()
+                   for r in json.loads(f.read_text()).get("rows", []) if "started" in r]
+        return max(r["finished"] for r in stamped) - min(r["started"] for r in stamped) if stamped else float("nan")
+    ps, pp = run_phase(runs / "fast94-seq"), run_phase(runs / f"fast94-g{sweep_gpus}")
+    result["fast94"].update(sequential_run_phase_s=ps, sweep_run_phase_s=pp, run_phase_speedup=ps / pp)
     f = result["fast94"]
-    lines += ["", "| fast94 x8 | wall s (whole command) | speed-up | accuracy mean |", "|---|---:|---:|---:|",
-              f"| one after another, 1 GPU | {ws:.1f} | 1.00x | {f['seq_acc_mean']:.4f} |",
-              f"| spread over {sweep_gpus} GPUs | {wp:.1f} | {ws / wp:.2f}x | {f['sweep_acc_mean']:.4f} ({len(pacc)} runs) |"]
+    lines += ["", "| fast94 x8 | wall s (whole command) | speed-up | run phase s | speed-up | accuracy mean |",
+              "|---|---:|---:|---:|---:|---:|",
+              f"| one after another, 1 GPU | {ws:.1f} | 1.00x | {ps:.1f} | 1.00x | {f['seq_acc_mean']:.4f} |",
+              f"| spread over {sweep_gpus} GPUs | {wp:.1f} | {ws / wp:.2f}x | {pp:.1f} | {ps / pp:.2f}x | "
+              f"{f['sweep_acc_mean']:.4f} ({len(pacc)} runs) |"]
 (out / "summary.json").write_text(json.dumps(result, indent=2))
 (out / "summary.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))

@@ -4,6 +4,7 @@ on a GPU they run compiled."""
 
 from __future__ import annotations
 
+import importlib
 
 import pytest
 import torch
@@ -69,7 +70,7 @@ def test_gemm_strided_and_transposed_views(dtype):
 def test_gemm_tma_path(dtype, b_layout, kernel, monkeypatch):
     """The Hopper TMA kernels (forced on under the interpreter): rows 16-byte aligned, edges clipped; the
     persistent one walks several tiles per program."""
-    from cudacnn.kernels.gemm import use_tma
+    from cudacnn.kernels.gemm import kernel_path, use_tma
 
     monkeypatch.setenv("CUDACNN_GEMM_TMA", "1")
     monkeypatch.setenv("CUDACNN_GEMM_KERNEL", kernel)
@@ -77,10 +78,43 @@ def test_gemm_tma_path(dtype, b_layout, kernel, monkeypatch):
     a, bias = randn(M, K, dtype=dtype), randn(N, dtype=dtype)
     b = randn(K, N, dtype=dtype) if b_layout == "kn" else randn(N, K, dtype=dtype).t()
     out, pre = poisoned((M, N), dtype), poisoned((M, N), dtype)
-    assert use_tma(a, b, out, pre) == (DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9)
+    hopper = DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9
+    assert use_tma(a, b, out, pre) == hopper
+    tf32 = dtype == torch.float32  # full-precision float32 never takes TMA (next test)
+    assert kernel_path(a, b, out, pre, allow_tf32=tf32) == (kernel if hopper else "pointers")
+    gemm(a, b, bias, "gelu", out=out, pre_activation_out=pre, allow_tf32=tf32)
+    z = a.double() @ b.double() + bias.double()
+    tol = 5e-3 if tf32 else TOL[dtype] * 3
+    assert rel_err(pre, z) < tol and rel_err(out, F.gelu(z)) < tol
+
+
+@pytest.mark.parametrize("b_layout", ["kn", "nk"])
+def test_gemm_tma_split_epilogue(b_layout, monkeypatch):
+    """The persistent kernel storing each tile as two column halves (EPILOGUE_SPLIT=2), edges clipped."""
+    gemm_module = importlib.import_module("cudacnn.kernels.gemm")  # the package's `gemm` is the function
+    monkeypatch.setenv("CUDACNN_GEMM_TMA", "1")
+    monkeypatch.setenv("CUDACNN_GEMM_KERNEL", "persistent")
+    monkeypatch.setenv("CUDACNN_GEMM_AUTOTUNE", "0")
+    monkeypatch.setattr(gemm_module, "FIXED_EPILOGUE_SPLIT", 2)
+    M, N, K = (37, 40, 24) if DEVICE == "cpu" else (300, 520, 136)
+    a, bias = randn(M, K, dtype=torch.bfloat16), randn(N, dtype=torch.bfloat16)
+    b = randn(K, N, dtype=torch.bfloat16) if b_layout == "kn" else randn(N, K, dtype=torch.bfloat16).t()
+    out, pre = poisoned((M, N), torch.bfloat16), poisoned((M, N), torch.bfloat16)
     gemm(a, b, bias, "gelu", out=out, pre_activation_out=pre)
     z = a.double() @ b.double() + bias.double()
-    assert rel_err(pre, z) < TOL[dtype] * 3 and rel_err(out, F.gelu(z)) < TOL[dtype] * 3
+    assert rel_err(pre, z) < 5e-3 and rel_err(out, F.gelu(z)) < 5e-3
+
+
+def test_full_precision_fp32_takes_the_pointer_kernel(monkeypatch):
+    from cudacnn.kernels.gemm import kernel_path
+
+    monkeypatch.setenv("CUDACNN_GEMM_TMA", "1")
+    monkeypatch.setenv("CUDACNN_GEMM_KERNEL", "persistent")
+    a, b, out = randn(32, 64), randn(64, 48), poisoned((32, 48), torch.float32)
+    assert kernel_path(a, b, out, None, allow_tf32=False) == "pointers"
+    assert kernel_path(a.bfloat16(), b.bfloat16(), out.bfloat16(), None, allow_tf32=False) == (
+        "persistent" if DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9 else "pointers")
+    assert rel_err(gemm(a, b), a.double() @ b.double()) < 1e-5
 
 
 def test_gemm_writes_transposed_out_view():

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 # Datasheet dense tensor-core peaks (TFLOP/s) and HBM bandwidth (GB/s) of the SXM parts.
-_PEAKS = {"H100": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "hbm": 3350.0},
-          "H200": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "hbm": 4800.0}}
+_PEAKS = {"H100": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9, "hbm": 3350.0},
+          "H200": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9, "hbm": 4800.0}}
 
 
 def _peaks() -> dict:
@@ -28,7 +28,7 @@ def _peaks() -> dict:
     for key, peaks in _PEAKS.items():
         if key in name:
             return peaks
-    return {"bf16": float("nan"), "fp16": float("nan"), "tf32": float("nan"), "hbm": float("nan")}
+    return dict.fromkeys(("bf16", "fp16", "tf32", "fp32", "hbm"), float("nan"))
 
 
 def _time(fn) -> float:
@@ -138,6 +138,12 @@ def run(quick: bool = False, compile: bool = True) -> list[dict]:
             results.append((kernel + (" FAILED->pointers" if failed else ""), ms, out))
         return results
 
+    def chosen_config(kernel, dtype) -> str:
+        """The config the autotuner picked for the last GEMM of this kernel and dtype."""
+        name = {"tma": "_gemm_tma", "persistent": "_gemm_persistent"}.get(kernel.split()[0], "_gemm")
+        tuner = getattr(gemm_module, name + ("_32bit" if dtype == torch.float32 else "_16bit"), None)
+        return str(getattr(tuner, "best_config", ""))
+
     def triton_gemm(rows):
         for dtype, label, tf32 in ((torch.bfloat16, "bf16", False), (torch.float16, "fp16", False),
                                    (torch.float32, "tf32", True)):
@@ -149,8 +155,15 @@ def run(quick: bool = False, compile: bool = True) -> list[dict]:
             ref = torch.matmul(a.double(), b.double())
             for kernel, ours, out in triton_variants(lambda: gemm(a, b, allow_tf32=tf32), tf32):
                 rows.append(_row(f"triton gemm ({kernel})", f"{n_gemm}^3", label, ours, "torch.matmul", base,
-                                 2 * n_gemm ** 3, "tflops", peaks[label], _rel_err(out, ref)))
+                                 2 * n_gemm ** 3, "tflops", peaks[label], _rel_err(out, ref),
+                                 config=chosen_config(kernel, dtype)))
         torch.backends.cuda.matmul.allow_tf32 = False
+        # Full-precision float32 (no tensor cores; what cudacnn.engine runs) against cuBLAS SGEMM.
+        a, b = torch.randn(1024, 1024, device=dev), torch.randn(1024, 1024, device=dev)
+        rows.append(_row("triton gemm fp32 (pointers, ieee)", "1024^3", "fp32", _time(lambda: gemm(a, b)),
+                         "torch.matmul", _time(lambda: torch.matmul(a, b)), 2 * 1024 ** 3, "tflops",
+                         peaks["fp32"], _rel_err(gemm(a, b), a.double() @ b.double()),
+                         config=str(getattr(gemm_module._gemm_full_fp32, "best_config", ""))))
 
     def fused_linear_gelu(rows):
         for M, K, N in ((n_gemm, n_gemm, n_gemm), (4 * n_gemm, n_gemm // 4, n_gemm)):
@@ -167,7 +180,12 @@ def run(quick: bool = False, compile: bool = True) -> list[dict]:
             for kernel, ours, out in triton_variants(lambda: gemm(x, w.t(), bias, "gelu")):
                 rows.append(_row(f"triton gemm+bias+gelu ({kernel})", f"{M}x{K}x{N}", "bf16", ours,
                                  "eager linear+gelu", base, 2 * M * N * K, "tflops", peaks["bf16"],
-                                 _rel_err(out, ref), **extra))
+                                 _rel_err(out, ref), config=chosen_config(kernel, x.dtype), **extra))
+            # The same GEMM without the epilogue math: what bias + GELU cost inside our kernel.
+            for kernel, ours, _ in triton_variants(lambda: gemm(x, w.t())):
+                rows.append(_row(f"triton gemm, no epilogue ({kernel})", f"{M}x{K}x{N}", "bf16", ours,
+                                 "cuBLAS linear", plain, 2 * M * N * K, "tflops", peaks["bf16"],
+                                 config=chosen_config(kernel, x.dtype)))
             if cuda_ext.cuda_available():
                 for variant in (0, 5):
                     fn = lambda: cuda_ext.cuda_gemm(x, w.t(), bias, "gelu", variant=variant)  # noqa: E731
@@ -197,6 +215,24 @@ def run(quick: bool = False, compile: bool = True) -> list[dict]:
                     rows.append(_row(f"{impl} {kind} bwd", f"{n_elem}", str(dtype)[6:], ours, "device copy",
                                      3 * size / (copy_gbps[dtype] * 1e6), 3 * size, "gbps", peaks["hbm"],
                                      of_copy=round(3 * size / (ours * 1e-3) / 1e9 / copy_gbps[dtype], 3)))
+
+    def gelu_launch_sweep(rows):
+        """Block size and warps of the Triton exact-GELU forward in bf16 (the one activation row below
+        0.85 of copy bandwidth in earlier runs)."""
+        import triton
+
+        acts = importlib.import_module("cudacnn.kernels.activations")
+        x = torch.randn(n_elem, device=dev).to(torch.bfloat16)
+        y = torch.empty_like(x)
+        size = 2 * x.numel() * x.element_size()
+        for block in (1024, 2048, 4096, 8192):
+            for warps in (4, 8):
+                fn = lambda: acts._activation_fwd_kernel[(triton.cdiv(n_elem, block),)](  # noqa: E731
+                    x, y, n_elem, KIND=acts.activation_code("gelu"), FAST=True, BLOCK=block, num_warps=warps)
+                ms = _time(fn)
+                rows.append(_row(f"triton gelu fwd BLOCK={block} warps={warps}", f"{n_elem}", "bfloat16", ms,
+                                 "device copy", size / (copy_gbps[torch.bfloat16] * 1e6), size, "gbps",
+                                 peaks["hbm"], of_copy=round(size / (ms * 1e-3) / 1e9 / copy_gbps[torch.bfloat16], 3)))
 
     def cross_entropy(rows):
         C = 10
@@ -250,7 +286,8 @@ def run(quick: bool = False, compile: bool = True) -> list[dict]:
 
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, cuda {torch.version.cuda}",
           file=sys.stderr, flush=True)
-    for bench in (copy_bandwidth, cuda_gemm, triton_gemm, fused_linear_gelu, activations, cross_entropy):
+    for bench in (copy_bandwidth, cuda_gemm, triton_gemm, fused_linear_gelu, activations, gelu_launch_sweep,
+                  cross_entropy):
         _try(rows, bench)
     return rows
 

@@ -74,16 +74,30 @@ def _tma_dot(a_desc, b_desc, off_m, off_n, K, B_IS_NK: tl.constexpr, INPUT_PRECI
 
 
 @triton.jit
+def _tma_store_tile(acc, c_desc, z_desc, off_m, off_n, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr,
+                    FAST: tl.constexpr):
+    if STORE_PRE:
+        z_desc.store([off_m, off_n], acc.to(z_desc.dtype))
+    c_desc.store([off_m, off_n], _act_fwd(acc, ACTIVATION, FAST).to(c_desc.dtype))
+
+
+@triton.jit
 def _tma_epilogue(acc, c_desc, z_desc, bias_ptr, off_m, off_n, N, HAS_BIAS: tl.constexpr,
-                  ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Bias, the pre-activation copy (for backward), the activation, and the clipped TMA store."""
+                  ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr, FAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, EPILOGUE_SPLIT: tl.constexpr):
+    """Bias, the pre-activation copy (for backward), the activation, and the clipped TMA store.
+    EPILOGUE_SPLIT=2 stores the tile as two column halves: half the shared-memory staging buffer (room for
+    one more pipeline stage) and the first half's store overlaps the second half's activation math."""
     if HAS_BIAS:
         offs_n = off_n + tl.arange(0, BLOCK_N)
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    if STORE_PRE:
-        z_desc.store([off_m, off_n], acc.to(z_desc.dtype))
-    acc = _act_fwd(acc, ACTIVATION, FAST)
-    c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
+    if EPILOGUE_SPLIT == 2:
+        halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+        left, right = tl.split(halves)
+        _tma_store_tile(left, c_desc, z_desc, off_m, off_n, ACTIVATION, STORE_PRE, FAST)
+        _tma_store_tile(right, c_desc, z_desc, off_m, off_n + BLOCK_N // 2, ACTIVATION, STORE_PRE, FAST)
+    else:
+        _tma_store_tile(acc, c_desc, z_desc, off_m, off_n, ACTIVATION, STORE_PRE, FAST)
 
 
 @triton.jit
@@ -129,14 +143,16 @@ def _gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, z_ptr, M, N, K,
 def _gemm_tma_kernel(a_desc, b_desc, c_desc, z_desc, bias_ptr, M, N, K, B_IS_NK: tl.constexpr,
                      HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr,
                      INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                     EPILOGUE_SPLIT: tl.constexpr):
     """Same GEMM with tiles moved by the Hopper tensor-memory accelerator (TMA): no address arithmetic,
     out-of-range rows, columns and K read as zeros and stores are clipped by the hardware. B is read
     either as (K, N) or, for a transposed weight, as its (N, K) original (B_IS_NK)."""
     pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     off_m, off_n = pid_m * BLOCK_M, pid_n * BLOCK_N
     acc = _tma_dot(a_desc, b_desc, off_m, off_n, K, B_IS_NK, INPUT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
-    _tma_epilogue(acc, c_desc, z_desc, bias_ptr, off_m, off_n, N, HAS_BIAS, ACTIVATION, STORE_PRE, FAST, BLOCK_N)
+    _tma_epilogue(acc, c_desc, z_desc, bias_ptr, off_m, off_n, N, HAS_BIAS, ACTIVATION, STORE_PRE, FAST, BLOCK_M,
+                  BLOCK_N, EPILOGUE_SPLIT)
 
 
 @triton.jit
@@ -144,7 +160,7 @@ def _gemm_persistent_kernel(a_desc, b_desc, c_desc, z_desc, bias_ptr, M, N, K, B
                             HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr,
                             INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr):
+                            GROUP_M: tl.constexpr, EPILOGUE_SPLIT: tl.constexpr, NUM_SMS: tl.constexpr):
     """The TMA GEMM as a persistent kernel: one program per SM walks the output tiles; the flattened loop
     lets the compiler pipeline the next tile's loads under this tile's epilogue (bias, activation)."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -158,7 +174,7 @@ def _gemm_persistent_kernel(a_desc, b_desc, c_desc, z_desc, bias_ptr, M, N, K, B
         tile_c += NUM_SMS
         pid_m, pid_n = _tile_coords(tile_c, num_pid_m, num_pid_n, GROUP_M)
         _tma_epilogue(acc, c_desc, z_desc, bias_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, N, HAS_BIAS, ACTIVATION,
-                      STORE_PRE, FAST, BLOCK_N)
+                      STORE_PRE, FAST, BLOCK_M, BLOCK_N, EPILOGUE_SPLIT)
 
 
 def _set_tma_blocks(nargs):
@@ -166,13 +182,22 @@ def _set_tma_blocks(nargs):
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
     nargs["a_desc"].block_shape = [bm, bk]
     nargs["b_desc"].block_shape = [bn, bk] if nargs["B_IS_NK"] else [bk, bn]
-    nargs["c_desc"].block_shape = [bm, bn]
-    nargs["z_desc"].block_shape = [bm, bn]
+    store_n = bn // nargs.get("EPILOGUE_SPLIT", 1)
+    nargs["c_desc"].block_shape = [bm, store_n]
+    nargs["z_desc"].block_shape = [bm, store_n]
 
 
-def _config(bm, bn, bk, stages, warps, group=8, pre_hook=None):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group},
-                         num_stages=stages, num_warps=warps, pre_hook=pre_hook)
+def _config(bm, bn, bk, stages, warps, group=8, pre_hook=None, split=None):
+    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group}
+    if split is not None:  # TMA kernels only
+        meta["EPILOGUE_SPLIT"] = split
+    return triton.Config(meta, num_stages=stages, num_warps=warps, pre_hook=pre_hook)
+
+
+def _tma_configs(*shapes):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, stages, warps[, epilogue split]) -> TMA autotune configs."""
+    return [_config(*shape[:5], pre_hook=_set_tma_blocks, split=shape[5] if len(shape) > 5 else 1)
+            for shape in shapes]
 
 
 # Hopper: 128x256 / 256x128 tiles run two warpgroups of wgmma; a smaller tile for skinny problems.
@@ -191,26 +216,34 @@ _CONFIGS_32BIT = [
     _config(128, 128, 32, 4, 8),
     _config(64, 128, 32, 4, 4),
 ]
+# Full-precision float32 (FMA units, no tensor cores): small tiles keep A, B fragments and the accumulator in
+# registers.
+_CONFIGS_FULL_FP32 = [
+    _config(128, 128, 16, 3, 8),
+    _config(128, 64, 32, 3, 4),
+    _config(64, 128, 32, 3, 4),
+    _config(64, 64, 32, 3, 4),
+    _config(64, 64, 16, 4, 2),
+]
 _AUTOTUNE_KEY = ["M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn", "ACTIVATION", "HAS_BIAS"]
 _gemm_16bit = triton.autotune(configs=_CONFIGS_16BIT, key=_AUTOTUNE_KEY)(_gemm_kernel)
 _gemm_32bit = triton.autotune(configs=_CONFIGS_32BIT, key=_AUTOTUNE_KEY)(_gemm_kernel)
+_gemm_full_fp32 = triton.autotune(configs=_CONFIGS_FULL_FP32, key=_AUTOTUNE_KEY)(_gemm_kernel)
 _TMA_KEY = ["M", "N", "K", "B_IS_NK", "ACTIVATION", "HAS_BIAS", "STORE_PRE"]
 _gemm_tma_16bit = triton.autotune(
-    configs=[_config(*c, pre_hook=_set_tma_blocks) for c in ((128, 256, 64, 3, 8), (256, 128, 64, 3, 8),
-                                                             (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
-                                                             (64, 128, 64, 4, 4))],
+    configs=_tma_configs((128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
+                         (64, 128, 64, 4, 4)),
     key=_TMA_KEY)(_gemm_tma_kernel)
 _gemm_tma_32bit = triton.autotune(
-    configs=[_config(*c, pre_hook=_set_tma_blocks) for c in ((128, 256, 32, 3, 8), (128, 128, 32, 4, 8),
-                                                             (128, 128, 32, 3, 4), (64, 128, 32, 4, 4))],
+    configs=_tma_configs((128, 256, 32, 3, 8), (128, 128, 32, 4, 8), (128, 128, 32, 3, 4), (64, 128, 32, 4, 4)),
     key=_TMA_KEY)(_gemm_tma_kernel)
+# A split epilogue frees 32 KB of shared memory: 128x256 tiles then fit a fourth stage.
 _gemm_persistent_16bit = triton.autotune(
-    configs=[_config(*c, pre_hook=_set_tma_blocks) for c in ((128, 256, 64, 3, 8), (128, 128, 64, 4, 8),
-                                                             (256, 128, 64, 3, 8))],
+    configs=_tma_configs((128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (256, 128, 64, 3, 8),
+                         (128, 256, 64, 3, 8, 2), (128, 256, 64, 4, 8, 2), (256, 128, 64, 3, 8, 2)),
     key=_TMA_KEY)(_gemm_persistent_kernel)
 _gemm_persistent_32bit = triton.autotune(
-    configs=[_config(*c, pre_hook=_set_tma_blocks) for c in ((128, 256, 32, 3, 8), (128, 128, 32, 4, 8),
-                                                             (128, 128, 64, 3, 8))],
+    configs=_tma_configs((128, 256, 32, 3, 8), (128, 128, 32, 4, 8), (128, 128, 64, 3, 8)),
     key=_TMA_KEY)(_gemm_persistent_kernel)
 
 # Which kernel a TMA-eligible GEMM runs: "tma", "persistent", or "pointers" (CUDACNN_GEMM_KERNEL overrides).
@@ -259,10 +292,16 @@ def _autotuning() -> bool:
     return not interpreting() and os.environ.get("CUDACNN_GEMM_AUTOTUNE", "1") != "0"
 
 
-def _fixed_config(dtype) -> tuple[dict, dict]:
+# Epilogue split of the TMA kernels when not autotuning (tests set 2 to run that path).
+FIXED_EPILOGUE_SPLIT = 1
+
+
+def _fixed_config(dtype, full_fp32=False) -> tuple[dict, dict]:
     """(block sizes, launch options) used when not autotuning."""
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2), {}
+    if full_fp32:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8), dict(num_stages=3, num_warps=4)
     bk = 32 if dtype == torch.float32 else 64
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk, GROUP_M=8), dict(num_stages=3, num_warps=8)
 
@@ -287,6 +326,7 @@ def _launch_tma(a, b, c, bias, z, meta):
 
     if not _autotuning():
         blocks, options = _fixed_config(a.dtype)
+        blocks["EPILOGUE_SPLIT"] = FIXED_EPILOGUE_SPLIT
         _set_tma_blocks({"a_desc": descs[0], "b_desc": descs[1], "c_desc": descs[2], "z_desc": descs[3],
                          "B_IS_NK": b_is_nk, **blocks})
         kernel = _gemm_persistent_kernel if persistent else _gemm_tma_kernel
@@ -299,15 +339,25 @@ def _launch_tma(a, b, c, bias, z, meta):
     kernel[grid](*args, **meta)
 
 
+def kernel_path(a, b, c, z, allow_tf32) -> str:
+    """Which kernel a GEMM runs: "tma", "persistent" or "pointers". Full-precision float32 always takes the
+    pointer kernel with its CUDA-core configs: an ieee tl.dot runs on FMA units, where the TMA kernels' large
+    tensor-core tiles spill registers (the engine's 1024^2 matmul ran 2.7x slower than cuBLAS there)."""
+    if a.dtype == torch.float32 and not allow_tf32:
+        return "pointers"
+    return kernel_choice() if use_tma(a, b, c, z) else "pointers"
+
+
 def _launch(a, b, c, bias, z, activation, allow_tf32):
     M, K = a.shape
     N = b.shape[1]
     args = (a, b, c, bias if bias is not None else c, z if z is not None else c, M, N, K,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
+    full_fp32 = a.dtype == torch.float32 and not allow_tf32
     meta = dict(HAS_BIAS=bias is not None, ACTIVATION=activation_code(activation), STORE_PRE=z is not None,
                 INPUT_PRECISION="tf32" if (allow_tf32 and a.dtype == torch.float32) else "ieee",
                 UPCAST=interpreting() and a.dtype == torch.bfloat16, FAST=c.dtype != torch.float32)
-    if use_tma(a, b, c, z):
+    if kernel_path(a, b, c, z, allow_tf32) != "pointers":
         try:
             _launch_tma(a, b, c, bias, z, meta)
             return
@@ -317,11 +367,11 @@ def _launch(a, b, c, bias, z, activation, allow_tf32):
             warnings.warn(f"cudacnn: the TMA GEMM failed ({type(exc).__name__}: {exc}); using the pointer-based "
                           "kernel", RuntimeWarning, stacklevel=3)
     if not _autotuning():
-        blocks, options = _fixed_config(a.dtype)
+        blocks, options = _fixed_config(a.dtype, full_fp32)
         grid = (triton.cdiv(M, blocks["BLOCK_M"]) * triton.cdiv(N, blocks["BLOCK_N"]),)
         _gemm_kernel[grid](*args, **meta, **blocks, **options)
         return
-    kernel = _gemm_32bit if a.dtype == torch.float32 else _gemm_16bit
+    kernel = _gemm_full_fp32 if full_fp32 else _gemm_32bit if a.dtype == torch.float32 else _gemm_16bit
     grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)  # noqa: E731
     kernel[grid](*args, **meta)
 

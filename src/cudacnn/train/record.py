@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import statistics
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -36,16 +37,18 @@ def run_record(config: TrainConfig, quiet: bool = False) -> dict:
     rows = []
     for index in range(config.runs):
         seed = config.seed + index
+        started = time.time()  # wall-clock stamps: a sweep's run phase is measured across processes
         result = train_fast(config.preset, dataset, seed=seed, device=str(device), compile=config.compile,
                             log=(lambda *a: None) if quiet else print)
         row = {"run": index, "seed": seed, "test_acc": result.test_acc, "test_acc_plain": result.test_acc_plain,
-               "train_time_s": result.train_time_s}
+               "train_time_s": result.train_time_s, "started": started}
         rows.append(row)
         run_dir = root / f"run{index}"
         save_checkpoint(run_dir / "checkpoints" / "last.pt", {
             "model_name": config.model, "model_kwargs": config.model_kwargs, "classes": dataset.classes,
             "mean": tuple(map(float, mean)), "std": tuple(map(float, std)), "model": result.model.state_dict(),
             "epoch": len(result.history) - 1, "config": {**config.to_dict(), **result.config, "seed": seed}})
+        row["finished"] = time.time()
         (run_dir / "eval.json").write_text(json.dumps({**row, "history": result.history}, indent=2))
         if not quiet:
             log.info("run %d (seed %d): test accuracy %.4f (TTA), %.4f plain, %.3f s", index, seed,
