@@ -52,6 +52,7 @@ def summarize(label: str, results) -> dict:
     return dict(variant=label, runs=len(results), mean_acc=statistics.mean(accs), min_acc=min(accs),
                 max_acc=max(accs), mean_plain=statistics.mean(r.test_acc_plain for r in results),
                 median_s=statistics.median(times), min_s=min(times), max_s=max(times),
+                median_eval_s=statistics.median(r.eval_time_s for r in results),
                 accs=accs, times=times)
 
 
@@ -104,7 +105,7 @@ def main(argv=None) -> int:
         summaries.append(summary)
         print(f"{label}: {summary['runs']} runs, TTA acc mean {summary['mean_acc']:.4f} "
               f"(min {summary['min_acc']:.4f}, max {summary['max_acc']:.4f}; plain {summary['mean_plain']:.4f}), "
-              f"median time {summary['median_s']:.3f} s", flush=True)
+              f"median time {summary['median_s']:.3f} s (evaluation {summary['median_eval_s']:.3f} s)", flush=True)
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps(summary) + "\n")
