@@ -3,7 +3,8 @@
 #   1. ResNet-18 (CIFAR stem, preset resnet18-cifar) for EPOCHS epochs at global batch 512 on 1, 2 and 4
 #      GPUs (as many as the machine has): training throughput (median images/s over epochs 2..E) and test
 #      accuracy of each, so the speed-up comes with an accuracy check at the same number of steps.
-#      Global batch R18_BATCH (default 1024: 256 per GPU on 4) at every world size.
+#      Each global batch in R18_SETS (default 1024: 256 per GPU on 4) at every world size; "B:compile" adds
+#      --compile (fewer host launches per step).
 #   2. 8 seeded fast94 runs one after another on one GPU vs spread over 4 GPUs (`--runs 8 --gpus 4`), after
 #      one untimed run that fills the compile and data caches both commands then read. Reported: whole-command
 #      wall time, and the run phase (first run's start to last run's end, from each run's wall-clock stamps).
@@ -16,7 +17,7 @@ OUT=${OUT:-/tmp/multigpu-out}
 DATA=${DATA:-.data/cifar10-jpeg.tar.gz}
 CACHE=${CACHE:-/tmp/cudacnn-cache}
 EPOCHS=${EPOCHS:-10}
-R18_BATCH=${R18_BATCH:-1024}
+R18_SETS=${R18_SETS:-1024}   # space-separated global batch sizes, each optionally ":compile"
 FAST_RUNS=${FAST_RUNS:-8}
 mkdir -p "$OUT/logs"
 export PYTHONPATH=src
@@ -36,17 +37,22 @@ python3 -c "from cudacnn.data import load_dataset; d = load_dataset('$DATA', cac
 
 now() { date +%s.%N; }
 declare -A WALL
-for G in 1 2 4; do
-  [ "$G" -le "$NGPU" ] || continue
-  t0=$(now)
-  timeout 300 python3 -m cudacnn train --preset resnet18-cifar --epochs "$EPOCHS" --batch-size "$R18_BATCH" \
-    --gpus "$G" --data "$DATA" \
-    --cache-dir "$CACHE" --out "$OUT/runs" --name "r18-g$G" --quiet > "$OUT/logs/r18-g$G.log" 2>&1 \
-    || echo "r18 on $G GPU(s) failed: see logs/r18-g$G.log"
-  WALL[r18-g$G]=$(python3 -c "print($(now) - $t0)")
+for SET in $R18_SETS; do
+  B=${SET%%:*}; FLAGS=""; TAG="b$B"
+  [ "$SET" != "$B" ] && { FLAGS="--compile"; TAG="b$B-compile"; }
+  for G in 1 2 4; do
+    [ "$G" -le "$NGPU" ] || continue
+    t0=$(now)
+    NCCL_DEBUG=INFO timeout 300 python3 -m cudacnn train --preset resnet18-cifar --epochs "$EPOCHS" --batch-size "$B" \
+      $FLAGS --gpus "$G" --data "$DATA" --cache-dir "$CACHE" --out "$OUT/runs" --name "r18-$TAG-g$G" --quiet \
+      > "$OUT/logs/r18-$TAG-g$G.log" 2>&1 || echo "r18 $TAG on $G GPU(s) failed: see logs/r18-$TAG-g$G.log"
+    WALL[r18-$TAG-g$G]=$(python3 -c "print($(now) - $t0)")
+  done
+  grep -h -m2 "via P2P\|via SHM\|Channel 00.*via" "$OUT/logs/r18-$TAG-g2.log" 2>/dev/null | head -2
 done
 
 S=$(( NGPU < 4 ? NGPU : 4 ))
+[ "$FAST_RUNS" -gt 0 ] && {
 timeout 200 python3 -m cudacnn train --preset fast94 --runs 1 --data "$DATA" --cache-dir "$CACHE" --out "$OUT/runs" \
   --name fast94-warmup --quiet > "$OUT/logs/fast94-warmup.log" 2>&1 || echo "fast94 warm-up failed"
 t0=$(now)
@@ -57,6 +63,7 @@ t0=$(now)
 timeout 300 python3 -m cudacnn train --preset fast94 --runs "$FAST_RUNS" --gpus "$S" --data "$DATA" --cache-dir "$CACHE" \
   --out "$OUT/runs" --name "fast94-g$S" --quiet > "$OUT/logs/fast94-g$S.log" 2>&1 || echo "fast94 sweep failed"
 WALL[fast94-g$S]=$(python3 -c "print($(now) - $t0)")
+}
 
 WALLS=""; for k in "${!WALL[@]}"; do WALLS+="$k=${WALL[$k]} "; done
 python3 - "$OUT" "$S" "$WALLS" <<'EOF'
@@ -66,17 +73,20 @@ out, sweep_gpus, walls = Path(sys.argv[1]), int(sys.argv[2]), dict(w.split("=") 
 runs, rows, result = out / "runs", [], {"walls_s": {k: float(v) for k, v in walls.items()}}
 lines = ["| ResNet-18 (CIFAR stem) | GPUs | images/s (median, epochs 2..E) | speed-up | test acc (TTA) | wall s |",
          "|---|---:|---:|---:|---:|---:|"]
-base = None
-for g in (1, 2, 4):
-    run = runs / f"r18-g{g}"
-    if not (run / "eval.json").exists():
-        continue
-    hist = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-    ips = statistics.median(r["images_per_s"] for r in hist[1:] or hist)
-    acc = json.loads((run / "eval.json").read_text())["accuracy"]
-    base = base or ips
-    rows.append({"gpus": g, "images_per_s": ips, "speedup": ips / base, "test_acc": acc, "epochs": len(hist)})
-    lines.append(f"| resnet18-cifar | {g} | {ips:,.0f} | {ips / base:.2f}x | {acc:.4f} | {float(walls.get(f'r18-g{g}', 0)):.0f} |")
+for tag in sorted({p.name.rsplit("-g", 1)[0][4:] for p in runs.glob("r18-*-g*")}):
+    base = None
+    for g in (1, 2, 4):
+        run = runs / f"r18-{tag}-g{g}"
+        if not (run / "eval.json").exists():
+            continue
+        hist = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+        ips = statistics.median(r["images_per_s"] for r in hist[1:] or hist)
+        acc = json.loads((run / "eval.json").read_text())["accuracy"]
+        base = base or ips
+        rows.append({"setting": tag, "gpus": g, "images_per_s": ips, "speedup": ips / base, "test_acc": acc,
+                     "epochs": len(hist)})
+        lines.append(f"| resnet18-cifar {tag} | {g} | {ips:,.0f} | {ips / base:.2f}x | {acc:.4f} | "
+                     f"{float(walls.get(f'r18-{tag}-g{g}', 0)):.0f} |")
 result["resnet18"] = rows
 seq, par = runs / "fast94-seq" / "results.json", runs / f"fast94-g{sweep_gpus}" / "results.json"
 if seq.exists() and par.exists():
