@@ -86,7 +86,12 @@ def _try(rows, fn):
         print(f"  {fn.__name__} FAILED: {exc}", file=sys.stderr, flush=True)
 
 
-def run(quick: bool = False, compile: bool = True) -> list[dict]:
+BENCHES = ("copy_bandwidth", "cuda_gemm", "triton_gemm", "fused_linear_gelu", "activations", "gelu_launch_sweep",
+           "cross_entropy")
+
+
+def run(quick: bool = False, compile: bool = True, only: tuple[str, ...] = BENCHES) -> list[dict]:
+    """The benchmarks named in `only` (copy_bandwidth always runs: the activation rows are ratios to it)."""
     from . import cuda_ext, ops
     from .activations import activation_backward, activation_forward
     from .cross_entropy import softmax_cross_entropy
@@ -288,7 +293,8 @@ def run(quick: bool = False, compile: bool = True) -> list[dict]:
           file=sys.stderr, flush=True)
     for bench in (copy_bandwidth, cuda_gemm, triton_gemm, fused_linear_gelu, activations, gelu_launch_sweep,
                   cross_entropy):
-        _try(rows, bench)
+        if bench is copy_bandwidth or bench.__name__ in only:
+            _try(rows, bench)
     return rows
 
 
@@ -316,11 +322,17 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--only", default=",".join(BENCHES),
+                        help=f"comma-separated subset of {', '.join(BENCHES)} (default: all)")
     args = parser.parse_args(argv)
+    only = tuple(name for name in args.only.split(",") if name)
+    unknown = set(only) - set(BENCHES)
+    if unknown:
+        parser.error(f"unknown benchmark(s) {sorted(unknown)}; choose from {', '.join(BENCHES)}")
     if not torch.cuda.is_available():
         print("cudacnn.kernels.bench: no CUDA GPU here; the kernel benchmarks need one", file=sys.stderr)
         return 2
-    rows = run(quick=args.quick, compile=not args.no_compile)
+    rows = run(quick=args.quick, compile=not args.no_compile, only=only)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
