@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -256,20 +257,28 @@ def test_a_dead_rank_stops_the_job_with_its_rank_named(tmp_path):
     assert (tmp_path / "env0").read_text() == (tmp_path / "env1").read_text() == "011"
 
 
+def train_two_ranks_on_the_cpu(tmp_path, *extra) -> subprocess.CompletedProcess:
+    """`cudacnn train --gpus 2 --device cpu` on a small image folder, in a child process."""
+    from cifar_archives import image_folder_files, write_tar
+
+    tar = tmp_path / "imgs.tar.gz"
+    if not tar.exists():
+        files, _ = image_folder_files(classes=("a", "b"), per_class=12)
+        write_tar(tar, files)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    args = ["train", "--gpus", "2", "--data", str(tar), "--model", "simple", "--batch-size", "8",
+            "--device", "cpu", "--amp", "none", "--out", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "c"),
+            "--val-fraction", "0.25", "--quiet", "--no-channels-last", *extra]
+    return subprocess.run([sys.executable, "-m", "cudacnn", *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
 @pytest.mark.slow
 def test_cli_gpus_2_on_the_cpu(tmp_path):
     """`cudacnn train --gpus 2 --device cpu`: the launcher starts two gloo ranks; one run folder results."""
-    from cifar_archives import image_folder_files, write_tar
-
-    files, _ = image_folder_files(classes=("a", "b"), per_class=12)
-    tar = write_tar(tmp_path / "imgs.tar.gz", files)
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-    args = ["train", "--gpus", "2", "--data", str(tar), "--model", "simple", "--epochs", "1", "--batch-size", "8",
-            "--device", "cpu", "--amp", "none", "--out", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "c"),
-            "--val-fraction", "0.25", "--quiet", "--no-channels-last"]
-    done = subprocess.run([sys.executable, "-m", "cudacnn", *args], env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = train_two_ranks_on_the_cpu(tmp_path, "--epochs", "1")
     assert done.returncode == 0, done.stderr[-3000:]
+    tar = tmp_path / "imgs.tar.gz"
     (run,) = list((tmp_path / "runs").iterdir())  # the ranks agreed on one folder name
     assert json.loads((run / "distributed.json").read_text())["world_size"] == 2
     from cudacnn.data import load_dataset
@@ -277,3 +286,16 @@ def test_cli_gpus_2_on_the_cpu(tmp_path):
     test_size = len(load_dataset(tar, cache_dir=tmp_path / "c", quiet=True).test)
     assert json.loads((run / "eval.json").read_text())["num_samples"] == test_size  # sharded, then summed
     assert (run / "report.html").exists() and (run / "checkpoints" / "last.pt").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_ddp_trains_like_eager(tmp_path):
+    """`--compile` under DDP (the multi-GPU speed lever): two ranks end with eager's weights."""
+    for name, extra in (("eager", ()), ("compiled", ("--compile",))):
+        done = train_two_ranks_on_the_cpu(tmp_path, "--epochs", "2", "--name", name, *extra)
+        assert done.returncode == 0, done.stderr[-3000:]
+    eager, compiled = (weights(tmp_path / "runs" / name) for name in ("eager", "compiled"))
+    assert eager.keys() == compiled.keys()
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-5, msg=key)
