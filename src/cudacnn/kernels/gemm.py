@@ -194,56 +194,44 @@ def _config(bm, bn, bk, stages, warps, group=8, pre_hook=None, split=None):
     return triton.Config(meta, num_stages=stages, num_warps=warps, pre_hook=pre_hook)
 
 
-def _tma_configs(*shapes):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, stages, warps[, epilogue split]) -> TMA autotune configs."""
-    return [_config(*shape[:5], pre_hook=_set_tma_blocks, split=shape[5] if len(shape) > 5 else 1)
-            for shape in shapes]
+def _configs(*shapes, tma=False):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, stages, warps[, epilogue split]) -> autotune configs; the TMA kernels' also
+    set their descriptors' block shapes."""
+    if tma:
+        return [_config(*shape[:5], pre_hook=_set_tma_blocks, split=shape[5] if len(shape) > 5 else 1)
+                for shape in shapes]
+    return [_config(*shape) for shape in shapes]
 
 
 # Hopper: 128x256 / 256x128 tiles run two warpgroups of wgmma; a smaller tile for skinny problems.
-_CONFIGS_16BIT = [
-    _config(128, 256, 64, 3, 8),
-    _config(256, 128, 64, 3, 8),
-    _config(128, 128, 64, 4, 8),
-    _config(128, 128, 64, 4, 4),
-    _config(64, 128, 64, 4, 4),
-]
+_CONFIGS_16BIT = _configs((128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
+                          (64, 128, 64, 4, 4))
 # float32 tiles take twice the shared memory per element: halve BLOCK_K.
-_CONFIGS_32BIT = [
-    _config(128, 256, 32, 3, 8),
-    _config(256, 128, 32, 3, 8),
-    _config(128, 256, 32, 4, 8),
-    _config(128, 128, 32, 4, 8),
-    _config(64, 128, 32, 4, 4),
-]
+_CONFIGS_32BIT = _configs((128, 256, 32, 3, 8), (256, 128, 32, 3, 8), (128, 256, 32, 4, 8), (128, 128, 32, 4, 8),
+                          (64, 128, 32, 4, 4))
 # Full-precision float32 (FMA units, no tensor cores): small tiles keep A, B fragments and the accumulator in
 # registers.
-_CONFIGS_FULL_FP32 = [
-    _config(128, 128, 16, 3, 8),
-    _config(128, 64, 32, 3, 4),
-    _config(64, 128, 32, 3, 4),
-    _config(64, 64, 32, 3, 4),
-    _config(64, 64, 16, 4, 2),
-]
+_CONFIGS_FULL_FP32 = _configs((128, 128, 16, 3, 8), (128, 64, 32, 3, 4), (64, 128, 32, 3, 4), (64, 64, 32, 3, 4),
+                              (64, 64, 16, 4, 2))
 _AUTOTUNE_KEY = ["M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn", "ACTIVATION", "HAS_BIAS"]
 _gemm_16bit = triton.autotune(configs=_CONFIGS_16BIT, key=_AUTOTUNE_KEY)(_gemm_kernel)
 _gemm_32bit = triton.autotune(configs=_CONFIGS_32BIT, key=_AUTOTUNE_KEY)(_gemm_kernel)
 _gemm_full_fp32 = triton.autotune(configs=_CONFIGS_FULL_FP32, key=_AUTOTUNE_KEY)(_gemm_kernel)
 _TMA_KEY = ["M", "N", "K", "B_IS_NK", "ACTIVATION", "HAS_BIAS", "STORE_PRE"]
 _gemm_tma_16bit = triton.autotune(
-    configs=_tma_configs((128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
-                         (64, 128, 64, 4, 4)),
+    configs=_configs((128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
+                     (64, 128, 64, 4, 4), tma=True),
     key=_TMA_KEY)(_gemm_tma_kernel)
 _gemm_tma_32bit = triton.autotune(
-    configs=_tma_configs((128, 256, 32, 3, 8), (128, 128, 32, 4, 8), (128, 128, 32, 3, 4), (64, 128, 32, 4, 4)),
+    configs=_configs((128, 256, 32, 3, 8), (128, 128, 32, 4, 8), (128, 128, 32, 3, 4), (64, 128, 32, 4, 4), tma=True),
     key=_TMA_KEY)(_gemm_tma_kernel)
 # A split epilogue frees 32 KB of shared memory: 128x256 tiles then fit a fourth stage.
 _gemm_persistent_16bit = triton.autotune(
-    configs=_tma_configs((128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (256, 128, 64, 3, 8),
-                         (128, 256, 64, 3, 8, 2), (128, 256, 64, 4, 8, 2), (256, 128, 64, 3, 8, 2)),
+    configs=_configs((128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (256, 128, 64, 3, 8),
+                     (128, 256, 64, 3, 8, 2), (128, 256, 64, 4, 8, 2), (256, 128, 64, 3, 8, 2), tma=True),
     key=_TMA_KEY)(_gemm_persistent_kernel)
 _gemm_persistent_32bit = triton.autotune(
-    configs=_tma_configs((128, 256, 32, 3, 8), (128, 128, 32, 4, 8), (128, 128, 64, 3, 8)),
+    configs=_configs((128, 256, 32, 3, 8), (128, 128, 32, 4, 8), (128, 128, 64, 3, 8), tma=True),
     key=_TMA_KEY)(_gemm_persistent_kernel)
 
 # Which kernel a TMA-eligible GEMM runs: "tma", "persistent", or "pointers" (CUDACNN_GEMM_KERNEL overrides).
