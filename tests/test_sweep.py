@@ -116,3 +116,19 @@ def test_fast_preset_seeds_go_in_one_block_per_worker(monkeypatch, tmp_path):
     sweep.seeds_sweep(config, 3, quiet=True)
     blocks = [(j.config.seed, j.config.runs) for j in captured["jobs"]]
     assert blocks == [(10, 2), (12, 3), (15, 3)] and captured["gpus"] == 3  # seeds 10..17, each once
+
+
+def test_gpu_workers_get_one_gpu_and_a_share_of_the_cores(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(sweep.os, "cpu_count", lambda: 64)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    envs = sweep.worker_envs(4, "cuda")
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0", "1", "2", "3"]
+    assert {e["OMP_NUM_THREADS"] for e in envs} == {e["TORCHINDUCTOR_COMPILE_THREADS"] for e in envs} == {"16"}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")  # only these two are ours
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in sweep.worker_envs(2, "cuda")] == ["2", "5"]
+    with pytest.raises(ConfigError, match="--gpus 3 but this machine has 2"):
+        sweep.worker_envs(3, "cuda")

@@ -99,19 +99,21 @@ def spec_seeds(spec: dict, base: TrainConfig) -> list[int]:
 
 # ---------------------------------------------------------------------- workers
 def worker_envs(workers: int, device: str) -> list[dict]:
-    """One environment per worker process: its GPU on a GPU machine, a share of the cores on the CPU."""
+    """One environment per worker process: its GPU on a GPU machine, and always a share of the cores (for
+    its CPU threads and torch.compile's compile workers, which would otherwise each take every core)."""
     import torch
 
     if workers < 1:
         raise ConfigError("--gpus must be at least 1")
+    threads = str(max(1, (os.cpu_count() or 1) // workers))
+    cores = {"OMP_NUM_THREADS": threads, "TORCHINDUCTOR_COMPILE_THREADS": threads}
     if device != "cpu" and torch.cuda.is_available():
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
         if workers > len(ids):
             raise ConfigError(f"--gpus {workers} but this machine has {len(ids)} GPU(s) visible")
-        return [{"CUDA_VISIBLE_DEVICES": ids[i]} for i in range(workers)]
-    threads = str(max(1, (os.cpu_count() or 1) // workers))
-    return [{"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": threads} for _ in range(workers)]
+        return [{"CUDA_VISIBLE_DEVICES": ids[i], **cores} for i in range(workers)]
+    return [{"CUDA_VISIBLE_DEVICES": "", **cores} for _ in range(workers)]
 
 
 def run_queue(commands: list[list[str]], envs: list[dict], logs: list[Path],
