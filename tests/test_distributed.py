@@ -289,7 +289,8 @@ def test_cli_gpus_2_on_the_cpu(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on the CPU needs a C++ compiler")
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                    reason="torch.compile on the CPU needs a C++ compiler")
 def test_compiled_ddp_trains_like_eager(tmp_path):
     """`--compile` under DDP (the multi-GPU speed lever): two ranks end with eager's weights."""
     for name, extra in (("eager", ()), ("compiled", ("--compile",))):

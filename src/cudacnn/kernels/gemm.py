@@ -7,7 +7,8 @@ Tiles walk the output in grouped order (GROUP_M row-blocks at a time) so that A 
 
 Three kernels share that math: a pointer-based one (any strides, any GPU), a TMA one (Hopper; tiles moved
 by the tensor-memory accelerator) and a persistent TMA one (one program per SM; the default on Hopper,
-see DEFAULT_KERNEL). Each is autotuned over a few Hopper-sized configs."""
+see DEFAULT_KERNEL). Each is autotuned over a few Hopper-sized configs. Full-precision float32 (TF32 off)
+always takes the pointer kernel with CUDA-core configs (see kernel_path)."""
 
 from __future__ import annotations
 
@@ -86,8 +87,8 @@ def _tma_epilogue(acc, c_desc, z_desc, bias_ptr, off_m, off_n, N, HAS_BIAS: tl.c
                   ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr, FAST: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, EPILOGUE_SPLIT: tl.constexpr):
     """Bias, the pre-activation copy (for backward), the activation, and the clipped TMA store.
-    EPILOGUE_SPLIT=2 stores the tile as two column halves: half the shared-memory staging buffer (room for
-    one more pipeline stage) and the first half's store overlaps the second half's activation math."""
+    EPILOGUE_SPLIT=2 stores the tile as two column halves: half the shared-memory staging buffer, room for
+    one more pipeline stage (on an H200 it was no faster for bias+GELU: benchmarks/kernels.md, run 3)."""
     if HAS_BIAS:
         offs_n = off_n + tl.arange(0, BLOCK_N)
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
