@@ -14,6 +14,7 @@ import importlib
 import json
 import os
 import sys
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -120,24 +121,14 @@ def run(quick: bool = False, compile: bool = True, only: tuple[str, ...] = BENCH
                          "gbps": round(copy_gbps[dtype], 1), "roofline_fraction": round(copy_gbps[dtype] / peaks["hbm"], 3)})
             print(f"  device copy {dtype}: {copy_gbps[dtype]:.0f} GB/s", file=sys.stderr, flush=True)
 
-    def with_env(name, value, fn):
-        old = os.environ.get(name)
-        os.environ[name] = value
-        try:
-            return fn()
-        finally:
-            if old is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = old
-
     def triton_variants(fn, tf32=False):
         """(kernel name, ms, output) for each Triton GEMM kernel; a kernel that fails is reported as such."""
         results = []
         for kernel in ("tma", "persistent") + (("pointers",) if tf32 else ()):
             gemm_module._tma_failed = False
-            ms = with_env("CUDACNN_GEMM_KERNEL", kernel, lambda: _time(fn))
-            out = with_env("CUDACNN_GEMM_KERNEL", kernel, fn)
+            with mock.patch.dict(os.environ, {"CUDACNN_GEMM_KERNEL": kernel}):
+                ms = _time(fn)
+                out = fn()
             failed = gemm_module._tma_failed
             gemm_module._tma_failed = False
             results.append((kernel + (" FAILED->pointers" if failed else ""), ms, out))

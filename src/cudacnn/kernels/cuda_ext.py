@@ -67,7 +67,8 @@ def gemm_supported(a: torch.Tensor, b: torch.Tensor) -> bool:
             and a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0)
 
 
-# 5: wgmma on Hopper (sm_90a; 0.64x cuBLAS bf16 4096^3 on an H200), else 0: mma.sync (sm_80+, 0.37x).
+# 5: wgmma on Hopper (sm_90a; 0.64x cuBLAS bf16 4096^3 on an H200), else 0: mma.sync (sm_80+, 0.37x);
+# benchmarks/kernels.md, run 2.
 # CUDACNN_CUDA_GEMM_VARIANT overrides.
 WGMMA_VARIANT, MMA_SYNC_VARIANT = 5, 0
 

@@ -32,17 +32,6 @@ except ImportError:  # older triton: the pointer kernel does everything
 GEMM_ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
 
 
-# ---------------------------------------------------------------- reference (plain PyTorch)
-
-def reference_gemm(a, b, bias=None, activation="none"):
-    """Float32 accumulation for 16-bit inputs, like the kernel; float64 stays float64."""
-    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
-    z = a.to(acc) @ b.to(acc)
-    if bias is not None:
-        z = z + bias.to(acc)
-    return reference_forward(z, activation).to(a.dtype)
-
-
 # ---------------------------------------------------------------- Triton
 
 @triton.jit
@@ -205,8 +194,9 @@ def _configs(*shapes, tma=False):
 
 
 # Hopper: 128x256 / 256x128 tiles run two warpgroups of wgmma; a smaller tile for skinny problems.
-_CONFIGS_16BIT = _configs((128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
-                          (64, 128, 64, 4, 4))
+_SHAPES_16BIT = ((128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
+                 (64, 128, 64, 4, 4))
+_CONFIGS_16BIT = _configs(*_SHAPES_16BIT)
 # float32 tiles take twice the shared memory per element: halve BLOCK_K.
 _CONFIGS_32BIT = _configs((128, 256, 32, 3, 8), (256, 128, 32, 3, 8), (128, 256, 32, 4, 8), (128, 128, 32, 4, 8),
                           (64, 128, 32, 4, 4))
@@ -219,10 +209,7 @@ _gemm_16bit = triton.autotune(configs=_CONFIGS_16BIT, key=_AUTOTUNE_KEY)(_gemm_k
 _gemm_32bit = triton.autotune(configs=_CONFIGS_32BIT, key=_AUTOTUNE_KEY)(_gemm_kernel)
 _gemm_full_fp32 = triton.autotune(configs=_CONFIGS_FULL_FP32, key=_AUTOTUNE_KEY)(_gemm_kernel)
 _TMA_KEY = ["M", "N", "K", "B_IS_NK", "ACTIVATION", "HAS_BIAS", "STORE_PRE"]
-_gemm_tma_16bit = triton.autotune(
-    configs=_configs((128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
-                     (64, 128, 64, 4, 4), tma=True),
-    key=_TMA_KEY)(_gemm_tma_kernel)
+_gemm_tma_16bit = triton.autotune(configs=_configs(*_SHAPES_16BIT, tma=True), key=_TMA_KEY)(_gemm_tma_kernel)
 _gemm_tma_32bit = triton.autotune(
     configs=_configs((128, 256, 32, 3, 8), (128, 128, 32, 4, 8), (128, 128, 32, 3, 4), (64, 128, 32, 4, 4), tma=True),
     key=_TMA_KEY)(_gemm_tma_kernel)

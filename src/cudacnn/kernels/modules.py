@@ -94,8 +94,8 @@ def swap_modules(model: nn.Module, backend: str, fuse: bool = True) -> nn.Module
             continue
         if isinstance(child, nn.Linear):
             setattr(model, name, Linear.from_torch(child, backend))
-        elif activation_kind(child) is not None:
-            setattr(model, name, Activation(activation_kind(child), backend))
+        elif (kind := activation_kind(child)) is not None:
+            setattr(model, name, Activation(kind, backend))
         else:
             swap_modules(child, backend, fuse)
     if fuse and isinstance(model, nn.Sequential):

@@ -1,5 +1,5 @@
 // The tensor-core GEMM kernel template (see gemm.cu), shared by gemm.cu and gemm_variants.cu so that the
-// two compile in parallel.
+// two compile in parallel; gemm_wgmma.cu reuses its loader, tile order and epilogue.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -90,6 +90,54 @@ __device__ __forceinline__ void load_tile(T* smem, const T* g, int rows_total, i
   }
 }
 
+// Copy k-tile kt of A (rows m0..) and B (rows n0..) into pipeline stage `stage` of As and Bs.
+template <typename Cfg, typename T>
+__device__ __forceinline__ void load_stage(T* As, T* Bs, const T* A, const T* B, int M, int N, int K, int64_t lda,
+                                           int64_t ldb, int m0, int n0, int stage, int kt) {
+  load_tile<Cfg, T, Cfg::BM>(As + stage * Cfg::A_STAGE, A, M, K, lda, m0, kt * Cfg::BK);
+  load_tile<Cfg, T, Cfg::BN>(Bs + stage * Cfg::B_STAGE, B, N, K, ldb, n0, kt * Cfg::BK);
+}
+
+// Grouped rasterization: the origin (m0, n0) of block pid's BM x BN output tile. Blocks walk C in groups of
+// GROUP_M row-tiles so the A and B tiles they share stay in L2.
+template <int BM, int BN>
+__device__ __forceinline__ void tile_origin(int pid, int M, int N, int& m0, int& n0) {
+  int tiles_m = (M + BM - 1) / BM, tiles_n = (N + BN - 1) / BN;
+  int per_group = GROUP_M * tiles_n;
+  int first_m = (pid / per_group) * GROUP_M;
+  int group_m = min(tiles_m - first_m, GROUP_M);
+  m0 = (first_m + (pid % per_group) % group_m) * BM;
+  n0 = ((pid % per_group) / group_m) * BN;
+}
+
+// bias[col] and bias[col + 1] in float32; 0 past N or without a bias.
+template <typename T>
+__device__ __forceinline__ void load_bias_pair(const T* __restrict__ bias, int col, int N, float& b0, float& b1) {
+  b0 = 0.0f;
+  b1 = 0.0f;
+  if (bias != nullptr) {
+    if (col < N) b0 = to_float(bias[col]);
+    if (col + 1 < N) b1 = to_float(bias[col + 1]);
+  }
+}
+
+// Epilogue of one accumulator pair, outputs (row, col) and (row, col + 1): bias, activation, one store
+// (a 32-bit pair store where C's rows allow it); rows and columns outside C are skipped.
+template <typename T, int ACT>
+__device__ __forceinline__ void store_outputs(T* __restrict__ C, int64_t ldc, int M, int N, int row, int col,
+                                              float acc0, float acc1, float b0, float b1, bool pair_store) {
+  if (row >= M) return;
+  float v0 = act_forward<ACT, true>(acc0 + b0);
+  float v1 = act_forward<ACT, true>(acc1 + b1);
+  T* dst = C + (int64_t)row * ldc + col;
+  if (pair_store && col + 1 < N) {
+    store_pair<T>(dst, v0, v1);
+  } else {
+    if (col < N) dst[0] = from_float<T>(v0);
+    if (col + 1 < N) dst[1] = from_float<T>(v1);
+  }
+}
+
 template <typename Cfg, typename T, int ACT>
 __global__ void __launch_bounds__(Cfg::THREADS)
     gemm_tn_kernel(const T* __restrict__ A, const T* __restrict__ B, const T* __restrict__ bias, T* __restrict__ C,
@@ -101,13 +149,8 @@ __global__ void __launch_bounds__(Cfg::THREADS)
   T* As = reinterpret_cast<T*>(smem_raw);
   T* Bs = As + STAGES * A_STAGE;
 
-  // Grouped rasterization over output tiles.
-  int tiles_m = (M + BM - 1) / BM, tiles_n = (N + BN - 1) / BN;
-  int pid = blockIdx.x, per_group = GROUP_M * tiles_n;
-  int first_m = (pid / per_group) * GROUP_M;
-  int group_m = min(tiles_m - first_m, GROUP_M);
-  int m0 = (first_m + (pid % per_group) % group_m) * BM;
-  int n0 = ((pid % per_group) / group_m) * BN;
+  int m0, n0;
+  tile_origin<BM, BN>(blockIdx.x, M, N, m0, n0);
 
   int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   int wm = warp / WARPS_N, wn = warp % WARPS_N;
@@ -123,10 +166,7 @@ __global__ void __launch_bounds__(Cfg::THREADS)
   int k_tiles = (K + BK - 1) / BK;
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < k_tiles) {
-      load_tile<Cfg, T, BM>(As + s * A_STAGE, A, M, K, lda, m0, s * BK);
-      load_tile<Cfg, T, BN>(Bs + s * B_STAGE, B, N, K, ldb, n0, s * BK);
-    }
+    if (s < k_tiles) load_stage<Cfg, T>(As, Bs, A, B, M, N, K, lda, ldb, m0, n0, s, s);
     cp_async_commit();
   }
 
@@ -134,11 +174,7 @@ __global__ void __launch_bounds__(Cfg::THREADS)
     cp_async_wait<STAGES - 2>();  // tile kt has landed
     __syncthreads();              // ... for every thread, and everyone is done with tile kt - 1
     int next = kt + STAGES - 1;
-    if (next < k_tiles) {
-      int s = next % STAGES;
-      load_tile<Cfg, T, BM>(As + s * A_STAGE, A, M, K, lda, m0, next * BK);
-      load_tile<Cfg, T, BN>(Bs + s * B_STAGE, B, N, K, ldb, n0, next * BK);
-    }
+    if (next < k_tiles) load_stage<Cfg, T>(As, Bs, A, B, M, N, K, lda, ldb, m0, n0, next % STAGES, next);
     cp_async_commit();
 
     const T* a_s = As + (kt % STAGES) * A_STAGE;
@@ -170,26 +206,15 @@ __global__ void __launch_bounds__(Cfg::THREADS)
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
     int col = n0 + wn * WN + j * 8 + (lane & 3) * 2;
-    float b0 = 0.0f, b1 = 0.0f;
-    if (bias != nullptr) {
-      if (col < N) b0 = to_float(bias[col]);
-      if (col + 1 < N) b1 = to_float(bias[col + 1]);
-    }
+    float b0, b1;
+    load_bias_pair(bias, col, N, b0, b1);
 #pragma unroll
     for (int i = 0; i < MT; ++i) {
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         int row = m0 + wm * WM + i * 16 + (lane >> 2) + half * 8;
-        if (row >= M) continue;
-        float v0 = act_forward<ACT, true>(acc[i][j][2 * half] + b0);
-        float v1 = act_forward<ACT, true>(acc[i][j][2 * half + 1] + b1);
-        T* dst = C + (int64_t)row * ldc + col;
-        if (pair_store && col + 1 < N) {
-          store_pair<T>(dst, v0, v1);
-        } else {
-          if (col < N) dst[0] = from_float<T>(v0);
-          if (col + 1 < N) dst[1] = from_float<T>(v1);
-        }
+        store_outputs<T, ACT>(C, ldc, M, N, row, col, acc[i][j][2 * half], acc[i][j][2 * half + 1], b0, b1,
+                              pair_store);
       }
     }
   }
