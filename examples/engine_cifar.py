@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -20,14 +19,14 @@ import numpy as np
 
 import cudacnn.engine as gnn
 from cudacnn.data import CIFAR10_MEAN, CIFAR10_STD, load_dataset
+from cudacnn.evaluate.predict import normalize
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / ".data" / "cifar10-jpeg.tar.gz"
 
 
 def to_inputs(images: np.ndarray) -> np.ndarray:
-    """uint8 (N, 32, 32, 3) -> normalised float32 (N, 3, 32, 32)."""
-    x = (images.astype(np.float32) / 255 - np.asarray(CIFAR10_MEAN, np.float32)) / np.asarray(CIFAR10_STD, np.float32)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    """uint8 (N, 32, 32, 3) -> normalised float32 (N, 3, 32, 32), C-contiguous NumPy for the engine."""
+    return np.ascontiguousarray(normalize(images, CIFAR10_MEAN, CIFAR10_STD).numpy())
 
 
 def train(args, data) -> dict:
@@ -57,15 +56,14 @@ def train(args, data) -> dict:
 
 
 # -- --bench ----------------------------------------------------------------------------------------------
-def time_engine_epoch(device, X, y, batch_size, max_steps=None) -> tuple[float, int]:
+def time_engine_epoch(device, X, y, batch_size, max_steps=None) -> float:
     """Seconds for one training epoch (or its first max_steps steps) after a short warm-up."""
     gnn.manual_seed(0)
     model = gnn.simple_cnn().to(device)
     opt = gnn.Adam(model.parameters())
     model.fit(X[:batch_size * 3], y[:batch_size * 3], epochs=1, batch_size=batch_size, optimizer=opt, verbose=False)
     history = model.fit(X, y, epochs=1, batch_size=batch_size, optimizer=opt, verbose=False, max_steps=max_steps)
-    steps = max_steps or -(-len(X) // batch_size)
-    return history[0]["seconds"], steps
+    return history[0]["seconds"]
 
 
 def time_torch_epoch(X, y, batch_size) -> float:
@@ -148,10 +146,10 @@ def bench(args, data) -> dict:
     print("matmul", result["matmul_1024"])
     result["epochs"] = {}
     for batch_size in args.bench_batch_sizes:
-        gpu_s, _ = time_engine_epoch("cuda", X, y, batch_size)
+        gpu_s = time_engine_epoch("cuda", X, y, batch_size)
         steps_total = -(-len(X) // batch_size)
         cpu_steps = max(2, min(steps_total, args.cpu_images // batch_size))
-        cpu_part, _ = time_engine_epoch("cpu", X, y, batch_size, max_steps=cpu_steps)
+        cpu_part = time_engine_epoch("cpu", X, y, batch_size, max_steps=cpu_steps)
         cpu_s = cpu_part * steps_total / cpu_steps
         torch_s = time_torch_epoch(X, y, batch_size)
         row = {"engine_gpu_s": gpu_s, "engine_cpu_s_extrapolated": cpu_s, "cpu_steps_timed": cpu_steps,
@@ -185,7 +183,7 @@ def main(argv=None) -> int:
     data = {"X_train": to_inputs(ds.train.images), "y_train": ds.train.labels.astype(np.int64),
             "X_test": to_inputs(ds.test.images), "y_test": ds.test.labels.astype(np.int64)}
     print(f"data: {len(data['X_train'])} train / {len(data['X_test'])} test images ({time.perf_counter() - start:.1f} s)")
-    results = {"args": {k: v for k, v in vars(args).items()}}
+    results = {"args": dict(vars(args))}
     if args.bench:
         results["bench"] = bench(args, data)
     if args.profile:

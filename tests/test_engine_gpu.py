@@ -141,12 +141,15 @@ def test_sgd_and_adam_steps(momentum):
     G.sgd_step(p_dev, G.asarray(g), buf_dev if momentum else None, 0.1, momentum, 1e-3)
     cpu_ops.sgd_step(p, g, buf if momentum else None, 0.1, momentum, 1e-3)
     close(p_dev, p)
+    if momentum:
+        close(buf_dev, buf)
     m, v = np.zeros(37, np.float32), np.zeros(37, np.float32)
     p_dev, m_dev, v_dev = G.asarray(p), G.asarray(m), G.asarray(v)
     for step in (1, 2):
         G.adam_step(p_dev, G.asarray(g), m_dev, v_dev, 0.01, 0.9, 0.999, 1e-8, 1e-3, step)
         cpu_ops.adam_step(p, g, m, v, 0.01, 0.9, 0.999, 1e-8, 1e-3, step)
     close(p_dev, p)
+    close(m_dev, m)
     close(v_dev, v)
 
 
@@ -156,8 +159,6 @@ def _model():
 
 
 def test_gpu_and_cpu_backends_agree_on_a_training_run():
-    gnn.manual_seed(0)
-    model = _model()
     x, y = randn(3, 3, 8, 8), rng.integers(0, 5, 3)
     results = {}
     for device in ("cpu", "cuda"):

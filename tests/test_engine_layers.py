@@ -77,14 +77,18 @@ def _run_engine(layer, x, r):
     return out, dx, [p.grad for p in layer.parameters().values()]
 
 
+def _layer_and_input(name, seed):
+    """A fresh engine layer (weights from gnn.manual_seed(seed)), an input for it, and the rng that made it."""
+    make, _, shape = LAYERS[name]
+    gnn.manual_seed(seed)
+    rng = np.random.default_rng(seed + 1)
+    return make(), rng.standard_normal(shape).astype(np.float32), rng
+
+
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_layer_matches_torch_autograd(name):
-    make, make_torch, shape = LAYERS[name]
-    gnn.manual_seed(1)
-    rng = np.random.default_rng(2)
-    layer = make()
-    fn, torch_params = make_torch(layer)
-    x = rng.standard_normal(shape).astype(np.float32)
+    layer, x, rng = _layer_and_input(name, 1)
+    fn, torch_params = LAYERS[name][1](layer)
     out_t = fn(torch.tensor(x))
     r = rng.standard_normal(tuple(out_t.shape)).astype(np.float32)
     out, dx, grads = _run_engine(layer, x, r)
@@ -102,11 +106,7 @@ def test_layer_matches_torch_autograd(name):
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_layer_gradients_match_finite_differences(name):
-    make, make_torch, shape = LAYERS[name]
-    gnn.manual_seed(3)
-    rng = np.random.default_rng(4)
-    layer = make()
-    x = rng.standard_normal(shape).astype(np.float32)
+    layer, x, rng = _layer_and_input(name, 3)
     out = layer.forward(x.copy())
     r = rng.standard_normal(out.shape).astype(np.float32)
     dx = layer.backward(r.copy())

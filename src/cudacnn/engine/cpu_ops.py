@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 
 name = "cpu"
-float32 = np.float32
 
 
 # -- arrays -------------------------------------------------------------------------------------------
@@ -33,10 +32,6 @@ def zeros(shape) -> np.ndarray:
 
 def copy_into(dst: np.ndarray, src: np.ndarray) -> None:
     dst[...] = src
-
-
-def is_array(x) -> bool:
-    return isinstance(x, np.ndarray)
 
 
 def synchronize() -> None:

@@ -11,12 +11,12 @@ writes are coalesced.
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
-BUILT_FOR_INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from cudacnn.kernels._runtime import interpreting
+
+BUILT_FOR_INTERPRETER = interpreting()
 
 
 @triton.jit

@@ -9,14 +9,15 @@ can walk both as flat buffers.
 from __future__ import annotations
 
 import importlib
-import os
 
 import numpy as np
 import torch
 import triton
 
 from cudacnn.engine import gpu_kernels as K
+from cudacnn.engine.cpu_ops import conv_out_size
 from cudacnn.engine.memory import default_pool
+from cudacnn.kernels._runtime import interpreting as _interpreting
 
 # the submodules themselves (the package re-exports functions of the same names)
 kact = importlib.import_module("cudacnn.kernels.activations")
@@ -26,25 +27,25 @@ name = "cuda"
 BLOCK = 1024  # elements per program for elementwise kernels
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _kernels():
     """gpu_kernels, rebuilt once if TRITON_INTERPRET changed after it was imported (triton picks compiled
-    or interpreted kernels when the module is imported)."""
-    global K
+    or interpreted kernels when the module is imported). reload re-executes the module in place."""
     if K.BUILT_FOR_INTERPRETER != _interpreting():
-        K = importlib.reload(K)
+        importlib.reload(K)
     return K
 
 
-def _block(total: int) -> int:
+def _block() -> int:
     return 128 if _interpreting() else BLOCK
 
 
 def _grid(total: int):
-    return (triton.cdiv(total, _block(total)),)
+    return (triton.cdiv(total, _block()),)
+
+
+def _whole_block(n: int) -> int:
+    """A power-of-two block that covers n in one program: all channels (BatchNorm) or a whole row (softmax)."""
+    return triton.next_power_of_2(max(n, 16))
 
 
 # -- arrays -------------------------------------------------------------------------------------------
@@ -66,7 +67,7 @@ def zeros(shape) -> torch.Tensor:
 def fill(x: torch.Tensor, value: float) -> None:
     n = x.numel()
     if n:
-        _kernels().fill_kernel[_grid(n)](flat(x), n, float(value), BLOCK=_block(n))
+        _kernels().fill_kernel[_grid(n)](flat(x), n, float(value), BLOCK=_block())
 
 
 def asarray(x) -> torch.Tensor:
@@ -88,10 +89,6 @@ def to_numpy(x: torch.Tensor) -> np.ndarray:
 
 def copy_into(dst: torch.Tensor, src) -> None:
     dst.copy_(torch.as_tensor(src) if isinstance(src, np.ndarray) else src)
-
-
-def is_array(x) -> bool:
-    return isinstance(x, torch.Tensor)
 
 
 def synchronize() -> None:
@@ -146,10 +143,6 @@ def matmul_split_k(a, b):
     return out
 
 
-def conv_out_size(size: int, k: int, stride: int, pad: int) -> int:
-    return (size + 2 * pad - k) // stride + 1
-
-
 def im2col(x, kh, kw, stride, pad):
     n, c, h, w = x.shape
     oh, ow = conv_out_size(h, kh, stride, pad), conv_out_size(w, kw, stride, pad)
@@ -168,7 +161,7 @@ def col2im(dcols, like, kh, kw, stride, pad):
     total = dx.numel()
     _kernels().col2im_kernel[_grid(total)](
         dcols, dx, total, c, h, w, conv_out_size(h, kh, stride, pad), conv_out_size(w, kw, stride, pad),
-        dcols.shape[1], stride, pad, KH=kh, KW=kw, CL=is_channels_last(dx), BLOCK=_block(total))
+        dcols.shape[1], stride, pad, KH=kh, KW=kw, CL=is_channels_last(dx), BLOCK=_block())
     return dx
 
 
@@ -227,7 +220,7 @@ def maxpool2d(x, k, stride):
     arg = empty((n, c, oh, ow), torch.int8, strides=out.stride())
     total = out.numel()
     _kernels().maxpool_forward_kernel[_grid(total)](x, out, arg, total, c, h, w, oh, ow, *x.stride(), stride,
-                                                    KS=k, CL=cl, BLOCK=_block(total))
+                                                    KS=k, CL=cl, BLOCK=_block())
     return out, arg
 
 
@@ -238,25 +231,21 @@ def maxpool2d_backward(dy, arg, like, k, stride):
     total = dx.numel()
     _kernels().maxpool_backward_kernel[_grid(total)](dy, arg, dx, total, c, h, w, dy.shape[2], dy.shape[3],
                                                      *dy.stride(), stride, KS=k, CL=is_channels_last(dx),
-                                                     BLOCK=_block(total))
+                                                     BLOCK=_block())
     return dx
 
 
 # -- BatchNorm ----------------------------------------------------------------------------------------
-def _bn_block(c: int) -> int:
-    return triton.next_power_of_2(max(c, 16))
-
-
 def batchnorm_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training):
     rows = nchw_to_rows(x)  # (M, C) channels-last view
     m, c = rows.shape
     mean, invstd = empty((c,)), empty((c,))
     sums = column_sums(rows, rows) if training else mean  # (unused in eval)
     _kernels().batchnorm_stats_kernel[(1,)](sums, mean, invstd, running_mean, running_var, c, m, eps, momentum,
-                                            TRAINING=training, BLOCK=_bn_block(c))
+                                            TRAINING=training, BLOCK=_whole_block(c))
     y_rows = empty((m, c))
     _kernels().batchnorm_forward_kernel[_grid(m * c)](rows, y_rows, mean, invstd, gamma, beta, m * c, c,
-                                                      BLOCK=_block(m * c))
+                                                      BLOCK=_block())
     return rows_to_nchw(y_rows, x.shape[0], x.shape[2], x.shape[3]), (mean, invstd, rows)
 
 
@@ -266,10 +255,10 @@ def batchnorm_backward(dy, x, saved, gamma, training):
     m, c = rows.shape
     sums = column_sums(dy_rows, rows)
     dgamma, dbeta = empty((c,)), empty((c,))
-    _kernels().batchnorm_param_grads_kernel[(1,)](sums, mean, invstd, dgamma, dbeta, c, BLOCK=_bn_block(c))
+    _kernels().batchnorm_param_grads_kernel[(1,)](sums, mean, invstd, dgamma, dbeta, c, BLOCK=_whole_block(c))
     dx_rows = empty((m, c))
     _kernels().batchnorm_backward_kernel[_grid(m * c)](dy_rows, rows, dx_rows, sums, mean, invstd, gamma, m * c, c,
-                                                       m, TRAINING=training, BLOCK=_block(m * c))
+                                                       m, TRAINING=training, BLOCK=_block())
     dx = rows_to_nchw(dx_rows, x.shape[0], x.shape[2], x.shape[3])
     if dx.stride() != x.stride():  # x came in NCHW: hand back the gradient in x's layout
         out = empty_like(x)
@@ -282,25 +271,21 @@ def batchnorm_backward(dy, x, saved, gamma, training):
 def dropout(x, p, seed):
     y = empty_like(x)
     total = x.numel()
-    _kernels().dropout_kernel[_grid(total)](flat(x), flat(y), total, float(p), int(seed), BLOCK=_block(total))
+    _kernels().dropout_kernel[_grid(total)](flat(x), flat(y), total, float(p), int(seed), BLOCK=_block())
     return y
-
-
-def _row_block(n: int) -> int:
-    return triton.next_power_of_2(max(n, 16))
 
 
 def softmax(x):
     b, n = x.shape
     y = empty((b, n))
-    _kernels().softmax_forward_kernel[(b,)](contiguous(x), y, n, BLOCK=_row_block(n))
+    _kernels().softmax_forward_kernel[(b,)](contiguous(x), y, n, BLOCK=_whole_block(n))
     return y
 
 
 def softmax_backward(dy, y):
     b, n = y.shape
     dx = empty((b, n))
-    _kernels().softmax_backward_kernel[(b,)](contiguous(dy), y, dx, n, BLOCK=_row_block(n))
+    _kernels().softmax_backward_kernel[(b,)](contiguous(dy), y, dx, n, BLOCK=_whole_block(n))
     return dx
 
 
@@ -309,7 +294,7 @@ def softmax_xent(logits, targets, stats):
     b, n = logits.shape
     grad = empty((b, n))
     _kernels().softmax_xent_kernel[(b,)](contiguous(logits), targets, grad, stats, n, 1.0 / b,
-                                         BLOCK=_row_block(n))
+                                         BLOCK=_whole_block(n))
     return grad
 
 
@@ -321,7 +306,7 @@ def copy_strided(src, dst) -> None:
     sd = (0,) * (4 - dst.dim()) + tuple(dst.stride())
     total = src.numel()
     _kernels().copy_4d_kernel[_grid(total)](src, dst, total, shape[1], shape[2], shape[3], *ss, *sd,
-                                            BLOCK=_block(total))
+                                            BLOCK=_block())
 
 
 def contiguous(x):
@@ -333,11 +318,7 @@ def contiguous(x):
 
 
 def flatten(x):
-    if x.is_contiguous():
-        return x.view(x.shape[0], -1)
-    out = empty(x.shape)
-    copy_strided(x, out)
-    return out.view(x.shape[0], -1)
+    return contiguous(x).view(x.shape[0], -1)
 
 
 def unflatten(dy, like):
@@ -364,11 +345,11 @@ def gather_rows(src, index, flip_seed=None):
 def sgd_step(p, g, buf, lr, momentum, weight_decay):
     total = p.numel()
     _kernels().sgd_kernel[_grid(total)](p, g, buf if buf is not None else p, total, float(lr), float(momentum),
-                                        float(weight_decay), MOMENTUM=buf is not None, BLOCK=_block(total))
+                                        float(weight_decay), MOMENTUM=buf is not None, BLOCK=_block())
 
 
 def adam_step(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
     total = p.numel()
     _kernels().adam_kernel[_grid(total)](p, g, m, v, total, float(lr), float(beta1), float(beta2), float(eps),
                                          float(weight_decay), 1 - beta1 ** step, 1 - beta2 ** step,
-                                         BLOCK=_block(total))
+                                         BLOCK=_block())

@@ -12,13 +12,12 @@ reference to the tensor or to any view of it, so blocks live exactly as long as 
 from __future__ import annotations
 
 import bisect
-import math
 import weakref
 from dataclasses import dataclass
 
 import torch
 
-from cudacnn.errors import CudacnnError
+from cudacnn.errors import ConfigError, CudacnnError
 
 ALIGNMENT = 256  # bytes: every block starts on a 256 B boundary, enough for 128-bit vector loads
 DEFAULT_SLAB_BYTES = 256 << 20
@@ -56,7 +55,7 @@ class OffsetAllocator:
         self.used[offset] = nbytes
         return offset
 
-    def free(self, offset: int) -> int:
+    def free(self, offset: int) -> None:
         size = self.used.pop(offset)
         # coalesce with the free neighbours on either side
         j = bisect.bisect_left(self.by_offset, (offset, 0))
@@ -69,7 +68,6 @@ class OffsetAllocator:
             self._remove_free(prev_off, prev_size)
             offset, size = prev_off, prev_size + size
         self._add_free(offset, size)
-        return self.used_bytes
 
     @property
     def used_bytes(self) -> int:
@@ -77,9 +75,6 @@ class OffsetAllocator:
 
     def largest_free(self) -> int:
         return self.by_size[-1][0] if self.by_size else 0
-
-    def free_bytes(self) -> int:
-        return self.size - self.used_bytes
 
     def _add_free(self, offset: int, size: int) -> None:
         bisect.insort(self.by_size, (size, offset))
@@ -240,10 +235,6 @@ def contiguous_strides(shape) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def numel(shape) -> int:
-    return math.prod(int(s) for s in shape)
-
-
 # -- the GPU backend's pool -----------------------------------------------------------------------------
 _pool: MemoryPool | None = None
 _pool_options: dict = {}
@@ -252,14 +243,12 @@ _pool_options: dict = {}
 def gpu_device() -> torch.device:
     """Where the GPU backend's memory lives: the CUDA device, or CPU memory when Triton interprets
     kernels (TRITON_INTERPRET=1: how the GPU code path is tested without a GPU)."""
-    import os
+    from cudacnn.kernels._runtime import interpreting  # here: importing the kernels package loads triton
 
-    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return torch.device("cuda")
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if interpreting():
         return torch.device("cpu")
-    from cudacnn.errors import ConfigError
-
+    if torch.cuda.is_available():
+        return torch.device("cuda")
     raise ConfigError("the engine's GPU backend needs a CUDA GPU (or TRITON_INTERPRET=1 to run its Triton "
                       "kernels on the CPU); use model.to('cpu') for the NumPy backend")
 

@@ -204,12 +204,9 @@ class Sequential(Layer):
                                       f"{tuple(expected[name].shape)} in the model; same architecture?")
         params = self.parameters()
         for name, value in state.items():
-            layer = self.layers[int(name.split(".")[0])]
-            attr = name.split(".", 1)[1]
-            if name in params:
-                self.ops.copy_into(params[name].data, np.asarray(value, np.float32))
-            else:
-                self.ops.copy_into(getattr(layer, attr), np.asarray(value, np.float32))
+            index, attr = name.split(".", 1)  # "<layer>.<parameter or buffer>"
+            target = params[name].data if name in params else getattr(self.layers[int(index)], attr)
+            self.ops.copy_into(target, np.asarray(value, np.float32))
 
     def save(self, path) -> None:
         np.savez(path, **self.state_dict())
