@@ -185,6 +185,8 @@ def test_save_evaluation_files(tmp_path):
     data = json.loads(paths["json"].read_text())
     assert data["epoch"] == 7 and data["accuracy"] == pytest.approx(7 / 8)
     assert paths["plot"].read_bytes()[:8] == PNG_MAGIC
+    assert not list(tmp_path.rglob(".*"))  # no temporary files left behind
+    assert all(path.stat().st_mode & 0o777 == 0o644 for path in paths.values())  # readable outputs
 
 
 # -- commands on a tiny data set and checkpoint
@@ -218,10 +220,11 @@ def tiny_run(tmp_path_factory):
 
 
 def reference_predictions(tiny_run, images):
-    from cudacnn.evaluate.predict import normalize
-
+    """Softmax of the checkpoint's model on uint8 NHWC images, normalized here by hand (not by the code under
+    test), as (x / 255 - mean) / std in NCHW."""
+    x = (images.astype(np.float32) / 255 - np.float32(tiny_run["mean"])) / np.float32(tiny_run["std"])
     with torch.no_grad():
-        return torch.softmax(tiny_run["model"](normalize(images, tiny_run["mean"], tiny_run["std"])), 1).numpy()
+        return torch.softmax(tiny_run["model"](torch.from_numpy(x.transpose(0, 3, 1, 2).copy())), 1).numpy()
 
 
 def test_evaluate_command_writes_outputs_and_report(tiny_run, capsys):
@@ -237,6 +240,9 @@ def test_evaluate_command_writes_outputs_and_report(tiny_run, capsys):
     np.testing.assert_array_equal(np.array(data["confusion"]), expected)
     assert data["accuracy"] == pytest.approx(np.trace(expected) / 12)
     assert f"test accuracy {100 * data['accuracy']:.2f}%" in out
+    assert "Per-class metrics (test)" in out
+    for row in data["per_class"]:  # the terminal table shows what eval.json holds
+        assert row["class"] in out and f"{row['precision']:.3f}" in out and f"{row['recall']:.3f}" in out
     for name in ("confusion.csv", "confusion.npy", "plots/confusion.png", "report.html", "summary.md"):
         assert (run / name).exists(), name
 
@@ -262,6 +268,7 @@ def test_predict_command(tiny_run, tmp_path, capsys):
     assert main(["predict", str(tiny_run["run"]), *map(str, paths), "--json"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     expected = reference_predictions(tiny_run, pixels)
+    assert [line["image"] for line in lines] == [str(p) for p in paths]  # one line per image, in order
     for line, probs in zip(lines, expected):
         got = np.array([line["probabilities"][c] for c in CLASSES])
         np.testing.assert_allclose(got, probs, atol=1e-5)

@@ -41,8 +41,8 @@ def add_commands(subparsers) -> None:
     data.add_argument("--cache-dir", type=Path, help="decoded-cache folder (default: CUDACNN_CACHE)")
     data.add_argument("--synthetic", type=int, metavar="N",
                       help="use N random images (and N//5 test images) instead of a data set")
-    data.add_argument("--limit-train", type=int, metavar="N", help="use the first N training images")
-    data.add_argument("--limit-test", type=int, metavar="N", help="use the first N test images")
+    data.add_argument("--limit-train", type=int, metavar="N", help="use N training images (a seeded random subset)")
+    data.add_argument("--limit-test", type=int, metavar="N", help="use N test images (a seeded random subset)")
 
     ops = sub.add_parser("ops", parents=[common], help="matmul, the zoo's conv layers, ResNet-18 fwd/fwd+bwd")
     add_ops_options(ops)

@@ -30,7 +30,7 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="simple")
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--variants", type=int, default=len(VARIANTS), help="try only the first N variants")
-    p.add_argument("--limit", type=int, help="first N training images (tests)")
+    p.add_argument("--limit", type=int, help="N training images, a seeded random subset (tests)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)

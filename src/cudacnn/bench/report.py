@@ -181,11 +181,14 @@ def to_markdown(doc: dict) -> str:
     for title, header, body in tables(doc):
         if title:
             lines += [f"### {title}", ""]
-        lines.append("| " + " | ".join(header) + " |")
-        lines.append("|" + "|".join("---" for _ in header) + "|")
-        lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in body]
-        lines.append("")
+        lines += markdown_table(header, body) + [""]
     return "\n".join(lines)
+
+
+def markdown_table(header: list[str], body: list[list[str]]) -> list[str]:
+    """The lines of a markdown table; a '|' inside a cell becomes '/' so it cannot split the cell."""
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
+            *("| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in body)]
 
 
 def print_tables(doc: dict, console=None) -> None:
@@ -290,7 +293,5 @@ def compare_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 
 def compare_markdown(rows: list[dict], a_name: str, b_name: str) -> str:
-    header, body = compare_table(rows)
-    lines = [f"A: {a_name}  ", f"B: {b_name}", "", "| " + " | ".join(header) + " |", "|---|---|---|---|---|"]
-    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    lines = [f"A: {a_name}  ", f"B: {b_name}", "", *markdown_table(*compare_table(rows))]
     return "\n".join(lines) + "\n"

@@ -219,7 +219,6 @@ def train_pipeline(model: nn.Module, train, test, device: torch.device | str, ep
         opt.step()
         return loss.detach()
 
-    graph_error = None
     graphed = None
     if use_graph:
         try:

@@ -59,10 +59,8 @@ def run_folder_of(checkpoint: str | Path) -> Path:
 
 
 def data_source_of(config: dict) -> str | None:
-    """The data source a run trained on, from its saved config (a string, or a dict with 'source')."""
+    """The data source a run trained on, from its saved config (TrainConfig.data)."""
     data = (config or {}).get("data")
-    if isinstance(data, dict):
-        data = data.get("source") or data.get("path")
     return str(data) if data else None
 
 
@@ -102,19 +100,16 @@ def run_evaluate(args) -> int:
 
 
 def print_evaluation(result, console: Console) -> None:
+    from cudacnn.evaluate.report import evaluation_tables
+
     tta = f" (TTA level {result.tta_level})" if result.tta_level else ""
     console.print(f"[bold]test accuracy {100 * result.accuracy:.2f}%[/]{tta}, loss {result.loss:.4f}, "
                   f"{result.num_samples} images")
-    table = Table("class", "precision", "recall", "F1", "support")
-    for row in result.per_class:
-        table.add_row(row["class"], f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}",
-                      str(row["support"]))
-    console.print(table)
-    if result.most_confused:
-        pairs = Table("true", "predicted as", "count", "% of true class", title="most confused pairs")
-        for p in result.most_confused:
-            pairs.add_row(p["true"], p["predicted"], str(p["count"]), f"{100 * p['fraction']:.1f}")
-        console.print(pairs)
+    for title, header, rows in evaluation_tables(result.to_dict()):  # the same tables as report.html
+        table = Table(*header, title=title)
+        for row in rows:
+            table.add_row(*map(str, row))
+        console.print(table)
 
 
 def run_predict(args) -> int:

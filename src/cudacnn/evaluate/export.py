@@ -6,8 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
-import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +14,7 @@ import numpy as np
 import torch
 
 from cudacnn.errors import CudacnnError
+from cudacnn.atomic import atomic_output
 
 PARITY_TOLERANCE = 1e-3
 
@@ -70,20 +69,15 @@ def add_metadata(path: Path, metadata: dict[str, str]) -> None:
 def export_onnx(model: torch.nn.Module, path: str | Path, metadata: dict | None = None,
                 tolerance: float = PARITY_TOLERANCE) -> float:
     """Export a CPU float32 eval-mode copy of `model` to `path`; returns the parity max abs difference.
-    The file appears only after the check passes: it is written beside `path` and renamed."""
+    The file appears only after the check passes (written beside `path`, then renamed)."""
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
     except ModuleNotFoundError as exc:
         raise CudacnnError(f"ONNX export needs {exc.name}; install the extras: pip install 'cudacnn[onnx]'") from exc
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     model = copy.deepcopy(model).to("cpu", torch.float32).eval()
     example = torch.randn(2, 3, 32, 32)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".onnx", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_output(path, ".onnx") as tmp:
         with quiet_exporter():
             program = torch.onnx.export(model, (example,), dynamo=True, verbose=False,
                                         input_names=["images"], output_names=["logits"],
@@ -95,8 +89,4 @@ def export_onnx(model: torch.nn.Module, path: str | Path, metadata: dict | None 
         if not diff <= tolerance:  # also catches NaN
             raise CudacnnError(f"ONNX parity check failed: max abs difference {diff:.3g} > {tolerance:g} between "
                                f"PyTorch and onnxruntime; {path} was not written")
-        os.chmod(tmp, 0o644)  # mkstemp makes files private
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return diff

@@ -6,29 +6,14 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import yaml
 
 from cudacnn.errors import DataError
+from cudacnn.atomic import atomic_output, write_text_atomic
 from cudacnn.evaluate.plots import plot_confusion, plot_training_curves
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; outputs are for sharing
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -112,17 +97,24 @@ def fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def evaluation_tables(evaluation: dict) -> list[tuple[str, list[str], list[list]]]:
+    """(title, header, rows) of an evaluation's per-class metrics and most confused pairs (EvalResult.to_dict());
+    shared by the report and `cudacnn evaluate`'s terminal output."""
+    out = [("Per-class metrics (test)", ["class", "precision", "recall", "F1", "support"],
+            [[c["class"], f"{c['precision']:.3f}", f"{c['recall']:.3f}", f"{c['f1']:.3f}", c["support"]]
+             for c in evaluation["per_class"]])]
+    if evaluation.get("most_confused"):
+        out.append(("Most confused pairs", ["true", "predicted as", "count", "% of true class"],
+                    [[p["true"], p["predicted"], p["count"], f"{100 * p['fraction']:.1f}"]
+                     for p in evaluation["most_confused"]]))
+    return out
+
+
 def sections(config: dict, records: list[dict], evaluation: dict | None) -> list[tuple[str, list[str], list[list]]]:
     """(title, header, rows) for every table in the report."""
     out = [("Summary", ["", "value"], [[k, v] for k, v in summarize(config, records, evaluation).items()])]
     if evaluation:
-        out.append(("Per-class metrics (test)", ["class", "precision", "recall", "F1", "support"],
-                    [[c["class"], f"{c['precision']:.3f}", f"{c['recall']:.3f}", f"{c['f1']:.3f}", c["support"]]
-                     for c in evaluation["per_class"]]))
-        if evaluation.get("most_confused"):
-            out.append(("Most confused pairs", ["true", "predicted as", "count", "% of true class"],
-                        [[p["true"], p["predicted"], p["count"], f"{100 * p['fraction']:.1f}"]
-                         for p in evaluation["most_confused"]]))
+        out += evaluation_tables(evaluation)
     if records:
         keys = [k for k in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s",
                             "images_per_s") if any(k in r for r in records)]
@@ -183,17 +175,13 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
 def save_evaluation(result, out_dir: str | Path, extra: dict | None = None) -> dict[str, Path]:
     """Write an EvalResult as eval.json, confusion.csv (labelled), confusion.npy and plots/confusion.png."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "eval.json", "csv": out / "confusion.csv", "npy": out / "confusion.npy",
              "plot": out / "plots" / "confusion.png"}
     write_text_atomic(paths["json"], json.dumps({**result.to_dict(), **(extra or {})}, indent=1) + "\n")
     header = "true\\predicted," + ",".join(result.classes)
     rows = [f"{name}," + ",".join(str(int(v)) for v in row) for name, row in zip(result.classes, result.confusion)]
     write_text_atomic(paths["csv"], "\n".join([header, *rows]) + "\n")
-    fd, tmp = tempfile.mkstemp(prefix=".confusion.", suffix=".npy", dir=out)
-    with os.fdopen(fd, "wb") as handle:
-        np.save(handle, result.confusion)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, paths["npy"])
+    with atomic_output(paths["npy"], ".npy") as tmp:
+        np.save(tmp, result.confusion)
     plot_confusion(result.confusion, result.classes, paths["plot"])
     return paths

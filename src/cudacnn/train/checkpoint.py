@@ -3,15 +3,14 @@ code). Holds everything needed to rebuild the model and to resume training exact
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from cudacnn.atomic import atomic_output
 from cudacnn.errors import CheckpointError
 from cudacnn.models.weights import describe_mismatch
 
@@ -22,14 +21,8 @@ VERSION = 1
 def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
     """Write to a temporary file beside `path`, then rename: a crash never leaves half a checkpoint."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save({"format": FORMAT, "version": VERSION, **state}, handle)
-        os.replace(tmp_name, path)
-    finally:
-        Path(tmp_name).unlink(missing_ok=True)
+    with atomic_output(path) as tmp:
+        torch.save({"format": FORMAT, "version": VERSION, **state}, tmp)
     return path
 
 
