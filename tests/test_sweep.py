@@ -132,3 +132,17 @@ def test_gpu_workers_get_one_gpu_and_a_share_of_the_cores(monkeypatch):
     assert [e["CUDA_VISIBLE_DEVICES"] for e in sweep.worker_envs(2, "cuda")] == ["2", "5"]
     with pytest.raises(ConfigError, match="--gpus 3 but this machine has 2"):
         sweep.worker_envs(3, "cuda")
+
+
+def test_children_import_this_package(monkeypatch):
+    """Sweep workers and launched ranks find this very package first, whatever PYTHONPATH held."""
+    from cudacnn.train.distributed import put_package_on_pythonpath
+
+    src = str(REPO / "src")
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    put_package_on_pythonpath()
+    put_package_on_pythonpath()  # once only
+    assert sweep.os.environ["PYTHONPATH"].split(sweep.os.pathsep) == [src, "/elsewhere"]
+    monkeypatch.delenv("PYTHONPATH")
+    put_package_on_pythonpath()
+    assert sweep.os.environ["PYTHONPATH"] == src

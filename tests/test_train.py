@@ -89,6 +89,20 @@ def test_resume_ends_with_the_same_weights(tmp_path, dataset):
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in straight.history]
 
 
+def test_resume_refuses_to_stretch_a_planned_schedule(tmp_path, dataset):
+    from cudacnn.train.trainer import resume_config
+
+    result = Trainer(tiny_config(tmp_path, epochs=1, name="short"), dataset=dataset, quiet=True).fit()
+    with pytest.raises(ConfigError, match="onecycle learning-rate schedule is planned for 1 epochs"):
+        resume_config(result.run_dir, {"epochs": 2})
+    assert resume_config(result.run_dir, {"epochs": 1, "device": "cpu"}).epochs == 1
+    flat = Trainer(tiny_config(tmp_path, epochs=1, schedule="none", name="flat"), dataset=dataset, quiet=True).fit()
+    assert resume_config(flat.run_dir, {"epochs": 2}).epochs == 2  # a constant rate has nothing to stretch
+    resumed = Trainer(resume_config(flat.run_dir, {"epochs": 2}), run_dir=flat.run_dir, resume=True,
+                      dataset=dataset, quiet=True).fit()
+    assert [r["epoch"] for r in resumed.history] == [1, 2]
+
+
 def test_early_stopping_fires(tmp_path, dataset):
     config = tiny_config(tmp_path, epochs=10, lr=1e-9, schedule="none", early_stopping=2, crop_pad=0, flip="none")
     result = Trainer(config, dataset=dataset, quiet=True).fit()

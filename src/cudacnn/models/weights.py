@@ -9,7 +9,7 @@ def describe_mismatch(own: dict[str, torch.Tensor], state: dict[str, torch.Tenso
                       optional_suffixes: tuple[str, ...] = ()) -> str:
     """'' when `state` fits `own`; else what differs, with a few keys as examples. Keys of `own` ending in
     one of `optional_suffixes` may be absent from `state`."""
-    missing = [k for k in own if k not in state and not k.endswith(optional_suffixes or ("\0",))]
+    missing = [k for k in own if k not in state and not k.endswith(optional_suffixes)]
     unexpected = [k for k in state if k not in own]
     wrong = [f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items()
              if k in state and tuple(state[k].shape) != tuple(v.shape)]

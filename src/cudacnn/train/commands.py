@@ -98,14 +98,27 @@ def run_sweep_command(args) -> int:
     return 0
 
 
+def fit_runs(runs: list[dict], args) -> int:
+    """Train each run (Trainer keyword arguments) in turn; under torchrun no rank leaves before the others."""
+    from cudacnn.train import distributed
+    from cudacnn.train.trainer import Trainer
+
+    try:
+        for run in runs:
+            Trainer(**run, quiet=args.quiet, dist_timeout_s=args.dist_timeout).fit()
+        distributed.wait_for_all()
+    finally:
+        distributed.shutdown()
+    return 0
+
+
 def run_train(args) -> int:
     from cudacnn.train import distributed
-    from cudacnn.train.trainer import Trainer, resume_config
+    from cudacnn.train.trainer import resume_config
 
     if args.gpus < 1:
         raise ConfigError("--gpus must be at least 1")
     inside_launch = distributed.from_env().enabled  # a rank started by torchrun / `--gpus`
-    parallel = dict(dist_timeout_s=args.dist_timeout)
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in SKIP}
     if args.model_kwargs is not None:
         flags["model_kwargs"] = args.model_kwargs
@@ -118,12 +131,7 @@ def run_train(args) -> int:
         if args.gpus > 1 and not inside_launch:
             distributed.launch(args.gpus, ["-m", "cudacnn", *child_argv(args)])
             return 0
-        try:
-            Trainer(config, run_dir=args.resume, resume=True, quiet=args.quiet, **parallel).fit()
-            distributed.wait_for_all()
-        finally:
-            distributed.shutdown()
-        return 0
+        return fit_runs([dict(config=config, run_dir=args.resume, resume=True)], args)
     preset = args.preset or (None if args.config or args.model else DEFAULT_PRESET)
     config = resolve(preset, args.config, flags)
     if args.gpus > 1 and not inside_launch:
@@ -145,10 +153,4 @@ def run_train(args) -> int:
 
         run_record(config, quiet=args.quiet)
         return 0
-    try:
-        for index in range(config.runs):
-            Trainer(dataclasses.replace(config, seed=config.seed + index), quiet=args.quiet, **parallel).fit()
-        distributed.wait_for_all()
-    finally:
-        distributed.shutdown()
-    return 0
+    return fit_runs([dict(config=dataclasses.replace(config, seed=config.seed + i)) for i in range(config.runs)], args)

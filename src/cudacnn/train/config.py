@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,11 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a mapping of setting: value")
     return values
+
+
+def run_name(config: TrainConfig) -> str:
+    """The run (or sweep) folder's name: --name, else the preset or model and the start time."""
+    return config.name or f"{config.preset or config.model}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
 def save_config(config: TrainConfig, path: Path) -> None:

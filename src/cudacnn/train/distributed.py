@@ -245,6 +245,14 @@ class GlobalBatchLoader(GpuLoader):
 
 
 # ---------------------------------------------------------------------- the launcher
+def put_package_on_pythonpath() -> None:
+    """Child processes (ranks, sweep workers) run `python -m cudacnn`: make them import this very package."""
+    src = str(Path(__file__).resolve().parents[2])
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if src not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([src, *filter(None, paths)])
+
+
 def launch(nproc: int, python_args: list[str]) -> None:
     """Run `python PYTHON_ARGS` as `nproc` ranks on this host through torchrun's launcher (standalone
     rendezvous, no restarts). When a rank fails, the launcher stops the others; this raises CudacnnError
@@ -253,10 +261,7 @@ def launch(nproc: int, python_args: list[str]) -> None:
     from torch.distributed.run import parse_args, run
 
     disable_multicast()
-    src = str(Path(__file__).resolve().parents[2])  # the children import this very cudacnn
-    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
-    if src not in paths:
-        os.environ["PYTHONPATH"] = os.pathsep.join([src, *filter(None, paths)])
+    put_package_on_pythonpath()
     args = parse_args(["--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0", "--no-python",
                        sys.executable, *python_args])
     try:

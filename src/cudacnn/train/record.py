@@ -7,12 +7,11 @@ import json
 import logging
 import statistics
 import time
-from datetime import datetime
 from pathlib import Path
 
 from cudacnn.data import channel_stats, load_dataset
 from cudacnn.train.checkpoint import save_checkpoint
-from cudacnn.train.config import TrainConfig, save_config
+from cudacnn.train.config import TrainConfig, run_name, save_config
 from cudacnn.train.setup import pick_device
 
 log = logging.getLogger(__name__)
@@ -30,7 +29,7 @@ def run_record(config: TrainConfig, quiet: bool = False) -> dict:
 
     device = pick_device(config.device)
     dataset = load_dataset(config.data, cache_dir=config.cache_dir, quiet=quiet)
-    root = Path(config.out) / (config.name or f"{config.preset}-{datetime.now():%Y%m%d-%H%M%S}")
+    root = Path(config.out) / run_name(config)
     root.mkdir(parents=True, exist_ok=False)
     save_config(config, root / "config.yaml")
     mean, std = channel_stats(dataset.train.images)

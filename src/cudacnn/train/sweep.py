@@ -33,8 +33,8 @@ from pathlib import Path
 import yaml
 
 from cudacnn.errors import ConfigError, CudacnnError
-from cudacnn.train.config import TrainConfig, from_dict, load_config_file, resolve, save_config
-from cudacnn.train.distributed import disable_multicast
+from cudacnn.train.config import TrainConfig, from_dict, load_config_file, resolve, run_name, save_config
+from cudacnn.train.distributed import disable_multicast, put_package_on_pythonpath
 
 log = logging.getLogger(__name__)
 SPEC_KEYS = {"preset", "config", "base", "grid", "seeds", "runs", "gpus", "name", "out"}
@@ -229,7 +229,7 @@ def run_sweep(jobs: list[Job], sweep_dir: Path, workers: int, quiet: bool = Fals
             log.info("  %s: %s in %.1f s", todo[index].name, state, outcome["wall_s"])
 
     start = time.perf_counter()
-    _ensure_importable()
+    put_package_on_pythonpath()
     disable_multicast()  # every worker inherits NVLink multicast switched off
     outcomes = dict(zip((j.name for j in todo), run_queue(commands, envs, logs, on_done=done)))
     wall = time.perf_counter() - start
@@ -257,14 +257,6 @@ def run_sweep(jobs: list[Job], sweep_dir: Path, workers: int, quiet: bool = Fals
     return summary
 
 
-def _ensure_importable() -> None:
-    """The workers run `python -m cudacnn`: make this very package importable for them."""
-    src = str(Path(__file__).resolve().parents[2])
-    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
-    if src not in paths:
-        os.environ["PYTHONPATH"] = os.pathsep.join([src, *filter(None, paths)])
-
-
 def sweep_from_file(path: str | Path, gpus: int | None = None, overrides: dict | None = None,
                     out: str | None = None, name: str | None = None, quiet: bool = False) -> dict:
     spec = load_spec(path)
@@ -273,7 +265,7 @@ def sweep_from_file(path: str | Path, gpus: int | None = None, overrides: dict |
     name = name or spec.get("name") or Path(path).stem
     sweep_dir = Path(out or spec.get("out") or base.out) / name
     jobs = plan_jobs(base, spec.get("grid"), spec_seeds(spec, base), sweep_dir)
-    (sweep_dir).mkdir(parents=True, exist_ok=True)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     return run_sweep(jobs, sweep_dir, gpus or int(spec.get("gpus", 1)), quiet=quiet)
 
@@ -283,8 +275,7 @@ def seeds_sweep(config: TrainConfig, gpus: int, quiet: bool = False) -> dict:
     so there each worker takes one block of consecutive seeds in one process (start-up paid once per GPU)."""
     from cudacnn.train.presets import FAST_PRESETS
 
-    name = config.name or f"{config.preset or config.model}-{datetime.now():%Y%m%d-%H%M%S}"
-    sweep_dir = Path(config.out) / name
+    sweep_dir = Path(config.out) / run_name(config)
     seeds = [config.seed + i for i in range(config.runs)]
     if config.preset not in FAST_PRESETS:
         return run_sweep(plan_jobs(config, None, seeds, sweep_dir), sweep_dir, gpus, quiet=quiet)

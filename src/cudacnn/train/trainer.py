@@ -17,21 +17,21 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from cudacnn.atomic import write_text_atomic
 from cudacnn.data import Augment, Dataset, GpuLoader, channel_stats, load_dataset, split_validation
-from cudacnn.errors import CheckpointError, CudacnnError
+from cudacnn.errors import CheckpointError, ConfigError, CudacnnError
 from cudacnn.evaluate.metrics import evaluate
 from cudacnn.models import create_model
 from cudacnn.train import distributed, setup
 from cudacnn.train.callbacks import EarlyStopping
 from cudacnn.train.checkpoint import check_compatible, load_checkpoint, save_checkpoint
-from cudacnn.train.config import TrainConfig, from_dict, load_config_file, save_config
+from cudacnn.train.config import TrainConfig, from_dict, load_config_file, run_name, save_config
 
 log = logging.getLogger(__name__)
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -128,13 +128,17 @@ class Trainer:
         self.history: list[dict] = []
         self.start_epoch = 0
 
+    @property
+    def inference_model(self) -> torch.nn.Module:
+        """The weights that are evaluated and saved: the EMA when it is on."""
+        return self.ema.module if self.ema else self.model
+
     # ------------------------------------------------------------------ checkpoints
     def _state(self, epoch: int) -> dict:
-        inference = self.ema.module if self.ema else self.model
         return {
             "model_name": self.config.model, "model_kwargs": self.config.model_kwargs,
             "classes": self.dataset.classes, "mean": self.mean, "std": self.std,
-            "model": inference.state_dict(), "epoch": epoch, "config": self.config.to_dict(),
+            "model": self.inference_model.state_dict(), "epoch": epoch, "config": self.config.to_dict(),
             "train_state": {
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler else None,
@@ -236,12 +240,17 @@ class Trainer:
         total_loss, total_correct, total = distributed.all_reduce_sum(stats).tolist()
         return total_loss / total, total_correct / total, int(total)
 
+    def _evaluate(self, loader: GpuLoader, tta_level: int = 0):
+        """The EvalResult of the inference weights (EMA if on) on a whole split: each rank evaluates its
+        shard, the results are summed over ranks."""
+        return distributed.reduce_eval(evaluate(self.inference_model, loader, self.dataset.num_classes,
+                                                device=self.device, tta_level=tta_level,
+                                                classes=self.dataset.classes))
+
     def _validate(self, loader: GpuLoader) -> tuple[float, float]:
-        """(loss, accuracy) on a split; the same evaluation as the final test, summed over ranks."""
-        model = self.ema.module if self.ema else self.model
-        distributed.broadcast_buffers(model)  # evaluate with rank 0's BN statistics, the saved ones
-        result = distributed.reduce_eval(evaluate(model, loader, self.dataset.num_classes, device=self.device,
-                                                  classes=self.dataset.classes))
+        """(loss, accuracy) on a split; the same evaluation as the final test."""
+        distributed.broadcast_buffers(self.inference_model)  # rank 0's BN statistics, the saved ones
+        result = self._evaluate(loader)
         return result.loss, result.accuracy
 
     def _diverged_message(self, epoch: int) -> str:
@@ -318,7 +327,7 @@ class Trainer:
             if improved:
                 save_checkpoint(self.run_dir / "checkpoints" / "best.pt", state)
             # Rewritten from the checkpointed history, so a resumed run never repeats or loses a line.
-            write_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
+            write_text_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
         if not self.quiet:
             val = f" val loss {record['val_loss']:.3f} acc {record['val_acc']:.4f}" if "val_acc" in record else ""
             log.info("epoch %d: train loss %.3f acc %.4f%s (%.1f s, %.0f img/s)", record["epoch"],
@@ -339,15 +348,9 @@ class Trainer:
             return chosen, load_checkpoint(chosen, map_location=where)
 
         chosen, weights = distributed.main_computes(read_weights)  # only rank 0 has the run folder for sure
-        model = self.ema.module if self.ema else self.model
-        model.load_state_dict(weights["model"])
-        def test_eval(tta_level: int):  # each rank evaluates its shard of the test split
-            return distributed.reduce_eval(evaluate(model, self.test_loader, self.dataset.num_classes,
-                                                    device=self.device, tta_level=tta_level,
-                                                    classes=self.dataset.classes))
-
-        result = test_eval(2 if self.config.tta else 0)
-        plain_accuracy = test_eval(0).accuracy if self.config.tta else result.accuracy
+        self.inference_model.load_state_dict(weights["model"])
+        result = self._evaluate(self.test_loader, tta_level=2 if self.config.tta else 0)
+        plain_accuracy = self._evaluate(self.test_loader).accuracy if self.config.tta else result.accuracy
         if self.dist.is_main:  # rank 0 alone writes the run folder
             extra = {"checkpoint": str(chosen), "epoch": weights["epoch"] + 1, "data": self.dataset.source,
                      "device": device_name(self.device),
@@ -371,19 +374,13 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def make_progress(quiet: bool) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), disable=quiet, transient=True)
 
 
 def new_run_dir(config: TrainConfig) -> Path:
-    name = config.name or f"{config.preset or config.model}-{datetime.now():%Y%m%d-%H%M%S}"
+    name = run_name(config)
     if config.runs > 1:
         name += f"-seed{config.seed}"
     path = Path(config.out) / name
@@ -398,4 +395,9 @@ def resume_config(run_dir: Path, overrides: dict | None = None) -> TrainConfig:
     if not config_file.exists():
         raise CheckpointError(f"{run_dir} is not a run folder (no config.yaml); pass the folder that "
                               "`cudacnn train` created")
-    return from_dict(overrides or {}, from_dict(load_config_file(config_file), origin=str(config_file))).validate()
+    saved = from_dict(load_config_file(config_file), origin=str(config_file))
+    config = from_dict(overrides or {}, saved).validate()
+    if config.epochs != saved.epochs and saved.schedule != "none":  # its saved scheduler state fits no other length
+        raise ConfigError(f"--epochs {config.epochs}: the run's {saved.schedule} learning-rate schedule is planned "
+                          f"for {saved.epochs} epochs; resume without --epochs, or start a new run")
+    return config

@@ -108,7 +108,7 @@ def warmup(name: str, dataset: Dataset, device="cuda", compile: bool = True) -> 
 # -- the training run
 
 class DeviceTimer:
-    """Sums device time over start/stop pairs without waiting on the device until `seconds()`."""
+    """Sums device time over start/stop pairs without waiting on the device until `span_seconds()`."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
@@ -132,9 +132,6 @@ class DeviceTimer:
             return [b - a for a, b in self.spans]
         torch.cuda.synchronize()
         return [a.elapsed_time(b) / 1000 for a, b in self.spans]
-
-    def seconds(self) -> float:
-        return sum(self.span_seconds())
 
 
 def make_optimizers(model: FastNet, cfg: FastConfig) -> tuple[torch.optim.Optimizer, Muon]:
