@@ -115,8 +115,11 @@ class Trainer:
         if self.dist.enabled:  # DDP broadcasts rank 0's initial weights and averages gradients
             from torch.nn.parallel import DistributedDataParallel
 
+            # No per-forward broadcast of BN statistics (ranks keep their own; evaluation and the checkpoint
+            # use rank 0's); gradients live in the all-reduce buckets (one copy fewer per step).
             self.ddp = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False, gradient_as_bucket_view=True)
             self._fold_rank_into_rng(0)
         wrapped = self.ddp or self.model
         self.forward = torch.compile(wrapped) if c.compile else wrapped
