@@ -29,24 +29,34 @@ def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype=None
     return x.T if tall else x
 
 
+def muon_update(p: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, momentum: float, nesterov: bool,
+                ns_steps: int) -> torch.Tensor:
+    """Advance the momentum `buf`, renormalize the filter bank `p` in place, return the orthogonalized
+    update (in p's dtype)."""
+    buf.mul_(momentum).add_(grad)
+    g = grad.add(buf, alpha=momentum) if nesterov else buf
+    p.mul_(len(p) ** 0.5 / p.norm())  # keep each filter bank at unit RMS row norm
+    return newton_schulz(g.reshape(len(g), -1), ns_steps).view_as(p).to(p.dtype)
+
+
 class Muon(torch.optim.Optimizer):
+    """`compiled=True` runs each filter bank's update as one compiled graph (a few fused kernels instead
+    of about 40 eager ones); the learning rate stays outside it, so its schedule does not recompile."""
+
     def __init__(self, params, lr: float = 0.24, momentum: float = 0.6, nesterov: bool = True,
-                 ns_steps: int = 5):
+                 ns_steps: int = 5, compiled: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
+        self.update = torch.compile(muon_update, dynamic=False, fullgraph=True) if compiled else muon_update
 
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            lr, momentum = group["lr"], group["momentum"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p.grad)
-                buf = state["momentum_buffer"]
-                buf.mul_(momentum).add_(p.grad)
-                g = p.grad.add(buf, alpha=momentum) if group["nesterov"] else buf
-                p.mul_(len(p) ** 0.5 / p.norm())  # keep each filter bank at unit RMS row norm
-                update = newton_schulz(g.reshape(len(g), -1), group["ns_steps"]).view_as(p)
-                p.add_(update.to(p.dtype), alpha=-lr)
+                update = self.update(p, p.grad, state["momentum_buffer"], group["momentum"], group["nesterov"],
+                                     group["ns_steps"])
+                p.add_(update, alpha=-group["lr"])

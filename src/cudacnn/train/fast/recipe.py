@@ -43,6 +43,7 @@ class FastConfig:
     cutout: int = 0
     tta_level: int = 2
     lookahead_every: int = 0        # 0 = off; else sync every k steps, decay 0.95^k * (step/total)^3
+    compile_mode: str = "default"   # torch.compile mode of the net: default | reduce-overhead | max-autotune...
     max_steps: int | None = None    # cut training short (smoke tests)
 
 
@@ -86,23 +87,29 @@ def training_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
-def prepared_model(name: str, device, num_classes: int, compile: bool) -> tuple[FastNet, nn.Module]:
+def prepared_model(name: str, device, num_classes: int, compile: bool,
+                   mode: str = "default") -> tuple[FastNet, nn.Module]:
     """(model, callable): the callable is the compiled model when `compile`, else the model itself."""
     device = torch.device(device)
-    key = (name, str(device), num_classes, compile)
+    key = (name, str(device), num_classes, compile, mode)
     if key not in _PREPARED:
+        if compile:  # both presets' static graphs (each batch size, train and eval) share FastNet.forward's
+            # code object, and Muon's update compiles once per filter shape: more than dynamo's default 8
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         model = FACTORIES[name](num_classes=num_classes).to(device, memory_format=torch.channels_last)
         model.to_training_dtype(training_dtype(device))
         # static shapes: every batch here is full-size, and a shape-generic graph would be slower
-        _PREPARED[key] = (model, torch.compile(model, dynamic=False) if compile else model)
+        _PREPARED[key] = (model, torch.compile(model, dynamic=False, mode=mode) if compile else model)
     return _PREPARED[key]
 
 
-def warmup(name: str, dataset: Dataset, device="cuda", compile: bool = True) -> None:
+def warmup(name: str, dataset: Dataset, device="cuda", compile: bool = True, **graph_options) -> None:
     """Compile the training and evaluation graphs once (on random labels, weights reset afterwards),
-    so the timed runs measure training only."""
+    so the timed runs measure training only. Graphs are static-shape: one warm-up per batch size (and
+    compile mode), given in `graph_options` as FastConfig fields."""
+    options = {k: v for k, v in graph_options.items() if v is not None}
     train_fast(name, dataset, seed=12345, device=device, compile=compile, log=lambda *_: None,
-               max_steps=3, tta_level=2, _warm=True)
+               max_steps=3, tta_level=2, _warm=True, **options)
 
 
 # -- the training run
@@ -134,7 +141,7 @@ class DeviceTimer:
         return [a.elapsed_time(b) / 1000 for a, b in self.spans]
 
 
-def make_optimizers(model: FastNet, cfg: FastConfig) -> tuple[torch.optim.Optimizer, Muon]:
+def make_optimizers(model: FastNet, cfg: FastConfig, compile: bool = False) -> tuple[torch.optim.Optimizer, Muon]:
     wd = cfg.wd_per_example * cfg.batch_size
     norm_biases = [m.bias for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     groups = [dict(params=[model.whiten.bias], lr=cfg.bias_lr, weight_decay=wd / cfg.bias_lr),
@@ -143,7 +150,7 @@ def make_optimizers(model: FastNet, cfg: FastConfig) -> tuple[torch.optim.Optimi
     fused = next(model.parameters()).device.type == "cuda"
     sgd = torch.optim.SGD(groups, momentum=cfg.sgd_momentum, nesterov=True, fused=fused)
     filters = [p for p in model.parameters() if p.ndim == 4 and p.requires_grad]
-    muon = Muon(filters, lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=True)
+    muon = Muon(filters, lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=True, compiled=compile)
     for opt in (sgd, muon):
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
@@ -161,15 +168,15 @@ def train_fast(name: str, dataset: Dataset, *, seed: int = 0, device="cuda", com
     (e.g. epochs=1, max_steps=5 for a smoke run)."""
     cfg = resolve_config(name, overrides)
     device = torch.device(device)
-    warm_key = (name, str(device), dataset.num_classes)
+    warm_key = (name, str(device), dataset.num_classes, cfg.batch_size, cfg.compile_mode)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         if compile and not _warm and warm_key not in _WARMED:
-            warmup(name, dataset, device, compile)
+            warmup(name, dataset, device, compile, batch_size=cfg.batch_size, compile_mode=cfg.compile_mode)
     if _warm:
         _WARMED.add(warm_key)
     dtype = training_dtype(device)
-    model, net = prepared_model(name, device, dataset.num_classes, compile)
+    model, net = prepared_model(name, device, dataset.num_classes, compile, cfg.compile_mode)
     torch.manual_seed(seed)
     model.reset()
 
@@ -188,7 +195,7 @@ def train_fast(name: str, dataset: Dataset, *, seed: int = 0, device="cuda", com
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
     whiten_steps = max(1, math.ceil(cfg.whiten_bias_epochs * steps_per_epoch))
-    sgd, muon = make_optimizers(model, cfg)
+    sgd, muon = make_optimizers(model, cfg, compile=compile and device.type == "cuda")
 
     timer = DeviceTimer(device)
     timer.start()
