@@ -258,8 +258,10 @@ _WARMED: set[tuple] = set()
 
 def channels_last_input(net):
     """The TTA views (mirrors, reflect-padded shifts) come in other memory layouts; the compiled net sees
-    channels_last only, so evaluation reuses one graph instead of recompiling per layout."""
-    return lambda x: net(x.contiguous(memory_format=torch.channels_last))
+    channels_last only, so evaluation reuses one graph instead of recompiling per layout. The logits are
+    cloned because TTA sums several calls' outputs, and under CUDA graphs (compile_mode reduce-overhead)
+    each call would overwrite the previous one's."""
+    return lambda x: net(x.contiguous(memory_format=torch.channels_last)).clone()
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
