@@ -144,6 +144,7 @@ def test_not_a_checkpoint(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--amp", "fp8"], "amp must be"), (["--epochs", "0"], "epochs must be"),
     (["--val-fraction", "1.5"], "val-fraction"), (["--early-stopping", "3", "--val-fraction", "0"], "validation split"),
+    (["--compile", "--compile-mode", "fastest"], "compile-mode must be one of default, reduce-overhead"),
 ])
 def test_bad_flag_values_are_rejected(flags, message, capsys):
     assert main(["train", "--model", "simple", *flags]) == 2
@@ -228,3 +229,16 @@ def test_onecycle_handles_short_runs(steps):
     assert max(rates) == pytest.approx(0.1, rel=0.05)
     if steps >= 4:
         assert rates[0] < 0.1 and rates[-1] < 0.1  # warm-up from below, annealed at the end
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs (compile mode reduce-overhead) need a CUDA GPU")
+def test_cuda_graph_training_matches_eager_on_gpu(tmp_path, dataset):
+    """`--compile --compile-mode reduce-overhead` replays the step from CUDA graphs: the same training as eager."""
+    finals = {}
+    for name, compiled in (("eager", False), ("graphs", True)):
+        config = tiny_config(tmp_path, device="cuda", epochs=2, name=name, compile=compiled,
+                             compile_mode="reduce-overhead", deterministic=False, tf32=False)
+        result = Trainer(config, dataset=dataset, quiet=True).fit()
+        finals[name] = load_checkpoint(result.run_dir / "checkpoints" / "last.pt")["model"]
+    for key, eager in finals["eager"].items():
+        torch.testing.assert_close(finals["graphs"][key].float(), eager.float(), rtol=1e-3, atol=1e-4, msg=key)

@@ -15,6 +15,9 @@ import yaml
 from cudacnn.errors import ConfigError
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclass
 class TrainConfig:
     # what to train on
@@ -44,6 +47,7 @@ class TrainConfig:
     amp: str = "bf16"                    # none | bf16 | fp16 (fp16 uses loss scaling)
     channels_last: bool = True
     compile: bool = False
+    compile_mode: str = "default"        # with --compile: default | reduce-overhead (CUDA graphs) | max-autotune
     tf32: bool = True
     kernels: str = "torch"               # torch | triton | cuda: which kernels run linear/activation/loss
     device: str = "auto"                 # auto | cuda | cpu
@@ -67,6 +71,7 @@ class TrainConfig:
             (self.amp in ("none", "bf16", "fp16"), "amp must be none, bf16 or fp16"),
             (self.flip in ("none", "random", "alternate"), "flip must be none, random or alternate"),
             (self.kernels in ("torch", "triton", "cuda"), "kernels must be torch, triton or cuda"),
+            (self.compile_mode in COMPILE_MODES, f"compile-mode must be one of {', '.join(COMPILE_MODES)}"),
             (self.device in ("auto", "cuda", "cpu") or self.device.startswith("cuda:"),
              "device must be auto, cpu, cuda or cuda:N"),
             (self.epochs >= 1, "epochs must be at least 1"),
