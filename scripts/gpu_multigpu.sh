@@ -3,7 +3,8 @@
 #   1. ResNet-18 (CIFAR stem, preset resnet18-cifar) for EPOCHS epochs on 1, 2 and 4 GPUs (as many as the
 #      machine has): training throughput (median images/s over epochs 2..E) and test accuracy of each, so the
 #      speed-up comes with an accuracy check at the same number of steps. One such set per entry of R18_SETS
-#      (global batch sizes, each optionally followed by ":compile" and/or ":lr=X"; default "1024 2048:lr=0.8").
+#      (global batch sizes, each optionally followed by ":compile", ":graphs" (CUDA graphs) and/or ":lr=X";
+#      default "1024 1024:graphs").
 #   2. 8 seeded fast94 runs one after another on one GPU vs spread over 4 GPUs (`--runs 8 --gpus 4`), after
 #      one untimed run that fills the compile and data caches both commands then read. Reported: whole-command
 #      wall time, and each process's runs alone (its first run's start to its last run's end, after its compile
@@ -17,7 +18,7 @@ OUT=${OUT:-/tmp/multigpu-out}
 DATA=${DATA:-.data/cifar10-jpeg.tar.gz}
 CACHE=${CACHE:-/tmp/cudacnn-cache}
 EPOCHS=${EPOCHS:-10}
-R18_SETS=${R18_SETS:-"1024 2048:lr=0.8"}   # global batch sizes, each optionally with ":compile", ":lr=X"
+R18_SETS=${R18_SETS:-"1024 1024:graphs"}   # global batch sizes, each optionally with ":compile", ":graphs", ":lr=X"
 FAST_RUNS=${FAST_RUNS:-8}
 mkdir -p "$OUT/logs"
 export PYTHONPATH=src
@@ -42,6 +43,7 @@ for SET in $R18_SETS; do
   for OPT in $(echo "${SET#"$B"}" | tr ':' ' '); do   # after the batch size: compile, lr=X
     case "$OPT" in
       compile) FLAGS+=" --compile"; TAG+="-compile" ;;
+      graphs) FLAGS+=" --compile --compile-mode reduce-overhead"; TAG+="-graphs" ;;
       lr=*) FLAGS+=" --lr ${OPT#lr=}"; TAG+="-lr${OPT#lr=}" ;;
     esac
   done
