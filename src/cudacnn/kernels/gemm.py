@@ -150,11 +150,10 @@ def _gemm_persistent_kernel(a_desc, b_desc, c_desc, z_desc, bias_ptr, M, N, K, B
                             HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr,
                             INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            GROUP_M: tl.constexpr, EPILOGUE_SPLIT: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr):
-    """The TMA GEMM as a persistent kernel: PROGRAMS_PER_SM programs per SM walk the output tiles; the
-    flattened loop lets the compiler pipeline the next tile's loads under this tile's epilogue (bias,
-    activation), and with two programs per SM one program's epilogue runs beside the other's tensor-core
-    loop (the launcher sizes the grid; the kernel only strides by it)."""
+                            GROUP_M: tl.constexpr, EPILOGUE_SPLIT: tl.constexpr):
+    """The TMA GEMM as a persistent kernel: one program per SM walks the output tiles (the launcher sizes
+    the grid; the kernel strides by it); the flattened loop lets the compiler pipeline the next tile's loads
+    under this tile's epilogue (bias, activation)."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_tiles = num_pid_m * num_pid_n
@@ -185,18 +184,13 @@ def _config(bm, bn, bk, stages, warps, group=8, pre_hook=None, extra=None):
     return triton.Config(meta, num_stages=stages, num_warps=warps, pre_hook=pre_hook)
 
 
-def _configs(*shapes, tma=False, persistent=False):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, stages, warps[, epilogue split[, programs per SM]]) -> autotune configs;
-    the TMA kernels' also set their descriptors' block shapes."""
+def _configs(*shapes, tma=False):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, stages, warps[, epilogue split]) -> autotune configs; the TMA kernels' also
+    set their descriptors' block shapes."""
     if not tma:
         return [_config(*shape) for shape in shapes]
-    configs = []
-    for shape in shapes:
-        extra = {"EPILOGUE_SPLIT": shape[5] if len(shape) > 5 else 1}
-        if persistent:
-            extra["PROGRAMS_PER_SM"] = shape[6] if len(shape) > 6 else 1
-        configs.append(_config(*shape[:5], pre_hook=_set_tma_blocks, extra=extra))
-    return configs
+    return [_config(*shape[:5], pre_hook=_set_tma_blocks, extra={"EPILOGUE_SPLIT": shape[5] if len(shape) > 5 else 1})
+            for shape in shapes]
 
 
 # Hopper: 128x256 / 256x128 tiles run two warpgroups of wgmma; a smaller tile for skinny problems.
@@ -219,18 +213,16 @@ _gemm_tma_16bit = triton.autotune(configs=_configs(*_SHAPES_16BIT, tma=True), ke
 _gemm_tma_32bit = triton.autotune(
     configs=_configs((128, 256, 32, 3, 8), (128, 128, 32, 4, 8), (128, 128, 32, 3, 4), (64, 128, 32, 4, 4), tma=True),
     key=_TMA_KEY)(_gemm_tma_kernel)
-# A split epilogue frees 32 KB of shared memory: 128x256 tiles then fit a fourth stage. Two programs per SM
-# (one warpgroup each, at most ~113 KB of shared memory each) overlap one's epilogue with the other's loop.
+# A split epilogue frees 32 KB of shared memory: 128x256 tiles then fit a fourth stage (16-bit), and 128x256x32
+# TF32 tiles fit at all (the TF32 winner on an H200, benchmarks/kernels.md run 5). Two programs per SM (one
+# warpgroup each, so one's epilogue could overlap the other's loop) were tried in run 5, never chosen.
 _gemm_persistent_16bit = triton.autotune(
     configs=_configs((128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (256, 128, 64, 3, 8),
-                     (128, 256, 64, 3, 8, 2), (128, 256, 64, 4, 8, 2), (256, 128, 64, 3, 8, 2),
-                     (128, 128, 64, 2, 4, 1, 2), (128, 128, 64, 3, 4, 2, 2), (128, 128, 64, 2, 8, 1, 2),
-                     tma=True, persistent=True),
+                     (128, 256, 64, 3, 8, 2), (128, 256, 64, 4, 8, 2), (256, 128, 64, 3, 8, 2), tma=True),
     key=_TMA_KEY)(_gemm_persistent_kernel)
 _gemm_persistent_32bit = triton.autotune(
     configs=_configs((128, 256, 32, 3, 8), (128, 128, 32, 4, 8), (128, 128, 64, 3, 8),
-                     (128, 256, 32, 3, 8, 2), (256, 128, 32, 3, 8, 2), (128, 128, 32, 5, 8, 2),
-                     (128, 128, 32, 2, 4, 2, 2), tma=True, persistent=True),
+                     (128, 256, 32, 3, 8, 2), (256, 128, 32, 3, 8, 2), (128, 128, 32, 5, 8, 2), tma=True),
     key=_TMA_KEY)(_gemm_persistent_kernel)
 
 # Which kernel a TMA-eligible GEMM runs: "tma", "persistent", or "pointers" (CUDACNN_GEMM_KERNEL overrides).
@@ -307,13 +299,11 @@ def _launch_tma(a, b, c, bias, z, meta):
 
     def grid(m):
         tiles = triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"])
-        return (min(sms * m["PROGRAMS_PER_SM"], tiles),) if persistent else (tiles,)
+        return (min(sms, tiles),) if persistent else (tiles,)
 
     if not _autotuning():
         blocks, options = _fixed_config(a.dtype)
         blocks["EPILOGUE_SPLIT"] = FIXED_EPILOGUE_SPLIT
-        if persistent:
-            blocks["PROGRAMS_PER_SM"] = 1
         _set_tma_blocks({"a_desc": descs[0], "b_desc": descs[1], "c_desc": descs[2], "z_desc": descs[3],
                          "B_IS_NK": b_is_nk, **blocks})
         kernel = _gemm_persistent_kernel if persistent else _gemm_tma_kernel

@@ -22,9 +22,10 @@ HELP = {
     "none | random | alternate", "schedule": "none | onecycle | cosine", "optimizer": "sgd | adam | adamw",
     "early_stopping": "patience in epochs (0 = off)", "ema_decay": "EMA of weights (0 = off)",
     "runs": "seeded repeats (seed, seed+1, ...)", "pretrained": "torchvision-format ImageNet weights file",
-    "sync_bn": "data-parallel: SyncBatchNorm across GPUs", "compile_mode": "with --compile: default | "
-    "reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs", "max_per_gpu_batch": "data-parallel: at most this "
+    "sync_bn": "data-parallel: SyncBatchNorm across GPUs", "max_per_gpu_batch": "data-parallel: at most this "
     "many samples per forward; larger per-GPU parts of the global batch use gradient accumulation (0 = off)",
+    "compile_mode": "with --compile: default | reduce-overhead (CUDA graphs) | max-autotune | "
+    "max-autotune-no-cudagraphs",
 }
 SKIP = {"model_kwargs", "preset"}
 
