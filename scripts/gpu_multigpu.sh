@@ -105,9 +105,9 @@ if seq.exists() and par.exists():
                         "seq_train_time_sum_s": sum(r["train_time_s"] for r in s["rows"])}
     def phases(folder):  # per process: (compile warm-up s, first run's start to last run's end s)
         records = [json.loads(f.read_text()) for f in [folder / "results.json", *folder.glob("*/results.json")]
-                   if f.exists() and "warmup_s" in json.loads(f.read_text())]
+                   if f.exists()]
         return [(r["warmup_s"], max(x["finished"] for x in r["rows"]) - min(x["started"] for x in r["rows"]))
-                for r in records]
+                for r in records if "warmup_s" in r]  # the sweep's own results.json has no warm-up
     seq_ph, par_ph = phases(runs / "fast94-seq"), phases(runs / f"fast94-g{sweep_gpus}")
     ps, pp = max(p[1] for p in seq_ph), max(p[1] for p in par_ph)  # the slowest process bounds the phase
     result["fast94"].update(sequential_phases=seq_ph, sweep_phases=par_ph, sequential_run_phase_s=ps,

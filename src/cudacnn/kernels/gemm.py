@@ -179,18 +179,20 @@ def _set_tma_blocks(nargs):
     nargs["z_desc"].block_shape = [bm, store_n]
 
 
-def _config(bm, bn, bk, stages, warps, group=8, pre_hook=None, extra=None):
-    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, **(extra or {})}
+def _config(bm, bn, bk, stages, warps, group=8, pre_hook=None, split=None):
+    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group}
+    if split is not None:  # TMA kernels only
+        meta["EPILOGUE_SPLIT"] = split
     return triton.Config(meta, num_stages=stages, num_warps=warps, pre_hook=pre_hook)
 
 
 def _configs(*shapes, tma=False):
     """(BLOCK_M, BLOCK_N, BLOCK_K, stages, warps[, epilogue split]) -> autotune configs; the TMA kernels' also
     set their descriptors' block shapes."""
-    if not tma:
-        return [_config(*shape) for shape in shapes]
-    return [_config(*shape[:5], pre_hook=_set_tma_blocks, extra={"EPILOGUE_SPLIT": shape[5] if len(shape) > 5 else 1})
-            for shape in shapes]
+    if tma:
+        return [_config(*shape[:5], pre_hook=_set_tma_blocks, split=shape[5] if len(shape) > 5 else 1)
+                for shape in shapes]
+    return [_config(*shape) for shape in shapes]
 
 
 # Hopper: 128x256 / 256x128 tiles run two warpgroups of wgmma; a smaller tile for skinny problems.

@@ -95,8 +95,7 @@ def main(argv=None) -> int:
                 break
             if i == 0 and compile and torch.device(args.device).type == "cuda":
                 t0 = time.perf_counter()
-                warmup(preset, dataset, args.device, batch_size=overrides.get("batch_size"),
-                       compile_mode=overrides.get("compile_mode"))
+                warmup(preset, dataset, args.device, **overrides)
                 print(f"{preset} warm-up (compile) {time.perf_counter() - t0:.1f} s", flush=True)
             results.append(train_fast(preset, dataset, seed=args.seed + i, device=args.device, compile=compile,
                                       log=lambda s: print(s, flush=True), **overrides))

@@ -105,13 +105,16 @@ def prepared_model(name: str, device, num_classes: int, compile: bool,
     return _PREPARED[key]
 
 
-def warmup(name: str, dataset: Dataset, device="cuda", compile: bool = True, **graph_options) -> None:
+# The FastConfig fields the compiled graphs depend on (static shapes, compile mode): one warm-up per value.
+GRAPH_FIELDS = ("batch_size", "compile_mode")
+
+
+def warmup(name: str, dataset: Dataset, device="cuda", compile: bool = True, **overrides) -> None:
     """Compile the training and evaluation graphs once (on random labels, weights reset afterwards),
-    so the timed runs measure training only. Graphs are static-shape: one warm-up per batch size (and
-    compile mode), given in `graph_options` as FastConfig fields."""
-    options = {k: v for k, v in graph_options.items() if v is not None}
+    so the timed runs measure training only. `overrides` as for train_fast; only GRAPH_FIELDS matter."""
+    graph = {k: v for k, v in overrides.items() if k in GRAPH_FIELDS}
     train_fast(name, dataset, seed=12345, device=device, compile=compile, log=lambda *_: None,
-               max_steps=3, tta_level=2, _warm=True, **options)
+               max_steps=3, tta_level=2, _warm=True, **graph)
 
 
 # -- the training run
@@ -170,11 +173,12 @@ def train_fast(name: str, dataset: Dataset, *, seed: int = 0, device="cuda", com
     (e.g. epochs=1, max_steps=5 for a smoke run)."""
     cfg = resolve_config(name, overrides)
     device = torch.device(device)
-    warm_key = (name, str(device), dataset.num_classes, cfg.batch_size, cfg.compile_mode)
+    graph = {k: getattr(cfg, k) for k in GRAPH_FIELDS}
+    warm_key = (name, str(device), dataset.num_classes, *graph.values())
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         if compile and not _warm and warm_key not in _WARMED:
-            warmup(name, dataset, device, compile, batch_size=cfg.batch_size, compile_mode=cfg.compile_mode)
+            warmup(name, dataset, device, compile, **graph)
     if _warm:
         _WARMED.add(warm_key)
     dtype = training_dtype(device)
