@@ -16,17 +16,19 @@ def reference_views(img, level):
     views = [(1.0, img)]
     if level >= 1:
         views = [(0.5, img), (0.5, img[..., ::-1])]
-    if level == 2:
+    if level >= 2:
         padded = np.pad(img, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="reflect")
         h, w = img.shape[-2:]
         shifted = [padded[..., :h, :w], padded[..., 2:, 2:]]
+        if level == 3:
+            shifted += [padded[..., :h, 2:], padded[..., 2:, :w]]
         views = [(wt / 2, v) for wt, v in views]
         for s in shifted:
-            views += [(0.125, s), (0.125, s[..., ::-1])]
+            views += [(0.25 / len(shifted), s), (0.25 / len(shifted), s[..., ::-1])]
     return views
 
 
-@pytest.mark.parametrize("level", [0, 1, 2])
+@pytest.mark.parametrize("level", [0, 1, 2, 3])
 def test_tta_matches_weighted_views(level):
     x = torch.randn(5, 3, 6, 6, generator=torch.Generator().manual_seed(level))
     want = sum(wt * v.reshape(5, -1) for wt, v in reference_views(x.numpy(), level))
@@ -56,4 +58,4 @@ def test_nonlinear_model_averages_logits_not_inputs():
 
 def test_rejects_unknown_level():
     with pytest.raises(ValueError, match="TTA level"):
-        predict_tta(pixels, torch.zeros(1, 3, 4, 4), level=3)
+        predict_tta(pixels, torch.zeros(1, 3, 4, 4), level=4)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from cudacnn.data import Augment, Dataset, GpuLoader
 from cudacnn.errors import ConfigError
-from cudacnn.evaluate.tta import predict_tta
+from cudacnn.evaluate.tta import TTA_LEVELS, predict_tta
 from cudacnn.models.fast import FastNet, fast94, fast96
 from cudacnn.train.fast.lookahead import Lookahead
 from cudacnn.train.fast.muon import Muon
@@ -114,7 +114,7 @@ def warmup(name: str, dataset: Dataset, device="cuda", compile: bool = True, **o
     so the timed runs measure training only. `overrides` as for train_fast; only GRAPH_FIELDS matter."""
     graph = {k: v for k, v in overrides.items() if k in GRAPH_FIELDS}
     train_fast(name, dataset, seed=12345, device=device, compile=compile, log=lambda *_: None,
-               max_steps=3, tta_level=2, _warm=True, **graph)
+               max_steps=3, tta_level=max(TTA_LEVELS), _warm=True, **graph)  # every TTA view's graph
 
 
 # -- the training run
