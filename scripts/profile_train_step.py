@@ -42,7 +42,8 @@ def kernel_summary(prof, epoch_s: float, limit: int = 15) -> dict:
     stream and wait inside) and the kernels that took longest in all."""
     totals: dict[str, list] = {}
     for e in prof.events():
-        if e.device_type == DeviceType.CUDA:
+        # device-side mirrors of record_function ranges (DDP forward, optimizer step) are not kernels
+        if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False):
             entry = totals.setdefault(e.name[:90], [0, 0.0])
             entry[0] += 1
             entry[1] += e.time_range.elapsed_us() / 1e3

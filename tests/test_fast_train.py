@@ -44,8 +44,19 @@ def test_unknown_preset_and_option_are_config_errors():
         train_fast("fast94", tiny_dataset(), device="cpu", learning_rate=1.0)
 
 
+def test_widths_override_builds_that_net_and_bad_widths_are_config_errors():
+    result = train_fast("fast94", tiny_dataset(), device="cpu", compile=False, log=lambda *_: None,
+                        batch_size=32, epochs=1, max_steps=1, whiten_images=64, widths="16/24/40")
+    convs = [group.convs[0].out_channels for group in result.model.groups]
+    assert convs == [16, 24, 40] and result.model.head.in_features == 40
+    for bad in ("16/24", "a/b/c", "16/0/8"):
+        with pytest.raises(ConfigError, match="widths must be three positive integers"):
+            train_fast("fast94", tiny_dataset(), device="cpu", widths=bad)
+
+
 def test_bench_overrides_are_typed():
-    assert parse_overrides(["epochs=7", "cutout=12", "max_steps=None"]) == dict(epochs=7.0, cutout=12, max_steps=None)
+    assert parse_overrides(["epochs=7", "cutout=12", "max_steps=None", "widths=128/384/640"]) == dict(
+        epochs=7.0, cutout=12, max_steps=None, widths="128/384/640")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

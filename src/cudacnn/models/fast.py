@@ -102,10 +102,10 @@ class FastNet(nn.Module):
 
 
 @register_model("fast94")
-def fast94(num_classes: int = 10, **kw) -> nn.Module:
-    return FastNet(widths=(64, 256, 256), depth=2, num_classes=num_classes, **kw)
+def fast94(num_classes: int = 10, widths=(64, 256, 256), **kw) -> nn.Module:
+    return FastNet(widths=widths, depth=2, num_classes=num_classes, **kw)
 
 
 @register_model("fast96")
-def fast96(num_classes: int = 10, **kw) -> nn.Module:
-    return FastNet(widths=(128, 384, 512), depth=3, num_classes=num_classes, **kw)
+def fast96(num_classes: int = 10, widths=(128, 384, 512), **kw) -> nn.Module:
+    return FastNet(widths=widths, depth=3, num_classes=num_classes, **kw)

@@ -44,6 +44,7 @@ class FastConfig:
     tta_level: int = 2
     lookahead_every: int = 0        # 0 = off; else sync every k steps, decay 0.95^k * (step/total)^3
     compile_mode: str = "default"   # torch.compile mode of the net: default | reduce-overhead | max-autotune...
+    widths: str = ""                # the conv groups' widths as "A/B/C"; "" keeps the model's own
     max_steps: int | None = None    # cut training short (smoke tests)
 
 
@@ -73,7 +74,22 @@ def resolve_config(name: str, overrides: dict) -> FastConfig:
     unknown = set(overrides) - known
     if unknown:
         raise ConfigError(f"unknown option(s) {sorted(unknown)} for preset '{name}'; known: {sorted(known)}")
-    return replace(PRESETS[name], **overrides)
+    cfg = replace(PRESETS[name], **overrides)
+    parse_widths(cfg.widths)
+    return cfg
+
+
+def parse_widths(text: str) -> dict:
+    """'128/384/640' -> {'widths': (128, 384, 640)} (model keyword arguments); '' -> {}."""
+    if not text:
+        return {}
+    try:
+        widths = tuple(int(w) for w in text.split("/"))
+    except ValueError:
+        widths = ()
+    if len(widths) != 3 or min(widths) <= 0:
+        raise ConfigError(f"widths must be three positive integers as A/B/C (e.g. 128/384/512), got {text!r}")
+    return {"widths": widths}
 
 
 # -- one compiled model per (preset, device, dtype), re-initialised in place for every run
@@ -89,15 +105,16 @@ def training_dtype(device: torch.device) -> torch.dtype:
 
 
 def prepared_model(name: str, device, num_classes: int, compile: bool,
-                   mode: str = "default") -> tuple[FastNet, nn.Module]:
+                   mode: str = "default", widths: str = "") -> tuple[FastNet, nn.Module]:
     """(model, callable): the callable is the compiled model when `compile`, else the model itself."""
     device = torch.device(device)
-    key = (name, str(device), num_classes, compile, mode)
+    key = (name, str(device), num_classes, compile, mode, widths)
     if key not in _PREPARED:
         if compile:  # both presets' static graphs (each batch size, train and eval) share FastNet.forward's
             # code object, and Muon's update compiles once per filter shape: more than dynamo's default 8
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        model = FACTORIES[name](num_classes=num_classes).to(device, memory_format=torch.channels_last)
+        model = FACTORIES[name](num_classes=num_classes, **parse_widths(widths))
+        model = model.to(device, memory_format=torch.channels_last)
         model.to_training_dtype(training_dtype(device))
         # static shapes: every batch here is full-size, and a shape-generic graph would be slower
         mode = mode if device.type == "cuda" else "default"  # CUDA graphs need a GPU
@@ -106,7 +123,7 @@ def prepared_model(name: str, device, num_classes: int, compile: bool,
 
 
 # The FastConfig fields the compiled graphs depend on (static shapes, compile mode): one warm-up per value.
-GRAPH_FIELDS = ("batch_size", "compile_mode")
+GRAPH_FIELDS = ("batch_size", "compile_mode", "widths")
 
 
 def warmup(name: str, dataset: Dataset, device="cuda", compile: bool = True, **overrides) -> None:
@@ -182,7 +199,7 @@ def train_fast(name: str, dataset: Dataset, *, seed: int = 0, device="cuda", com
     if _warm:
         _WARMED.add(warm_key)
     dtype = training_dtype(device)
-    model, net = prepared_model(name, device, dataset.num_classes, compile, cfg.compile_mode)
+    model, net = prepared_model(name, device, dataset.num_classes, compile, cfg.compile_mode, cfg.widths)
     torch.manual_seed(seed)
     model.reset()
 
