@@ -4,9 +4,9 @@ autotuning, CUDA-graph capture), time a second epoch plainly, then profile a thi
     torchrun --standalone --nproc-per-node 4 scripts/profile_train_step.py --preset resnet18-cifar \
         --batch-size 1024 --compile --compile-mode reduce-overhead --out $OUT/prof-g4
 
-Rank 0 writes OUT.json (step times, the fraction of the epoch spent in non-NCCL kernels, top kernels and CPU ops) and OUT.trace.json.gz (a
-Chrome trace for chrome://tracing or Perfetto). `--no-optimize-ddp` turns off dynamo's DDP graph splitting
-(one compiled backward, the gradient all-reduce after it) for comparison.
+Rank 0 writes OUT.json (step times, the share of the epoch spent in non-NCCL kernels, top kernels and CPU
+ops) and OUT.trace.json.gz (a Chrome trace for chrome://tracing or Perfetto). `--no-optimize-ddp` turns off
+dynamo's DDP graph splitting (one compiled backward, the gradient all-reduce after it) for comparison.
 """
 
 from __future__ import annotations
