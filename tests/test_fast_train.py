@@ -54,6 +54,20 @@ def test_widths_override_builds_that_net_and_bad_widths_are_config_errors():
             train_fast("fast94", tiny_dataset(), device="cpu", widths=bad)
 
 
+def test_warmup_runs_once_per_graph_shaping_setting(monkeypatch):
+    from cudacnn.train.fast import recipe
+
+    monkeypatch.setattr(recipe, "_WARMED", set())
+    calls = []
+    monkeypatch.setattr(recipe, "train_fast", lambda name, data, **kw: calls.append(kw.get("batch_size")))
+    data = tiny_dataset()
+    recipe.warmup("fast94", data, "cpu")
+    recipe.warmup("fast94", data, "cpu", epochs=3.0, cutout=4)  # no graph field changed: nothing to compile
+    recipe.warmup("fast94", data, "cpu", batch_size=2000)  # the preset's own value: the same key
+    recipe.warmup("fast94", data, "cpu", batch_size=500)
+    assert calls == [None, 500]
+
+
 def test_bench_overrides_are_typed():
     assert parse_overrides(["epochs=7", "cutout=12", "max_steps=None", "widths=128/384/640"]) == dict(
         epochs=7.0, cutout=12, max_steps=None, widths="128/384/640")

@@ -61,6 +61,9 @@ def test_loss_falls_and_run_folder_is_complete(tmp_path, dataset):
     assert evaluation["accuracy"] == pytest.approx(result.test_accuracy)
     model, ckpt = model_from_checkpoint(run / "checkpoints" / "best.pt")
     assert ckpt["classes"] == dataset.classes and len(ckpt["mean"]) == 3
+    assert "train_state" not in ckpt  # the evaluation weights only; resuming reads last.pt
+    assert "train_state" in load_checkpoint(run / "checkpoints" / "last.pt")
+    assert evaluation["checkpoint"] == str(run / "checkpoints" / "best.pt")
 
 
 def _final_weights(run_dir):
@@ -209,7 +212,13 @@ def test_record_preset_runs_seeds_and_summarizes(tmp_path, monkeypatch, dataset)
     assert summary["acc_min"] == min(accs) and summary["acc_mean"] == pytest.approx(sum(accs) / 2)
     model, ckpt = model_from_checkpoint(tmp_path / "rec" / "run1" / "checkpoints" / "last.pt")
     assert ckpt["model_name"] == "fast94" and ckpt["config"]["seed"] == 6
+    # the normalization the recipe trained with (fixed CIFAR-10 statistics), not this data set's own
+    from cudacnn.data import CIFAR10_MEAN, CIFAR10_STD, channel_stats
+    assert tuple(ckpt["mean"]) == CIFAR10_MEAN and tuple(ckpt["std"]) == CIFAR10_STD
+    assert not np.allclose(channel_stats(dataset.train.images)[0], CIFAR10_MEAN, atol=1e-3)
     assert json.loads((tmp_path / "rec" / "results.json").read_text())["preset"] == "fast94"
+    with pytest.raises(CudacnnError, match="already exists"):  # the same name again: a clear refusal
+        record.run_record(config, quiet=True)
 
 
 def test_out_of_memory_names_a_smaller_batch(tmp_path, dataset):

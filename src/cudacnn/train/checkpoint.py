@@ -26,16 +26,19 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
     return path
 
 
+def run_checkpoint(run_dir: str | Path) -> Path:
+    """A run folder's best checkpoint, else its last."""
+    for name in ("best.pt", "last.pt"):
+        if (Path(run_dir) / "checkpoints" / name).exists():
+            return Path(run_dir) / "checkpoints" / name
+    raise CheckpointError(f"{run_dir} holds no checkpoints/best.pt or checkpoints/last.pt; "
+                          "pass a checkpoint file or a run folder that finished an epoch")
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     path = Path(path)
-    if path.is_dir():  # a run folder: take its best checkpoint, else its last
-        for name in ("best.pt", "last.pt"):
-            if (path / "checkpoints" / name).exists():
-                path = path / "checkpoints" / name
-                break
-        else:
-            raise CheckpointError(f"{path} holds no checkpoints/best.pt or checkpoints/last.pt; "
-                                  "pass a checkpoint file or a run folder that finished an epoch")
+    if path.is_dir():
+        path = run_checkpoint(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist; pass a .pt file written by `cudacnn train`")
     try:

@@ -9,10 +9,11 @@ import statistics
 import time
 from pathlib import Path
 
-from cudacnn.data import channel_stats, load_dataset
+from cudacnn.data import load_dataset
 from cudacnn.train.checkpoint import save_checkpoint
 from cudacnn.train.config import TrainConfig, run_name, save_config
 from cudacnn.train.setup import pick_device
+from cudacnn.train.trainer import claim_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +30,9 @@ def run_record(config: TrainConfig, quiet: bool = False) -> dict:
 
     device = pick_device(config.device)
     dataset = load_dataset(config.data, cache_dir=config.cache_dir, quiet=quiet)
-    root = Path(config.out) / run_name(config)
-    root.mkdir(parents=True, exist_ok=False)
+    root = claim_run_dir(Path(config.out) / run_name(config))
+    root.mkdir(parents=True, exist_ok=True)
     save_config(config, root / "config.yaml")
-    mean, std = channel_stats(dataset.train.images)
     warmup_start = time.time()
     if device.type == "cuda" and config.compile:  # compile once here, so each run's stamps cover the run alone
         warmup(config.preset, dataset, str(device))
@@ -49,7 +49,7 @@ def run_record(config: TrainConfig, quiet: bool = False) -> dict:
         run_dir = root / f"run{index}"
         save_checkpoint(run_dir / "checkpoints" / "last.pt", {
             "model_name": config.model, "model_kwargs": config.model_kwargs, "classes": dataset.classes,
-            "mean": tuple(map(float, mean)), "std": tuple(map(float, std)), "model": result.model.state_dict(),
+            "mean": result.mean, "std": result.std, "model": result.model.state_dict(),
             "epoch": len(result.history) - 1, "config": {**config.to_dict(), **result.config, "seed": seed}})
         row["finished"] = time.time()
         (run_dir / "eval.json").write_text(json.dumps({**row, "history": result.history}, indent=2))

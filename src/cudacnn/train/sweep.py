@@ -22,6 +22,7 @@ import itertools
 import json
 import logging
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -162,12 +163,8 @@ def read_results(run_dir: Path, seed: int) -> list[dict]:
                 for row in json.loads(record.read_text())["rows"]]
     evaluation = run_dir / "eval.json"
     if evaluation.exists():
-        info = json.loads(evaluation.read_text())
-        metrics = run_dir / "metrics.jsonl"
-        train_time = info.get("train_time_s")
-        if train_time is None and metrics.exists():
-            train_time = sum(json.loads(line)["epoch_time_s"] for line in metrics.read_text().splitlines())
-        return [{"seed": seed, "test_acc": info["accuracy"], "train_time_s": train_time}]
+        info = json.loads(evaluation.read_text())  # the trainer's: it always records train_time_s
+        return [{"seed": seed, "test_acc": info["accuracy"], "train_time_s": info["train_time_s"]}]
     return []
 
 
@@ -213,8 +210,11 @@ def run_sweep(jobs: list[Job], sweep_dir: Path, workers: int, quiet: bool = Fals
         config_file = sweep_dir / "configs" / f"{job.name}.yaml"
         config_file.parent.mkdir(parents=True, exist_ok=True)
         save_config(job.config, config_file)
-        # An interrupted run continues from its checkpoint; a new one starts from its config.
+        # An interrupted run continues from its checkpoint; a new one starts from its config, and so does one
+        # that left nothing to continue from (stopped in its first epoch, or a fast-preset block of seeds).
         resume = (run_dir / "checkpoints" / "last.pt").exists() and (run_dir / "config.yaml").exists()
+        if not resume and run_dir.exists():
+            shutil.rmtree(run_dir)
         args = ["--resume", str(run_dir)] if resume else ["--config", str(config_file)]
         todo.append(job)
         commands.append([sys.executable, "-m", "cudacnn", "train", *args, "--quiet"])

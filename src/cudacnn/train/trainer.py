@@ -30,7 +30,7 @@ from cudacnn.evaluate.metrics import evaluate
 from cudacnn.models import create_model
 from cudacnn.train import distributed, setup
 from cudacnn.train.callbacks import EarlyStopping
-from cudacnn.train.checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from cudacnn.train.checkpoint import check_compatible, load_checkpoint, run_checkpoint, save_checkpoint
 from cudacnn.train.config import TrainConfig, from_dict, load_config_file, run_name, save_config
 
 log = logging.getLogger(__name__)
@@ -330,8 +330,9 @@ class Trainer:
         if self.dist.is_main:
             state = self._state(epoch)
             save_checkpoint(self.run_dir / "checkpoints" / "last.pt", state)
-            if improved:
-                save_checkpoint(self.run_dir / "checkpoints" / "best.pt", state)
+            if improved:  # weights for evaluation; resuming reads last.pt alone
+                save_checkpoint(self.run_dir / "checkpoints" / "best.pt",
+                                {k: v for k, v in state.items() if k != "train_state"})
             # Rewritten from the checkpointed history, so a resumed run never repeats or loses a line.
             write_text_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
         if not self.quiet:
@@ -346,12 +347,12 @@ class Trainer:
         from cudacnn.evaluate.plots import plot_training_curves
         from cudacnn.evaluate.report import save_evaluation, write_report
 
-        best = self.run_dir / "checkpoints" / "best.pt"
         where = self.device if not self.dist.enabled else "cpu"
 
-        def read_weights():
-            chosen = best if best.exists() else self.run_dir / "checkpoints" / "last.pt"
-            return chosen, load_checkpoint(chosen, map_location=where)
+        def read_weights():  # the weights alone travel to the other ranks, not the optimizer state
+            chosen = run_checkpoint(self.run_dir)
+            ckpt = load_checkpoint(chosen, map_location=where)
+            return chosen, {"model": ckpt["model"], "epoch": ckpt["epoch"]}
 
         chosen, weights = distributed.main_computes(read_weights)  # only rank 0 has the run folder for sure
         self.inference_model.load_state_dict(weights["model"])
@@ -389,7 +390,11 @@ def new_run_dir(config: TrainConfig) -> Path:
     name = run_name(config)
     if config.runs > 1:
         name += f"-seed{config.seed}"
-    path = Path(config.out) / name
+    return claim_run_dir(Path(config.out) / name)
+
+
+def claim_run_dir(path: Path) -> Path:
+    """`path` for a new run; refused when it already holds something (a finished or resumable run)."""
     if path.exists() and any(path.iterdir()):
         raise CudacnnError(f"run folder {path} already exists; pick another --name or continue it with --resume")
     return path
