@@ -4,6 +4,7 @@ run of every `cudacnn bench` suite. No timing is asserted: only that the numbers
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -65,8 +66,8 @@ def test_time_fn_budget_stops_after_three_repeats():
 
 def test_timer_measures_a_region():
     with Timer("cpu") as t:
-        sum(range(1000))
-    assert t.ms >= 0
+        time.sleep(0.02)
+    assert 19 <= t.ms < 1000
 
 
 def test_environment_records_machine_and_versions():
@@ -203,7 +204,10 @@ def test_bench_train_tiny(tmp_path):
     assert list(pipeline["measurements"]) == ["naive", "pipeline"]
     assert 0 <= pipeline["measurements"]["pipeline"]["accuracy"] <= 1
     assert pipeline["measurements"]["naive"]["repeats"] == 2  # one sample per epoch
-    assert pipeline["info"]["meets_target"] in (True, False)
+    measured = pipeline["measurements"]
+    assert pipeline["info"]["meets_target"] == bool(
+        pipeline["speedup"] and pipeline["speedup"] >= 30
+        and measured["pipeline"]["accuracy"] >= measured["naive"]["accuracy"])
     finite_measurements(doc)
 
 

@@ -247,6 +247,14 @@ def test_evaluate_command_writes_outputs_and_report(tiny_run, capsys):
         assert (run / name).exists(), name
 
 
+def test_evaluate_command_tta_levels(tiny_run, capsys):
+    run, cache = tiny_run["run"], tiny_run["root"] / "cache"
+    assert main(["evaluate", str(run), "--cache-dir", str(cache), "--device", "cpu", "--tta", "3"]) == 0
+    assert json.loads((run / "eval.json").read_text())["tta_level"] == 3
+    assert main(["evaluate", str(run), "--cache-dir", str(cache), "--device", "cpu", "--tta", "4"]) == 2
+    assert "--tta takes a level in (0, 1, 2, 3), got 4" in capsys.readouterr().err
+
+
 def test_evaluate_command_refuses_other_classes(tiny_run, tmp_path, capsys):
     other = tmp_path / "other"
     for split in ("train", "test"):

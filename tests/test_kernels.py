@@ -232,6 +232,13 @@ def test_cross_entropy_loss_and_grad(shape, dtype, smoothing, reduction):
     assert softmax_cross_entropy(x, t, smoothing, reduction).item() == pytest.approx(loss.item(), rel=1e-6)
 
 
+def test_cross_entropy_rejects_a_wrong_gradient_buffer():
+    x, t = randn(6, 10), torch.randint(0, 10, (6,), device=DEVICE)
+    for bad in (poisoned((6, 9), torch.float32), poisoned((6, 10), torch.float16)):
+        with pytest.raises(ValueError, match="expected"):
+            softmax_cross_entropy(x, t, return_grad=True, grad_out=bad)
+
+
 def test_cross_entropy_strided_logits():
     base = randn(12, 25) * 2
     x = base[:, ::2]  # (12, 13), column stride 2

@@ -61,6 +61,17 @@ def test_cuda_gemm_is_deterministic_and_rejects_unsupported_layouts():
         cuda_ext.cuda_gemm(x, w.t().contiguous())  # b must be the transposed view of a K-contiguous weight
     with pytest.raises(ValueError, match="cuda_gemm needs"):
         cuda_ext.cuda_gemm(x.float(), w.t().float())
+    with pytest.raises(ValueError, match="expected"):  # an out of the wrong shape is never written
+        cuda_ext.cuda_gemm(x, w.t(), out=torch.empty(513, 128, device="cuda", dtype=torch.bfloat16))
+
+
+def test_cuda_gemm_takes_a_float32_bias_with_16_bit_inputs():
+    x = torch.randn(64, 128, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(96, 128, device="cuda", dtype=torch.bfloat16) / 128 ** 0.5
+    bias = torch.randn(96, device="cuda")  # float32, as an nn.Linear kept in float32 would have
+    out = cuda_ext.cuda_gemm(x, w.t(), bias, "relu")
+    ref = reference_forward(x.double() @ w.double().t() + bias.double(), "relu")
+    assert rel_err(out, ref) < TOL[torch.bfloat16]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -72,7 +83,7 @@ def test_cuda_activations(dtype, kind, n):
     for xs, gs in ((x[:n], g[:n]), (x[1:], g[1:])):  # aligned and misaligned (scalar path)
         y = cuda_ext.cuda_activation_forward(xs, kind, out=torch.full_like(xs, float("nan")))
         assert rel_err(y, reference_forward(xs.double(), kind)) < TOL[dtype]
-        dx = cuda_ext.cuda_activation_backward(gs, xs, kind)
+        dx = cuda_ext.cuda_activation_backward(gs, xs, kind, out=torch.full_like(xs, float("nan")))
         assert rel_err(dx, reference_backward(gs.double(), xs.double(), kind)) < TOL[dtype]
 
 

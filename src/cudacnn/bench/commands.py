@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cudacnn.atomic import write_text_atomic
 from cudacnn.bench import report
 from cudacnn.bench.harness import set_threads
 from cudacnn.errors import ConfigError
@@ -307,6 +308,5 @@ def run_compare(args) -> int:
     if not rows:
         console.print("no rows in common")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report.compare_markdown(rows, str(args.a), str(args.b)))
+        write_text_atomic(args.out, report.compare_markdown(rows, str(args.a), str(args.b)))
     return 0

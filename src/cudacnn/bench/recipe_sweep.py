@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from cudacnn.atomic import write_text_atomic
 from cudacnn.bench.commands import random_subset
 from cudacnn.bench.ops import build_zoo_model
 from cudacnn.bench.train import PipelineRecipe, train_pipeline
@@ -49,8 +50,8 @@ def main(argv=None) -> None:
               f"eager epoch {run.stats.median_ms:.1f} ms", flush=True)
     best = max(results, key=lambda r: r["val_accuracy"])
     if args.json:
-        args.json.write_text(json.dumps({"epochs": args.epochs, "model": args.model, "results": results,
-                                         "best": best}, indent=2))
+        write_text_atomic(args.json, json.dumps({"epochs": args.epochs, "model": args.model, "results": results,
+                                                 "best": best}, indent=2))
     print(f"--pipeline-batch {best['batch']} --pipeline-lr {best['lr']} --pipeline-crop {best['crop']} "
           f"--pipeline-flip {best['flip']}")
 

@@ -27,6 +27,7 @@ import json
 import math
 from pathlib import Path
 
+from cudacnn.atomic import write_text_atomic
 from cudacnn.bench.harness import Stats, environment
 from cudacnn.errors import ConfigError
 
@@ -81,9 +82,7 @@ def validate(doc) -> list[str]:
 
 
 def write_json(doc: dict, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2, default=_jsonable) + "\n")
-    return path
+    return write_text_atomic(path, json.dumps(doc, indent=2, default=_jsonable) + "\n")
 
 
 def _jsonable(value):
@@ -218,6 +217,8 @@ def plot_speedups(doc: dict, path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from cudacnn.evaluate.plots import save_figure
+
     pairs = speedups(doc)
     if not pairs:
         return None
@@ -236,10 +237,7 @@ def plot_speedups(doc: dict, path: Path) -> Path | None:
     ax.set_title(f"cudacnn bench {doc['suite']} | GPU: {env.get('gpu') or 'none'} | CPU: {env.get('cpu_model')} "
                  f"({env.get('torch_threads')} threads)", fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def write_outputs(doc: dict, out_dir: Path | None, console=None) -> dict[str, Path]:
@@ -249,9 +247,7 @@ def write_outputs(doc: dict, out_dir: Path | None, console=None) -> dict[str, Pa
         return {}
     stem = Path(out_dir) / doc["suite"]
     written = {"json": write_json(doc, stem.with_suffix(".json"))}
-    md = stem.with_suffix(".md")
-    md.write_text(to_markdown(doc))
-    written["md"] = md
+    written["md"] = write_text_atomic(stem.with_suffix(".md"), to_markdown(doc))
     png = plot_speedups(doc, stem.with_suffix(".png"))
     if png:
         written["png"] = png

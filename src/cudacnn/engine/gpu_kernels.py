@@ -79,7 +79,7 @@ def col2im_kernel(dcols_ptr, dx_ptr, total, C, H, W, OH, OW, K, stride, pad,
 
 # -- pooling ------------------------------------------------------------------------------------------
 @triton.jit
-def maxpool_forward_kernel(x_ptr, out_ptr, arg_ptr, total, C, H, W, OH, OW, sxn, sxc, sxh, sxw, stride,
+def maxpool_forward_kernel(x_ptr, out_ptr, arg_ptr, total, C, OH, OW, sxn, sxc, sxh, sxw, stride,
                            KS: tl.constexpr, CL: tl.constexpr, BLOCK: tl.constexpr):
     """out = max over each KS x KS window; arg = the winner's position in its window (kh * KS + kw)."""
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)

@@ -219,7 +219,7 @@ def maxpool2d(x, k, stride):
     out = empty((n, c, oh, ow), strides=strides)
     arg = empty((n, c, oh, ow), torch.int8, strides=out.stride())
     total = out.numel()
-    _kernels().maxpool_forward_kernel[_grid(total)](x, out, arg, total, c, h, w, oh, ow, *x.stride(), stride,
+    _kernels().maxpool_forward_kernel[_grid(total)](x, out, arg, total, c, oh, ow, *x.stride(), stride,
                                                     KS=k, CL=cl, BLOCK=_block())
     return out, arg
 

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cudacnn.errors import ConfigError, DataError
+from cudacnn.evaluate.tta import TTA_LEVELS
 
 
 def add_commands(subparsers) -> None:
@@ -17,7 +18,8 @@ def add_commands(subparsers) -> None:
     ev.add_argument("checkpoint", help="checkpoint file, or a run folder (uses checkpoints/best.pt)")
     ev.add_argument("--data", help="data source (default: the one the run trained on)")
     ev.add_argument("--tta", type=int, nargs="?", const=2, default=0, metavar="LEVEL",
-                    help="test-time augmentation: 1 = mirror, 2 = mirror + 1-pixel shifts (default with --tta)")
+                    help="test-time augmentation: 1 = mirror, 2 = mirror + 1-pixel shifts (default with --tta), "
+                         "3 = mirror + all four diagonal shifts")
     ev.add_argument("--out", type=Path, help="output folder (default: the checkpoint's run folder)")
     ev.add_argument("--batch-size", type=int, default=1000)
     ev.add_argument("--device", help="cuda or cpu (default: cuda when available)")
@@ -70,8 +72,8 @@ def run_evaluate(args) -> int:
     from cudacnn.evaluate.report import save_evaluation, write_report
     from cudacnn.train.checkpoint import model_from_checkpoint
 
-    if args.tta not in (0, 1, 2):
-        raise ConfigError(f"--tta takes level 1 or 2, got {args.tta}")
+    if args.tta not in TTA_LEVELS:
+        raise ConfigError(f"--tta takes a level in {TTA_LEVELS}, got {args.tta}")
     if args.batch_size <= 0:
         raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
     device = pick_device(args.device)

@@ -14,11 +14,11 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from cudacnn.atomic import atomic_output  # noqa: E402
 
 
-def save_figure(fig, path: Path) -> Path:
+def save_figure(fig, path: Path, dpi: int = 110) -> Path:
     """Save atomically, so a reader never sees half a PNG; the figure is closed either way."""
     try:
         with atomic_output(path, ".png") as tmp:
-            fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+            fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
     finally:
         plt.close(fig)
     return Path(path)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._runtime import interpreting, tl, triton, use_triton
+from ._runtime import check_out, interpreting, tl, triton, use_triton
 
 BUILT_FOR_INTERPRETER = interpreting()
 
@@ -113,6 +113,8 @@ def softmax_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smo
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1]; got {label_smoothing}")
     R, C = logits.shape
+    if grad_out is not None:
+        check_out(grad_out, logits.shape, logits.dtype, logits.device)
     if not use_triton(logits) or logits.dtype == torch.float64 or R == 0:
         loss = reference_cross_entropy(logits, targets, label_smoothing, reduction)
         if not return_grad:

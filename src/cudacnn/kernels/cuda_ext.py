@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ._runtime import check_out
 from .activations import activation_code
 
 SOURCE_DIR = Path(__file__).parent / "cuda"
@@ -88,17 +89,18 @@ def cuda_gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None
     if not gemm_supported(a, b):
         raise ValueError("cuda_gemm needs bf16/fp16 a (M, K) row-major and b = w.t() with w (N, K) row-major, "
                          "K a multiple of 8; use kernels.gemm for other layouts")
-    M, N = a.shape[0], b.shape[1]
-    if out is None:
-        out = torch.empty((M, N), dtype=a.dtype, device=a.device)
-    if bias is not None:
-        bias = bias.contiguous()
+    out = check_out(out, (a.shape[0], b.shape[1]), a.dtype, a.device)
+    if not out.is_contiguous():
+        raise ValueError("cuda_gemm writes a contiguous out; pass none or a contiguous tensor")
+    if bias is not None:  # the kernel reads bias in a's dtype
+        bias = bias.to(a.dtype).contiguous()
     extension().gemm_tn(a, b.t(), bias, out, activation_code(activation), _stream(), variant)
     return out
 
 
 def cuda_activation_forward(x: torch.Tensor, kind: str, out: torch.Tensor | None = None) -> torch.Tensor:
     x = x.contiguous()
+    check_out(out, x.shape, x.dtype, x.device)
     y = torch.empty_like(x) if out is None or not out.is_contiguous() else out
     extension().activation_forward(x, y, activation_code(kind), _stream())
     return y if out is None or y is out else out.copy_(y)
@@ -107,6 +109,7 @@ def cuda_activation_forward(x: torch.Tensor, kind: str, out: torch.Tensor | None
 def cuda_activation_backward(grad_out: torch.Tensor, x: torch.Tensor, kind: str,
                              out: torch.Tensor | None = None) -> torch.Tensor:
     grad_out, x = grad_out.contiguous(), x.contiguous()
+    check_out(out, x.shape, x.dtype, x.device)
     dx = torch.empty_like(x) if out is None or not out.is_contiguous() else out
     extension().activation_backward(grad_out, x, dx, activation_code(kind), _stream())
     return dx if out is None or dx is out else out.copy_(dx)

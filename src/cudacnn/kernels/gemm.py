@@ -158,7 +158,9 @@ def _gemm_persistent_kernel(a_desc, b_desc, c_desc, z_desc, bias_ptr, M, N, K, B
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_tiles = num_pid_m * num_pid_n
     programs = tl.num_programs(0)
-    tile_c = tl.program_id(0) - programs  # the tile whose epilogue runs; trails tile_id by one step
+    # The epilogue's tile: always equal to tile_id, but kept as its own counter (as in Triton's persistent
+    # matmul) so the epilogue does not depend on the loop variable the pipeliner advances for the loads.
+    tile_c = tl.program_id(0) - programs
     for tile_id in tl.range(tl.program_id(0), num_tiles, programs, flatten=True):
         pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
         acc = _tma_dot(a_desc, b_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, K, B_IS_NK, INPUT_PRECISION, UPCAST,

@@ -23,8 +23,12 @@ BACKENDS = ("torch", "triton", "cuda")
 NEEDS_PRE_ACTIVATION = ("gelu", "gelu_tanh", "silu")
 
 
+CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the CUDA C++ kernels are built for
+
+
 def _use_cuda(backend: str, t: Tensor) -> bool:
-    return backend == "cuda" and t.is_cuda and _cuda.cuda_available()
+    """The CUDA C++ kernels run this tensor; otherwise the Triton / reference path does (float64 included)."""
+    return backend == "cuda" and t.is_cuda and t.dtype in CUDA_DTYPES and _cuda.cuda_available()
 
 
 def _empty(like: Tensor) -> Tensor:
@@ -114,7 +118,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: st
 
 @torch.library.custom_op("cudacnn::activation", mutates_args=())
 def _activation(x: Tensor, kind: str, backend: str) -> Tensor:
-    if _use_cuda(backend, x) and x.dtype != torch.float64:
+    if _use_cuda(backend, x):
         return _cuda.cuda_activation_forward(x, kind)
     return _act.activation_forward(x, kind)
 
@@ -126,7 +130,7 @@ def _(x, kind, backend):
 
 @torch.library.custom_op("cudacnn::activation_backward", mutates_args=())
 def _activation_backward(grad_y: Tensor, x: Tensor, kind: str, backend: str) -> Tensor:
-    if _use_cuda(backend, x) and x.dtype != torch.float64:
+    if _use_cuda(backend, x):
         return _cuda.cuda_activation_backward(grad_y, x, kind)
     return _act.activation_backward(grad_y, x, kind)
 

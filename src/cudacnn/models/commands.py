@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from rich.console import Console
 from rich.table import Table
-from torch.utils.flop_counter import FlopCounterMode
 
 from cudacnn.models.registry import create_model, list_models
 
@@ -19,6 +18,7 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 def count_flops(model: torch.nn.Module, image_size: int = 32) -> int:
     """FLOPs of one forward pass on a 1x3xSxS input (convs and matmuls, 2 FLOPs per multiply-add)."""
+    from torch.utils.flop_counter import FlopCounterMode  # heavy: only `cudacnn models` needs it
     was_training = model.training
     model.eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:

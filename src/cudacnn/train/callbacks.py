@@ -7,16 +7,15 @@ from dataclasses import asdict, dataclass
 
 @dataclass
 class EarlyStopping:
-    """Stop when validation accuracy has not improved by more than min_delta for `patience` epochs."""
+    """Stop when validation accuracy has not improved for `patience` epochs."""
 
     patience: int
-    min_delta: float = 0.0
     best: float = float("-inf")
     bad_epochs: int = 0
 
     def update(self, value: float) -> bool:
         """Record an epoch's value; True when it is a new best."""
-        if value > self.best + self.min_delta:
+        if value > self.best:
             self.best, self.bad_epochs = value, 0
             return True
         self.bad_epochs += 1

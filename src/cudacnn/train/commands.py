@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 from cudacnn.errors import ConfigError
-from cudacnn.train.config import TrainConfig, resolve
+from cudacnn.train.config import DIST_TIMEOUT_S, TrainConfig, resolve
 from cudacnn.train.presets import DEFAULT_PRESET, FAST_PRESETS, PRESETS
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def add_parallel_flags(parser) -> None:
     group = parser.add_argument_group("several GPUs (see docs/multigpu.md)")
     group.add_argument("--gpus", type=int, default=1, help="processes on this host, one per GPU (CPU processes "
                        "with --device cpu): data-parallel training, or with --runs R, R runs spread over them")
-    group.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
+    group.add_argument("--dist-timeout", type=float, default=DIST_TIMEOUT_S, metavar="SECONDS",
                        help="a collective operation waiting longer than this ends the job (a dead or hung rank)")
 
 

@@ -99,6 +99,9 @@ class TrainConfig:
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
 
+DIST_TIMEOUT_S = 300.0  # under torchrun, a collective waiting longer than this ends the job
+
+
 def from_dict(values: dict[str, Any], base: TrainConfig | None = None, origin: str = "config") -> TrainConfig:
     unknown = sorted(set(values) - FIELDS)
     if unknown:

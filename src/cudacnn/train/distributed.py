@@ -23,13 +23,13 @@ import torch
 import torch.distributed as dist
 
 from cudacnn.data import GpuLoader
+from cudacnn.train.config import DIST_TIMEOUT_S
 from cudacnn.errors import ConfigError, CudacnnError
 
 log = logging.getLogger(__name__)
 
 # NVLink SHARP / multicast stays off on multi-GPU machines (the lent machines do not support it).
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-DEFAULT_TIMEOUT_S = 300.0
 
 
 def disable_multicast(env=None) -> None:
@@ -60,7 +60,7 @@ def from_env() -> Dist:
                 int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def init(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[Dist, torch.device]:
+def init(device: str = "auto", timeout_s: float = DIST_TIMEOUT_S) -> tuple[Dist, torch.device]:
     """Join the process group torchrun describes in the environment; (Dist, this rank's device).
     Outside torchrun (WORLD_SIZE unset or 1) this is the single-process job and joins nothing."""
     from cudacnn.train.setup import pick_device
@@ -146,21 +146,19 @@ def broadcast_buffers(module: torch.nn.Module) -> None:
             dist.broadcast(buffer, src=0)
 
 
-def reduce_eval(result, loss_sum_dtype=torch.float64):
+def reduce_eval(result):
     """The EvalResult of the whole split from each rank's result on its shard: confusion matrices and loss
     sums are summed over ranks (accuracy, per-class metrics follow from the summed confusion matrix)."""
-    import numpy as np
-
     from cudacnn.evaluate.metrics import EvalResult
 
     if not active():
         return result
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
     cm = torch.as_tensor(result.confusion, dtype=torch.int64, device=device)
-    loss_sum = torch.tensor([result.loss * result.num_samples], dtype=loss_sum_dtype, device=device)
+    loss_sum = torch.tensor([result.loss * result.num_samples], dtype=torch.float64, device=device)
     all_reduce_sum(cm)
     all_reduce_sum(loss_sum)
-    cm_np = cm.cpu().numpy().astype(np.int64)
+    cm_np = cm.cpu().numpy()
     return EvalResult.from_confusion(cm_np, float(loss_sum) / max(int(cm_np.sum()), 1), result.classes,
                                      result.tta_level)
 

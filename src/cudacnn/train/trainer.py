@@ -31,7 +31,7 @@ from cudacnn.models import create_model
 from cudacnn.train import distributed, setup
 from cudacnn.train.callbacks import EarlyStopping
 from cudacnn.train.checkpoint import check_compatible, load_checkpoint, run_checkpoint, save_checkpoint
-from cudacnn.train.config import TrainConfig, from_dict, load_config_file, run_name, save_config
+from cudacnn.train.config import DIST_TIMEOUT_S, TrainConfig, from_dict, load_config_file, run_name, save_config
 
 log = logging.getLogger(__name__)
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -56,7 +56,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, run_dir: Path | None = None, resume: bool = False,
                  dataset: Dataset | None = None, callbacks: tuple[Callable, ...] = (), quiet: bool = False,
-                 dist_timeout_s: float = distributed.DEFAULT_TIMEOUT_S):
+                 dist_timeout_s: float = DIST_TIMEOUT_S):
         self.config, self.callbacks, self.resume = config, callbacks, resume
         self.dist, self.device = distributed.init(config.device, dist_timeout_s)
         self.quiet = quiet or not self.dist.is_main
