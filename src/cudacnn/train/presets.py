@@ -43,7 +43,7 @@ PRESETS: dict[str, dict] = {
                        val_fraction=0.0),
     },
     "smallnet-plus": {
-        "about": "SmallNet with SGD-Nesterov OneCycle, label smoothing, crop/flip/cutout, EMA, 40 epochs",
+        "about": "SmallNet with SGD-Nesterov OneCycle, label smoothing, crop/flip/cutout, 40 epochs, TTA",
         "config": dict(model="smallnet", optimizer="sgd", lr=0.2, weight_decay=5e-4, batch_size=256, epochs=40,
                        schedule="onecycle", label_smoothing=0.1, amp="bf16", crop_pad=4, flip="random",
                        cutout=8, val_fraction=0.0, tta=True),
