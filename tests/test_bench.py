@@ -70,6 +70,18 @@ def test_timer_measures_a_region():
     assert 19 <= t.ms < 1000
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without a GPU")
+def test_devices_refuses_a_missing_gpu_and_auto_takes_the_cpu():
+    import argparse
+
+    from cudacnn.bench.commands import devices
+
+    with pytest.raises(ConfigError, match="use --device cpu"):
+        devices(argparse.Namespace(device="cuda"))
+    assert devices(argparse.Namespace(device="auto")) == ["cpu"]
+    assert devices(argparse.Namespace(device="cpu")) == ["cpu"]
+
+
 def test_environment_records_machine_and_versions():
     env = environment()
     for key in ("date", "gpu", "driver", "cuda", "torch", "triton", "cpu_model", "cpu_cores", "torch_threads"):

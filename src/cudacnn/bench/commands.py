@@ -18,6 +18,7 @@ from cudacnn.atomic import write_text_atomic
 from cudacnn.bench import report
 from cudacnn.bench.harness import set_threads
 from cudacnn.errors import ConfigError
+from cudacnn.train.setup import pick_device
 
 log = logging.getLogger(__name__)
 SUITES = ("loader", "ops", "train", "kernels")
@@ -109,12 +110,10 @@ def add_loader_options(p) -> None:
 
 # -- helpers
 def devices(args) -> list[str]:
-    has_gpu = torch.cuda.is_available()
-    if args.device == "cuda" and not has_gpu:
-        raise ConfigError("--device cuda asked for, but PyTorch sees no CUDA GPU; use --device cpu or auto")
+    """`auto`: the CPU and, when there is one, the GPU (the suites compare them); else the one asked for."""
     if args.device != "auto":
-        return [args.device]
-    return ["cpu", "cuda"] if has_gpu else ["cpu"]
+        return [str(pick_device(args.device))]
+    return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
 
 
 def command_line() -> str:

@@ -30,6 +30,7 @@ from pathlib import Path
 from cudacnn.atomic import write_text_atomic
 from cudacnn.bench.harness import Stats, environment
 from cudacnn.errors import ConfigError
+from cudacnn.tables import fmt, md_table
 
 SCHEMA = "cudacnn.bench"
 SCHEMA_VERSION = 1
@@ -124,14 +125,6 @@ def fmt_measurement(m: dict | None) -> str:
     return text
 
 
-def fmt_value(value) -> str:
-    if isinstance(value, bool) or value is None:
-        return str(value)
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
 def fmt_speedup(speedup) -> str:
     return "-" if speedup is None else f"{speedup:.3g}x"
 
@@ -156,7 +149,7 @@ def tables(doc: dict) -> list[tuple[str, list[str], list[list[str]]]]:
             title = group + ("" if not notes else "  (" + "; ".join(sorted(notes)) + ")")
         else:  # one column per key any row has, in first-seen order
             header = list(dict.fromkeys(k for r in rows for k in r if k != "group"))
-            body = [[fmt_value(r[k]) if k in r else "" for k in header] for r in rows]
+            body = [[fmt(r[k]) if k in r else "" for k in header] for r in rows]
             title = group
         out.append((title, header, body))
     return out
@@ -180,14 +173,8 @@ def to_markdown(doc: dict) -> str:
     for title, header, body in tables(doc):
         if title:
             lines += [f"### {title}", ""]
-        lines += markdown_table(header, body) + [""]
+        lines += [md_table(header, body), ""]
     return "\n".join(lines)
-
-
-def markdown_table(header: list[str], body: list[list[str]]) -> list[str]:
-    """The lines of a markdown table; a '|' inside a cell becomes '/' so it cannot split the cell."""
-    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
-            *("| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in body)]
 
 
 def print_tables(doc: dict, console=None) -> None:
@@ -283,11 +270,11 @@ def compare(a: dict, b: dict) -> list[dict]:
 
 def compare_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     header = ["name", "value", "A", "B", "A / B"]
-    body = [[r["name"], r["value"], *(fmt_ms(v) if r["is_ms"] else fmt_value(v) for v in (r["a"], r["b"])),
+    body = [[r["name"], r["value"], *(fmt_ms(v) if r["is_ms"] else fmt(v) for v in (r["a"], r["b"])),
              "-" if r["ratio"] is None else f"{r['ratio']:.3g}"] for r in rows]
     return header, body
 
 
 def compare_markdown(rows: list[dict], a_name: str, b_name: str) -> str:
-    lines = [f"A: {a_name}  ", f"B: {b_name}", "", *markdown_table(*compare_table(rows))]
+    lines = [f"A: {a_name}  ", f"B: {b_name}", "", md_table(*compare_table(rows))]
     return "\n".join(lines) + "\n"

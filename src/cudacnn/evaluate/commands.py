@@ -11,6 +11,7 @@ from rich.table import Table
 
 from cudacnn.errors import ConfigError, DataError
 from cudacnn.evaluate.tta import TTA_LEVELS
+from cudacnn.train import setup
 
 
 def add_commands(subparsers) -> None:
@@ -45,11 +46,10 @@ def add_commands(subparsers) -> None:
 
 
 def pick_device(name: str | None, default_cuda: bool = True) -> torch.device:
+    """No --device: the GPU if there is one (or the CPU when `default_cuda` is off); else as the trainer."""
     if name is None:
         return torch.device("cuda" if default_cuda and torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name} asked for, but no CUDA GPU is visible; use --device cpu")
-    return torch.device(name)
+    return setup.pick_device(name)
 
 
 def run_folder_of(checkpoint: str | Path) -> Path:

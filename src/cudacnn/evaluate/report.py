@@ -14,6 +14,7 @@ import yaml
 from cudacnn.errors import DataError
 from cudacnn.atomic import atomic_output, write_text_atomic
 from cudacnn.evaluate.plots import plot_confusion, plot_training_curves
+from cudacnn.tables import fmt, md_table
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -85,16 +86,6 @@ def html_table(header: list[str], rows: list[list]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def md_table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def fmt(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def evaluation_tables(evaluation: dict) -> list[tuple[str, list[str], list[list]]]:

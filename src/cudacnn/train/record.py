@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import statistics
 import time
 from pathlib import Path
 
@@ -13,16 +12,10 @@ from cudacnn.data import load_dataset
 from cudacnn.train.checkpoint import save_checkpoint
 from cudacnn.train.config import TrainConfig, run_name, save_config
 from cudacnn.train.setup import pick_device
+from cudacnn.train.sweep import summarize
 from cudacnn.train.trainer import claim_run_dir
 
 log = logging.getLogger(__name__)
-
-
-def summarize(rows: list[dict]) -> dict:
-    accs = [r["test_acc"] for r in rows]
-    times = [r["train_time_s"] for r in rows]
-    return {"runs": len(rows), "acc_mean": statistics.fmean(accs), "acc_min": min(accs), "acc_max": max(accs),
-            "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "time_median_s": statistics.median(times)}
 
 
 def run_record(config: TrainConfig, quiet: bool = False) -> dict:
@@ -56,10 +49,11 @@ def run_record(config: TrainConfig, quiet: bool = False) -> dict:
         if not quiet:
             log.info("run %d (seed %d): test accuracy %.4f (TTA), %.4f plain, %.3f s", index, seed,
                      result.test_acc, result.test_acc_plain, result.train_time_s)
-    summary = {"preset": config.preset, "device": str(device), "data": dataset.source, **summarize(rows),
+    stats = summarize([{**row, "setting": config.preset} for row in rows])[0]  # the sweep's statistics
+    summary = {"preset": config.preset, "device": str(device), "data": dataset.source, **stats,
                "warmup_s": warmup_s, "rows": rows}
     (root / "results.json").write_text(json.dumps(summary, indent=2))
     log.info("%s over %d runs: accuracy mean %.4f (min %.4f, max %.4f), median time %.3f s; %s",
              config.preset, summary["runs"], summary["acc_mean"], summary["acc_min"], summary["acc_max"],
-             summary["time_median_s"], root / "results.json")
+             summary["train_time_median_s"], root / "results.json")
     return summary

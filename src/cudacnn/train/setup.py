@@ -17,13 +17,15 @@ log = logging.getLogger(__name__)
 
 
 def pick_device(name: str) -> torch.device:
+    """`auto`: the GPU when PyTorch sees one, else the CPU with a warning; a named GPU that is not there is a
+    ConfigError saying how to run anyway."""
     if name == "cpu":
         return torch.device("cpu")
     if torch.cuda.is_available():
         return torch.device("cuda" if name == "auto" else name)
     if name != "auto":
         raise ConfigError(f"--device {name} asked for a GPU but PyTorch sees none; use --device cpu")
-    log.warning("warning: no CUDA GPU found; training on the CPU (slow)")
+    log.warning("warning: no CUDA GPU found; running on the CPU (slow)")
     return torch.device("cpu")
 
 

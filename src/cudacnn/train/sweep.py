@@ -34,6 +34,7 @@ from pathlib import Path
 import yaml
 
 from cudacnn.errors import ConfigError, CudacnnError
+from cudacnn.tables import md_table
 from cudacnn.train.config import TrainConfig, from_dict, load_config_file, resolve, run_name, save_config
 from cudacnn.train.distributed import disable_multicast, put_package_on_pythonpath
 
@@ -186,14 +187,12 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def markdown_table(table: list[dict]) -> str:
-    lines = ["| setting | runs | failed | accuracy mean | std | min | max | median train time (s) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for e in table:
-        def fmt(key, spec=".4f"):
-            return format(e[key], spec) if key in e else "-"
-        lines.append(f"| {e['setting']} | {e['runs']} | {e['failed']} | {fmt('acc_mean')} | {fmt('acc_std')} | "
-                     f"{fmt('acc_min')} | {fmt('acc_max')} | {fmt('train_time_median_s', '.1f')} |")
-    return "\n".join(lines) + "\n"
+    def cell(entry, key, spec=".4f"):
+        return format(entry[key], spec) if key in entry else "-"
+
+    header = ["setting", "runs", "failed", "accuracy mean", "std", "min", "max", "median train time (s)"]
+    return md_table(header, [[e["setting"], e["runs"], e["failed"], *(cell(e, k) for k in ("acc_mean", "acc_std", "acc_min", "acc_max")),
+                              cell(e, "train_time_median_s", ".1f")] for e in table]) + "\n"
 
 
 # ---------------------------------------------------------------------- the sweep
