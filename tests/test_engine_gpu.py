@@ -13,6 +13,7 @@ from cudacnn.engine import cpu_ops
 from cudacnn.engine import gpu_ops as G
 
 ON_GPU = torch.cuda.is_available()  # without a GPU the kernels run under Triton's interpreter (conftest.py)
+pytestmark = pytest.mark.usefixtures("triton_interpreter")  # so G.matmul & co. never fall back to torch
 rng = np.random.default_rng(0)
 
 

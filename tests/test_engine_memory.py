@@ -110,10 +110,10 @@ def test_fragmentation_statistic():
     assert pool.stats()["fragmentation"] == 0.0
 
 
-def test_steady_training_loop_takes_no_new_slab_after_the_first_iteration():
+def test_steady_training_loop_takes_no_new_slab_after_the_first_iteration(monkeypatch):
     from cudacnn.engine import memory
 
-    memory._pool = MemoryPool(memory.gpu_device(), slab_bytes=1 << 20)  # a fresh pool to count on
+    monkeypatch.setattr(memory, "_pool", MemoryPool(memory.gpu_device(), slab_bytes=1 << 20))  # a fresh one
     gnn.manual_seed(0)
     model = gnn.Sequential([gnn.Conv2d(3, 4, 3), gnn.BatchNorm2d(4), gnn.ReLU(), gnn.MaxPool2d(2), gnn.Flatten(),
                             gnn.Dropout(0.2), gnn.Linear(4 * 3 * 3, 5), gnn.Softmax()]).to("cuda")

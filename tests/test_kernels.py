@@ -162,6 +162,7 @@ def test_gemm_backward_matches_autograd(activation):
     reference_forward(a64 @ b64 + bias64, activation).backward(g.double())
     for ours, ref in ((ga, a64.grad), (gb, b64.grad), (gbias, bias64.grad)):
         assert rel_err(ours, ref) < 1e-5
+    assert gb.t().is_contiguous()  # an nn.Linear weight's (N, K) gradient without another copy
 
 
 def test_column_sum():

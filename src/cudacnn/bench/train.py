@@ -155,24 +155,26 @@ class GraphedStep:
         self.lr = lr
         snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
         lr.zero_()  # warm-up steps change no weight (lr 0); BN statistics and moments are reset below
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                opt.zero_grad(set_to_none=True)
-                step_fn(self.x, self.y)
-        torch.cuda.current_stream().wait_stream(side)
-        opt.zero_grad(set_to_none=True)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.loss = step_fn(self.x, self.y)
-        with torch.no_grad():
-            for k, v in model.state_dict().items():
-                v.copy_(snapshot[k])
-            for state in opt.state.values():
-                for value in state.values():
-                    if torch.is_tensor(value):
-                        value.zero_()
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    opt.zero_grad(set_to_none=True)
+                    step_fn(self.x, self.y)
+            torch.cuda.current_stream().wait_stream(side)
+            opt.zero_grad(set_to_none=True)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.loss = step_fn(self.x, self.y)
+        finally:  # also when capture fails: the eager fallback must start from the same model
+            with torch.no_grad():
+                for k, v in model.state_dict().items():
+                    v.copy_(snapshot[k])
+                for state in opt.state.values():
+                    for value in state.values():
+                        if torch.is_tensor(value):
+                            value.zero_()
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
         self.x.copy_(x)

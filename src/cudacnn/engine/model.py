@@ -185,15 +185,19 @@ class Sequential(Layer):
         return history
 
     # -- weights ------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, np.ndarray]:
-        state = {name: self.ops.to_numpy(p.data).copy() for name, p in self.parameters().items()}
+    def _weights(self) -> dict:
+        """Every parameter and buffer on its backend, by state-dict name."""
+        weights = {name: p.data for name, p in self.parameters().items()}
         for i, layer in enumerate(self.layers):
             for name in layer.buffers:
-                state[f"{i}.{name}"] = self.ops.to_numpy(getattr(layer, name)).copy()
-        return state
+                weights[f"{i}.{name}"] = getattr(layer, name)
+        return weights
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {name: self.ops.to_numpy(value).copy() for name, value in self._weights().items()}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        expected = self.state_dict()
+        expected = self._weights()  # names and shapes only: nothing leaves the device
         missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         if missing or unexpected:
             raise CheckpointError(f"weights do not match this model: missing {missing}, unexpected {unexpected}; "
@@ -202,11 +206,8 @@ class Sequential(Layer):
             if tuple(value.shape) != tuple(expected[name].shape):
                 raise CheckpointError(f"weight {name} has shape {tuple(value.shape)} in the file but "
                                       f"{tuple(expected[name].shape)} in the model; same architecture?")
-        params = self.parameters()
-        for name, value in state.items():
-            index, attr = name.split(".", 1)  # "<layer>.<parameter or buffer>"
-            target = params[name].data if name in params else getattr(self.layers[int(index)], attr)
-            self.ops.copy_into(target, np.asarray(value, np.float32))
+        for name, value in state.items():  # in place: the optimizer and the kernels hold these very arrays
+            self.ops.copy_into(expected[name], np.asarray(value, np.float32))
 
     def save(self, path) -> None:
         np.savez(path, **self.state_dict())

@@ -87,7 +87,8 @@ def _ce_kernel(x_ptr, t_ptr, g_ptr, partial_ptr, R, C, stride_r, stride_c, g_str
                 tl.store(g_row + c[None, :] * g_stride_c, (g * grad_scale).to(g_ptr.dtype.element_ty), mask=mask)
 
     loss = row_max + tl.log(row_sum) - on_target * x_target - off_target * x_total
-    tl.store(partial_ptr + tl.program_id(0), tl.sum(tl.where(row_ok, loss, 0.0), axis=0))
+    # scaled here as the gradient is (1/R for a mean), so the host's sum of the partials is the loss
+    tl.store(partial_ptr + tl.program_id(0), tl.sum(tl.where(row_ok, loss, 0.0), axis=0) * grad_scale)
 
 
 def _tile(C: int) -> tuple[int, int, int]:
@@ -131,5 +132,5 @@ def softmax_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smo
                               grad.stride(0), grad.stride(1), float(label_smoothing), scale,
                               WRITE_GRAD=return_grad, SINGLE_TILE=C <= block_c, BLOCK_R=block_r,
                               BLOCK_C=block_c, num_warps=warps)
-    loss = partial.sum() * scale
+    loss = partial.sum()
     return (loss, grad) if return_grad else loss

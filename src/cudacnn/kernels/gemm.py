@@ -427,6 +427,8 @@ def gemm_backward(grad_out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, save
     else:
         grad_z = activation_backward(grad_out, saved, activation)
     grad_a = gemm(grad_z, b.t(), allow_tf32=allow_tf32) if needs_a else None
-    grad_b = gemm(a.t(), grad_z, allow_tf32=allow_tf32) if needs_b else None
+    # computed as (grad_z^T a)^T: a (K, N) view of a row-major (N, K) result, which is what an nn.Linear weight's
+    # gradient needs, so the caller's .t().contiguous() copies nothing
+    grad_b = gemm(grad_z.t(), a, allow_tf32=allow_tf32).t() if needs_b else None
     grad_bias = column_sum(grad_z) if has_bias else None
     return grad_a, grad_b, grad_bias

@@ -66,7 +66,7 @@ def _linear_backward(grad_y: Tensor, x: Tensor, weight: Tensor, saved: Tensor, a
         activation = "none"
     gx, gw_t, gb = _gemm_backward_fn(grad_y, x, weight.t(), saved, activation, has_bias, allow_tf32,
                                        needs_a=needs_x, needs_b=needs_w)
-    # gemm_backward returns d(w^T) (K, N); the weight's gradient is its transpose, made contiguous.
+    # gemm_backward returns d(w^T) (K, N) as the transposed view of a row-major (N, K): its .t() is contiguous.
     return (gx if needs_x else _empty(x), gw_t.t().contiguous() if needs_w else _empty(x),
             gb if has_bias else _empty(x))
 
