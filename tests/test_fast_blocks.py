@@ -142,3 +142,33 @@ def test_fast_nets_shapes_and_identity_init(name, width):
     assert torch.all(w[:, :, 1, 1].diagonal() == 1) and w[0, :, 1, 1].sum() == 1  # dirac init
     frozen = [n for n, p in net.named_parameters() if not p.requires_grad]
     assert "whiten.weight" in frozen and all("norms" in n or n == "whiten.weight" for n in frozen)
+
+
+def test_proxy_filter_keeps_the_hardest_examples_and_learns_only_when_asked():
+    from cudacnn.train.fast.filtering import ProxyFilter
+
+    torch.manual_seed(0)
+    proxy = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 10))
+    sgd = torch.optim.SGD(proxy.parameters(), lr=0.1)
+    images, labels = torch.randn(40, 3, 4, 4), torch.randint(0, 10, (40,))
+    with torch.no_grad():
+        losses = torch.nn.functional.cross_entropy(proxy(images), labels, label_smoothing=0.2, reduction="none")
+    hardest = set(losses.argsort(descending=True)[:15].tolist())
+    keep = ProxyFilter(proxy, proxy, [sgd], keep=15, label_smoothing=0.2)
+
+    before = [p.clone() for p in proxy.parameters()]
+    kept_images, kept_labels = keep(images, labels, learn=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, proxy.parameters()))  # ranking only
+    rows = {int(i) for i in (kept_images.flatten(1)[:, None, :] == images.flatten(1)[None]).all(-1).nonzero()[:, 1]}
+    assert rows == hardest and kept_images.shape == (15, 3, 4, 4)
+    order = [int((images.flatten(1) == x.flatten()).all(-1).nonzero()) for x in kept_images]
+    assert torch.equal(kept_labels, labels[order])  # each kept image keeps its own label
+
+    keep(images, labels, learn=True)  # one SGD step on the summed loss of the hardest 15
+    manual = [p.detach().clone().requires_grad_() for p in before]
+    logits = images.flatten(1) @ manual[0].T + manual[1]
+    loss = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.2, reduction="none")
+    loss[sorted(hardest)].sum().backward()
+    for p, m in zip(proxy.parameters(), manual):
+        torch.testing.assert_close(p, m.detach() - 0.1 * m.grad)
+    assert all(p.grad is None for p in proxy.parameters())  # gradients cleared for the next step

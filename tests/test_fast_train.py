@@ -6,6 +6,7 @@ import torch
 
 from cudacnn.data import Dataset, GpuLoader, Split
 from cudacnn.errors import ConfigError
+from cudacnn.models.fast import FastNet
 from cudacnn.train.fast import train_fast
 from cudacnn.train.fast.bench import parse_overrides
 
@@ -87,16 +88,16 @@ def test_train_fast_compiled_on_gpu():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_timed_path_never_waits_on_the_host(monkeypatch):
+@pytest.mark.parametrize("overrides", [{}, {"keep_fraction": 0.5}], ids=["plain", "filtered"])
+def test_timed_path_never_waits_on_the_host(monkeypatch, overrides):
     """Between the whitening init and the timer's stop, any implicit device->host sync raises."""
-    from cudacnn.models.fast import FastNet
     from cudacnn.train.fast import recipe
 
     data = tiny_dataset(4000, 2000)
-    recipe.warmup("fast94", data, "cuda")  # compiling may sync; do it outside the strict region
+    recipe.warmup("fast94", data, "cuda", **overrides)  # compiling may sync; do it outside the strict region
     # one plain run too: CUDA-graph trees may record a graph for a path the warm-up did not take (recording
     # syncs); the strict run below checks the steady state every later timed run is in
-    train_fast("fast94", data, device="cuda", log=lambda *_: None, epochs=2, whiten_images=2000)
+    train_fast("fast94", data, device="cuda", log=lambda *_: None, epochs=2, whiten_images=2000, **overrides)
     init_whiten, stop = FastNet.init_whiten, recipe.DeviceTimer.stop
 
     def init_then_strict(self, *args, **kwargs):
@@ -110,7 +111,33 @@ def test_timed_path_never_waits_on_the_host(monkeypatch):
     monkeypatch.setattr(FastNet, "init_whiten", init_then_strict)
     monkeypatch.setattr(recipe.DeviceTimer, "stop", relax_then_stop)
     try:
-        result = train_fast("fast94", data, device="cuda", log=lambda *_: None, epochs=2, whiten_images=2000)
+        result = train_fast("fast94", data, device="cuda", log=lambda *_: None, epochs=2, whiten_images=2000,
+                            **overrides)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert result.history[-1]["step"] == 4
+
+
+def test_filtered_run_trains_on_the_kept_part_with_its_own_proxy(monkeypatch):
+    """keep_fraction < 1: each step learns from the kept part of the batch (8 of 32), ranked by a
+    fast94-style proxy of proxy_widths that shares the main net's whitening filters."""
+    from cudacnn.train.fast import recipe
+
+    made, calls = [], []
+    make = recipe.make_proxy_filter
+    monkeypatch.setattr(recipe, "make_proxy_filter", lambda *a, **k: made.append(make(*a, **k)) or made[-1])
+    main_forward = FastNet.forward
+    monkeypatch.setattr(FastNet, "forward", lambda self, x: calls.append((self.head.in_features, len(x)))
+                        or main_forward(self, x))
+    result = train_fast("fast94", tiny_dataset(), seed=1, device="cpu", compile=False, log=lambda *_: None,
+                        batch_size=32, epochs=2, max_steps=3, whiten_images=64, keep_fraction=0.25,
+                        proxy_widths="8/8/16")
+    assert result.history[-1]["step"] == 3 and np.isfinite(result.history[-1]["train_loss"])
+    proxy = made[0].model
+    assert proxy.head.in_features == 16 and made[0].keep == 8
+    assert calls[:6] == [(16, 32), (256, 8)] * 3  # each step: the proxy ranks 32, the main net learns from 8
+    torch.testing.assert_close(proxy.whiten.weight, result.model.whiten.weight)
+    assert recipe.examples_per_step(recipe.resolve_config("fast96", dict(keep_fraction=0.5))) == 1000
+    for bad in (dict(keep_fraction=0.0), dict(keep_fraction=1.5), dict(proxy_learn_every=0)):
+        with pytest.raises(ConfigError):
+            train_fast("fast94", tiny_dataset(), device="cpu", **bad)

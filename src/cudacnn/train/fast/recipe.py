@@ -21,6 +21,7 @@ from cudacnn.data import CIFAR10_MEAN, CIFAR10_STD, Augment, Dataset, GpuLoader
 from cudacnn.errors import ConfigError
 from cudacnn.evaluate.tta import TTA_LEVELS, predict_tta
 from cudacnn.models.fast import FastNet, fast94, fast96
+from cudacnn.train.fast.filtering import ProxyFilter
 from cudacnn.train.fast.lookahead import Lookahead
 from cudacnn.train.fast.muon import Muon
 
@@ -45,6 +46,9 @@ class FastConfig:
     lookahead_every: int = 0        # 0 = off; else sync every k steps, decay 0.95^k * (step/total)^3
     compile_mode: str = "default"   # torch.compile mode of the net: default | reduce-overhead | max-autotune...
     widths: str = ""                # the conv groups' widths as "A/B/C"; "" keeps the model's own
+    keep_fraction: float = 1.0      # < 1: train on the hardest part of each batch, ranked by a proxy net
+    proxy_widths: str = "32/64/64"  # the proxy: a fast94-style net of these widths (filtering.py)
+    proxy_learn_every: int = 4      # the proxy learns from every k-th batch (and ranks them all)
     max_steps: int | None = None    # cut training short (smoke tests)
 
 
@@ -78,7 +82,17 @@ def resolve_config(name: str, overrides: dict) -> FastConfig:
         raise ConfigError(f"unknown option(s) {sorted(unknown)} for preset '{name}'; known: {sorted(known)}")
     cfg = replace(PRESETS[name], **overrides)
     parse_widths(cfg.widths)
+    parse_widths(cfg.proxy_widths)
+    if not 0.0 < cfg.keep_fraction <= 1.0:
+        raise ConfigError(f"keep_fraction must be in (0, 1], got {cfg.keep_fraction}")
+    if cfg.proxy_learn_every < 1:
+        raise ConfigError(f"proxy_learn_every must be a positive integer, got {cfg.proxy_learn_every}")
     return cfg
+
+
+def examples_per_step(cfg: FastConfig) -> int:
+    """How many examples each optimizer step learns from: the batch, or its kept part when filtering."""
+    return max(1, round(cfg.batch_size * cfg.keep_fraction))
 
 
 def parse_widths(text: str) -> dict:
@@ -125,7 +139,7 @@ def prepared_model(name: str, device, num_classes: int, compile: bool,
 
 
 # The FastConfig fields the compiled graphs depend on (static shapes, compile mode): one warm-up per value.
-GRAPH_FIELDS = ("batch_size", "compile_mode", "widths")
+GRAPH_FIELDS = ("batch_size", "compile_mode", "widths", "keep_fraction", "proxy_widths")
 _WARMED: set[tuple] = set()  # warm-up keys done in this process
 
 
@@ -173,7 +187,7 @@ class DeviceTimer:
 
 
 def make_optimizers(model: FastNet, cfg: FastConfig, compile: bool = False) -> tuple[torch.optim.Optimizer, Muon]:
-    wd = cfg.wd_per_example * cfg.batch_size
+    wd = cfg.wd_per_example * examples_per_step(cfg)
     norm_biases = [m.bias for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     groups = [dict(params=[model.whiten.bias], lr=cfg.bias_lr, weight_decay=wd / cfg.bias_lr),
               dict(params=norm_biases, lr=cfg.bias_lr, weight_decay=wd / cfg.bias_lr),
@@ -193,6 +207,23 @@ def set_lr_scale(groups, scale: float) -> None:
         group["lr"] = group["initial_lr"] * scale
 
 
+def schedule(sgd, muon, step: int, total_steps: int, whiten_steps: int) -> None:
+    """Linear decay to zero over the run; the whitening bias decays over its own short span, then stays
+    frozen."""
+    set_lr_scale(sgd.param_groups[1:] + muon.param_groups, 1 - step / total_steps)
+    set_lr_scale(sgd.param_groups[:1], max(0.0, 1 - step / whiten_steps))
+
+
+def make_proxy_filter(cfg: FastConfig, device, num_classes: int, compile: bool) -> ProxyFilter | None:
+    """The hard-example filter of a run (fresh proxy weights), or None when keep_fraction is 1."""
+    if cfg.keep_fraction >= 1.0:
+        return None
+    proxy, proxy_net = prepared_model("fast94", device, num_classes, compile, cfg.compile_mode, cfg.proxy_widths)
+    proxy.reset()
+    optimizers = make_optimizers(proxy, cfg, compile=compile and device.type == "cuda")
+    return ProxyFilter(proxy, proxy_net, optimizers, examples_per_step(cfg), cfg.label_smoothing)
+
+
 def train_fast(name: str, dataset: Dataset, *, seed: int = 0, device="cuda", compile: bool = True,
                log=print, _warm: bool = False, **overrides) -> FastResult:
     """Train preset `name` ('fast94' | 'fast96') on `dataset`; `overrides` replace FastConfig fields
@@ -207,6 +238,7 @@ def train_fast(name: str, dataset: Dataset, *, seed: int = 0, device="cuda", com
     model, net = prepared_model(name, device, dataset.num_classes, compile, cfg.compile_mode, cfg.widths)
     torch.manual_seed(seed)
     model.reset()
+    proxy = make_proxy_filter(cfg, device, dataset.num_classes, compile)  # after the main net's init
 
     augment = Augment(crop_pad=cfg.crop_pad, flip="alternate", cutout=cfg.cutout)
     norm = dict(mean=CIFAR10_MEAN, std=CIFAR10_STD)  # fixed, as airbench: whatever the source
@@ -231,6 +263,8 @@ def train_fast(name: str, dataset: Dataset, *, seed: int = 0, device="cuda", com
     # a strided sample: image-folder sources store the training set sorted by class
     stride = max(1, len(train.images) // cfg.whiten_images)
     model.init_whiten(train.normalize(train.images[::stride][: cfg.whiten_images]))
+    if proxy:  # the same patches give the same whitening filters
+        proxy.model.whiten.weight.copy_(model.whiten.weight)
     lookahead = Lookahead.of_model(model) if cfg.lookahead_every else None  # slow copy after the init
     history, step = [], 0
     for epoch in range(math.ceil(total_steps / steps_per_epoch)):
@@ -241,9 +275,12 @@ def train_fast(name: str, dataset: Dataset, *, seed: int = 0, device="cuda", com
         for images, labels in train:
             if step >= total_steps:
                 break
-            set_lr_scale(sgd.param_groups[1:] + muon.param_groups, 1 - step / total_steps)
-            # the whitening bias decays to zero lr over its own short span, then stays frozen
-            set_lr_scale(sgd.param_groups[:1], max(0.0, 1 - step / whiten_steps))
+            schedule(sgd, muon, step, total_steps, whiten_steps)
+            if proxy:
+                learn = step % cfg.proxy_learn_every == 0
+                if learn:
+                    schedule(*proxy.optimizers, step, total_steps, whiten_steps)
+                images, labels = proxy(images, labels, learn)
             outputs = net(images)
             loss = F.cross_entropy(outputs, labels, label_smoothing=cfg.label_smoothing, reduction="sum")
             loss.backward()
