@@ -66,7 +66,7 @@ def test_gemm_strided_and_transposed_views(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("b_layout", ["kn", "nk"])
-@pytest.mark.parametrize("kernel", ["tma", "persistent", "persistent-ws"])
+@pytest.mark.parametrize("kernel", ["tma", "persistent"])
 def test_gemm_tma_path(dtype, b_layout, kernel, monkeypatch):
     """The Hopper TMA kernels (forced on under the interpreter): rows 16-byte aligned, edges clipped; the
     persistent one walks several tiles per program (on the CPU: 3 x 3 tiles of 16 over 4 programs)."""

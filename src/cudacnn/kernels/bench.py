@@ -124,7 +124,7 @@ def run(quick: bool = False, compile: bool = True, only: tuple[str, ...] = BENCH
     def triton_variants(fn, tf32=False):
         """(kernel name, ms, output) for each Triton GEMM kernel; a kernel that fails is reported as such."""
         results = []
-        for kernel in ("tma", "persistent", "persistent-ws") + (("pointers",) if tf32 else ()):
+        for kernel in ("tma", "persistent") + (("pointers",) if tf32 else ()):
             gemm_module._tma_failed = False
             with mock.patch.dict(os.environ, {"CUDACNN_GEMM_KERNEL": kernel}):
                 ms = _time(fn)
@@ -136,8 +136,7 @@ def run(quick: bool = False, compile: bool = True, only: tuple[str, ...] = BENCH
 
     def chosen_config(kernel, dtype) -> str:
         """The config the autotuner picked for the last GEMM of this kernel and dtype."""
-        name = {"tma": "_gemm_tma", "persistent": "_gemm_persistent",
-                "persistent-ws": "_gemm_persistent_ws"}.get(kernel.split()[0], "_gemm")
+        name = {"tma": "_gemm_tma", "persistent": "_gemm_persistent"}.get(kernel.split()[0], "_gemm")
         tuner = getattr(gemm_module, name + ("_32bit" if dtype == torch.float32 else "_16bit"), None)
         return str(getattr(tuner, "best_config", ""))
 

@@ -150,12 +150,12 @@ def _gemm_persistent_kernel(a_desc, b_desc, c_desc, z_desc, bias_ptr, M, N, K, B
                             HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr,
                             INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            GROUP_M: tl.constexpr, EPILOGUE_SPLIT: tl.constexpr,
-                            WARP_SPECIALIZE: tl.constexpr = False):
+                            GROUP_M: tl.constexpr, EPILOGUE_SPLIT: tl.constexpr):
     """The TMA GEMM as a persistent kernel: one program per SM walks the output tiles (the launcher sizes
     the grid; the kernel strides by it); the flattened loop lets the compiler pipeline the next tile's loads
-    under this tile's epilogue (bias, activation). WARP_SPECIALIZE asks Triton for producer (TMA) and
-    consumer (MMA + epilogue) warps instead, the loop unflattened as its warp-specialisation pass needs."""
+    under this tile's epilogue (bias, activation). Triton 3.6's warp specialisation of this loop
+    (`warp_specialize=True`, producer and consumer warps) failed to compile for 16-bit inputs on an H200 and
+    gained nothing for TF32 (benchmarks/kernels.md, run 6)."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_tiles = num_pid_m * num_pid_n
@@ -163,8 +163,7 @@ def _gemm_persistent_kernel(a_desc, b_desc, c_desc, z_desc, bias_ptr, M, N, K, B
     # The epilogue's tile: always equal to tile_id, but kept as its own counter (as in Triton's persistent
     # matmul) so the epilogue does not depend on the loop variable the pipeliner advances for the loads.
     tile_c = tl.program_id(0) - programs
-    for tile_id in tl.range(tl.program_id(0), num_tiles, programs, flatten=not WARP_SPECIALIZE,
-                            warp_specialize=WARP_SPECIALIZE):
+    for tile_id in tl.range(tl.program_id(0), num_tiles, programs, flatten=True):
         pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
         acc = _tma_dot(a_desc, b_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, K, B_IS_NK, INPUT_PRECISION, UPCAST,
                        BLOCK_M, BLOCK_N, BLOCK_K)
@@ -184,20 +183,18 @@ def _set_tma_blocks(nargs):
     nargs["z_desc"].block_shape = [bm, store_n]
 
 
-def _config(bm, bn, bk, stages, warps, group=8, pre_hook=None, split=None, ws=False):
+def _config(bm, bn, bk, stages, warps, group=8, pre_hook=None, split=None):
     meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group}
     if split is not None:  # TMA kernels only
         meta["EPILOGUE_SPLIT"] = split
-    if ws:  # the persistent kernel only
-        meta["WARP_SPECIALIZE"] = True
     return triton.Config(meta, num_stages=stages, num_warps=warps, pre_hook=pre_hook)
 
 
-def _configs(*shapes, tma=False, ws=False):
+def _configs(*shapes, tma=False):
     """(BLOCK_M, BLOCK_N, BLOCK_K, stages, warps[, epilogue split]) -> autotune configs; the TMA kernels' also
     set their descriptors' block shapes."""
     if tma:
-        return [_config(*shape[:5], pre_hook=_set_tma_blocks, split=shape[5] if len(shape) > 5 else 1, ws=ws)
+        return [_config(*shape[:5], pre_hook=_set_tma_blocks, split=shape[5] if len(shape) > 5 else 1)
                 for shape in shapes]
     return [_config(*shape) for shape in shapes]
 
@@ -225,23 +222,16 @@ _gemm_tma_32bit = triton.autotune(
 # A split epilogue frees 32 KB of shared memory: 128x256 tiles then fit a fourth stage (16-bit), and 128x256x32
 # TF32 tiles fit at all (the TF32 winner on an H200, benchmarks/kernels.md run 5). Two programs per SM (one
 # warpgroup each, so one's epilogue could overlap the other's loop) were tried in run 5, never chosen.
-_PERSISTENT_16BIT = ((128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (256, 128, 64, 3, 8),
-                     (128, 256, 64, 3, 8, 2), (128, 256, 64, 4, 8, 2), (256, 128, 64, 3, 8, 2))
-_PERSISTENT_32BIT = ((128, 256, 32, 3, 8), (128, 128, 32, 4, 8), (128, 128, 64, 3, 8),
-                     (128, 256, 32, 3, 8, 2), (256, 128, 32, 3, 8, 2), (128, 128, 32, 5, 8, 2))
-_gemm_persistent_16bit = triton.autotune(configs=_configs(*_PERSISTENT_16BIT, tma=True),
-                                         key=_TMA_KEY)(_gemm_persistent_kernel)
-_gemm_persistent_32bit = triton.autotune(configs=_configs(*_PERSISTENT_32BIT, tma=True),
-                                         key=_TMA_KEY)(_gemm_persistent_kernel)
-# Warp-specialised persistent kernels ("persistent-ws"): the same tiles with 4 warps a consumer group as well.
-_WS_EXTRA = ((128, 256, 64, 3, 4), (128, 128, 64, 4, 4))
-_gemm_persistent_ws_16bit = triton.autotune(configs=_configs(*_PERSISTENT_16BIT, *_WS_EXTRA, tma=True, ws=True),
-                                            key=_TMA_KEY)(_gemm_persistent_kernel)
-_gemm_persistent_ws_32bit = triton.autotune(configs=_configs(*_PERSISTENT_32BIT, tma=True, ws=True),
-                                            key=_TMA_KEY)(_gemm_persistent_kernel)
+_gemm_persistent_16bit = triton.autotune(
+    configs=_configs((128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (256, 128, 64, 3, 8),
+                     (128, 256, 64, 3, 8, 2), (128, 256, 64, 4, 8, 2), (256, 128, 64, 3, 8, 2), tma=True),
+    key=_TMA_KEY)(_gemm_persistent_kernel)
+_gemm_persistent_32bit = triton.autotune(
+    configs=_configs((128, 256, 32, 3, 8), (128, 128, 32, 4, 8), (128, 128, 64, 3, 8),
+                     (128, 256, 32, 3, 8, 2), (256, 128, 32, 3, 8, 2), (128, 128, 32, 5, 8, 2), tma=True),
+    key=_TMA_KEY)(_gemm_persistent_kernel)
 
-# Which kernel a TMA-eligible GEMM runs: "tma", "persistent", "persistent-ws" (warp-specialised) or "pointers"
-# (CUDACNN_GEMM_KERNEL overrides).
+# Which kernel a TMA-eligible GEMM runs: "tma", "persistent", or "pointers" (CUDACNN_GEMM_KERNEL overrides).
 # Persistent won on an H200 (benchmarks/kernels.md): 0.99x cuBLAS bf16 4096^3 against 0.87x for "tma".
 DEFAULT_KERNEL = "persistent"
 
@@ -310,9 +300,7 @@ def _launch_tma(a, b, c, bias, z, meta):
     descs = [TensorDescriptor.from_tensor(t, placeholder) for t in (a, b_rows, c, z if z is not None else c)]
     args = (*descs, bias if bias is not None else c, M, N, K)
     meta = dict(meta, B_IS_NK=b_is_nk)
-    choice = kernel_choice()
-    persistent = choice.startswith("persistent")
-    ws = choice == "persistent-ws"
+    persistent = kernel_choice() == "persistent"
     sms = _num_sms(a.device)
 
     def grid(m):
@@ -322,16 +310,12 @@ def _launch_tma(a, b, c, bias, z, meta):
     if not _autotuning():
         blocks, options = _fixed_config(a.dtype)
         blocks["EPILOGUE_SPLIT"] = FIXED_EPILOGUE_SPLIT
-        if ws:
-            blocks["WARP_SPECIALIZE"] = True
         _set_tma_blocks({"a_desc": descs[0], "b_desc": descs[1], "c_desc": descs[2], "z_desc": descs[3],
                          "B_IS_NK": b_is_nk, **blocks})
         kernel = _gemm_persistent_kernel if persistent else _gemm_tma_kernel
         kernel[grid(blocks)](*args, **meta, **blocks, **options)
         return
-    if ws:
-        kernel = _gemm_persistent_ws_32bit if a.dtype == torch.float32 else _gemm_persistent_ws_16bit
-    elif persistent:
+    if persistent:
         kernel = _gemm_persistent_32bit if a.dtype == torch.float32 else _gemm_persistent_16bit
     else:
         kernel = _gemm_tma_32bit if a.dtype == torch.float32 else _gemm_tma_16bit
@@ -339,7 +323,7 @@ def _launch_tma(a, b, c, bias, z, meta):
 
 
 def kernel_path(a, b, c, z, allow_tf32) -> str:
-    """Which kernel a GEMM runs: "tma", "persistent", "persistent-ws" or "pointers". Full-precision float32 always takes the
+    """Which kernel a GEMM runs: "tma", "persistent" or "pointers". Full-precision float32 always takes the
     pointer kernel with its CUDA-core configs: an ieee tl.dot runs on FMA units, where the TMA kernels' large
     tensor-core tiles spill registers (the engine's 1024^2 matmul ran 2.7x slower than cuBLAS there)."""
     if a.dtype == torch.float32 and not allow_tf32:

@@ -23,7 +23,7 @@ class ProxyFilter:
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, learn: bool):
         """The `keep` examples of the batch with the highest proxy loss, as (images, labels); with `learn`,
         the proxy also takes one optimizer step on that selection (its summed loss, as the main net's)."""
-        with torch.set_grad_enabled(learn):
+        with torch.set_grad_enabled(learn), torch.profiler.record_function("proxy_filter"):
             losses = F.cross_entropy(self.net(images), labels, label_smoothing=self.label_smoothing,
                                      reduction="none")
             hard = losses.detach().topk(self.keep, sorted=False).indices
