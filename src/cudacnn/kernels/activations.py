@@ -110,7 +110,7 @@ def _normal_cdf_fast(x):
 
 @triton.jit
 def _act_fwd(x, KIND: tl.constexpr, FAST: tl.constexpr = False):
-    """x is float32; FAST: the output is 16-bit (see _erf_fast)."""
+    """x is float32; FAST: the output is 16-bit (see _normal_cdf_fast)."""
     y = x
     if KIND == 1:
         y = tl.maximum(x, 0.0)
