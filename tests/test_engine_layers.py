@@ -247,6 +247,9 @@ def test_profile_prints_a_row_per_layer(capsys):
     rows = model.profile(x, np.array([0, 1, 2, 3]), repeats=2)
     assert [r["layer"].split()[0] for r in rows] == ["0", "1", "2", "3", "4"]  # the final Softmax is fused
     assert all(r["forward_ms"] >= 0 and r["backward_ms"] >= 0 for r in rows)
+    assert rows[0]["forward_ms"] > 0 and rows[0]["backward_ms"] > 0  # the conv's im2col + GEMM take time
+    assert [r["params"] for r in rows] == [4 * 3 * 3 * 3 + 4, 0, 0, 0, 36 * 5 + 5]
+    assert [tuple(r["output"]) for r in rows] == [(4, 4, 6, 6), (4, 4, 6, 6), (4, 4, 3, 3), (4, 36), (4, 5)]
     assert rows[0]["kept_mib"] > 0  # im2col columns and the output stay for backward
     assert "backward ms" in capsys.readouterr().out
 
