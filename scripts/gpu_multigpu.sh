@@ -45,6 +45,7 @@ for SET in $R18_SETS; do
       compile) FLAGS+=" --compile"; TAG+="-compile" ;;
       graphs) FLAGS+=" --compile --compile-mode reduce-overhead"; TAG+="-graphs" ;;
       lr=*) FLAGS+=" --lr ${OPT#lr=}"; TAG+="-lr${OPT#lr=}" ;;
+      *) echo "unknown option '$OPT' in R18_SETS (known: compile, graphs, lr=X)" >&2; exit 2 ;;
     esac
   done
   for G in 1 2 4; do

@@ -7,6 +7,7 @@ autotuning, CUDA-graph capture), time a second epoch plainly, then profile a thi
 Rank 0 writes OUT.json (step times, the share of the epoch spent in non-NCCL kernels, top kernels and CPU
 ops) and OUT.trace.json.gz (a Chrome trace for chrome://tracing or Perfetto). `--no-optimize-ddp` turns off
 dynamo's DDP graph splitting (one compiled backward, the gradient all-reduce after it) for comparison.
+Flags left out keep the preset's values (`--no-compile` turns compilation off).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
+from cudacnn.train import distributed
 from cudacnn.train.config import resolve
 from cudacnn.train.trainer import Trainer, make_progress
 
@@ -63,9 +65,10 @@ def top_cpu_ops(prof, limit: int = 15) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="resnet18-cifar")
-    parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--compile-mode", default="default")
+    # unset flags keep the preset's own values
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--compile-mode", default=None)
     parser.add_argument("--no-optimize-ddp", action="store_true")
     parser.add_argument("--data", default=".data/cifar10-jpeg.tar.gz")
     parser.add_argument("--cache-dir", default=None)
@@ -78,17 +81,20 @@ def main() -> None:
                                             compile_mode=args.compile_mode, data=args.data,
                                             cache_dir=args.cache_dir, epochs=3, out=str(scratch)))
     trainer = Trainer(config, run_dir=scratch, quiet=True)
-    warm = timed_epoch(trainer, 0)
-    plain = timed_epoch(trainer, 1)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        profiled = timed_epoch(trainer, 2)
+    try:
+        warm = timed_epoch(trainer, 0)
+        plain = timed_epoch(trainer, 1)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            profiled = timed_epoch(trainer, 2)
+    finally:
+        distributed.shutdown()
     if trainer.dist.is_main:
         result = {"args": vars(args), "world_size": trainer.dist.world_size, "warm_up_epoch": warm,
                   "plain_epoch": plain, "profiled_epoch": profiled,
                   **kernel_summary(prof, profiled["epoch_s"]), "top_cpu_ops": top_cpu_ops(prof)}
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+        Path(f"{out}.json").write_text(json.dumps(result, indent=2))
         trace = scratch / "trace.json"
         prof.export_chrome_trace(str(trace))
         with open(trace, "rb") as src, gzip.open(f"{out}.trace.json.gz", "wb") as dst:

@@ -149,12 +149,13 @@ def test_proxy_filter_keeps_the_hardest_examples_and_learns_only_when_asked():
 
     torch.manual_seed(0)
     proxy = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 10))
-    sgd = torch.optim.SGD(proxy.parameters(), lr=0.1)
+    weight, bias = proxy[1].weight, proxy[1].bias
+    optimizers = [torch.optim.SGD([weight], lr=0.1), torch.optim.SGD([bias], lr=0.3)]  # as the recipe's two
     images, labels = torch.randn(40, 3, 4, 4), torch.randint(0, 10, (40,))
     with torch.no_grad():
         losses = torch.nn.functional.cross_entropy(proxy(images), labels, label_smoothing=0.2, reduction="none")
     hardest = set(losses.argsort(descending=True)[:15].tolist())
-    keep = ProxyFilter(proxy, proxy, [sgd], keep=15, label_smoothing=0.2)
+    keep = ProxyFilter(proxy, proxy, optimizers, keep=15, label_smoothing=0.2)
 
     before = [p.clone() for p in proxy.parameters()]
     kept_images, kept_labels = keep(images, labels, learn=False)
@@ -164,11 +165,11 @@ def test_proxy_filter_keeps_the_hardest_examples_and_learns_only_when_asked():
     order = [int((images.flatten(1) == x.flatten()).all(-1).nonzero()) for x in kept_images]
     assert torch.equal(kept_labels, labels[order])  # each kept image keeps its own label
 
-    keep(images, labels, learn=True)  # one SGD step on the summed loss of the hardest 15
+    keep(images, labels, learn=True)  # one step of each optimizer on the summed loss of the hardest 15
     manual = [p.detach().clone().requires_grad_() for p in before]
     logits = images.flatten(1) @ manual[0].T + manual[1]
     loss = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.2, reduction="none")
     loss[sorted(hardest)].sum().backward()
-    for p, m in zip(proxy.parameters(), manual):
-        torch.testing.assert_close(p, m.detach() - 0.1 * m.grad)
+    for p, m, lr in zip(proxy.parameters(), manual, (0.1, 0.3)):
+        torch.testing.assert_close(p, m.detach() - lr * m.grad)
     assert all(p.grad is None for p in proxy.parameters())  # gradients cleared for the next step

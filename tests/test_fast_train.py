@@ -70,7 +70,9 @@ def test_warmup_runs_once_per_graph_shaping_setting(monkeypatch):
     recipe.warmup("fast94", data, "cpu", epochs=3.0, cutout=4)  # no graph field changed: nothing to compile
     recipe.warmup("fast94", data, "cpu", batch_size=2000)  # the preset's own value: the same key
     recipe.warmup("fast94", data, "cpu", batch_size=500)
-    assert calls == [None, 500]
+    recipe.warmup("fast94", data, "cpu", muon_momentum=0.7)  # a constant in Muon's compiled update
+    recipe.warmup("fast94", data, "cpu", compile=False)
+    assert calls == [None, 500, None, None]
 
 
 def test_bench_overrides_are_typed():
@@ -90,7 +92,8 @@ def test_train_fast_compiled_on_gpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("overrides", [{}, {"keep_fraction": 0.5}], ids=["plain", "filtered"])
 def test_timed_path_never_waits_on_the_host(monkeypatch, overrides):
-    """Between the whitening init and the timer's stop, any implicit device->host sync raises."""
+    """Between the whitening init and the timer's last stop (training and the TTA evaluation), any implicit
+    device->host sync raises."""
     from cudacnn.train.fast import recipe
 
     data = tiny_dataset(4000, 2000)
@@ -105,7 +108,8 @@ def test_timed_path_never_waits_on_the_host(monkeypatch, overrides):
         torch.cuda.set_sync_debug_mode("error")
 
     def relax_then_stop(self):
-        torch.cuda.set_sync_debug_mode(0)
+        if len(self.spans) == 2:  # the second span is the TTA evaluation: strict through it too
+            torch.cuda.set_sync_debug_mode(0)
         stop(self)
 
     monkeypatch.setattr(FastNet, "init_whiten", init_then_strict)
@@ -119,25 +123,45 @@ def test_timed_path_never_waits_on_the_host(monkeypatch, overrides):
 
 
 def test_filtered_run_trains_on_the_kept_part_with_its_own_proxy(monkeypatch):
-    """keep_fraction < 1: each step learns from the kept part of the batch (8 of 32), ranked by a
-    fast94-style proxy of proxy_widths that shares the main net's whitening filters."""
+    """keep_fraction < 1: each step the main net learns from exactly the examples the proxy kept (8 of 32);
+    the proxy learns every proxy_learn_every-th step, is its own net even at the main net's widths, and
+    shares the main net's whitening filters."""
     from cudacnn.train.fast import recipe
+    from cudacnn.train.fast.filtering import ProxyFilter
 
-    made, calls = [], []
-    make = recipe.make_proxy_filter
+    made, kept, learned, main_inputs = [], [], [], []
+    make, select = recipe.make_proxy_filter, ProxyFilter.__call__
     monkeypatch.setattr(recipe, "make_proxy_filter", lambda *a, **k: made.append(make(*a, **k)) or made[-1])
+
+    def recording_select(self, images, labels, learn):
+        learned.append(learn)
+        kept.append(select(self, images, labels, learn))
+        return kept[-1]
+
+    monkeypatch.setattr(ProxyFilter, "__call__", recording_select)
     main_forward = FastNet.forward
-    monkeypatch.setattr(FastNet, "forward", lambda self, x: calls.append((self.head.in_features, len(x)))
-                        or main_forward(self, x))
+
+    def recording_forward(self, x):
+        if self is not made[0].model:
+            main_inputs.append(x.clone())
+        return main_forward(self, x)
+
+    monkeypatch.setattr(FastNet, "forward", recording_forward)
     result = train_fast("fast94", tiny_dataset(), seed=1, device="cpu", compile=False, log=lambda *_: None,
                         batch_size=32, epochs=2, max_steps=3, whiten_images=64, keep_fraction=0.25,
-                        proxy_widths="8/8/16")
+                        widths="8/8/16", proxy_widths="8/8/16")
     assert result.history[-1]["step"] == 3 and np.isfinite(result.history[-1]["train_loss"])
     proxy = made[0].model
     assert proxy.head.in_features == 16 and made[0].keep == 8
-    assert calls[:6] == [(16, 32), (256, 8)] * 3  # each step: the proxy ranks 32, the main net learns from 8
+    main, _ = recipe.prepared_model("fast94", "cpu", 10, False, "reduce-overhead", "8/8/16")
+    assert proxy is not main  # same preset and widths, yet two nets
+    assert learned == [True, False, True]  # proxy_learn_every defaults to 2
+    assert len(main_inputs) >= 3 and all(torch.equal(x, k[0]) for x, k in zip(main_inputs, kept))
     torch.testing.assert_close(proxy.whiten.weight, result.model.whiten.weight)
     assert recipe.examples_per_step(recipe.resolve_config("fast96", dict(keep_fraction=0.5))) == 1000
-    for bad in (dict(keep_fraction=0.0), dict(keep_fraction=1.5), dict(proxy_learn_every=0)):
-        with pytest.raises(ConfigError):
-            train_fast("fast94", tiny_dataset(), device="cpu", **bad)
+    for bad, message in ((dict(keep_fraction=0.0), r"keep_fraction must be in \(0, 1\]"),
+                         (dict(keep_fraction=1.5), r"keep_fraction must be in \(0, 1\]"),
+                         (dict(proxy_learn_every=0), "proxy_learn_every must be a positive integer"),
+                         (dict(tta_level=5), "tta_level must be one of")):
+        with pytest.raises(ConfigError, match=message):
+            train_fast("fast94", tiny_dataset(), device="cpu", batch_size=32, **bad)

@@ -8,6 +8,7 @@ import logging
 import time
 from pathlib import Path
 
+from cudacnn.atomic import write_text_atomic
 from cudacnn.data import load_dataset
 from cudacnn.train.checkpoint import save_checkpoint
 from cudacnn.train.config import TrainConfig, run_name, save_config
@@ -45,14 +46,14 @@ def run_record(config: TrainConfig, quiet: bool = False) -> dict:
             "mean": result.mean, "std": result.std, "model": result.model.state_dict(),
             "epoch": len(result.history) - 1, "config": {**config.to_dict(), **result.config, "seed": seed}})
         row["finished"] = time.time()
-        (run_dir / "eval.json").write_text(json.dumps({**row, "history": result.history}, indent=2))
+        write_text_atomic(run_dir / "eval.json", json.dumps({**row, "history": result.history}, indent=2))
         if not quiet:
             log.info("run %d (seed %d): test accuracy %.4f (TTA), %.4f plain, %.3f s", index, seed,
                      result.test_acc, result.test_acc_plain, result.train_time_s)
     stats = summarize([{**row, "setting": config.preset} for row in rows])[0]  # the sweep's statistics
     summary = {"preset": config.preset, "device": str(device), "data": dataset.source, **stats,
                "warmup_s": warmup_s, "rows": rows}
-    (root / "results.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(root / "results.json", json.dumps(summary, indent=2))  # the sweep's completion marker
     log.info("%s over %d runs: accuracy mean %.4f (min %.4f, max %.4f), median time %.3f s; %s",
              config.preset, summary["runs"], summary["acc_mean"], summary["acc_min"], summary["acc_max"],
              summary["train_time_median_s"], root / "results.json")

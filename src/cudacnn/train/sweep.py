@@ -33,6 +33,7 @@ from pathlib import Path
 
 import yaml
 
+from cudacnn.atomic import write_text_atomic
 from cudacnn.errors import ConfigError, CudacnnError
 from cudacnn.tables import md_table
 from cudacnn.train.config import TrainConfig, from_dict, load_config_file, resolve, run_name, save_config
@@ -243,9 +244,9 @@ def run_sweep(jobs: list[Job], sweep_dir: Path, workers: int, quiet: bool = Fals
     table = summarize(rows)
     summary = {"sweep": str(sweep_dir), "workers": len(envs), "wall_time_s": wall, "settings": table,
                "runs": rows, "date": datetime.now().isoformat(timespec="seconds")}
-    (sweep_dir / "results.json").write_text(json.dumps(summary, indent=2))
-    (sweep_dir / "results.md").write_text(f"# Sweep {sweep_dir.name}\n\n{len(jobs)} runs on {len(envs)} "
-                                          f"worker(s), {wall:.1f} s wall time.\n\n" + markdown_table(table))
+    write_text_atomic(sweep_dir / "results.json", json.dumps(summary, indent=2))
+    write_text_atomic(sweep_dir / "results.md", f"# Sweep {sweep_dir.name}\n\n{len(jobs)} runs on {len(envs)} "
+                                                f"worker(s), {wall:.1f} s wall time.\n\n" + markdown_table(table))
     if not quiet:
         print(markdown_table(table))
     failed = [r for r in rows if r["status"] == "failed"]

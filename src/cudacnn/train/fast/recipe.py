@@ -47,6 +47,7 @@ class FastConfig:
     compile_mode: str = "default"   # torch.compile mode of the net: default | reduce-overhead | max-autotune...
     widths: str = ""                # the conv groups' widths as "A/B/C"; "" keeps the model's own
     keep_fraction: float = 1.0      # < 1: train on the hardest part of each batch, ranked by a proxy net
+    #                                 (the logged train loss/accuracy are then the kept part's)
     proxy_widths: str = "32/64/64"  # the proxy: a fast94-style net of these widths (filtering.py)
     proxy_learn_every: int = 2      # the proxy learns from every k-th batch (and ranks them all); 4 lost 0.6 points
     max_steps: int | None = None    # cut training short (smoke tests)
@@ -87,6 +88,8 @@ def resolve_config(name: str, overrides: dict) -> FastConfig:
         raise ConfigError(f"keep_fraction must be in (0, 1], got {cfg.keep_fraction}")
     if cfg.proxy_learn_every < 1:
         raise ConfigError(f"proxy_learn_every must be a positive integer, got {cfg.proxy_learn_every}")
+    if cfg.tta_level not in TTA_LEVELS:
+        raise ConfigError(f"tta_level must be one of {TTA_LEVELS}, got {cfg.tta_level}")
     return cfg
 
 
@@ -121,10 +124,11 @@ def training_dtype(device: torch.device) -> torch.dtype:
 
 
 def prepared_model(name: str, device, num_classes: int, compile: bool,
-                   mode: str = "default", widths: str = "") -> tuple[FastNet, nn.Module]:
-    """(model, callable): the callable is the compiled model when `compile`, else the model itself."""
+                   mode: str = "default", widths: str = "", role: str = "main") -> tuple[FastNet, nn.Module]:
+    """(model, callable): the callable is the compiled model when `compile`, else the model itself.
+    `role` keeps a filtering run's proxy apart from a main net of the same preset and widths."""
     device = torch.device(device)
-    key = (name, str(device), num_classes, compile, mode, widths)
+    key = (name, str(device), num_classes, compile, mode, widths, role)
     if key not in _PREPARED:
         if compile:  # both presets' static graphs (each batch size, train and eval) share FastNet.forward's
             # code object, and Muon's update compiles once per filter shape: more than dynamo's default 8
@@ -138,8 +142,9 @@ def prepared_model(name: str, device, num_classes: int, compile: bool,
     return _PREPARED[key]
 
 
-# The FastConfig fields the compiled graphs depend on (static shapes, compile mode): one warm-up per value.
-GRAPH_FIELDS = ("batch_size", "compile_mode", "widths", "keep_fraction", "proxy_widths")
+# The FastConfig fields the compiled graphs depend on (static shapes, compile mode, and Muon's momentum, a
+# constant inside its compiled update): one warm-up per value.
+GRAPH_FIELDS = ("batch_size", "compile_mode", "widths", "keep_fraction", "proxy_widths", "muon_momentum")
 _WARMED: set[tuple] = set()  # warm-up keys done in this process
 
 
@@ -149,7 +154,7 @@ def warmup(name: str, dataset: Dataset, device="cuda", compile: bool = True, **o
     once per preset, device and value of those, later calls return at once."""
     graph = {k: v for k, v in overrides.items() if k in GRAPH_FIELDS}
     cfg = resolve_config(name, graph)
-    key = (name, str(torch.device(device)), dataset.num_classes, *(getattr(cfg, k) for k in GRAPH_FIELDS))
+    key = (name, str(torch.device(device)), dataset.num_classes, compile, *(getattr(cfg, k) for k in GRAPH_FIELDS))
     if key in _WARMED:
         return
     train_fast(name, dataset, seed=12345, device=device, compile=compile, log=lambda *_: None,
@@ -187,15 +192,17 @@ class DeviceTimer:
 
 
 def make_optimizers(model: FastNet, cfg: FastConfig, compile: bool = False) -> tuple[torch.optim.Optimizer, Muon]:
+    """SGD-Nesterov for the biases and head, Muon for the conv filters (its update compiled when `compile`
+    and on a GPU)."""
     wd = cfg.wd_per_example * examples_per_step(cfg)
     norm_biases = [m.bias for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     groups = [dict(params=[model.whiten.bias], lr=cfg.bias_lr, weight_decay=wd / cfg.bias_lr),
               dict(params=norm_biases, lr=cfg.bias_lr, weight_decay=wd / cfg.bias_lr),
               dict(params=[model.head.weight], lr=cfg.head_lr, weight_decay=wd / cfg.head_lr)]
-    fused = next(model.parameters()).device.type == "cuda"
-    sgd = torch.optim.SGD(groups, momentum=cfg.sgd_momentum, nesterov=True, fused=fused)
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    sgd = torch.optim.SGD(groups, momentum=cfg.sgd_momentum, nesterov=True, fused=on_gpu)
     filters = [p for p in model.parameters() if p.ndim == 4 and p.requires_grad]
-    muon = Muon(filters, lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=True, compiled=compile)
+    muon = Muon(filters, lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=True, compiled=compile and on_gpu)
     for opt in (sgd, muon):
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
@@ -218,9 +225,10 @@ def make_proxy_filter(cfg: FastConfig, device, num_classes: int, compile: bool) 
     """The hard-example filter of a run (fresh proxy weights), or None when keep_fraction is 1."""
     if cfg.keep_fraction >= 1.0:
         return None
-    proxy, proxy_net = prepared_model("fast94", device, num_classes, compile, cfg.compile_mode, cfg.proxy_widths)
+    proxy, proxy_net = prepared_model("fast94", device, num_classes, compile, cfg.compile_mode, cfg.proxy_widths,
+                                      role="proxy")
     proxy.reset()
-    optimizers = make_optimizers(proxy, cfg, compile=compile and device.type == "cuda")
+    optimizers = make_optimizers(proxy, cfg, compile=compile)
     return ProxyFilter(proxy, proxy_net, optimizers, examples_per_step(cfg), cfg.label_smoothing)
 
 
@@ -256,7 +264,7 @@ def train_fast(name: str, dataset: Dataset, *, seed: int = 0, device="cuda", com
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
     whiten_steps = max(1, math.ceil(cfg.whiten_bias_epochs * steps_per_epoch))
-    sgd, muon = make_optimizers(model, cfg, compile=compile and device.type == "cuda")
+    sgd, muon = make_optimizers(model, cfg, compile=compile)
 
     timer = DeviceTimer(device)
     timer.start()
