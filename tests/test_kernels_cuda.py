@@ -113,7 +113,9 @@ def test_triton_cross_entropy_wide_rows(dtype):
     ref = F.cross_entropy(x64, t, label_smoothing=0.1)
     ref.backward()
     assert abs(loss.item() - ref.item()) <= 1e-5 * max(1.0, abs(ref.item()))
-    assert (grad.double() - x64.grad).abs().max().item() <= 1e-2 * x64.grad.abs().max().item()
+    # elementwise: the label-smoothing share of an off-target gradient is 0.1 / 5000 / 7 = 2.9e-6, above atol
+    rtol = 1e-4 if dtype == torch.float32 else 1.6e-2  # bf16 stores the gradient to 2^-9 relative
+    torch.testing.assert_close(grad.double(), x64.grad, rtol=rtol, atol=1e-7)
 
 
 def test_triton_cross_entropy_many_rows():

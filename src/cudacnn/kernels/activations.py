@@ -97,9 +97,10 @@ def _exp2_approx(x):
 @triton.jit
 def _normal_cdf_fast(x):
     """(Phi(x), exp(-x^2 / 2)) for results rounded to bf16/fp16: Abramowitz & Stegun 7.1.26 written as
-    erfc(|x| / sqrt 2) = poly(t) exp(-x^2 / 2), |error of Phi| < 1e-7, so Phi's small tail (x < 0) keeps
-    its relative accuracy. About 14 instructions against 27 for 0.5 (1 + erf) with IEEE-style division and
-    exp: the GEMM's GELU epilogue is compute-bound."""
+    erfc(|x| / sqrt 2) = poly(t) exp(-x^2 / 2), |error of Phi| < 1e-7, with no cancellation for x < 0
+    (relative error 5e-5 at x = -3, growing in the far tail, where GELU is below 1e-20). About 14
+    instructions against 27 for 0.5 (1 + erf) with IEEE-style division and exp: the GEMM's GELU epilogue is
+    compute-bound."""
     t = _rcp_approx(1.0 + 0.23164189699792618 * tl.abs(x))  # 0.3275911 / sqrt 2
     half_poly = t * (0.127414796 + t * (-0.142248368 + t * (0.7107068705 + t * (-0.7265760135
                                                                                   + t * 0.5307027145))))
@@ -166,8 +167,9 @@ def _activation_bwd_kernel(g_ptr, x_ptr, dx_ptr, n, KIND: tl.constexpr, FAST: tl
 
 def _launch_config(kernel, kind: str, dtype: torch.dtype) -> tuple[int, int]:
     """(BLOCK, num_warps): 16 elements a thread keep enough loads in flight to saturate HBM. The exact GELU
-    forward in 16 bits is compute-heavy for its 4 bytes an element: 64 elements a thread in 4-warp programs
-    reached 0.92 of copy bandwidth on an H200 against 0.81 for (4096, 8) (benchmarks/kernels.md, sweep)."""
+    forward in 16 bits was compute-heavy for its 4 bytes an element with the earlier erf formula: 64 elements
+    a thread in 4-warp programs reached 0.92 of copy bandwidth on an H200 against 0.81 for (4096, 8)
+    (benchmarks/kernels.md, run 3's sweep; not re-swept since _normal_cdf_fast halved its instructions)."""
     if interpreting():
         return 256, 4
     if kernel is _activation_fwd_kernel and kind == "gelu" and dtype != torch.float32:

@@ -19,6 +19,8 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
+from cudacnn.atomic import write_text_atomic
+
 # Datasheet dense tensor-core peaks (TFLOP/s) and HBM bandwidth (GB/s) of the SXM parts.
 _PEAKS = {"H100": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9, "hbm": 3350.0},
           "H200": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9, "hbm": 4800.0}}
@@ -136,7 +138,8 @@ def run(quick: bool = False, compile: bool = True, only: tuple[str, ...] = BENCH
 
     def chosen_config(kernel, dtype) -> str:
         """The config the autotuner picked for the last GEMM of this kernel and dtype."""
-        name = {"tma": "_gemm_tma", "persistent": "_gemm_persistent"}.get(kernel.split()[0], "_gemm")
+        ran = "pointers" if "FAILED" in kernel else kernel  # a failed TMA kernel fell back to the pointer one
+        name = {"tma": "_gemm_tma", "persistent": "_gemm_persistent"}.get(ran, "_gemm")
         tuner = getattr(gemm_module, name + ("_32bit" if dtype == torch.float32 else "_16bit"), None)
         return str(getattr(tuner, "best_config", ""))
 
@@ -282,8 +285,10 @@ def run(quick: bool = False, compile: bool = True, only: tuple[str, ...] = BENCH
 
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, cuda {torch.version.cuda}",
           file=sys.stderr, flush=True)
-    for bench in (copy_bandwidth, cuda_gemm, triton_gemm, fused_linear_gelu, activations, gelu_launch_sweep,
-                  cross_entropy):
+    benches = (copy_bandwidth, cuda_gemm, triton_gemm, fused_linear_gelu, activations, gelu_launch_sweep,
+               cross_entropy)
+    assert tuple(b.__name__ for b in benches) == BENCHES  # the CLI's names are these functions'
+    for bench in benches:
         if bench is copy_bandwidth or bench.__name__ in only:
             _try(rows, bench)
     return rows
@@ -325,9 +330,8 @@ def main(argv=None) -> int:
         return 2
     rows = run(quick=args.quick, compile=not args.no_compile, only=only)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "cuda": torch.version.cuda, "rows": rows}, f, indent=1)
+        write_text_atomic(args.json, json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                                 "cuda": torch.version.cuda, "rows": rows}, indent=1))
     print(format_table(rows))
     return 0
 
