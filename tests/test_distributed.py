@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+import yaml
 
 from cudacnn.data import Augment, GpuLoader, Split
 from cudacnn.errors import ConfigError
@@ -296,6 +297,7 @@ def test_compiled_ddp_trains_like_eager(tmp_path):
     for name, extra in (("eager", ()), ("compiled", ("--compile",))):
         done = train_two_ranks_on_the_cpu(tmp_path, "--epochs", "2", "--name", name, *extra)
         assert done.returncode == 0, done.stderr[-3000:]
+    assert yaml.safe_load((tmp_path / "runs" / "compiled" / "config.yaml").read_text())["compile"] is True
     eager, compiled = (weights(tmp_path / "runs" / name) for name in ("eager", "compiled"))
     assert eager.keys() == compiled.keys()
     for key in eager:

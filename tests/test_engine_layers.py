@@ -3,6 +3,8 @@ differences and against PyTorch autograd, optimizers against torch.optim, traini
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -241,10 +243,25 @@ def test_save_load_round_trip(tmp_path):
         other.load(tmp_path / "nope.npz")
 
 
-def test_profile_prints_a_row_per_layer(capsys):
+def test_profile_prints_a_row_per_layer(capsys, monkeypatch):
     model = _small_cnn()
     x = np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32)
+    before = {k: p.data.copy() for k, p in model.parameters().items()}
+    conv, linear = model.layers[0], model.layers[4]
+    forwards = []
+    slow_backward, counted_forward = conv.backward, linear.forward
+
+    def backward_20ms(*args, **kwargs):  # a known cost on one layer: its row alone must show it
+        time.sleep(0.02)
+        return slow_backward(*args, **kwargs)
+
+    monkeypatch.setattr(conv, "backward", backward_20ms)
+    monkeypatch.setattr(linear, "forward", lambda h: forwards.append(1) or counted_forward(h))
     rows = model.profile(x, np.array([0, 1, 2, 3]), repeats=2)
+    assert len(forwards) == 3  # one warm-up step, then the 2 timed repeats
+    assert rows[0]["backward_ms"] >= 20 and all(r["backward_ms"] < 20 for r in rows[1:])
+    for name, p in model.parameters().items():  # profiling takes real steps but must not train the model
+        np.testing.assert_array_equal(p.data, before[name])
     assert [r["layer"].split()[0] for r in rows] == ["0", "1", "2", "3", "4"]  # the final Softmax is fused
     assert all(r["forward_ms"] >= 0 and r["backward_ms"] >= 0 for r in rows)
     assert rows[0]["forward_ms"] > 0 and rows[0]["backward_ms"] > 0  # the conv's im2col + GEMM take time

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -241,8 +242,15 @@ def test_evaluate_command_writes_outputs_and_report(tiny_run, capsys):
     assert data["accuracy"] == pytest.approx(np.trace(expected) / 12)
     assert f"test accuracy {100 * data['accuracy']:.2f}%" in out
     assert "Per-class metrics (test)" in out
-    for row in data["per_class"]:  # the terminal table shows what eval.json holds
-        assert row["class"] in out and f"{row['precision']:.3f}" in out and f"{row['recall']:.3f}" in out
+    # per class, precision = diagonal / predicted (column) total and recall = diagonal / true (row) total,
+    # computed here from the reference confusion matrix; the terminal table's row shows them in that order
+    diagonal = np.diag(expected)
+    precision = diagonal / np.maximum(expected.sum(0), 1)
+    recall = diagonal / np.maximum(expected.sum(1), 1)
+    for k, row in enumerate(data["per_class"]):
+        assert row["precision"] == pytest.approx(precision[k]) and row["recall"] == pytest.approx(recall[k])
+        line = next(line for line in out.splitlines() if re.search(rf"\W{row['class']}\W", line))
+        assert re.search(rf"{row['class']}\W+{precision[k]:.3f}\W+{recall[k]:.3f}\W", line), line
     for name in ("confusion.csv", "confusion.npy", "plots/confusion.png", "report.html", "summary.md"):
         assert (run / name).exists(), name
 
