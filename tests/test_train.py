@@ -219,6 +219,11 @@ def test_record_preset_runs_seeds_and_summarizes(tmp_path, monkeypatch, dataset)
     assert json.loads((tmp_path / "rec" / "results.json").read_text())["preset"] == "fast94"
     with pytest.raises(CudacnnError, match="already exists"):  # the same name again: a clear refusal
         record.run_record(config, quiet=True)
+    graphs = resolve("fast94", None, {"device": "cpu", "out": str(tmp_path), "name": "graphs", "compile": True,
+                                      "compile_mode": "max-autotune"})
+    with pytest.raises(CudacnnError, match="--compile-mode max-autotune does not apply to --preset fast94"):
+        record.run_record(graphs, quiet=True)
+    assert not (tmp_path / "graphs").exists()
 
 
 def test_out_of_memory_names_a_smaller_batch(tmp_path, dataset):

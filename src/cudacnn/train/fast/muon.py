@@ -46,6 +46,8 @@ class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 0.24, momentum: float = 0.6, nesterov: bool = True,
                  ns_steps: int = 5, compiled: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
+        if compiled:  # one graph per filter shape: fast96 and a filtering proxy have more than dynamo's default 8
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.update = torch.compile(muon_update, dynamic=False, fullgraph=True) if compiled else muon_update
 
     @torch.no_grad()

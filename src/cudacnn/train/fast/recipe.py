@@ -130,8 +130,8 @@ def prepared_model(name: str, device, num_classes: int, compile: bool,
     device = torch.device(device)
     key = (name, str(device), num_classes, compile, mode, widths, role)
     if key not in _PREPARED:
-        if compile:  # both presets' static graphs (each batch size, train and eval) share FastNet.forward's
-            # code object, and Muon's update compiles once per filter shape: more than dynamo's default 8
+        if compile:  # both presets' static graphs (each batch size, train and eval, the filtering proxy's)
+            # share FastNet.forward's code object: more than dynamo's default 8
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         model = FACTORIES[name](num_classes=num_classes, **parse_widths(widths))
         model = model.to(device, memory_format=torch.channels_last)
