@@ -56,6 +56,23 @@ def test_shuffle_is_a_seeded_permutation():
     assert not torch.equal(a.epoch_indices(), ib)
 
 
+def test_indexed_batches_name_each_image_and_match_plain_iteration():
+    split = make_split(40)
+    a = raw_loader(split, shuffle=True, seed=3, augment=Augment(flip="alternate"))
+    b = raw_loader(split, shuffle=True, seed=3, augment=Augment(flip="alternate"))
+    for epoch in range(2):
+        indexed, plain = list(a.indexed_batches()), list(b)
+        assert len(indexed) == len(plain) == 3
+        seen = torch.cat([idx for _, _, idx in indexed])
+        assert sorted(seen.tolist()) == list(range(40)) and not torch.equal(seen, torch.arange(40))
+        for (x, y, idx), (px, py) in zip(indexed, plain):
+            assert torch.equal(x, px) and torch.equal(y, py)  # the same epoch, with indices added
+            assert torch.equal(y, torch.from_numpy(split.labels)[idx])
+            stored = torch.from_numpy(split.images[idx.numpy()]).permute(0, 3, 1, 2).float()
+            same = (x == stored).flatten(1).all(1) | (x == stored.flip(-1)).flatten(1).all(1)
+            assert same.all()  # each batch image is its index's stored image (or its mirror)
+
+
 def test_same_seed_gives_the_same_augmented_epoch():
     split = make_split()
     aug = Augment(crop_pad=4, flip="random", cutout=8)

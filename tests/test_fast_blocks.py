@@ -176,3 +176,19 @@ def test_proxy_filter_keeps_the_hardest_examples_and_learns_only_when_asked():
     for p, m, lr in zip(proxy.parameters(), manual, (0.1, 0.3)):
         torch.testing.assert_close(p, m.detach() - lr * m.grad)
     assert all(p.grad is None for p in proxy.parameters())  # gradients cleared for the next step
+
+
+def test_last_loss_filter_ranks_by_each_examples_last_recorded_loss():
+    from cudacnn.train.fast.filtering import LastLossFilter
+
+    rank = LastLossFilter(num_examples=10, keep=3, device="cpu")
+    batch = torch.tensor([7, 2, 5, 0, 9])
+    first = batch[rank.select(batch)]
+    assert len(set(first.tolist())) == 3  # nothing recorded yet: any 3
+    rank.record(first, torch.tensor([0.5, 2.0, 1.0], dtype=torch.float16))
+    # the two never-trained examples rank above every recorded loss, then the highest recorded one
+    unseen = set(batch.tolist()) - set(first.tolist())
+    assert set(batch[rank.select(batch)].tolist()) == unseen | {int(first[1])}
+    rank.record(batch, torch.tensor([0.1, 0.9, 0.3, 0.8, 0.2]))
+    assert set(batch[rank.select(batch)].tolist()) == {2, 0, 5}
+    assert rank.last_loss.dtype == torch.float32 and torch.isinf(rank.last_loss[[1, 3, 4, 6, 8]]).all()

@@ -90,7 +90,8 @@ def test_train_fast_compiled_on_gpu():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("overrides", [{}, {"keep_fraction": 0.5}], ids=["plain", "filtered"])
+@pytest.mark.parametrize("overrides", [{}, {"keep_fraction": 0.5}, {"keep_fraction": 0.5, "rank_by": "last_loss"}],
+                         ids=["plain", "filtered", "last_loss"])
 def test_timed_path_never_waits_on_the_host(monkeypatch, overrides):
     """Between the whitening init and the timer's last stop (training and the TTA evaluation), any implicit
     device->host sync raises."""
@@ -160,8 +161,53 @@ def test_filtered_run_trains_on_the_kept_part_with_its_own_proxy(monkeypatch):
     torch.testing.assert_close(proxy.whiten.weight, result.model.whiten.weight)
     assert recipe.examples_per_step(recipe.resolve_config("fast96", dict(keep_fraction=0.5))) == 1000
     for bad, message in ((dict(keep_fraction=0.0), r"keep_fraction must be in \(0, 1\]"),
+                         (dict(rank_by="random"), "rank_by must be one of"),
                          (dict(keep_fraction=1.5), r"keep_fraction must be in \(0, 1\]"),
                          (dict(proxy_learn_every=0), "proxy_learn_every must be a positive integer"),
                          (dict(tta_level=5), "tta_level must be one of")):
         with pytest.raises(ConfigError, match=message):
             train_fast("fast94", tiny_dataset(), device="cpu", batch_size=32, **bad)
+
+
+def test_last_loss_run_trains_on_the_examples_it_ranks_hardest(monkeypatch):
+    """rank_by=last_loss: no proxy; each step the main net learns from the kept half of the batch, unseen
+    examples first, and records exactly its own per-example losses on them."""
+    from cudacnn.train.fast import recipe
+    from cudacnn.train.fast.filtering import LastLossFilter
+
+    filters, steps, main_outputs = [], [], []
+
+    class Recording(LastLossFilter):
+        def __init__(self, *args):
+            super().__init__(*args)
+            filters.append(self)
+
+        def select(self, indices):
+            hard = super().select(indices)
+            steps.append(dict(before=self.last_loss.clone(), batch=indices, kept=indices[hard]))
+            return hard
+
+        def record(self, indices, losses):
+            assert torch.equal(indices, steps[-1]["kept"])
+            steps[-1]["losses"] = losses.detach().clone()
+            super().record(indices, losses)
+
+    monkeypatch.setattr(recipe, "LastLossFilter", Recording)
+    main_forward = FastNet.forward
+    monkeypatch.setattr(FastNet, "forward", lambda self, x: main_outputs.append(main_forward(self, x)) or main_outputs[-1])
+    assert recipe.make_proxy_filter(recipe.resolve_config("fast94", dict(keep_fraction=0.5, rank_by="last_loss")),
+                                    "cpu", 10, False) is None
+    data = tiny_dataset()
+    train_fast("fast94", data, seed=2, device="cpu", compile=False, log=lambda *_: None, batch_size=32, epochs=2,
+               max_steps=3, whiten_images=64, keep_fraction=0.5, rank_by="last_loss", widths="8/8/16")
+    assert len(filters) == 1 and len(steps) == 3 and filters[0].last_loss.shape == (64,)
+    labels = torch.from_numpy(data.train.labels)
+    for step, outputs in zip(steps, main_outputs):
+        assert len(step["kept"]) == 16 and len(set(step["kept"].tolist())) == 16
+        expected = torch.nn.functional.cross_entropy(outputs, labels[step["kept"]], label_smoothing=0.2,
+                                                     reduction="none")
+        torch.testing.assert_close(step["losses"], expected.detach())
+        before, kept = step["before"], step["kept"]
+        dropped = torch.tensor(sorted(set(step["batch"].tolist()) - set(kept.tolist())))
+        assert before[kept].min() >= before[dropped].max()  # the kept half ranked highest
+    assert torch.isfinite(steps[2]["before"]).sum() == 32  # epoch 1 trained on 2 x 16 distinct examples

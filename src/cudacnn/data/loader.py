@@ -83,11 +83,12 @@ class GpuLoader:
             order = torch.arange(n, device=self.device)
         return order[self.rank * n // self.world_size:(self.rank + 1) * n // self.world_size]
 
-    def prepare_epoch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole epoch's augmented, normalized images and labels, in epoch order."""
+    def prepare_epoch(self, idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole epoch's augmented, normalized images and labels, in epoch order (`idx`: the epoch's
+        indices when the caller already drew them)."""
         # A stream distinct from the permutation's, and per rank (rank 0 keeps the single-process stream).
         gen = self._generator(stream=7919 + 104_729 * self.rank)
-        idx = self.epoch_indices()
+        idx = self.epoch_indices() if idx is None else idx
         images = self.images[idx]
         aug = self.augment
         if aug.flip == "random":
@@ -105,9 +106,15 @@ class GpuLoader:
         return out.contiguous(memory_format=memory_format)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        images, labels = self.prepare_epoch()
+        for images, labels, _ in self.indexed_batches():
+            yield images, labels
+
+    def indexed_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """One epoch as (images, labels, indices): each example's index into the split, on the device."""
+        indices = self.epoch_indices()
+        images, labels = self.prepare_epoch(indices)
         steps = len(self)
         self.epoch += 1
         for step in range(steps):
             sl = slice(step * self.batch_size, (step + 1) * self.batch_size)
-            yield images[sl], labels[sl]
+            yield images[sl], labels[sl], indices[sl]

@@ -1,8 +1,12 @@
-"""Hard-example filtering (after airbench96): a small proxy net ranks each batch by its loss, and the main
-net trains on the hardest part only.
+"""Hard-example filtering: the main net trains on the hardest part of each batch only, ranked one of two ways.
 
-The proxy reads every batch (a forward pass) and learns from its own selection every few steps, so its
-ranking improves as training goes on; the main net spends its steps on the examples it has not yet mastered.
+- ProxyFilter (after airbench96): a small proxy net reads every batch (a forward pass) and learns from its
+  own selection every few steps, so its ranking improves as training goes on.
+- LastLossFilter: each example's own loss under the main net when it last trained on it. It costs no extra
+  passes; the ranking is up to an epoch stale, and an example left out keeps its old (higher) loss, so it
+  comes back once the others' losses have fallen below it.
+
+Either way the main net spends its steps on the examples it has not yet mastered.
 """
 
 from __future__ import annotations
@@ -33,3 +37,17 @@ class ProxyFilter:
                     opt.step()
                     opt.zero_grad(set_to_none=True)
         return images[hard], labels[hard]
+
+
+class LastLossFilter:
+    def __init__(self, num_examples: int, keep: int, device):
+        # never seen ranks first: the first epoch keeps an arbitrary `keep` of each batch, the second the rest
+        self.last_loss = torch.full((num_examples,), float("inf"), device=device)
+        self.keep = keep
+
+    def select(self, indices: torch.Tensor) -> torch.Tensor:
+        """Positions in the batch of the `keep` examples (dataset `indices`) with the highest last loss."""
+        return self.last_loss[indices].topk(self.keep, sorted=False).indices
+
+    def record(self, indices: torch.Tensor, losses: torch.Tensor) -> None:
+        self.last_loss[indices] = losses.detach().float()

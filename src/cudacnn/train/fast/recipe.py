@@ -21,7 +21,7 @@ from cudacnn.data import CIFAR10_MEAN, CIFAR10_STD, Augment, Dataset, GpuLoader
 from cudacnn.errors import ConfigError
 from cudacnn.evaluate.tta import TTA_LEVELS, predict_tta
 from cudacnn.models.fast import FastNet, fast94, fast96
-from cudacnn.train.fast.filtering import ProxyFilter
+from cudacnn.train.fast.filtering import LastLossFilter, ProxyFilter
 from cudacnn.train.fast.lookahead import Lookahead
 from cudacnn.train.fast.muon import Muon
 
@@ -46,8 +46,9 @@ class FastConfig:
     lookahead_every: int = 0        # 0 = off; else sync every k steps, decay 0.95^k * (step/total)^3
     compile_mode: str = "default"   # torch.compile mode of the net: default | reduce-overhead | max-autotune...
     widths: str = ""                # the conv groups' widths as "A/B/C"; "" keeps the model's own
-    keep_fraction: float = 1.0      # < 1: train on the hardest part of each batch, ranked by a proxy net
+    keep_fraction: float = 1.0      # < 1: train on the hardest part of each batch (filtering.py)
     #                                 (the logged train loss/accuracy are then the kept part's)
+    rank_by: str = "proxy"          # ... ranked by a proxy net, or by each example's "last_loss" in the main net
     proxy_widths: str = "32/64/64"  # the proxy: a fast94-style net of these widths (filtering.py)
     proxy_learn_every: int = 2      # the proxy learns from every k-th batch (and ranks them all); 4 lost 0.6 points
     max_steps: int | None = None    # cut training short (smoke tests)
@@ -59,6 +60,7 @@ PRESETS = {
     "fast96": FastConfig("fast96", epochs=28.0, muon_lr=0.2, crop_pad=4, cutout=12, lookahead_every=5),
 }
 FACTORIES = {"fast94": fast94, "fast96": fast96}
+RANKINGS = ("proxy", "last_loss")  # how keep_fraction < 1 picks the hard examples
 
 
 @dataclass
@@ -86,6 +88,8 @@ def resolve_config(name: str, overrides: dict) -> FastConfig:
     parse_widths(cfg.proxy_widths)
     if not 0.0 < cfg.keep_fraction <= 1.0:
         raise ConfigError(f"keep_fraction must be in (0, 1], got {cfg.keep_fraction}")
+    if cfg.rank_by not in RANKINGS:
+        raise ConfigError(f"rank_by must be one of {RANKINGS}, got {cfg.rank_by!r}")
     if cfg.proxy_learn_every < 1:
         raise ConfigError(f"proxy_learn_every must be a positive integer, got {cfg.proxy_learn_every}")
     if cfg.tta_level not in TTA_LEVELS:
@@ -144,7 +148,7 @@ def prepared_model(name: str, device, num_classes: int, compile: bool,
 
 # The FastConfig fields the compiled graphs depend on (static shapes, compile mode, and Muon's momentum, a
 # constant inside its compiled update): one warm-up per value.
-GRAPH_FIELDS = ("batch_size", "compile_mode", "widths", "keep_fraction", "proxy_widths", "muon_momentum")
+GRAPH_FIELDS = ("batch_size", "compile_mode", "widths", "keep_fraction", "rank_by", "proxy_widths", "muon_momentum")
 _WARMED: set[tuple] = set()  # warm-up keys done in this process
 
 
@@ -222,8 +226,8 @@ def schedule(sgd, muon, step: int, total_steps: int, whiten_steps: int) -> None:
 
 
 def make_proxy_filter(cfg: FastConfig, device, num_classes: int, compile: bool) -> ProxyFilter | None:
-    """The hard-example filter of a run (fresh proxy weights), or None when keep_fraction is 1."""
-    if cfg.keep_fraction >= 1.0:
+    """The proxy filter of a run (fresh proxy weights), or None unless it filters by a proxy."""
+    if cfg.keep_fraction >= 1.0 or cfg.rank_by != "proxy":
         return None
     proxy, proxy_net = prepared_model("fast94", device, num_classes, compile, cfg.compile_mode, cfg.proxy_widths,
                                       role="proxy")
@@ -247,6 +251,8 @@ def train_fast(name: str, dataset: Dataset, *, seed: int = 0, device="cuda", com
     torch.manual_seed(seed)
     model.reset()
     proxy = make_proxy_filter(cfg, device, dataset.num_classes, compile)  # after the main net's init
+    last_loss = (LastLossFilter(len(dataset.train), examples_per_step(cfg), device)
+                 if cfg.keep_fraction < 1 and cfg.rank_by == "last_loss" else None)
 
     augment = Augment(crop_pad=cfg.crop_pad, flip="alternate", cutout=cfg.cutout)
     norm = dict(mean=CIFAR10_MEAN, std=CIFAR10_STD)  # fixed, as airbench: whatever the source
@@ -280,7 +286,7 @@ def train_fast(name: str, dataset: Dataset, *, seed: int = 0, device="cuda", com
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
-        for images, labels in train:
+        for images, labels, indices in train.indexed_batches():
             if step >= total_steps:
                 break
             schedule(sgd, muon, step, total_steps, whiten_steps)
@@ -289,8 +295,16 @@ def train_fast(name: str, dataset: Dataset, *, seed: int = 0, device="cuda", com
                 if learn:
                     schedule(*proxy.optimizers, step, total_steps, whiten_steps)
                 images, labels = proxy(images, labels, learn)
+            elif last_loss:
+                hard = last_loss.select(indices)
+                images, labels, indices = images[hard], labels[hard], indices[hard]
             outputs = net(images)
-            loss = F.cross_entropy(outputs, labels, label_smoothing=cfg.label_smoothing, reduction="sum")
+            if last_loss:
+                losses = F.cross_entropy(outputs, labels, label_smoothing=cfg.label_smoothing, reduction="none")
+                last_loss.record(indices, losses)
+                loss = losses.sum()
+            else:
+                loss = F.cross_entropy(outputs, labels, label_smoothing=cfg.label_smoothing, reduction="sum")
             loss.backward()
             sgd.step()
             muon.step()
