@@ -90,9 +90,8 @@ def test_train_fast_compiled_on_gpu():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("overrides", [{}, {"keep_fraction": 0.5},
-                                       {"keep_fraction": 0.5, "rank_by": "last_loss", "bn_recalibrate": 2}],
-                         ids=["plain", "filtered", "last_loss_recalibrated"])
+@pytest.mark.parametrize("overrides", [{}, {"keep_fraction": 0.5}, {"keep_fraction": 0.5, "rank_by": "last_loss"}],
+                         ids=["plain", "filtered", "last_loss"])
 def test_timed_path_never_waits_on_the_host(monkeypatch, overrides):
     """Between the whitening init and the timer's last stop (training and the TTA evaluation), any implicit
     device->host sync raises."""
@@ -163,7 +162,6 @@ def test_filtered_run_trains_on_the_kept_part_with_its_own_proxy(monkeypatch):
     assert recipe.examples_per_step(recipe.resolve_config("fast96", dict(keep_fraction=0.5))) == 1000
     for bad, message in ((dict(keep_fraction=0.0), r"keep_fraction must be in \(0, 1\]"),
                          (dict(rank_by="random"), "rank_by must be one of"),
-                         (dict(bn_recalibrate=-1), "bn_recalibrate must be >= 0"),
                          (dict(keep_fraction=1.5), r"keep_fraction must be in \(0, 1\]"),
                          (dict(proxy_learn_every=0), "proxy_learn_every must be a positive integer"),
                          (dict(tta_level=5), "tta_level must be one of")):
@@ -213,43 +211,3 @@ def test_last_loss_run_trains_on_the_examples_it_ranks_hardest(monkeypatch):
         dropped = torch.tensor(sorted(set(step["batch"].tolist()) - set(kept.tolist())))
         assert before[kept].min() >= before[dropped].max()  # the kept half ranked highest
     assert torch.isfinite(steps[2]["before"]).sum() == 32  # epoch 1 trained on 2 x 16 distinct examples
-
-
-def test_bn_recalibration_sets_the_final_weights_statistics_on_clean_training_images():
-    """bn_recalibrate=2: same training (same weights) as without it, but the BatchNorm statistics are those of
-    the final weights on 2 batches of un-augmented, strided training images."""
-    from cudacnn.train.fast.recipe import recalibrate_batchnorm
-
-    data = tiny_dataset()
-    kw = dict(seed=4, device="cpu", compile=False, log=lambda *_: None, batch_size=16, epochs=2, max_steps=3,
-              whiten_images=64, widths="8/8/16", cutout=8)
-    plain = train_fast("fast96", data, **kw).model
-    recal = train_fast("fast96", data, bn_recalibrate=2, **kw).model
-    for a, b in zip(plain.parameters(), recal.parameters()):
-        assert torch.equal(a, b)
-    norms = [m for m in recal.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    plain_norms = [m for m in plain.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert all(not torch.allclose(a.running_mean, b.running_mean) for a, b in zip(norms, plain_norms))
-    assert all(m.momentum == 0.4 for m in norms)  # restored
-    loader = GpuLoader(data.train, 16, "cpu")
-    sample = loader.normalize(loader.images[::2][:32]).split(16)
-    stats = [(m.running_mean.clone(), m.running_var.clone()) for m in norms]
-    recalibrate_batchnorm(recal, sample)  # again on the same images: nothing left to change
-    for m, (mean, var) in zip(norms, stats):
-        torch.testing.assert_close(m.running_mean, mean)
-        torch.testing.assert_close(m.running_var, var)
-
-
-def test_recalibrated_statistics_are_the_average_over_the_batches():
-    from cudacnn.train.fast.recipe import recalibrate_batchnorm
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, momentum=0.4)).eval()
-    batches = [torch.randn(8, 3, 6, 6) + i for i in range(3)]
-    recalibrate_batchnorm(model, batches)
-    with torch.no_grad():
-        outs = [model[0](x) for x in batches]
-    torch.testing.assert_close(model[1].running_mean, torch.stack([o.mean((0, 2, 3)) for o in outs]).mean(0))
-    variances = [o.transpose(0, 1).flatten(1).var(1) for o in outs]  # unbiased, as BatchNorm keeps it
-    torch.testing.assert_close(model[1].running_var, torch.stack(variances).mean(0))
-    assert model[1].momentum == 0.4 and model.training

@@ -51,8 +51,6 @@ class FastConfig:
     rank_by: str = "proxy"          # ... ranked by a proxy net, or by each example's "last_loss" in the main net
     proxy_widths: str = "32/64/64"  # the proxy: a fast94-style net of these widths (filtering.py)
     proxy_learn_every: int = 2      # the proxy learns from every k-th batch (and ranks them all); 4 lost 0.6 points
-    bn_recalibrate: int = 0         # > 0: re-estimate the BatchNorm statistics of the final weights on this
-    #                                 many batches of un-augmented training images before evaluating
     max_steps: int | None = None    # cut training short (smoke tests)
 
 
@@ -92,8 +90,6 @@ def resolve_config(name: str, overrides: dict) -> FastConfig:
         raise ConfigError(f"keep_fraction must be in (0, 1], got {cfg.keep_fraction}")
     if cfg.rank_by not in RANKINGS:
         raise ConfigError(f"rank_by must be one of {RANKINGS}, got {cfg.rank_by!r}")
-    if cfg.bn_recalibrate < 0:
-        raise ConfigError(f"bn_recalibrate must be >= 0 (a number of batches), got {cfg.bn_recalibrate}")
     if cfg.proxy_learn_every < 1:
         raise ConfigError(f"proxy_learn_every must be a positive integer, got {cfg.proxy_learn_every}")
     if cfg.tta_level not in TTA_LEVELS:
@@ -150,11 +146,9 @@ def prepared_model(name: str, device, num_classes: int, compile: bool,
     return _PREPARED[key]
 
 
-# The FastConfig fields the warm-up depends on (static shapes, compile mode, Muon's momentum, a constant
-# inside its compiled update, and the BatchNorm recalibration's eager passes, which cuDNN autotunes on first
-# use): one warm-up per value.
-GRAPH_FIELDS = ("batch_size", "compile_mode", "widths", "keep_fraction", "rank_by", "proxy_widths", "muon_momentum",
-                "bn_recalibrate")
+# The FastConfig fields the compiled graphs depend on (static shapes, compile mode, and Muon's momentum, a
+# constant inside its compiled update): one warm-up per value.
+GRAPH_FIELDS = ("batch_size", "compile_mode", "widths", "keep_fraction", "rank_by", "proxy_widths", "muon_momentum")
 _WARMED: set[tuple] = set()  # warm-up keys done in this process
 
 
@@ -327,10 +321,6 @@ def train_fast(name: str, dataset: Dataset, *, seed: int = 0, device="cuda", com
                             train_loss=loss_sum / max(seen, 1), train_acc=correct / max(seen, 1)))
     if lookahead:
         lookahead.update(decay=1.0)  # end on the slow weights
-    if cfg.bn_recalibrate:
-        count = cfg.bn_recalibrate * cfg.batch_size
-        sample = train.images[:: max(1, len(train.images) // count)][:count]  # strided: all classes
-        recalibrate_batchnorm(model, train.normalize(sample).split(cfg.batch_size))
     timer.stop()
     timer.start()  # the evaluation is timed too, as its own span
     model.eval()
@@ -349,23 +339,6 @@ def train_fast(name: str, dataset: Dataset, *, seed: int = 0, device="cuda", com
         log(f"{name} seed {seed}: tta acc {result.test_acc:.4f} (plain {result.test_acc_plain:.4f}) "
             f"in {seconds:.3f} s ({eval_seconds:.3f} s of it evaluating), {step} steps")
     return result
-
-
-@torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, batches) -> None:
-    """Replace every BatchNorm's running statistics by their plain average over `batches` under the current
-    weights. Training leaves statistics of earlier weights (Lookahead averages them with the slow weights) and
-    of the augmented, and with filtering the hardest, examples; the test images are none of these.
-    Runs `model` eagerly (a momentum change would recompile a compiled copy); the buffers are shared."""
-    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    momenta = [m.momentum for m in norms]
-    model.train()
-    for count, images in enumerate(batches, 1):
-        for m in norms:  # 1/count makes the running statistics the average so far (momentum=None would too,
-            m.momentum = 1.0 / count  # but reads its batch count back from the device: a host sync)
-        model(images)
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
 
 
 def channels_last_input(net):
