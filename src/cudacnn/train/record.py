@@ -25,7 +25,7 @@ def run_record(config: TrainConfig, quiet: bool = False) -> dict:
 
     if config.compile_mode != "default":  # before anything is written
         raise ConfigError(f"--compile-mode {config.compile_mode} does not apply to --preset {config.preset}: the "
-                          "record recipes set their own (CUDA graphs for fast94); try other modes with "
+                          "record recipes set their own (CUDA graphs for both); try other modes with "
                           "`python -m cudacnn.train.fast.bench --set compile_mode=...`")
     device = pick_device(config.device)
     dataset = load_dataset(config.data, cache_dir=config.cache_dir, quiet=quiet)
