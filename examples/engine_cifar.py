@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 import cudacnn.engine as gnn
+from cudacnn.atomic import write_text_atomic
 from cudacnn.data import CIFAR10_MEAN, CIFAR10_STD, load_dataset
 from cudacnn.evaluate.predict import normalize
 
@@ -193,7 +194,7 @@ def main(argv=None) -> int:
     if args.epochs > 0:
         results["train"] = train(args, data)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+        write_text_atomic(args.json, json.dumps(results, indent=2, default=str))
     return 0
 
 

@@ -219,11 +219,19 @@ def test_record_preset_runs_seeds_and_summarizes(tmp_path, monkeypatch, dataset)
     assert json.loads((tmp_path / "rec" / "results.json").read_text())["preset"] == "fast94"
     with pytest.raises(CudacnnError, match="already exists"):  # the same name again: a clear refusal
         record.run_record(config, quiet=True)
-    graphs = resolve("fast94", None, {"device": "cpu", "out": str(tmp_path), "name": "graphs", "compile": True,
-                                      "compile_mode": "max-autotune"})
-    with pytest.raises(CudacnnError, match="--compile-mode max-autotune does not apply to --preset fast94"):
-        record.run_record(graphs, quiet=True)
-    assert not (tmp_path / "graphs").exists()
+
+
+
+@pytest.mark.parametrize("gpus", ["1", "2"])
+def test_record_preset_refuses_flags_its_recipe_ignores(tmp_path, capsys, gpus):
+    """--lr or --compile-mode with fast94 would be silently dropped: refused before any folder, sweep or launch."""
+    argv = ["train", "--preset", "fast94", "--out", str(tmp_path), "--name", "x", "--runs", "2", "--gpus", gpus,
+            "--device", "cpu", "--compile-mode", "max-autotune", "--lr", "0.5"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--preset fast94 sets its own recipe; drop --compile-mode, --lr" in err
+    assert "cudacnn.train.fast.bench --preset fast94 --set key=value" in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_out_of_memory_names_a_smaller_batch(tmp_path, dataset):
@@ -268,3 +276,11 @@ def test_cuda_graph_training_matches_eager_on_gpu(tmp_path, dataset):
         finals[name] = load_checkpoint(result.run_dir / "checkpoints" / "last.pt")["model"]
     for key, eager in finals["eager"].items():
         torch.testing.assert_close(finals["graphs"][key].float(), eager.float(), rtol=1e-3, atol=1e-4, msg=key)
+
+
+def test_resume_takes_only_device_like_flags(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path), "--lr", "0.5"]) == 2
+    assert "--resume continues a run with its saved config; drop lr" in capsys.readouterr().err
+    # compile settings may change on resume: past the flag check, to the (missing) run folder
+    assert main(["train", "--resume", str(tmp_path), "--compile", "--compile-mode", "reduce-overhead"]) == 2
+    assert "is not a run folder (no config.yaml)" in capsys.readouterr().err

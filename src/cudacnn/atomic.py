@@ -8,6 +8,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+_UMASK = os.umask(0)  # reading the umask means setting it: put it straight back
+os.umask(_UMASK)
+
 
 @contextmanager
 def atomic_output(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
@@ -20,7 +23,7 @@ def atomic_output(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; outputs are for sharing
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private; give them the mode open() would
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

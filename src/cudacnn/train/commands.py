@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 from cudacnn.errors import ConfigError
-from cudacnn.train.config import DIST_TIMEOUT_S, TrainConfig, resolve
+from cudacnn.train.config import COMPILE_MODES, DIST_TIMEOUT_S, TrainConfig, resolve
 from cudacnn.train.presets import DEFAULT_PRESET, FAST_PRESETS, PRESETS
 
 log = logging.getLogger(__name__)
@@ -24,10 +24,11 @@ HELP = {
     "runs": "seeded repeats (seed, seed+1, ...)", "pretrained": "torchvision-format ImageNet weights file",
     "sync_bn": "data-parallel: SyncBatchNorm across GPUs", "max_per_gpu_batch": "data-parallel: at most this "
     "many samples per forward; larger per-GPU parts of the global batch use gradient accumulation (0 = off)",
-    "compile_mode": "with --compile: default | reduce-overhead (CUDA graphs) | max-autotune | "
-    "max-autotune-no-cudagraphs",
+    "compile_mode": f"with --compile: {' | '.join(COMPILE_MODES)} (reduce-overhead: CUDA graphs)",
 }
 SKIP = {"model_kwargs", "preset"}
+# what a record preset (fast94/fast96) takes from the command line; its recipe sets everything else
+RECORD_FLAGS = {"data", "cache_dir", "device", "compile", "seed", "runs", "out", "name"}
 
 
 def add_commands(subparsers) -> None:
@@ -125,7 +126,7 @@ def run_train(args) -> int:
     if args.model_kwargs is not None:
         flags["model_kwargs"] = args.model_kwargs
     if args.resume:
-        allowed = {"device", "compile", "data", "cache_dir", "epochs", "sync_bn", "max_per_gpu_batch"}
+        allowed = {"device", "compile", "compile_mode", "data", "cache_dir", "epochs", "sync_bn", "max_per_gpu_batch"}
         given = sorted(k for k, v in flags.items() if v is not None and k not in allowed)
         if given or args.preset or args.config:
             raise ConfigError(f"--resume continues a run with its saved config; drop {', '.join(given) or '--preset/--config'}")
@@ -136,6 +137,12 @@ def run_train(args) -> int:
         return fit_runs([dict(config=config, run_dir=args.resume, resume=True)], args)
     preset = args.preset or (None if args.config or args.model else DEFAULT_PRESET)
     config = resolve(preset, args.config, flags)
+    if config.preset in FAST_PRESETS:  # before any run folder, sweep or launch
+        ignored = sorted(k for k, v in flags.items() if v is not None and k not in RECORD_FLAGS)
+        if ignored:
+            raise ConfigError(f"--preset {config.preset} sets its own recipe; drop "
+                              f"{', '.join('--' + k.replace('_', '-') for k in ignored)} (try recipe changes with "
+                              f"`python -m cudacnn.train.fast.bench --preset {config.preset} --set key=value`)")
     if args.gpus > 1 and not inside_launch:
         if config.runs > 1:  # independent runs, one per GPU
             from cudacnn.train.sweep import seeds_sweep

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from cudacnn.atomic import write_text_atomic
 from cudacnn.errors import ConfigError
 
 
@@ -47,7 +48,7 @@ class TrainConfig:
     amp: str = "bf16"                    # none | bf16 | fp16 (fp16 uses loss scaling)
     channels_last: bool = True
     compile: bool = False
-    compile_mode: str = "default"        # with --compile: default | reduce-overhead (CUDA graphs) | max-autotune
+    compile_mode: str = "default"        # with --compile: one of COMPILE_MODES (reduce-overhead: CUDA graphs)
     tf32: bool = True
     kernels: str = "torch"               # torch | triton | cuda: which kernels run linear/activation/loss
     device: str = "auto"                 # auto | cuda | cpu
@@ -128,8 +129,17 @@ def run_name(config: TrainConfig) -> str:
     return config.name or f"{config.preset or config.model}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
+def claim_run_dir(path: Path, resumable: bool = True) -> Path:
+    """`path` for a new run; refused when it already holds something (a finished or resumable run)."""
+    if path.exists() and any(path.iterdir()):
+        fix = "pick another --name" + (" or continue it with --resume" if resumable else "")
+        raise ConfigError(f"run folder {path} already exists; {fix}")
+    return path
+
+
 def save_config(config: TrainConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    # whole or absent: resume and sweeps read it back, and take its presence as a started run
+    write_text_atomic(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def resolve(preset: str | None, config_file: str | None, flags: dict[str, Any]) -> TrainConfig:

@@ -10,12 +10,10 @@ from pathlib import Path
 
 from cudacnn.atomic import write_text_atomic
 from cudacnn.data import load_dataset
-from cudacnn.errors import ConfigError
 from cudacnn.train.checkpoint import save_checkpoint
-from cudacnn.train.config import TrainConfig, run_name, save_config
+from cudacnn.train.config import TrainConfig, claim_run_dir, run_name, save_config
 from cudacnn.train.setup import pick_device
 from cudacnn.train.sweep import summarize
-from cudacnn.train.trainer import claim_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -23,13 +21,9 @@ log = logging.getLogger(__name__)
 def run_record(config: TrainConfig, quiet: bool = False) -> dict:
     from cudacnn.train.fast import train_fast, warmup
 
-    if config.compile_mode != "default":  # before anything is written
-        raise ConfigError(f"--compile-mode {config.compile_mode} does not apply to --preset {config.preset}: the "
-                          "record recipes set their own (CUDA graphs for both); try other modes with "
-                          "`python -m cudacnn.train.fast.bench --set compile_mode=...`")
     device = pick_device(config.device)
     dataset = load_dataset(config.data, cache_dir=config.cache_dir, quiet=quiet)
-    root = claim_run_dir(Path(config.out) / run_name(config))
+    root = claim_run_dir(Path(config.out) / run_name(config), resumable=False)  # seeded runs start over
     root.mkdir(parents=True, exist_ok=True)
     save_config(config, root / "config.yaml")
     warmup_start = time.time()

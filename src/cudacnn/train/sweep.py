@@ -192,7 +192,8 @@ def markdown_table(table: list[dict]) -> str:
         return format(entry[key], spec) if key in entry else "-"
 
     header = ["setting", "runs", "failed", "accuracy mean", "std", "min", "max", "median train time (s)"]
-    return md_table(header, [[e["setting"], e["runs"], e["failed"], *(cell(e, k) for k in ("acc_mean", "acc_std", "acc_min", "acc_max")),
+    accuracy = ("acc_mean", "acc_std", "acc_min", "acc_max")
+    return md_table(header, [[e["setting"], e["runs"], e["failed"], *(cell(e, k) for k in accuracy),
                               cell(e, "train_time_median_s", ".1f")] for e in table]) + "\n"
 
 
@@ -266,7 +267,7 @@ def sweep_from_file(path: str | Path, gpus: int | None = None, overrides: dict |
     sweep_dir = Path(out or spec.get("out") or base.out) / name
     jobs = plan_jobs(base, spec.get("grid"), spec_seeds(spec, base), sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    write_text_atomic(sweep_dir / "sweep.yaml", yaml.safe_dump(spec, sort_keys=False))
     return run_sweep(jobs, sweep_dir, gpus or int(spec.get("gpus", 1)), quiet=quiet)
 
 

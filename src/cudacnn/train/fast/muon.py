@@ -39,6 +39,11 @@ def muon_update(p: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, momentum
     return newton_schulz(g.reshape(len(g), -1), ns_steps).view_as(p).to(p.dtype)
 
 
+def allow_static_graphs(count: int = 64) -> None:
+    """Let one function compile up to `count` shape-specialised graphs (dynamo's default limit is 8)."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, count)
+
+
 class Muon(torch.optim.Optimizer):
     """`compiled=True` runs each filter bank's update as one compiled graph (a few fused kernels instead
     of about 40 eager ones); the learning rate stays outside it, so its schedule does not recompile."""
@@ -47,7 +52,7 @@ class Muon(torch.optim.Optimizer):
                  ns_steps: int = 5, compiled: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
         if compiled:  # one graph per filter shape: fast96 and a filtering proxy have more than dynamo's default 8
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            allow_static_graphs()
         self.update = torch.compile(muon_update, dynamic=False, fullgraph=True) if compiled else muon_update
 
     @torch.no_grad()

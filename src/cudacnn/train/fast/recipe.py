@@ -23,7 +23,7 @@ from cudacnn.evaluate.tta import TTA_LEVELS, predict_tta
 from cudacnn.models.fast import FastNet, fast94, fast96
 from cudacnn.train.fast.filtering import LastLossFilter, ProxyFilter
 from cudacnn.train.fast.lookahead import Lookahead
-from cudacnn.train.fast.muon import Muon
+from cudacnn.train.fast.muon import Muon, allow_static_graphs
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,7 @@ def prepared_model(name: str, device, num_classes: int, compile: bool,
     if key not in _PREPARED:
         if compile:  # both presets' static graphs (each batch size, train and eval, the filtering proxy's)
             # share FastNet.forward's code object: more than dynamo's default 8
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            allow_static_graphs()
         model = FACTORIES[name](num_classes=num_classes, **parse_widths(widths))
         model = model.to(device, memory_format=torch.channels_last)
         model.to_training_dtype(training_dtype(device))

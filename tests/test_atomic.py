@@ -1,0 +1,22 @@
+"""Atomic outputs: whole or absent, with the mode a plain open() would give."""
+
+from __future__ import annotations
+
+import pytest
+
+from cudacnn import atomic
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_outputs_get_the_mode_the_umask_allows(tmp_path, monkeypatch, umask, mode):
+    monkeypatch.setattr(atomic, "_UMASK", umask)
+    path = atomic.write_text_atomic(tmp_path / "sub" / "out.txt", "hello")
+    assert path.read_text() == "hello" and path.stat().st_mode & 0o777 == mode
+
+
+def test_a_failed_write_leaves_nothing_behind(tmp_path):
+    (tmp_path / "out.txt").write_text("old")
+    with pytest.raises(RuntimeError), atomic.atomic_output(tmp_path / "out.txt") as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("interrupted")
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"] and (tmp_path / "out.txt").read_text() == "old"
