@@ -231,15 +231,7 @@ class GlobalBatchLoader(GpuLoader):
             pieces.append(order[start + lo:start + hi])
             start += size
         return torch.cat(pieces) if pieces else order[:0]
-
-    def __iter__(self):
-        images, labels = self.prepare_epoch()
-        self.epoch += 1
-        start = 0
-        for size in self.step_sizes():
-            lo, hi = part(size, self.rank, self.world_size)
-            yield images[start:start + hi - lo], labels[start:start + hi - lo]
-            start += hi - lo
+    # iteration is GpuLoader's: every full step's part is batch_size long, and the short last one ends the epoch
 
 
 # ---------------------------------------------------------------------- the launcher

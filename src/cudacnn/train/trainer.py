@@ -31,7 +31,8 @@ from cudacnn.models import create_model
 from cudacnn.train import distributed, setup
 from cudacnn.train.callbacks import EarlyStopping
 from cudacnn.train.checkpoint import check_compatible, load_checkpoint, run_checkpoint, save_checkpoint
-from cudacnn.train.config import DIST_TIMEOUT_S, TrainConfig, from_dict, load_config_file, run_name, save_config
+from cudacnn.train.config import (DIST_TIMEOUT_S, TrainConfig, claim_run_dir, from_dict, load_config_file, run_name,
+                                  save_config)
 
 log = logging.getLogger(__name__)
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -111,21 +112,24 @@ class Trainer:
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         memory_format = torch.channels_last if c.channels_last and self.device.type == "cuda" else None
         self.model = self.model.to(self.device, memory_format=memory_format)
+        # CUDA graphs (reduce-overhead) cut the per-step launch cost that bounds small per-GPU batches; they
+        # need a GPU, so the CPU compiles in the default mode.
+        mode = c.compile_mode if self.device.type == "cuda" else "default"
+        self.forward = torch.compile(self.model, mode=mode) if c.compile else self.model
         self.ddp = None
         if self.dist.enabled:  # DDP broadcasts rank 0's initial weights and averages gradients
             from torch.nn.parallel import DistributedDataParallel
 
-            # No per-forward broadcast of BN statistics (ranks keep their own; evaluation and the checkpoint
-            # use rank 0's); gradients live in the all-reduce buckets (one copy fewer per step).
+            # DDP around the compiled model, not torch.compile around DDP: dynamo cannot trace DDP's own
+            # forward and runs it eagerly, then compiles only a model forward it may trace as a frame of its
+            # own (nn.Sequential's is torch's code: never). Either way its DDPOptimizer splits the compiled
+            # graph at the gradient buckets. No per-forward broadcast of BN statistics (ranks keep their own;
+            # evaluation and the checkpoint use rank 0's); gradients live in the all-reduce buckets.
             self.ddp = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                self.forward, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False, gradient_as_bucket_view=True)
+            self.forward = self.ddp
             self._fold_rank_into_rng(0)
-        wrapped = self.ddp or self.model
-        # CUDA graphs (reduce-overhead) cut the per-step launch cost that bounds small per-GPU batches; they
-        # need a GPU, so the CPU compiles in the default mode.
-        mode = c.compile_mode if self.device.type == "cuda" else "default"
-        self.forward = torch.compile(wrapped, mode=mode) if c.compile else wrapped
         self.optimizer = setup.build_optimizer(self.model, c)
         self.scheduler = setup.build_scheduler(self.optimizer, c, len(self.train_loader))
         self.scaler = torch.amp.GradScaler(self.device.type) if c.amp == "fp16" else None
@@ -322,7 +326,7 @@ class Trainer:
                                                           for r in range(world))],
                 "accumulation_steps": self.accumulation, "sync_bn": self.config.sync_bn,
                 "from_epoch": self.start_epoch + 1}
-        (self.run_dir / "distributed.json").write_text(json.dumps(info, indent=2))
+        write_text_atomic(self.run_dir / "distributed.json", json.dumps(info, indent=2))
 
     def _end_epoch(self, epoch: int, record: dict) -> None:
         self.history.append(record)
@@ -391,13 +395,6 @@ def new_run_dir(config: TrainConfig) -> Path:
     if config.runs > 1:
         name += f"-seed{config.seed}"
     return claim_run_dir(Path(config.out) / name)
-
-
-def claim_run_dir(path: Path) -> Path:
-    """`path` for a new run; refused when it already holds something (a finished or resumable run)."""
-    if path.exists() and any(path.iterdir()):
-        raise CudacnnError(f"run folder {path} already exists; pick another --name or continue it with --resume")
-    return path
 
 
 def resume_config(run_dir: Path, overrides: dict | None = None) -> TrainConfig:
