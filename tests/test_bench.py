@@ -4,7 +4,6 @@ run of every `cudacnn bench` suite. No timing is asserted: only that the numbers
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -64,10 +63,17 @@ def test_time_fn_budget_stops_after_three_repeats():
     assert s.repeats == 3 and len(calls) == 3
 
 
-def test_timer_measures_a_region():
+def test_timer_measures_a_region(monkeypatch):
+    """On the CPU the Timer reads harness's `time.perf_counter`: a fake clock there gives an exact reading."""
+    from types import SimpleNamespace
+
+    from cudacnn.bench import harness
+
+    now = [1.0]
+    monkeypatch.setattr(harness, "time", SimpleNamespace(perf_counter=lambda: now[0]))
     with Timer("cpu") as t:
-        time.sleep(0.02)
-    assert 19 <= t.ms < 1000
+        now[0] += 0.015625  # the region takes 15.625 ms by this clock (exact in binary floating point)
+    assert t.ms == 15.625
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without a GPU")
@@ -216,10 +222,8 @@ def test_bench_train_tiny(tmp_path):
     assert list(pipeline["measurements"]) == ["naive", "pipeline"]
     assert 0 <= pipeline["measurements"]["pipeline"]["accuracy"] <= 1
     assert pipeline["measurements"]["naive"]["repeats"] == 2  # one sample per epoch
-    measured = pipeline["measurements"]
-    assert pipeline["info"]["meets_target"] == bool(
-        pipeline["speedup"] and pipeline["speedup"] >= 30
-        and measured["pipeline"]["accuracy"] >= measured["naive"]["accuracy"])
+    # meets_target depends on measured times here; its rule is pinned by test_pipeline_target_needs_30x_...
+    assert isinstance(pipeline["info"]["meets_target"], bool)
     finite_measurements(doc)
 
 
@@ -319,11 +323,15 @@ def test_kernel_rows_named_uniquely_and_plotted(tmp_path):
     assert "RuntimeError: no nvcc" in report.to_markdown(doc)
 
 
-@pytest.mark.parametrize("pipeline_ms, pipeline_acc, met", [(10.0, 0.50, True), (10.0, 0.60, True),
-                                                           (20.0, 0.60, False), (10.0, 0.49, False)])
+@pytest.mark.parametrize("pipeline_ms, pipeline_acc, met", [
+    (10.0, 0.50, True), (10.0, 0.60, True), (20.0, 0.60, False), (10.0, 0.49, False),
+    (16.0, 0.50, True),    # exactly 30x: met
+    (16.8, 0.50, False),   # 28.57x: just below, not met
+    (15.0, 0.50, True),    # 32x
+    (16.0, 0.49, False)])  # exactly 30x, but accuracy dropped
 def test_pipeline_target_needs_30x_and_no_accuracy_loss(monkeypatch, pipeline_ms, pipeline_acc, met):
-    """The naive loop takes 400 ms an epoch at 50 % accuracy: 40x (10 ms) meets the target unless accuracy
-    drops; 20x (20 ms) does not."""
+    """The naive loop takes 480 ms an epoch at 50 % accuracy: 48x (10 ms) meets the target unless accuracy
+    drops; 24x (20 ms) does not; the bound is 30x inclusive (16 ms: 480 / 16 is exactly 30.0)."""
     from argparse import Namespace
 
     from cudacnn.bench import commands
@@ -336,6 +344,6 @@ def test_pipeline_target_needs_30x_and_no_accuracy_loss(monkeypatch, pipeline_ms
     monkeypatch.setattr(bt, "train_pipeline", lambda *a, **k: run("pipeline", pipeline_ms, pipeline_acc))
     monkeypatch.setattr(bt, "fresh", lambda model: model)
     args = Namespace(epochs=2, model="simple-cnn")
-    row = commands.pipeline_row(args, "cpu", run("naive", 400.0, 0.50), bt.PipelineRecipe(), None, None, None)
-    assert row["speedup"] == pytest.approx(400.0 / pipeline_ms)
+    row = commands.pipeline_row(args, "cpu", run("naive", 480.0, 0.50), bt.PipelineRecipe(), None, None, None)
+    assert row["speedup"] == pytest.approx(480.0 / pipeline_ms)
     assert row["info"]["meets_target"] is met

@@ -138,13 +138,17 @@ def test_gather_rows_with_random_flips():
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_sgd_and_adam_steps(momentum):
     p, g = randn(37), randn(37)
-    buf = np.zeros(37, np.float32)
+    buf = randn(37)  # a velocity from earlier steps, so the momentum * buf term counts
+    p0, buf0 = p.copy(), buf.copy()
     p_dev, buf_dev = G.asarray(p), G.asarray(buf)
     G.sgd_step(p_dev, G.asarray(g), buf_dev if momentum else None, 0.1, momentum, 1e-3)
     cpu_ops.sgd_step(p, g, buf if momentum else None, 0.1, momentum, 1e-3)
     close(p_dev, p)
+    velocity = momentum * buf0 + g + 1e-3 * p0 if momentum else g + 1e-3 * p0  # by hand
+    close(p_dev, p0 - 0.1 * velocity)
     if momentum:
         close(buf_dev, buf)
+        close(buf_dev, velocity)
     m, v = np.zeros(37, np.float32), np.zeros(37, np.float32)
     p_dev, m_dev, v_dev = G.asarray(p), G.asarray(m), G.asarray(v)
     for step in (1, 2):

@@ -3,8 +3,6 @@ differences and against PyTorch autograd, optimizers against torch.optim, traini
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -244,31 +242,47 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_profile_prints_a_row_per_layer(capsys, monkeypatch):
+    """Timed by a fake clock (the profiler's `time.perf_counter` on the CPU) that only the conv layer moves:
+    its forward by 1/256 s a call, its backward by 1 s in the warm-up step, then 1/128, 1/64 and 1/16 s in
+    the three timed ones (binary fractions, so the milliseconds are exact)."""
+    from types import SimpleNamespace
+
+    from cudacnn.engine import profiler
+
     model = _small_cnn()
     x = np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32)
     before = {k: p.data.copy() for k, p in model.parameters().items()}
     conv, linear = model.layers[0], model.layers[4]
     forwards = []
-    slow_backward, counted_forward = conv.backward, linear.forward
+    now = [0.0]
+    backward_costs = [1.0, 1 / 128, 1 / 64, 1 / 16]  # seconds, in call order
+    slow_forward, slow_backward, counted_forward = conv.forward, conv.backward, linear.forward
 
-    def backward_20ms(*args, **kwargs):  # a known cost on one layer: its row alone must show it
-        time.sleep(0.02)
+    def conv_forward(*args, **kwargs):
+        now[0] += 1 / 256
+        return slow_forward(*args, **kwargs)
+
+    def conv_backward(*args, **kwargs):  # a known cost on one layer: its row alone must show it
+        now[0] += backward_costs.pop(0)
         return slow_backward(*args, **kwargs)
 
-    monkeypatch.setattr(conv, "backward", backward_20ms)
+    monkeypatch.setattr(profiler, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.setattr(conv, "forward", conv_forward)
+    monkeypatch.setattr(conv, "backward", conv_backward)
     monkeypatch.setattr(linear, "forward", lambda h: forwards.append(1) or counted_forward(h))
-    rows = model.profile(x, np.array([0, 1, 2, 3]), repeats=2)
-    assert len(forwards) == 3  # one warm-up step, then the 2 timed repeats
-    assert rows[0]["backward_ms"] >= 20 and all(r["backward_ms"] < 20 for r in rows[1:])
+    rows = model.profile(x, np.array([0, 1, 2, 3]), repeats=3)
+    assert len(forwards) == 4 and backward_costs == []  # one warm-up step, then the 3 timed repeats
+    # the median of 7.8125, 15.625 and 62.5 ms: not their mean (28.65) or sum (85.94), nor with the warm-up's 1000
+    assert rows[0]["backward_ms"] == 15.625 and rows[0]["forward_ms"] == 3.90625
+    assert all(r["forward_ms"] == 0 and r["backward_ms"] == 0 for r in rows[1:])  # the clock stood still there
     for name, p in model.parameters().items():  # profiling takes real steps but must not train the model
         np.testing.assert_array_equal(p.data, before[name])
     assert [r["layer"].split()[0] for r in rows] == ["0", "1", "2", "3", "4"]  # the final Softmax is fused
-    assert all(r["forward_ms"] >= 0 and r["backward_ms"] >= 0 for r in rows)
-    assert rows[0]["forward_ms"] > 0 and rows[0]["backward_ms"] > 0  # the conv's im2col + GEMM take time
     assert [r["params"] for r in rows] == [4 * 3 * 3 * 3 + 4, 0, 0, 0, 36 * 5 + 5]
     assert [tuple(r["output"]) for r in rows] == [(4, 4, 6, 6), (4, 4, 6, 6), (4, 4, 3, 3), (4, 36), (4, 5)]
     assert rows[0]["kept_mib"] > 0  # im2col columns and the output stay for backward
-    assert "backward ms" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "backward ms" in out and "15.625" in out
 
 
 def test_unknown_device_is_a_config_error():

@@ -203,16 +203,27 @@ def tiny_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny")
     rng = np.random.default_rng(0)
+    test_images = []
     for split, n in (("train", 2), ("test", 4)):
         for name in CLASSES:
             folder = root / "data" / split / name
             folder.mkdir(parents=True)
             for i in range(n):
-                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+                if split == "test":
+                    test_images.append(pixels)
     torch.manual_seed(0)
     model = create_model("simple", num_classes=3)
     run = root / "run"
     mean, std = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
+    # Untrained, the net gives every noise image one class. Centre its logits over the test images and scale
+    # them up: its predictions then spread over the classes (right and wrong), and TTA's views change some.
+    with torch.no_grad():
+        features = nn.Sequential(*list(model)[:-1])(normalized(np.stack(test_images), mean, std))
+        logits = features @ model[-1].weight.T
+        model[-1].weight.mul_(100.0)
+        model[-1].bias.copy_(-100.0 * logits.mean(0))
     save_checkpoint(run / "checkpoints" / "best.pt", {
         "model_name": "simple", "model_kwargs": {}, "classes": CLASSES, "mean": mean, "std": std,
         "model": model.state_dict(), "epoch": 0, "config": {"data": str(root / "data"), "model": "simple"}})
@@ -220,12 +231,23 @@ def tiny_run(tmp_path_factory):
     return {"root": root, "run": run, "model": model.eval(), "mean": mean, "std": std}
 
 
+def normalized(images, mean, std) -> torch.Tensor:
+    """uint8 NHWC images normalized here by hand (not by the code under test): (x / 255 - mean) / std, NCHW."""
+    x = (images.astype(np.float32) / 255 - np.float32(mean)) / np.float32(std)
+    return torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+
+
+def reference_logits(tiny_run, images, tta_level=0):
+    """Logits of the checkpoint's model on uint8 NHWC images (normalized by hand), under TTA `tta_level`."""
+    from cudacnn.evaluate.tta import predict_tta
+
+    return predict_tta(tiny_run["model"], normalized(images, tiny_run["mean"], tiny_run["std"]), tta_level)
+
+
 def reference_predictions(tiny_run, images):
-    """Softmax of the checkpoint's model on uint8 NHWC images, normalized here by hand (not by the code under
-    test), as (x / 255 - mean) / std in NCHW."""
-    x = (images.astype(np.float32) / 255 - np.float32(tiny_run["mean"])) / np.float32(tiny_run["std"])
+    """Softmax of the checkpoint's model on uint8 NHWC images, normalized here by hand."""
     with torch.no_grad():
-        return torch.softmax(tiny_run["model"](torch.from_numpy(x.transpose(0, 3, 1, 2).copy())), 1).numpy()
+        return torch.softmax(tiny_run["model"](normalized(images, tiny_run["mean"], tiny_run["std"])), 1).numpy()
 
 
 def test_evaluate_command_writes_outputs_and_report(tiny_run, capsys):
@@ -247,6 +269,9 @@ def test_evaluate_command_writes_outputs_and_report(tiny_run, capsys):
     diagonal = np.diag(expected)
     precision = diagonal / np.maximum(expected.sum(0), 1)
     recall = diagonal / np.maximum(expected.sum(1), 1)
+    # the fixture's predictions spread over the classes, so precision, recall and diagonal / total all differ
+    assert np.count_nonzero(expected.sum(0)) >= 2 and diagonal.sum() > 0, expected
+    assert not np.allclose(precision, recall) and not np.allclose(precision, diagonal / expected.sum()), expected
     for k, row in enumerate(data["per_class"]):
         assert row["precision"] == pytest.approx(precision[k]) and row["recall"] == pytest.approx(recall[k])
         line = next(line for line in out.splitlines() if re.search(rf"\W{row['class']}\W", line))
@@ -256,9 +281,24 @@ def test_evaluate_command_writes_outputs_and_report(tiny_run, capsys):
 
 
 def test_evaluate_command_tta_levels(tiny_run, capsys):
+    from cudacnn.data import load_dataset
+
     run, cache = tiny_run["run"], tiny_run["root"] / "cache"
     assert main(["evaluate", str(run), "--cache-dir", str(cache), "--device", "cpu", "--tta", "3"]) == 0
-    assert json.loads((run / "eval.json").read_text())["tta_level"] == 3
+    data = json.loads((run / "eval.json").read_text())
+    assert data["tta_level"] == 3
+    test = load_dataset(tiny_run["root"] / "data", cache_dir=cache, quiet=True).test
+    labels = torch.from_numpy(np.asarray(test.labels, dtype=np.int64))
+    logits = {level: reference_logits(tiny_run, test.images, level) for level in (0, 1, 2, 3)}
+    expected = confusion_matrix(logits[3].argmax(1).numpy(), test.labels, 3)
+    np.testing.assert_array_equal(np.array(data["confusion"]), expected)
+    assert data["accuracy"] == pytest.approx(np.trace(expected) / 12)
+    losses = {level: nn.functional.cross_entropy(z, labels).item() for level, z in logits.items()}
+    assert data["loss"] == pytest.approx(losses[3], rel=1e-5)
+    # level 3 is told apart from the others: by the confusion matrix (0, 1) or the loss (all)
+    assert all(not np.array_equal(confusion_matrix(logits[k].argmax(1).numpy(), test.labels, 3), expected)
+               for k in (0, 1))
+    assert all(abs(losses[k] - losses[3]) > 1e-3 * losses[3] for k in (0, 1, 2)), losses
     assert main(["evaluate", str(run), "--cache-dir", str(cache), "--device", "cpu", "--tta", "4"]) == 2
     assert "--tta takes a level in (0, 1, 2, 3), got 4" in capsys.readouterr().err
 

@@ -154,7 +154,13 @@ def test_filtered_run_trains_on_the_kept_part_with_its_own_proxy(monkeypatch):
     assert result.history[-1]["step"] == 3 and np.isfinite(result.history[-1]["train_loss"])
     proxy = made[0].model
     assert proxy.head.in_features == 16 and made[0].keep == 8
-    main, _ = recipe.prepared_model("fast94", "cpu", 10, False, "reduce-overhead", "8/8/16")
+    prepared = len(recipe._PREPARED)
+    main, _ = recipe.prepared_model("fast94", "cpu", 10, False, recipe.resolve_config("fast94", {}).compile_mode,
+                                    "8/8/16")
+    assert len(recipe._PREPARED) == prepared  # the run's own main net, looked up, not a new one made here
+    main_weights, trained = main.state_dict(), result.model.state_dict()
+    assert main_weights.keys() == trained.keys()
+    assert all(torch.equal(main_weights[k], trained[k]) for k in trained)  # the net that trained
     assert proxy is not main  # same preset and widths, yet two nets
     assert learned == [True, False, True]  # proxy_learn_every defaults to 2
     assert len(main_inputs) >= 3 and all(torch.equal(x, k[0]) for x, k in zip(main_inputs, kept))
@@ -199,9 +205,10 @@ def test_last_loss_run_trains_on_the_examples_it_ranks_hardest(monkeypatch):
                                     "cpu", 10, False) is None
     data = tiny_dataset()
     train_fast("fast94", data, seed=2, device="cpu", compile=False, log=lambda *_: None, batch_size=32, epochs=2,
-               max_steps=3, whiten_images=64, keep_fraction=0.5, rank_by="last_loss", widths="8/8/16")
-    assert len(filters) == 1 and len(steps) == 3 and filters[0].last_loss.shape == (64,)
+               max_steps=4, whiten_images=64, keep_fraction=0.5, rank_by="last_loss", widths="8/8/16")
+    assert len(filters) == 1 and len(steps) == 4 and filters[0].last_loss.shape == (64,)
     labels = torch.from_numpy(data.train.labels)
+    unseen_counts = []
     for step, outputs in zip(steps, main_outputs):
         assert len(step["kept"]) == 16 and len(set(step["kept"].tolist())) == 16
         expected = torch.nn.functional.cross_entropy(outputs, labels[step["kept"]], label_smoothing=0.2,
@@ -210,4 +217,15 @@ def test_last_loss_run_trains_on_the_examples_it_ranks_hardest(monkeypatch):
         before, kept = step["before"], step["kept"]
         dropped = torch.tensor(sorted(set(step["batch"].tolist()) - set(kept.tolist())))
         assert before[kept].min() >= before[dropped].max()  # the kept half ranked highest
+        # never-trained examples (last loss inf) come first: all of them if they fit, else only they
+        unseen = int(torch.isinf(before[step["batch"]]).sum())
+        unseen_counts.append(unseen)
+        if unseen <= 16:
+            assert torch.isinf(before[kept]).sum() == unseen
+        else:
+            assert torch.isinf(before[kept]).all()
+        assert torch.isfinite(before[kept]).sum() == 16 - min(16, unseen)
     assert torch.isfinite(steps[2]["before"]).sum() == 32  # epoch 1 trained on 2 x 16 distinct examples
+    # epoch 2's two batches hold those 32 unseen examples between them, so one of them holds at most 16:
+    # both cases above were checked (steps 0 and 1 hold 32 unseen each)
+    assert unseen_counts[:2] == [32, 32] and min(unseen_counts[2:]) <= 16, unseen_counts

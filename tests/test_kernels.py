@@ -5,6 +5,7 @@ on a GPU they run compiled."""
 from __future__ import annotations
 
 import importlib
+import re
 
 import pytest
 import torch
@@ -94,7 +95,11 @@ def test_gemm_tma_path(dtype, b_layout, kernel, monkeypatch):
 @pytest.mark.parametrize("b_layout", ["kn", "nk"])
 def test_gemm_tma_split_epilogue(b_layout, monkeypatch):
     """The persistent kernel storing each tile as two column halves (EPILOGUE_SPLIT=2), edges clipped."""
+    if DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the TMA kernels need sm_90+; below it the pointer kernel would run instead")
     gemm_module = importlib.import_module("cudacnn.kernels.gemm")  # the package's `gemm` is the function
+    from cudacnn.kernels.gemm import kernel_path
+
     monkeypatch.setenv("CUDACNN_GEMM_TMA", "1")
     monkeypatch.setenv("CUDACNN_GEMM_KERNEL", "persistent")
     monkeypatch.setenv("CUDACNN_GEMM_AUTOTUNE", "0")
@@ -103,6 +108,7 @@ def test_gemm_tma_split_epilogue(b_layout, monkeypatch):
     a, bias = randn(M, K, dtype=torch.bfloat16), randn(N, dtype=torch.bfloat16)
     b = randn(K, N, dtype=torch.bfloat16) if b_layout == "kn" else randn(N, K, dtype=torch.bfloat16).t()
     out, pre = poisoned((M, N), torch.bfloat16), poisoned((M, N), torch.bfloat16)
+    assert kernel_path(a, b, out, pre, allow_tf32=False) == "persistent"  # not the pointer kernel
     gemm(a, b, bias, "gelu", out=out, pre_activation_out=pre)
     assert not gemm_module._tma_failed, "the TMA kernel raised and the pointer kernel stood in for it"
     z = a.double() @ b.double() + bias.double()
@@ -236,8 +242,11 @@ def test_cross_entropy_loss_and_grad(shape, dtype, smoothing, reduction):
 
 def test_cross_entropy_rejects_a_wrong_gradient_buffer():
     x, t = randn(6, 10), torch.randint(0, 10, (6,), device=DEVICE)
-    for bad in (poisoned((6, 9), torch.float32), poisoned((6, 10), torch.float16)):
-        with pytest.raises(ValueError, match="expected"):
+    # check_out's message: "out has shape (6, 9), torch.float32 on cpu; expected (6, 10), torch.float32 on cpu"
+    wanted = re.escape(f"expected (6, 10), torch.float32 on {x.device}")
+    for bad, got in ((poisoned((6, 9), torch.float32), r"shape \(6, 9\), torch\.float32 on "),
+                     (poisoned((6, 10), torch.float16), r"shape \(6, 10\), torch\.float16 on ")):
+        with pytest.raises(ValueError, match=f"{got}.*; {wanted}"):
             softmax_cross_entropy(x, t, return_grad=True, grad_out=bad)
 
 

@@ -49,46 +49,79 @@ def test_grid_times_seeds_and_validation_before_anything_runs(tmp_path):
         sweep.load_spec(bad)
 
 
+# A queued job for the test below: it touches started_<i>, waits (at most 60 s) until two jobs started, counts
+# the jobs running (started minus ended, counted in that order, so never too many), touches counted_<i>, waits
+# until two jobs counted, then records [its CUDA_VISIBLE_DEVICES, running, whether both waits ended in time] and
+# touches ended_<i>. The first two jobs thus each count both of them; a later one counts what is alive with it.
+BARRIER_JOB = """
+import json, os, sys, time
+from pathlib import Path
+folder, i = Path(sys.argv[1]), sys.argv[2]
+def count(kind):
+    return len(list(folder.glob(kind + "_*")))
+def wait_for_two(kind):
+    deadline = time.monotonic() + 60  # only so that a broken queue fails instead of hanging
+    while count(kind) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return count(kind) >= 2
+(folder / f"started_{i}").touch()
+met = wait_for_two("started")
+started = count("started")
+running = started - count("ended")
+(folder / f"counted_{i}").touch()
+met = wait_for_two("counted") and met
+(folder / f"{i}.json").write_text(json.dumps([os.environ["CUDA_VISIBLE_DEVICES"], running, met]))
+(folder / f"ended_{i}").touch()
+"""
+
+
 def test_queue_runs_at_most_one_job_per_worker(tmp_path):
-    """Six jobs, two workers: each job sees its worker's CUDA_VISIBLE_DEVICES, never more than two at once."""
-    code = ("import os, sys, time, json; t0 = time.time(); time.sleep(0.3); "
-            "json.dump([os.environ['CUDA_VISIBLE_DEVICES'], t0, time.time()], open(sys.argv[1], 'w'))")
-    commands = [[sys.executable, "-c", code, str(tmp_path / f"{i}.json")] for i in range(6)]
+    """Six jobs, two workers: each job sees its worker's CUDA_VISIBLE_DEVICES, exactly two run at once (the
+    jobs' file barrier holds the first two until both started: no timing involved)."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    commands = [[sys.executable, "-c", BARRIER_JOB, str(marks), str(i)] for i in range(6)]
     envs = [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}]
     results = sweep.run_queue(commands, envs, [tmp_path / "logs" / f"{i}.log" for i in range(6)], poll_s=0.02)
     assert [r["returncode"] for r in results] == [0] * 6
-    seen = [json.loads((tmp_path / f"{i}.json").read_text()) for i in range(6)]
+    seen = [json.loads((marks / f"{i}.json").read_text()) for i in range(6)]
+    assert all(met for _, _, met in seen), seen  # every job found a second one started (no 60 s time-out)
     assert all(gpu == envs[r["worker"]]["CUDA_VISIBLE_DEVICES"] for (gpu, _, _), r in zip(seen, results))
     assert {gpu for gpu, _, _ in seen} == {"0", "1"}
-    events = sorted([(start, 1) for _, start, _ in seen] + [(end, -1) for _, _, end in seen])
-    running = peak = 0
-    for _, step in events:
-        running += step
-        peak = max(peak, running)
-    assert peak == 2
+    running = [n for _, n, _ in seen]
+    assert running[:2] == [2, 2] and max(running) == 2, running  # the first two overlapped; never three
 
 
 def test_interrupted_runs_resume_or_restart(monkeypatch, tmp_path):
-    """A run with a checkpoint continues from it; one that left nothing to continue from starts again in a
-    clean folder (a second attempt must not trip over the first one's config.yaml)."""
-    jobs = [sweep.Job(name, "base", 0, TrainConfig(model="simple", device="cpu")) for name in ("ckpt", "early")]
-    (tmp_path / "ckpt" / "checkpoints").mkdir(parents=True)
-    (tmp_path / "ckpt" / "checkpoints" / "last.pt").write_bytes(b"x")
-    (tmp_path / "ckpt" / "config.yaml").write_text("model: simple\n")
-    (tmp_path / "early" / "checkpoints").mkdir(parents=True)
-    (tmp_path / "early" / "config.yaml").write_text("model: simple\n")
+    """A run with a checkpoint (and its config.yaml) continues from it, its folder kept; one that left nothing
+    to continue from, or a checkpoint without the config.yaml that --resume reads, starts again in a clean
+    folder (a second attempt must not trip over the first one's files)."""
+    names = ("ckpt", "early", "noconfig")
+    jobs = [sweep.Job(name, "base", 0, TrainConfig(model="simple", device="cpu")) for name in names]
+    for name in names:
+        (tmp_path / name / "checkpoints").mkdir(parents=True)
+    for name in ("ckpt", "noconfig"):
+        (tmp_path / name / "checkpoints" / "last.pt").write_bytes(b"x")
+    for name in ("ckpt", "early"):
+        (tmp_path / name / "config.yaml").write_text("model: simple\n")
     seen = {}
 
-    def fake_queue(commands, envs, logs, on_done=None):
-        seen.update(commands=commands, early_exists=(tmp_path / "early").exists())
+    def fake_queue(commands, envs, logs, on_done=None):  # what each run's folder holds when it is launched
+        seen.update(commands=commands, exists={name: (tmp_path / name).exists() for name in names},
+                    ckpt_files={p.relative_to(tmp_path / "ckpt").as_posix()
+                                for p in (tmp_path / "ckpt").rglob("*") if p.is_file()})
         return [{"returncode": 1, "wall_s": 0.0, "worker": 0} for _ in commands]
 
     monkeypatch.setattr(sweep, "run_queue", fake_queue)
-    with pytest.raises(CudacnnError, match="2 of 2 runs failed"):
+    with pytest.raises(CudacnnError, match="3 of 3 runs failed"):
         sweep.run_sweep(jobs, tmp_path, workers=1, quiet=True)
-    ckpt_args, early_args = (c[c.index("train") + 1:] for c in seen["commands"])
+    ckpt_args, early_args, noconfig_args = (c[c.index("train") + 1:] for c in seen["commands"])
     assert ckpt_args[:2] == ["--resume", str(tmp_path / "ckpt")]
-    assert early_args[0] == "--config" and not seen["early_exists"]
+    assert seen["ckpt_files"] == {"checkpoints/last.pt", "config.yaml"}  # resumed from its own files, untouched
+    assert (tmp_path / "ckpt" / "checkpoints" / "last.pt").read_bytes() == b"x"
+    for args, name in ((early_args, "early"), (noconfig_args, "noconfig")):
+        assert args[:2] == ["--config", str(tmp_path / "configs" / f"{name}.yaml")], args
+        assert not seen["exists"][name], name  # the stale folder was removed before the run started again
 
 
 def test_train_runs_with_gpus_becomes_a_seed_sweep(monkeypatch, tmp_path):

@@ -196,7 +196,7 @@ def _configs(*shapes, tma=False):
     if tma:
         return [_config(*shape[:5], pre_hook=_set_tma_blocks, split=shape[5] if len(shape) > 5 else 1)
                 for shape in shapes]
-    return [_config(*shape) for shape in shapes]
+    return [_config(*shape[:5]) for shape in shapes]  # an epilogue split applies to TMA kernels only
 
 
 # Hopper: 128x256 / 256x128 tiles run two warpgroups of wgmma; a smaller tile for skinny problems.
