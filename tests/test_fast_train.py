@@ -80,6 +80,31 @@ def test_bench_overrides_are_typed():
         epochs=7.0, cutout=12, max_steps=None, widths="128/384/640")
 
 
+def test_amax_global_pool_matches_adaptive_max_pool_and_bad_pools_are_config_errors():
+    torch.manual_seed(0)
+    nets = {pool: FastNet(widths=(8, 16, 16), global_pool=pool) for pool in ("adaptive", "amax")}
+    nets["amax"].load_state_dict(nets["adaptive"].state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    grads = {}
+    for pool, net in nets.items():
+        out = net(x)
+        out.square().sum().backward()
+        grads[pool] = (out.detach(), net.groups[0].convs[0].weight.grad)
+    # random float32 activations have no ties, where the two backward passes would differ
+    assert torch.equal(grads["amax"][0], grads["adaptive"][0])
+    torch.testing.assert_close(grads["amax"][1], grads["adaptive"][1])
+    with pytest.raises(ConfigError, match="global_pool must be one of"):
+        train_fast("fast94", tiny_dataset(), device="cpu", global_pool="mean")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp32_weights_train_under_fp16_autocast_on_gpu():
+    result = train_fast("fast94", tiny_dataset(4000, 2000), device="cuda", compile=True, log=lambda *_: None,
+                        epochs=1, whiten_images=2000, fp32_weights=1)
+    assert {p.dtype for p in result.model.parameters()} == {torch.float32}
+    assert np.isfinite(result.history[0]["train_loss"]) and result.test_acc_plain > 0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_train_fast_compiled_on_gpu():
     result = train_fast("fast94", tiny_dataset(4000, 2000), device="cuda", compile=True, log=lambda *_: None,
@@ -90,8 +115,9 @@ def test_train_fast_compiled_on_gpu():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("overrides", [{}, {"keep_fraction": 0.5}, {"keep_fraction": 0.5, "rank_by": "last_loss"}],
-                         ids=["plain", "filtered", "last_loss"])
+@pytest.mark.parametrize("overrides", [{}, {"keep_fraction": 0.5}, {"keep_fraction": 0.5, "rank_by": "last_loss"},
+                                       {"fp32_weights": 1, "global_pool": "amax"}],
+                         ids=["plain", "filtered", "last_loss", "fp32_amax"])
 def test_timed_path_never_waits_on_the_host(monkeypatch, overrides):
     """Between the whitening init and the timer's last stop (training and the TTA evaluation), any implicit
     device->host sync raises."""
