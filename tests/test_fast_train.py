@@ -116,8 +116,9 @@ def test_train_fast_compiled_on_gpu():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("overrides", [{}, {"keep_fraction": 0.5}, {"keep_fraction": 0.5, "rank_by": "last_loss"},
+                                       {"keep_fraction": 0.5, "rank_by": "last_loss", "skip_hardest": 0.1},
                                        {"fp32_weights": 1, "global_pool": "amax"}],
-                         ids=["plain", "filtered", "last_loss", "fp32_amax"])
+                         ids=["plain", "filtered", "last_loss", "skip_hardest", "fp32_amax"])
 def test_timed_path_never_waits_on_the_host(monkeypatch, overrides):
     """Between the whitening init and the timer's last stop (training and the TTA evaluation), any implicit
     device->host sync raises."""
@@ -210,8 +211,8 @@ def test_last_loss_run_trains_on_the_examples_it_ranks_hardest(monkeypatch):
     filters, steps, main_outputs = [], [], []
 
     class Recording(LastLossFilter):
-        def __init__(self, *args):
-            super().__init__(*args)
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
             filters.append(self)
 
         def select(self, indices):
