@@ -192,17 +192,3 @@ def test_last_loss_filter_ranks_by_each_examples_last_recorded_loss():
     rank.record(batch, torch.tensor([0.1, 0.9, 0.3, 0.8, 0.2]))
     assert set(batch[rank.select(batch)].tolist()) == {2, 0, 5}
     assert rank.last_loss.dtype == torch.float32 and torch.isinf(rank.last_loss[[1, 3, 4, 6, 8]]).all()
-
-
-def test_last_loss_filter_passes_over_the_hardest_seen_examples_but_never_the_unseen():
-    from cudacnn.train.fast.filtering import LastLossFilter
-
-    rank = LastLossFilter(num_examples=8, keep=3, device="cpu", skip=2)
-    batch = torch.tensor([0, 1, 2, 3, 4, 5, 6])
-    rank.record(torch.tensor([0, 1, 2, 3, 4]), torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0]))
-    # 5 and 6 unseen: both kept; of the seen, 0 and 1 (the two hardest) passed over, then 2
-    assert sorted(batch[rank.select(batch)].tolist()) == [2, 5, 6]
-    rank.record(torch.tensor([5, 6]), torch.tensor([0.5, 9.0]))
-    assert sorted(batch[rank.select(batch)].tolist()) == [1, 2, 3]  # 6 and 0 passed over
-    everyone_unseen = LastLossFilter(num_examples=8, keep=3, device="cpu", skip=2)
-    assert len(set(everyone_unseen.select(batch).tolist())) == 3  # more unseen than kept: any 3 of them

@@ -40,22 +40,14 @@ class ProxyFilter:
 
 
 class LastLossFilter:
-    def __init__(self, num_examples: int, keep: int, device, skip: int = 0):
+    def __init__(self, num_examples: int, keep: int, device):
         # never seen ranks first: the first epoch keeps an arbitrary `keep` of each batch, the second the rest
         self.last_loss = torch.full((num_examples,), float("inf"), device=device)
         self.keep = keep
-        self.skip = skip  # the very hardest are passed over: on a noisy set, mostly mislabeled or ambiguous images
 
     def select(self, indices: torch.Tensor) -> torch.Tensor:
-        """Positions in the batch of the `keep` examples (dataset `indices`) with the highest last loss:
-        the unseen first, then the seen after passing over their `skip` hardest."""
-        loss = self.last_loss[indices]
-        if not self.skip:
-            return loss.topk(self.keep, sorted=False).indices
-        order = loss.topk(self.skip + self.keep).indices  # hardest first, the unseen (inf) at the top
-        unseen = torch.isinf(loss).sum()  # stays on the device: no host sync
-        ranks = torch.arange(self.keep, device=loss.device)
-        return order[torch.where(ranks < unseen, ranks, ranks + self.skip)]
+        """Positions in the batch of the `keep` examples (dataset `indices`) with the highest last loss."""
+        return self.last_loss[indices].topk(self.keep, sorted=False).indices
 
     def record(self, indices: torch.Tensor, losses: torch.Tensor) -> None:
         self.last_loss[indices] = losses.detach().float()

@@ -49,7 +49,6 @@ class FastConfig:
     keep_fraction: float = 1.0      # < 1: train on the hardest part of each batch (filtering.py)
     #                                 (the logged train loss/accuracy are then the kept part's)
     rank_by: str = "proxy"          # ... ranked by a proxy net, or by each example's "last_loss" in the main net
-    skip_hardest: float = 0.0       # last_loss: pass over this fraction of each batch, its hardest, before keeping
     proxy_widths: str = "32/64/64"  # the proxy: a fast94-style net of these widths (filtering.py)
     proxy_learn_every: int = 2      # the proxy learns from every k-th batch (and ranks them all); 4 lost 0.6 points
     fp32_weights: int = 0           # 1: fp32 weights under fp16 autocast, so late, small updates are not rounded away
@@ -94,8 +93,6 @@ def resolve_config(name: str, overrides: dict) -> FastConfig:
     parse_widths(cfg.proxy_widths)
     if not 0.0 < cfg.keep_fraction <= 1.0:
         raise ConfigError(f"keep_fraction must be in (0, 1], got {cfg.keep_fraction}")
-    if not 0.0 <= cfg.skip_hardest <= 1.0 - cfg.keep_fraction:
-        raise ConfigError(f"skip_hardest must be in [0, 1 - keep_fraction], got {cfg.skip_hardest}")
     if cfg.rank_by not in RANKINGS:
         raise ConfigError(f"rank_by must be one of {RANKINGS}, got {cfg.rank_by!r}")
     if cfg.proxy_learn_every < 1:
@@ -265,9 +262,7 @@ def train_fast(name: str, dataset: Dataset, *, seed: int = 0, device="cuda", com
     torch.manual_seed(seed)
     model.reset()
     proxy = make_proxy_filter(cfg, device, dataset.num_classes, compile)  # after the main net's init
-    last_loss = (LastLossFilter(len(dataset.train), examples_per_step(cfg), device,
-                                skip=min(round(cfg.batch_size * cfg.skip_hardest),
-                                         cfg.batch_size - examples_per_step(cfg)))
+    last_loss = (LastLossFilter(len(dataset.train), examples_per_step(cfg), device)
                  if cfg.keep_fraction < 1 and cfg.rank_by == "last_loss" else None)
 
     augment = Augment(crop_pad=cfg.crop_pad, flip="alternate", cutout=cfg.cutout)
