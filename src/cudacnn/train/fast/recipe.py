@@ -51,7 +51,6 @@ class FastConfig:
     rank_by: str = "proxy"          # ... ranked by a proxy net, or by each example's "last_loss" in the main net
     proxy_widths: str = "32/64/64"  # the proxy: a fast94-style net of these widths (filtering.py)
     proxy_learn_every: int = 2      # the proxy learns from every k-th batch (and ranks them all); 4 lost 0.6 points
-    fp32_weights: int = 0           # 1: fp32 weights under fp16 autocast, so late, small updates are not rounded away
     global_pool: str = "adaptive"   # the head's global max pool: "adaptive" (F.adaptive_max_pool2d) | "amax"
     max_steps: int | None = None    # cut training short (smoke tests)
 
@@ -135,18 +134,18 @@ def training_dtype(device: torch.device) -> torch.dtype:
 
 
 def prepared_model(name: str, device, num_classes: int, compile: bool, mode: str = "default", widths: str = "",
-                   role: str = "main", fp32_weights: int = 0, global_pool: str = "adaptive") -> tuple[FastNet, nn.Module]:
+                   role: str = "main", global_pool: str = "adaptive") -> tuple[FastNet, nn.Module]:
     """(model, callable): the callable is the compiled model when `compile`, else the model itself.
     `role` keeps a filtering run's proxy apart from a main net of the same preset and widths."""
     device = torch.device(device)
-    key = (name, str(device), num_classes, compile, mode, widths, role, fp32_weights, global_pool)
+    key = (name, str(device), num_classes, compile, mode, widths, role, global_pool)
     if key not in _PREPARED:
         if compile:  # both presets' static graphs (each batch size, train and eval, the filtering proxy's)
             # share FastNet.forward's code object: more than dynamo's default 8
             allow_static_graphs()
         model = FACTORIES[name](num_classes=num_classes, global_pool=global_pool, **parse_widths(widths))
         model = model.to(device, memory_format=torch.channels_last)
-        model.to_training_dtype(torch.float32 if fp32_weights else training_dtype(device))
+        model.to_training_dtype(training_dtype(device))
         # static shapes: every batch here is full-size, and a shape-generic graph would be slower
         mode = mode if device.type == "cuda" else "default"  # CUDA graphs need a GPU
         _PREPARED[key] = (model, torch.compile(model, dynamic=False, mode=mode) if compile else model)
@@ -156,7 +155,7 @@ def prepared_model(name: str, device, num_classes: int, compile: bool, mode: str
 # The FastConfig fields the compiled graphs depend on (static shapes, compile mode, and Muon's momentum, a
 # constant inside its compiled update): one warm-up per value.
 GRAPH_FIELDS = ("batch_size", "compile_mode", "widths", "keep_fraction", "rank_by", "proxy_widths", "muon_momentum",
-                "fp32_weights", "global_pool")
+                "global_pool")
 _WARMED: set[tuple] = set()  # warm-up keys done in this process
 
 
@@ -256,9 +255,7 @@ def train_fast(name: str, dataset: Dataset, *, seed: int = 0, device="cuda", com
             warmup(name, dataset, device, compile, **{k: getattr(cfg, k) for k in GRAPH_FIELDS})
     dtype = training_dtype(device)
     model, net = prepared_model(name, device, dataset.num_classes, compile, cfg.compile_mode, cfg.widths,
-                                fp32_weights=cfg.fp32_weights, global_pool=cfg.global_pool)
-    # fp32 weights: the convs and head run in fp16 all the same, on casts autocast makes each step
-    amp = torch.autocast(device.type, dtype=dtype, enabled=bool(cfg.fp32_weights) and device.type == "cuda")
+                                global_pool=cfg.global_pool)
     torch.manual_seed(seed)
     model.reset()
     proxy = make_proxy_filter(cfg, device, dataset.num_classes, compile)  # after the main net's init
@@ -309,8 +306,7 @@ def train_fast(name: str, dataset: Dataset, *, seed: int = 0, device="cuda", com
             elif last_loss:
                 hard = last_loss.select(indices)
                 images, labels, indices = images[hard], labels[hard], indices[hard]
-            with amp:
-                outputs = net(images)
+            outputs = net(images)
             if last_loss:
                 losses = F.cross_entropy(outputs, labels, label_smoothing=cfg.label_smoothing, reduction="none")
                 last_loss.record(indices, losses)
@@ -336,10 +332,10 @@ def train_fast(name: str, dataset: Dataset, *, seed: int = 0, device="cuda", com
     timer.stop()
     timer.start()  # the evaluation is timed too, as its own span
     model.eval()
-    with amp:
-        tta_acc = accuracy(predict_tta(channels_last_input(net), test_images, cfg.tta_level), test_labels)
-        timer.stop()
-        plain_acc = accuracy(predict_tta(channels_last_input(net), test_images, 0), test_labels)
+    tta_acc = accuracy(predict_tta(channels_last_input(net), test_images, cfg.tta_level), test_labels)
+    timer.stop()
+
+    plain_acc = accuracy(predict_tta(channels_last_input(net), test_images, 0), test_labels)
     train_seconds, eval_seconds = timer.span_seconds()
     seconds = train_seconds + eval_seconds
     for row in history:
