@@ -80,21 +80,18 @@ def test_bench_overrides_are_typed():
         epochs=7.0, cutout=12, max_steps=None, widths="128/384/640")
 
 
-def test_amax_global_pool_matches_adaptive_max_pool_and_bad_pools_are_config_errors():
+@pytest.mark.slow
+def test_compiled_fp16_net_has_finite_gradients():
+    """The fast nets train in fp16 under torch.compile. With the global pool written as amax, Inductor's
+    backward missed every max and returned NaN gradients (session 7: fast94 stayed at 10 % on the GPU)."""
     torch.manual_seed(0)
-    nets = {pool: FastNet(widths=(8, 16, 16), global_pool=pool) for pool in ("adaptive", "amax")}
-    nets["amax"].load_state_dict(nets["adaptive"].state_dict())
-    x = torch.randn(4, 3, 32, 32)
-    grads = {}
-    for pool, net in nets.items():
-        out = net(x)
-        out.square().sum().backward()
-        grads[pool] = (out.detach(), net.groups[0].convs[0].weight.grad)
-    # random float32 activations have no ties, where the two backward passes would differ
-    assert torch.equal(grads["amax"][0], grads["adaptive"][0])
-    torch.testing.assert_close(grads["amax"][1], grads["adaptive"][1])
-    with pytest.raises(ConfigError, match="global_pool must be one of"):
-        train_fast("fast94", tiny_dataset(), device="cpu", global_pool="mean")
+    net = FastNet(widths=(8, 16, 16)).to(memory_format=torch.channels_last).to_training_dtype(torch.float16)
+    images = torch.randn(16, 3, 32, 32).half().contiguous(memory_format=torch.channels_last)
+    logits = torch.compile(net, dynamic=False)(images)
+    torch.nn.functional.cross_entropy(logits, torch.randint(0, 10, (16,)), reduction="sum").backward()
+    grads = [p.grad for p in net.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert net.head.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -107,9 +104,8 @@ def test_train_fast_compiled_on_gpu():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("overrides", [{}, {"keep_fraction": 0.5}, {"keep_fraction": 0.5, "rank_by": "last_loss"},
-                                       {"global_pool": "amax"}],
-                         ids=["plain", "filtered", "last_loss", "amax_pool"])
+@pytest.mark.parametrize("overrides", [{}, {"keep_fraction": 0.5}, {"keep_fraction": 0.5, "rank_by": "last_loss"}],
+                         ids=["plain", "filtered", "last_loss"])
 def test_timed_path_never_waits_on_the_host(monkeypatch, overrides):
     """Between the whitening init and the timer's last stop (training and the TTA evaluation), any implicit
     device->host sync raises."""

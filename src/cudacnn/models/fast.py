@@ -15,8 +15,6 @@ import torch.nn.functional as F
 
 from cudacnn.models.registry import register_model
 
-GLOBAL_POOLS = ("adaptive", "amax")
-
 
 class BatchNorm(nn.BatchNorm2d):
     """BatchNorm with a fixed unit scale and a learnable bias. airbench's momentum 0.6 is in the
@@ -57,14 +55,8 @@ class ConvGroup(nn.Module):
 
 class FastNet(nn.Module):
     def __init__(self, widths=(64, 256, 256), depth: int = 2, num_classes: int = 10,
-                 whiten_kernel: int = 2, bn_momentum: float = 0.4, logit_scale: float | None = None,
-                 global_pool: str = "adaptive"):
+                 whiten_kernel: int = 2, bn_momentum: float = 0.4, logit_scale: float | None = None):
         super().__init__()
-        if global_pool not in GLOBAL_POOLS:
-            raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
-        # amax's backward is an elementwise mask that fuses into the compiled graph; adaptive max pool's is
-        # a separate scatter kernel (0.47 ms a fast96 step), and it sends a tie's gradient to one position only
-        self.global_pool = global_pool
         whiten_width = 2 * 3 * whiten_kernel**2  # each eigen-direction and its negation
         self.whiten = nn.Conv2d(3, whiten_width, kernel_size=whiten_kernel, padding=0, bias=True)
         self.whiten.weight.requires_grad_(False)
@@ -78,7 +70,9 @@ class FastNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.gelu(self.whiten(x))
         x = self.groups(x)
-        x = x.amax((2, 3)) if self.global_pool == "amax" else F.adaptive_max_pool2d(x, 1).flatten(1)
+        # not x.amax((2, 3)), though its backward is cheaper: compiled in fp16, Inductor recomputes amax's input
+        # at another precision, its equality mask can miss every max, and the gradients turn NaN (pytorch#186799)
+        x = F.adaptive_max_pool2d(x, 1).flatten(1)
         return self.head(x) * self.logit_scale
 
     @torch.no_grad()

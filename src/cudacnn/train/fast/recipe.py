@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from cudacnn.data import CIFAR10_MEAN, CIFAR10_STD, Augment, Dataset, GpuLoader
 from cudacnn.errors import ConfigError
 from cudacnn.evaluate.tta import TTA_LEVELS, predict_tta
-from cudacnn.models.fast import GLOBAL_POOLS, FastNet, fast94, fast96
+from cudacnn.models.fast import FastNet, fast94, fast96
 from cudacnn.train.fast.filtering import LastLossFilter, ProxyFilter
 from cudacnn.train.fast.lookahead import Lookahead
 from cudacnn.train.fast.muon import Muon, allow_static_graphs
@@ -51,7 +51,6 @@ class FastConfig:
     rank_by: str = "proxy"          # ... ranked by a proxy net, or by each example's "last_loss" in the main net
     proxy_widths: str = "32/64/64"  # the proxy: a fast94-style net of these widths (filtering.py)
     proxy_learn_every: int = 2      # the proxy learns from every k-th batch (and ranks them all); 4 lost 0.6 points
-    global_pool: str = "adaptive"   # the head's global max pool: "adaptive" (F.adaptive_max_pool2d) | "amax"
     max_steps: int | None = None    # cut training short (smoke tests)
 
 
@@ -96,8 +95,6 @@ def resolve_config(name: str, overrides: dict) -> FastConfig:
         raise ConfigError(f"rank_by must be one of {RANKINGS}, got {cfg.rank_by!r}")
     if cfg.proxy_learn_every < 1:
         raise ConfigError(f"proxy_learn_every must be a positive integer, got {cfg.proxy_learn_every}")
-    if cfg.global_pool not in GLOBAL_POOLS:
-        raise ConfigError(f"global_pool must be one of {GLOBAL_POOLS}, got {cfg.global_pool!r}")
     if cfg.tta_level not in TTA_LEVELS:
         raise ConfigError(f"tta_level must be one of {TTA_LEVELS}, got {cfg.tta_level}")
     return cfg
@@ -133,17 +130,17 @@ def training_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
-def prepared_model(name: str, device, num_classes: int, compile: bool, mode: str = "default", widths: str = "",
-                   role: str = "main", global_pool: str = "adaptive") -> tuple[FastNet, nn.Module]:
+def prepared_model(name: str, device, num_classes: int, compile: bool,
+                   mode: str = "default", widths: str = "", role: str = "main") -> tuple[FastNet, nn.Module]:
     """(model, callable): the callable is the compiled model when `compile`, else the model itself.
     `role` keeps a filtering run's proxy apart from a main net of the same preset and widths."""
     device = torch.device(device)
-    key = (name, str(device), num_classes, compile, mode, widths, role, global_pool)
+    key = (name, str(device), num_classes, compile, mode, widths, role)
     if key not in _PREPARED:
         if compile:  # both presets' static graphs (each batch size, train and eval, the filtering proxy's)
             # share FastNet.forward's code object: more than dynamo's default 8
             allow_static_graphs()
-        model = FACTORIES[name](num_classes=num_classes, global_pool=global_pool, **parse_widths(widths))
+        model = FACTORIES[name](num_classes=num_classes, **parse_widths(widths))
         model = model.to(device, memory_format=torch.channels_last)
         model.to_training_dtype(training_dtype(device))
         # static shapes: every batch here is full-size, and a shape-generic graph would be slower
@@ -154,8 +151,7 @@ def prepared_model(name: str, device, num_classes: int, compile: bool, mode: str
 
 # The FastConfig fields the compiled graphs depend on (static shapes, compile mode, and Muon's momentum, a
 # constant inside its compiled update): one warm-up per value.
-GRAPH_FIELDS = ("batch_size", "compile_mode", "widths", "keep_fraction", "rank_by", "proxy_widths", "muon_momentum",
-                "global_pool")
+GRAPH_FIELDS = ("batch_size", "compile_mode", "widths", "keep_fraction", "rank_by", "proxy_widths", "muon_momentum")
 _WARMED: set[tuple] = set()  # warm-up keys done in this process
 
 
@@ -254,8 +250,7 @@ def train_fast(name: str, dataset: Dataset, *, seed: int = 0, device="cuda", com
         if compile and not _warm:
             warmup(name, dataset, device, compile, **{k: getattr(cfg, k) for k in GRAPH_FIELDS})
     dtype = training_dtype(device)
-    model, net = prepared_model(name, device, dataset.num_classes, compile, cfg.compile_mode, cfg.widths,
-                                global_pool=cfg.global_pool)
+    model, net = prepared_model(name, device, dataset.num_classes, compile, cfg.compile_mode, cfg.widths)
     torch.manual_seed(seed)
     model.reset()
     proxy = make_proxy_filter(cfg, device, dataset.num_classes, compile)  # after the main net's init
