@@ -51,8 +51,6 @@ class FastConfig:
     rank_by: str = "proxy"          # ... ranked by a proxy net, or by each example's "last_loss" in the main net
     proxy_widths: str = "32/64/64"  # the proxy: a fast94-style net of these widths (filtering.py)
     proxy_learn_every: int = 2      # the proxy learns from every k-th batch (and ranks them all); 4 lost 0.6 points
-    whiten_kernel: int = 2          # the patch-whitening conv's kernel size
-    bn_momentum: float = 0.4        # BatchNorm running-statistics momentum (PyTorch's convention)
     max_steps: int | None = None    # cut training short (smoke tests)
 
 
@@ -132,18 +130,17 @@ def training_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
-def prepared_model(name: str, device, num_classes: int, compile: bool, mode: str = "default", widths: str = "",
-                   role: str = "main", whiten_kernel: int = 2, bn_momentum: float = 0.4) -> tuple[FastNet, nn.Module]:
+def prepared_model(name: str, device, num_classes: int, compile: bool,
+                   mode: str = "default", widths: str = "", role: str = "main") -> tuple[FastNet, nn.Module]:
     """(model, callable): the callable is the compiled model when `compile`, else the model itself.
     `role` keeps a filtering run's proxy apart from a main net of the same preset and widths."""
     device = torch.device(device)
-    key = (name, str(device), num_classes, compile, mode, widths, role, whiten_kernel, bn_momentum)
+    key = (name, str(device), num_classes, compile, mode, widths, role)
     if key not in _PREPARED:
         if compile:  # both presets' static graphs (each batch size, train and eval, the filtering proxy's)
             # share FastNet.forward's code object: more than dynamo's default 8
             allow_static_graphs()
-        model = FACTORIES[name](num_classes=num_classes, whiten_kernel=whiten_kernel, bn_momentum=bn_momentum,
-                                **parse_widths(widths))
+        model = FACTORIES[name](num_classes=num_classes, **parse_widths(widths))
         model = model.to(device, memory_format=torch.channels_last)
         model.to_training_dtype(training_dtype(device))
         # static shapes: every batch here is full-size, and a shape-generic graph would be slower
@@ -154,8 +151,7 @@ def prepared_model(name: str, device, num_classes: int, compile: bool, mode: str
 
 # The FastConfig fields the compiled graphs depend on (static shapes, compile mode, and Muon's momentum, a
 # constant inside its compiled update): one warm-up per value.
-GRAPH_FIELDS = ("batch_size", "compile_mode", "widths", "keep_fraction", "rank_by", "proxy_widths", "muon_momentum",
-                "whiten_kernel", "bn_momentum")
+GRAPH_FIELDS = ("batch_size", "compile_mode", "widths", "keep_fraction", "rank_by", "proxy_widths", "muon_momentum")
 _WARMED: set[tuple] = set()  # warm-up keys done in this process
 
 
@@ -254,8 +250,7 @@ def train_fast(name: str, dataset: Dataset, *, seed: int = 0, device="cuda", com
         if compile and not _warm:
             warmup(name, dataset, device, compile, **{k: getattr(cfg, k) for k in GRAPH_FIELDS})
     dtype = training_dtype(device)
-    model, net = prepared_model(name, device, dataset.num_classes, compile, cfg.compile_mode, cfg.widths,
-                                whiten_kernel=cfg.whiten_kernel, bn_momentum=cfg.bn_momentum)
+    model, net = prepared_model(name, device, dataset.num_classes, compile, cfg.compile_mode, cfg.widths)
     torch.manual_seed(seed)
     model.reset()
     proxy = make_proxy_filter(cfg, device, dataset.num_classes, compile)  # after the main net's init
