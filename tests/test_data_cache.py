@@ -61,6 +61,37 @@ def test_corrupt_cache_is_rebuilt_with_warning(tmp_path, monkeypatch, caplog):
     np.testing.assert_array_equal(again.test.images, expected["test"][0])
 
 
+def test_corrupt_cache_that_cannot_be_deleted_is_rebuilt_beside_it(tmp_path, monkeypatch, caplog):
+    """A corrupt cache in a folder that refuses deletion: a warning, a rebuild, no traceback."""
+    from pathlib import Path
+
+    files, expected = image_folder_files()
+    tar = write_tar(tmp_path / "t.tar.gz", files)
+    first = load_dataset(tar, cache_dir=tmp_path / "cache", quiet=True)
+    first.cache_path.write_bytes(b"not a cache")
+    real_unlink = Path.unlink
+
+    def refuse(self, missing_ok=False):
+        if self == first.cache_path:
+            raise PermissionError(13, "Permission denied")
+        real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refuse)
+    with caplog.at_level(logging.WARNING):
+        again = load_dataset(tar, cache_dir=tmp_path / "cache", quiet=True)
+    assert "could not delete the cache" in caplog.text and "Permission denied" in caplog.text
+    np.testing.assert_array_equal(again.test.images, expected["test"][0])
+
+
+def test_cache_file_mode_follows_the_umask(tmp_path, monkeypatch):
+    from cudacnn import atomic
+
+    monkeypatch.setattr(atomic, "_UMASK", 0o027)
+    files, _ = image_folder_files()
+    ds = load_dataset(write_tar(tmp_path / "t.tar.gz", files), cache_dir=tmp_path / "cache", quiet=True)
+    assert ds.cache_path.stat().st_mode & 0o777 == 0o640  # readable by the group, as open() would make it
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write to read-only folders")
 def test_unwritable_cache_dir(tmp_path):
     files, _ = image_folder_files()

@@ -7,12 +7,12 @@ import json
 import logging
 import os
 import re
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from cudacnn.atomic import atomic_output
 from cudacnn.data.dataset import Dataset, Split
 from cudacnn.errors import DataError
 
@@ -55,34 +55,37 @@ def load(path: Path, print_: str) -> Dataset | None:
                               Split(f["test_x"], f["test_y"]), source=meta["source"], cache_path=path)
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, json.JSONDecodeError) as exc:
         log.warning("warning: cache %s is unreadable (%s); rebuilding it", path, exc)
-        path.unlink(missing_ok=True)
+        _remove(path)
         return None
     return dataset
+
+
+def _remove(path: Path) -> None:
+    """Delete a cache file if the folder allows; where it does not, writing the new cache says so."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("warning: could not delete the cache %s (%s)", path, exc.strerror or exc)
 
 
 def save(dataset: Dataset, path: Path, print_: str) -> Path:
     """Write atomically: a temporary file in the same folder, renamed over the target when complete."""
     meta = json.dumps({"fingerprint": print_, "name": dataset.name, "classes": dataset.classes,
                        "source": dataset.source, "version": FORMAT_VERSION})
+    writing = False
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with atomic_output(path, suffix=".npz") as tmp:  # np.savez appends .npz to any other name
+            writing = True
+            np.savez(tmp, meta=np.array(meta), train_x=dataset.train.images, train_y=dataset.train.labels,
+                     test_x=dataset.test.images, test_y=dataset.test.labels)
     except OSError as exc:
+        if writing:
+            raise DataError(f"could not write the cache {path} ({exc}); free disk space or pass --cache-dir") from exc
         raise DataError(f"cache directory {path.parent} is not writable ({exc.strerror or exc}); "
                         "pass --cache-dir or set CUDACNN_CACHE to a writable folder") from exc
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, meta=np.array(meta), train_x=dataset.train.images, train_y=dataset.train.labels,
-                     test_x=dataset.test.images, test_y=dataset.test.labels)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise DataError(f"could not write the cache {path} ({exc}); free disk space or pass --cache-dir") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
     # Drop the caches of earlier versions of the same source.
     for stale in path.parent.glob(f"{path.name.rsplit('-', 1)[0]}-*.npz"):
         if stale != path:
-            stale.unlink(missing_ok=True)
+            _remove(stale)
     dataset.cache_path = path
     return path

@@ -47,6 +47,10 @@ def _read_tar(path: Path) -> dict[str, Callable[[], bytes]]:
                 if len(data) != member.size:
                     raise EOFError(f"{member.name} ends early")
                 contents[member.name.removeprefix("./")] = data
+            # read past the tar end marker to the end of the stream: only there do gzip/bz2/xz check their CRC
+            # (a flipped bit inside the data, or a cut-off trailer, is otherwise accepted as different pixels)
+            while tar.fileobj.read(1 << 20):
+                pass
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
         raise DataError(f"{path} is truncated or corrupt ({exc}); download or copy it again") from exc
     if not contents:
