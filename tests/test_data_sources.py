@@ -51,10 +51,30 @@ def test_cifar10_python_version(tmp_path):
 
 def test_cifar100_python_version(tmp_path):
     files, train, test = cifar100_python_files()
-    ds = read_source(write_folder(tmp_path / "extracted", files))
-    assert ds.classes[99] == "fine99"
-    assert_split(ds.train, *train)
-    assert_split(ds.test, *test)
+    above = write_folder(tmp_path / "extracted", files)
+    for source in (above, above / "cifar-100-python"):  # the folder the archive extracts to, or the one above it
+        ds = read_source(source)
+        assert ds.classes[99] == "fine99"
+        assert_split(ds.train, *train)
+        assert_split(ds.test, *test)
+
+
+def test_meta_file_without_class_names(tmp_path):
+    import pickle
+
+    files, _, _ = cifar10_python_files()
+    files["cifar-10-batches-py/batches.meta"] = pickle.dumps({"num_vis": 3072}, protocol=2)
+    with pytest.raises(DataError, match="batches.meta lacks the key 'label_names'"):
+        read_source(write_folder(tmp_path / "x", files))
+
+
+def test_image_too_large_to_decode_safely(tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 256)  # 32x32 is then over twice the limit: Pillow refuses
+    files, _ = image_folder_files()
+    with pytest.raises(DataError, match="0000.png is not a readable image.*decompression bomb"):
+        read_source(write_folder(tmp_path / "x", files))
 
 
 def test_malicious_pickle_is_refused_and_never_runs(tmp_path):

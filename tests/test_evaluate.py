@@ -342,6 +342,16 @@ def test_predict_refuses_other_images(tiny_run, tmp_path, capsys, size, mode):
     assert f"{size[0]}x{size[1]} {mode}" in err and "32x32 RGB" in err
 
 
+def test_predict_names_a_folder_and_a_bomb(tiny_run, tmp_path, capsys, monkeypatch):
+    assert main(["predict", str(tiny_run["run"]), str(tmp_path)]) == 2
+    assert f"{tmp_path} is a folder; predict takes image files" in capsys.readouterr().err
+    path = tmp_path / "img.png"
+    Image.new("RGB", (32, 32)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 256)
+    assert main(["predict", str(tiny_run["run"]), str(path)]) == 2
+    assert "is not an image Pillow can read" in capsys.readouterr().err
+
+
 def test_report_command(tiny_run, tmp_path, capsys):
     run = tmp_path / "r"
     make_run(run)

@@ -56,7 +56,7 @@ def detect_official(tree: Tree) -> str | None:
     if _find(tree, "data_batch_1") and _find(tree, "batches.meta"):
         return "cifar10-py"
     meta = _find(tree, "meta")
-    if meta and posixpath.dirname(meta) and posixpath.join(posixpath.dirname(meta), "train") in tree:
+    if meta and posixpath.join(posixpath.dirname(meta), "train") in tree:  # the folder itself, or one above it
         return "cifar100-py"
     return None
 
@@ -164,8 +164,10 @@ def _batch_split(batch: dict, label_key: str, name: str, source: str) -> Split:
     return Split(_records_to_images(data), labels)
 
 
-def _decode_names(values) -> list[str]:
-    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+def _class_names(meta: dict, key: str, name: str, source: str) -> list[str]:
+    if key not in meta:
+        raise DataError(f"{source}: {name} lacks the key '{key}'; it is not an official CIFAR meta file")
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in meta[key]]
 
 
 def read_python(tree: Tree, layout: str, source: str) -> Dataset:
@@ -177,13 +179,13 @@ def read_python(tree: Tree, layout: str, source: str) -> Dataset:
         train = _concat([_batch_split(load(folder, f"data_batch_{i}"), "labels", f"data_batch_{i}", source)
                          for i in range(1, 6)])
         test = _batch_split(load(folder, "test_batch"), "labels", "test_batch", source)
-        classes = _decode_names(load(folder, "batches.meta")["label_names"])
+        classes = _class_names(load(folder, "batches.meta"), "label_names", "batches.meta", source)
         name = "cifar10"
     else:
         folder = posixpath.dirname(_find(tree, "meta"))
         train = _batch_split(load(folder, "train"), "fine_labels", "train", source)
         test = _batch_split(load(folder, "test"), "fine_labels", "test", source)
-        classes = _decode_names(load(folder, "meta")["fine_label_names"])
+        classes = _class_names(load(folder, "meta"), "fine_label_names", "meta", source)
         name = "cifar100"
     for split in (train, test):
         _check_labels(split, classes, source)

@@ -58,7 +58,7 @@ def _decode(item: tuple[str, bytes]) -> np.ndarray | str:
             if image.mode != "RGB":
                 return f"{name} has mode {image.mode}, expected RGB; convert it to 3-channel RGB"
             return np.asarray(image, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         return f"{name} is not a readable image ({exc}); replace or remove it"
 
 

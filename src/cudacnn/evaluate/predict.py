@@ -17,12 +17,14 @@ IMAGE_SIZE = 32
 def read_image(path: str | Path) -> np.ndarray:
     """uint8 (32, 32, 3) HWC array of a 32x32 RGB image file."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a folder; predict takes image files: name them, e.g. {path}/*.png")
     if not path.is_file():
         raise DataError(f"image {path} does not exist")
     try:
         with Image.open(path) as image:
             image.load()
-    except (UnidentifiedImageError, OSError) as exc:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise DataError(f"{path} is not an image Pillow can read ({exc})") from exc
     if image.size != (IMAGE_SIZE, IMAGE_SIZE) or image.mode != "RGB":
         raise DataError(f"{path} is {image.size[0]}x{image.size[1]} {image.mode}; the model takes 32x32 RGB images. "
