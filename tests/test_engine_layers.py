@@ -191,6 +191,27 @@ def test_training_steps_match_torch_optim(opt):
         np.testing.assert_allclose(p.data, t.detach().numpy(), rtol=1e-4, atol=1e-5)
 
 
+def test_adam_counts_each_parameters_own_steps():
+    """A parameter without a gradient for the first steps starts its bias correction at its first update,
+    as torch.optim.Adam does (a global step count would shrink its first updates)."""
+    rng = np.random.default_rng(0)
+    start = [rng.standard_normal(4).astype(np.float32) for _ in range(2)]
+    ours = [gnn.Parameter(v.copy()) for v in start]
+    theirs = [torch.tensor(v.copy(), requires_grad=True) for v in start]
+    optimizer, torch_optimizer = gnn.Adam(ours, lr=0.1), torch.optim.Adam(theirs, lr=0.1)
+    for step in range(4):
+        grads = [rng.standard_normal(4).astype(np.float32) for _ in range(2)]
+        for i, g in enumerate(grads):
+            late = i == 1 and step < 3  # the second parameter gets its first gradient at step 3
+            ours[i].grad = None if late else g
+            theirs[i].grad = None if late else torch.tensor(g)
+        optimizer.step()
+        torch_optimizer.step()
+    for p, t in zip(ours, theirs):
+        np.testing.assert_allclose(p.data, t.detach().numpy(), rtol=1e-6, atol=1e-7)
+    assert not np.allclose(ours[1].data, start[1])  # it did move, by a full first Adam step
+
+
 def test_engine_matches_zoo_simple_model():
     """simple_cnn is the zoo's `simple` layer for layer: torch weights load and give the same logits."""
     from cudacnn.models import create_model
@@ -283,6 +304,18 @@ def test_profile_prints_a_row_per_layer(capsys, monkeypatch):
     assert rows[0]["kept_mib"] > 0  # im2col columns and the output stay for backward
     out = capsys.readouterr().out
     assert "backward ms" in out and "15.625" in out
+
+
+def test_profile_leaves_batchnorm_statistics_and_mode_alone():
+    model = gnn.Sequential([gnn.Conv2d(3, 4, 3), gnn.BatchNorm2d(4), gnn.ReLU(), gnn.Flatten(),
+                            gnn.Linear(4 * 6 * 6, 5), gnn.Softmax()]).eval()
+    x = np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32) * 3 + 1
+    before = model.state_dict()
+    model.profile(x, np.array([0, 1, 2, 3]), repeats=2, print_table=False)
+    assert not model.training
+    after = model.state_dict()
+    for name, value in before.items():  # running_mean/var included: six training forwards must leave no trace
+        np.testing.assert_array_equal(after[name], value, err_msg=name)
 
 
 def test_unknown_device_is_a_config_error():

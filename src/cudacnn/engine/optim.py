@@ -10,7 +10,6 @@ class Optimizer:
             raise ValueError("the optimizer got no parameters")
         self.lr = lr
         self.state: dict[int, dict] = {}
-        self.steps = 0
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -25,7 +24,6 @@ class Optimizer:
         return state
 
     def step(self) -> None:
-        self.steps += 1
         for p in self.params:
             if p.grad is not None:
                 self._update(p)
@@ -51,5 +49,6 @@ class Adam(Optimizer):
 
     def _update(self, p) -> None:
         state = self._state(p, ["m", "v"])
+        state["step"] = state.get("step", 0) + 1  # per parameter, as torch: bias correction counts its own updates
         p.ops.adam_step(p.data, p.grad, state["m"], state["v"], self.lr, *self.betas, self.eps, self.weight_decay,
-                        self.steps)
+                        state["step"])

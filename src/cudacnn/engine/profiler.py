@@ -70,31 +70,37 @@ def profile_model(model, X, y, repeats: int = 5, print_table: bool = True) -> li
     bwd = [[] for _ in layers]
     kept = [0] * len(layers)
     shapes = [None] * len(layers)
+    # training forwards move BatchNorm's running statistics: the model gets them, and its mode, back afterwards
+    saved, was_training = model.state_dict(), model.training
     model.train()
-    for repeat in range(repeats + 1):
-        marks_f, marks_b = [], []
-        h = x_dev
-        for i, layer in enumerate(layers):
-            before = memory.in_use()
-            start = timer.mark()
-            h = layer.forward(h)
-            marks_f.append((start, timer.mark()))
-            kept[i] = memory.in_use() - before
-            shapes[i] = tuple(h.shape)
-        stats = ops.zeros((2,))
-        grad = ops.softmax_xent(h, y_dev, stats)
-        for i in reversed(range(len(layers))):
-            start = timer.mark()
-            grad = layers[i].backward(grad, need_input_grad=i > 0)
-            marks_b.append((i, start, timer.mark()))
-        optimizer.step()
-        ops.synchronize()
-        if repeat == 0:
-            continue  # warm-up: kernel compilation, first slabs
-        for i, (start, end) in enumerate(marks_f):
-            fwd[i].append(timer.elapsed_ms(start, end))
-        for i, start, end in marks_b:
-            bwd[i].append(timer.elapsed_ms(start, end))
+    try:
+        for repeat in range(repeats + 1):
+            marks_f, marks_b = [], []
+            h = x_dev
+            for i, layer in enumerate(layers):
+                before = memory.in_use()
+                start = timer.mark()
+                h = layer.forward(h)
+                marks_f.append((start, timer.mark()))
+                kept[i] = memory.in_use() - before
+                shapes[i] = tuple(h.shape)
+            stats = ops.zeros((2,))
+            grad = ops.softmax_xent(h, y_dev, stats)
+            for i in reversed(range(len(layers))):
+                start = timer.mark()
+                grad = layers[i].backward(grad, need_input_grad=i > 0)
+                marks_b.append((i, start, timer.mark()))
+            optimizer.step()
+            ops.synchronize()
+            if repeat == 0:
+                continue  # warm-up: kernel compilation, first slabs
+            for i, (start, end) in enumerate(marks_f):
+                fwd[i].append(timer.elapsed_ms(start, end))
+            for i, start, end in marks_b:
+                bwd[i].append(timer.elapsed_ms(start, end))
+    finally:
+        model.load_state_dict(saved)
+        model.train(was_training)
     memory.close()
     rows = []
     for i, layer in enumerate(layers):
