@@ -3,7 +3,9 @@ into aligned blocks by a best-fit allocator that splits and coalesces free range
 
 `MemoryPool.empty(shape)` hands back a torch tensor that is a raw window into a slab (not a torch view,
 so torch's caching allocator never sees it). A finalizer returns the block when Python drops the last
-reference to the tensor or to any view of it, so blocks live exactly as long as something can read them.
+reference to the tensor or to any view of it (slices, reshape, view, as_strided keep their base alive).
+`detach()` and `view(dtype)` make tensors that do not keep the base: hold the original, or copy, for as long
+as they are read. The engine itself only copies out of pool tensors (`to_numpy`).
 
     OffsetAllocator   pure bookkeeping over [0, size): testable without any device
     MemoryPool        slabs (torch uint8 tensors) + one OffsetAllocator per slab + statistics
@@ -182,7 +184,8 @@ class MemoryPool:
     # -- tensors ----------------------------------------------------------------------------------
     def empty(self, shape, dtype=torch.float32, strides=None) -> torch.Tensor:
         """An uninitialised tensor carved from a slab; the block returns to the pool with its last view
-        (a view of a tensor keeps its base alive, so a weak reference to the base sees the last one go)."""
+        (a view of a tensor keeps its base alive, so a weak reference to the base sees the last one go;
+        detach() and view(dtype) results are not such views: see the module docstring)."""
         shape = tuple(shape)
         if strides is None:
             strides = contiguous_strides(shape)
