@@ -132,12 +132,20 @@ def test_checkpoint_of_another_model_is_refused(tmp_path, dataset):
     other = dataclasses.replace(tiny_config(tmp_path, epochs=2), model="bn_dropout")
     with pytest.raises(CheckpointError, match="model 'simple'"):
         Trainer(other, run_dir=result.run_dir, resume=True, dataset=dataset, quiet=True).fit()
+    ckpts = result.run_dir / "checkpoints"
+    (ckpts / "last.pt").write_bytes((ckpts / "best.pt").read_bytes())  # weights only: nothing to resume from
+    with pytest.raises(CheckpointError, match="holds weights only"):
+        Trainer(tiny_config(tmp_path, epochs=2), run_dir=result.run_dir, resume=True, dataset=dataset,
+                quiet=True).fit()
 
 
 def test_not_a_checkpoint(tmp_path):
     bad = tmp_path / "x.pt"
     bad.write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="not a readable cudacnn checkpoint"):
+        load_checkpoint(bad)
+    bad.write_bytes(b"")  # torch's error for an empty file has no message to quote
+    with pytest.raises(CheckpointError, match="x.pt is not a readable cudacnn checkpoint"):
         load_checkpoint(bad)
     torch.save({"weights": torch.zeros(2)}, bad)
     with pytest.raises(CheckpointError, match="not a cudacnn checkpoint"):

@@ -44,7 +44,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError) as exc:
-        raise CheckpointError(f"{path} is not a readable cudacnn checkpoint ({str(exc).splitlines()[0]}); "
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]  # an empty file's error has no message
+        raise CheckpointError(f"{path} is not a readable cudacnn checkpoint ({reason}); "
                               "it may be truncated, or not a weights-only file") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a cudacnn checkpoint (no '{FORMAT}' marker); "

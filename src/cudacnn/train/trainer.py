@@ -162,6 +162,9 @@ class Trainer:
         if ckpt["model_name"] != self.config.model:
             raise CheckpointError(f"the checkpoint is of model '{ckpt['model_name']}', the run trains "
                                   f"'{self.config.model}'; resume with the run's own config")
+        if "train_state" not in ckpt:
+            raise CheckpointError("the checkpoint holds weights only (a best.pt or an export), not the training "
+                                  "state a resume needs; resume from the run's checkpoints/last.pt")
         state = ckpt["train_state"]
         check_compatible(self.model, state["model"], f"checkpoint of model '{ckpt['model_name']}'")
         self.model.load_state_dict(state["model"])
