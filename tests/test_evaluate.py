@@ -342,6 +342,16 @@ def test_predict_refuses_other_images(tiny_run, tmp_path, capsys, size, mode):
     assert f"{size[0]}x{size[1]} {mode}" in err and "32x32 RGB" in err
 
 
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_a_device_that_is_not_one(tiny_run, tmp_path, capsys, monkeypatch, command):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the name is checked before any GPU question
+    path = tmp_path / "img.png"
+    Image.new("RGB", (32, 32)).save(path)
+    extra = [str(path)] if command == "predict" else []
+    assert main([command, str(tiny_run["run"]), *extra, "--device", "foo"]) == 2
+    assert "--device foo is not a device name; use auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+
+
 def test_predict_names_a_folder_and_a_bomb(tiny_run, tmp_path, capsys, monkeypatch):
     assert main(["predict", str(tiny_run["run"]), str(tmp_path)]) == 2
     assert f"{tmp_path} is a folder; predict takes image files" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -156,10 +157,39 @@ def test_not_a_checkpoint(tmp_path):
     (["--amp", "fp8"], "amp must be"), (["--epochs", "0"], "epochs must be"),
     (["--val-fraction", "1.5"], "val-fraction"), (["--early-stopping", "3", "--val-fraction", "0"], "validation split"),
     (["--compile", "--compile-mode", "fastest"], "compile-mode must be one of default, reduce-overhead"),
+    (["--lr", "inf"], "lr must be positive and finite"), (["--momentum", "-1"], "momentum must be in [0, 1)"),
+    (["--momentum", "nan"], "momentum must be in [0, 1)"), (["--weight-decay", "-1"], "weight-decay must be >= 0"),
+    (["--weight-decay", "nan"], "weight-decay must be >= 0"), (["--grad-clip", "nan"], "grad-clip must be >= 0"),
+    (["--warmup-epochs", "-3"], "warmup-epochs must be >= 0"), (["--crop-pad", "32"], "crop-pad must be below 32"),
+    (["--seed", "-1"], "seed must be in [0, 2**32)"), (["--seed", str(2**32)], "seed must be in [0, 2**32)"),
+    (["--model-kwargs", "[1]"], "model_kwargs must be dict"), (["--device", "foo"], "device must be auto, cpu"),
+    (["--name", "../elsewhere"], "name must be a plain folder name"), (["--name", "a/b"], "name must be a plain"),
 ])
-def test_bad_flag_values_are_rejected(flags, message, capsys):
-    assert main(["train", "--model", "simple", *flags]) == 2
+def test_bad_flag_values_are_rejected(flags, message, tmp_path, capsys):
+    assert main(["train", "--model", "simple", "--out", str(tmp_path / "runs"), *flags]) == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # refused before any run folder
+
+
+@pytest.mark.parametrize("text, message", [
+    ("epochs: ten\n", "epochs must be int, got 'ten' (str)"), ("lr: '0.1'\n", "lr must be float, got '0.1'"),
+    ("epochs: 1.5\n", "epochs must be int, got 1.5 (float)"), ("model_kwargs: [1]\n", "model_kwargs must be dict"),
+    ("tta: 1\n", "tta must be bool"), ("epochs: true\n", "epochs must be int, got True"),
+])
+def test_config_file_values_of_the_wrong_type(tmp_path, text, message):
+    bad = tmp_path / "c.yaml"
+    bad.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        resolve(None, str(bad), {})
+
+
+def test_config_file_that_is_not_text_or_not_a_file(tmp_path):
+    binary = tmp_path / "c.yaml"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(ConfigError, match="is not readable text"):
+        resolve(None, str(binary), {})
+    with pytest.raises(ConfigError, match="is not a file"):
+        resolve(None, str(tmp_path), {})
 
 
 def test_unknown_preset_and_config_keys(tmp_path):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -17,6 +19,10 @@ from cudacnn.errors import ConfigError
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def is_device_name(name: str) -> bool:
+    return name in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", name) is not None
 
 
 @dataclass
@@ -73,15 +79,23 @@ class TrainConfig:
             (self.flip in ("none", "random", "alternate"), "flip must be none, random or alternate"),
             (self.kernels in ("torch", "triton", "cuda"), "kernels must be torch, triton or cuda"),
             (self.compile_mode in COMPILE_MODES, f"compile-mode must be one of {', '.join(COMPILE_MODES)}"),
-            (self.device in ("auto", "cuda", "cpu") or self.device.startswith("cuda:"),
-             "device must be auto, cpu, cuda or cuda:N"),
+            (is_device_name(self.device), "device must be auto, cpu, cuda or cuda:N"),
             (self.epochs >= 1, "epochs must be at least 1"),
             (self.batch_size >= 1, "batch-size must be at least 1"),
-            (self.lr > 0, "lr must be positive"),
+            (0 < self.lr < math.inf, "lr must be positive and finite"),
+            (0.0 <= self.momentum < 1.0, "momentum must be in [0, 1)"),
+            (0.0 <= self.weight_decay < math.inf, "weight-decay must be >= 0 and finite"),
+            (0.0 <= self.grad_clip < math.inf, "grad-clip must be >= 0 (0 = off) and finite"),
+            (0.0 <= self.warmup_epochs < math.inf, "warmup-epochs must be >= 0 and finite"),
             (0.0 <= self.val_fraction < 1.0, "val-fraction must be in [0, 1)"),
             (0.0 <= self.label_smoothing < 1.0, "label-smoothing must be in [0, 1)"),
             (0.0 <= self.ema_decay < 1.0, "ema-decay must be in [0, 1)"),
             (self.crop_pad >= 0 and self.cutout >= 0, "crop-pad and cutout must be >= 0"),
+            (self.crop_pad < 32, "crop-pad must be below 32, the image size"),
+            (0 <= self.seed < 2**32, "seed must be in [0, 2**32)"),
+            (isinstance(self.model_kwargs, dict), "model-kwargs must be a JSON object, e.g. '{\"stem\": \"cifar\"}'"),
+            (self.name is None or (self.name not in ("", ".", "..") and "/" not in self.name and "\\" not in self.name),
+             "name must be a plain folder name (no '/', not '.' or '..'); --out says where runs go"),
             (self.early_stopping >= 0, "early-stopping patience must be >= 0"),
             (self.runs >= 1, "runs must be at least 1"),
             (self.max_per_gpu_batch >= 0, "max-per-gpu-batch must be >= 0"),
@@ -103,10 +117,22 @@ FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 DIST_TIMEOUT_S = 300.0  # under torchrun, a collective waiting longer than this ends the job
 
 
+# the types a config file may give each field (YAML/JSON have no other numbers than int and float)
+_ACCEPTED = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,),
+             "str | None": (str, type(None))}
+_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+
+
 def from_dict(values: dict[str, Any], base: TrainConfig | None = None, origin: str = "config") -> TrainConfig:
     unknown = sorted(set(values) - FIELDS)
     if unknown:
         raise ConfigError(f"{origin}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(FIELDS))}")
+    for name, value in values.items():
+        kind = _FIELD_TYPES[name]
+        wrong_bool = isinstance(value, bool) and kind != "bool"  # True is an int to Python, not to a user
+        if wrong_bool or not isinstance(value, _ACCEPTED[kind]):
+            raise ConfigError(f"{origin}: {name} must be {kind.replace(' | None', ' or null')}, "
+                              f"got {value!r} ({type(value).__name__})")
     return dataclasses.replace(base or TrainConfig(), **values)
 
 
@@ -114,8 +140,13 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} is not a file; pass a YAML or JSON file")
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError) as exc:
+        raise ConfigError(f"config file {path} is not readable text ({exc}); pass a YAML or JSON file") from exc
+    try:
         values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}")

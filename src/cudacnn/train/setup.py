@@ -11,7 +11,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from cudacnn.errors import ConfigError
-from cudacnn.train.config import TrainConfig
+from cudacnn.train.config import TrainConfig, is_device_name
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 def pick_device(name: str) -> torch.device:
     """`auto`: the GPU when PyTorch sees one, else the CPU with a warning; a named GPU that is not there is a
     ConfigError saying how to run anyway."""
+    if not is_device_name(name):
+        raise ConfigError(f"--device {name} is not a device name; use auto, cpu, cuda or cuda:N")
     if name == "cpu":
         return torch.device("cpu")
     if torch.cuda.is_available():
