@@ -93,6 +93,23 @@ def test_resume_ends_with_the_same_weights(tmp_path, dataset):
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in straight.history]
 
 
+def test_interrupted_in_its_first_epoch_a_run_resumes_from_the_start(tmp_path, dataset, monkeypatch, caplog):
+    config = tiny_config(tmp_path, epochs=2)
+    straight = Trainer(dataclasses.replace(config, name="straight"), dataset=dataset, quiet=True).fit()
+    interrupted = dataclasses.replace(config, name="interrupted")
+    trainer = Trainer(interrupted, dataset=dataset, quiet=True)
+    monkeypatch.setattr(trainer, "_train_epoch", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert "no epoch finished yet, so it starts over" in caplog.text
+    run_dir = tmp_path / "runs" / "interrupted"
+    assert not (run_dir / "checkpoints" / "last.pt").exists()
+    resumed = Trainer(interrupted, run_dir=run_dir, resume=True, dataset=dataset, quiet=True).fit()
+    a, b = _final_weights(straight.run_dir), _final_weights(resumed.run_dir)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert [r["epoch"] for r in resumed.history] == [1, 2]
+
+
 def test_resume_refuses_to_stretch_a_planned_schedule(tmp_path, dataset):
     from cudacnn.train.trainer import resume_config
 

@@ -276,15 +276,19 @@ class Trainer:
     def fit(self) -> RunResult:
         c = self.config
         ckpt_dir = self.run_dir / "checkpoints"
+        last = ckpt_dir / "last.pt"
         if self.resume:
             # Rank 0 reads the checkpoint and sends it to all: other hosts need no copy of the run folder.
             where = self.device if not self.dist.enabled else "cpu"
-            self._restore(distributed.main_computes(lambda: load_checkpoint(ckpt_dir / "last.pt", map_location=where)))
-            if not self.quiet:
+            ckpt = distributed.main_computes(lambda: load_checkpoint(last, map_location=where) if last.exists() else None)
+            if ckpt is not None:
+                self._restore(ckpt)
+            if not self.quiet:  # no checkpoint: the run stopped in its first epoch, and starts over
                 log.info("resuming %s at epoch %d", self.run_dir, self.start_epoch + 1)
         elif self.dist.is_main:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
             save_config(c, self.run_dir / "config.yaml")
+        if self.dist.is_main:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
         if self.dist.enabled and self.dist.is_main:
             self._write_parallel_info()
         if not self.quiet:
@@ -305,8 +309,9 @@ class Trainer:
                         log.info("early stopping: no validation gain in %d epochs", c.early_stopping)
                         break
         except KeyboardInterrupt:
-            log.warning("interrupted in epoch %d; checkpoints in %s. Continue with: cudacnn train --resume %s",
-                        epoch + 1, ckpt_dir, self.run_dir)
+            kept = f"checkpoints in {ckpt_dir}" if last.exists() else "no epoch finished yet, so it starts over"
+            log.warning("interrupted in epoch %d; %s. Continue with: cudacnn train --resume %s",
+                        epoch + 1, kept, self.run_dir)
             raise
         except torch.cuda.OutOfMemoryError as exc:
             if self.dist.enabled:
