@@ -352,6 +352,25 @@ def test_a_device_that_is_not_one(tiny_run, tmp_path, capsys, monkeypatch, comma
     assert "--device foo is not a device name; use auto, cpu, cuda or cuda:N" in capsys.readouterr().err
 
 
+def test_evaluate_out_that_is_a_file(tiny_run, tmp_path, capsys):
+    out = tmp_path / "taken.txt"
+    out.write_text("x")
+    assert main(["evaluate", str(tiny_run["run"]), "--out", str(out), "--device", "cpu"]) == 2
+    assert f"--out {out} is a file; name a folder" in capsys.readouterr().err
+
+
+def test_an_unforeseen_path_error_is_one_line(monkeypatch, capsys):
+    from cudacnn.evaluate import commands
+
+    def denied(args):
+        raise PermissionError(13, "Permission denied", "/some/report.html")
+
+    monkeypatch.setattr(commands, "run_report", denied)
+    assert main(["report", "anything"]) == 2
+    assert capsys.readouterr().err == ("error: /some/report.html: Permission denied; "
+                                       "check that path and its permissions\n")
+
+
 def test_predict_names_a_folder_and_a_bomb(tiny_run, tmp_path, capsys, monkeypatch):
     assert main(["predict", str(tiny_run["run"]), str(tmp_path)]) == 2
     assert f"{tmp_path} is a folder; predict takes image files" in capsys.readouterr().err

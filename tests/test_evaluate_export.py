@@ -55,6 +55,14 @@ def test_export_command_parity_and_metadata(checkpoint, tmp_path, capsys):
     assert [p.name for p in tmp_path.joinpath("out").iterdir()] == ["model.onnx"]  # no temp files left
 
 
+def test_export_to_a_path_that_cannot_be_a_file(checkpoint, tmp_path, capsys):
+    path, _ = checkpoint
+    (tmp_path / "afile").write_text("x")
+    for target in (tmp_path, tmp_path / "afile" / "model.onnx"):  # a folder; a file where a folder must be
+        assert main(["export", str(path), "--onnx", str(target)]) == 2
+        assert f"--onnx {target} cannot be written as a file" in capsys.readouterr().err
+
+
 def test_failed_parity_writes_nothing(checkpoint, tmp_path, monkeypatch):
     monkeypatch.setattr(export, "check_parity", lambda model, path: 0.5)
     target = tmp_path / "model.onnx"

@@ -200,6 +200,13 @@ def test_config_file_values_of_the_wrong_type(tmp_path, text, message):
         resolve(None, str(bad), {})
 
 
+def test_out_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "runs").write_text("x")
+    assert main(["train", "--model", "simple", "--out", str(tmp_path / "runs"), "--device", "cpu",
+                 "--data", str(tmp_path / "missing")]) == 2
+    assert f"--out {tmp_path / 'runs'} is a file; name the folder" in capsys.readouterr().err
+
+
 def test_config_file_that_is_not_text_or_not_a_file(tmp_path):
     binary = tmp_path / "c.yaml"
     binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")

@@ -53,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a path the commands did not foresee (permissions, a file where a folder goes)
+        if args.verbose or exc.filename is None:
+            raise
+        print(f"error: {exc.filename}: {exc.strerror}; check that path and its permissions", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

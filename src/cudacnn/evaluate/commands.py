@@ -76,6 +76,8 @@ def run_evaluate(args) -> int:
         raise ConfigError(f"--tta takes a level in {TTA_LEVELS}, got {args.tta}")
     if args.batch_size <= 0:
         raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.out and args.out.exists() and not args.out.is_dir():
+        raise ConfigError(f"--out {args.out} is a file; name a folder for the evaluation outputs")
     device = pick_device(args.device)
     model, ckpt = model_from_checkpoint(args.checkpoint, device=device)
     source = args.data or data_source_of(ckpt.get("config", {}))
@@ -145,6 +147,8 @@ def run_export(args) -> int:
     from cudacnn.evaluate.export import PARITY_TOLERANCE, export_onnx
     from cudacnn.train.checkpoint import model_from_checkpoint
 
+    if args.onnx.is_dir() or (args.onnx.parent.exists() and not args.onnx.parent.is_dir()):
+        raise ConfigError(f"--onnx {args.onnx} cannot be written as a file; name a .onnx file in a folder")
     model, ckpt = model_from_checkpoint(args.checkpoint, device="cpu")
     metadata = {"model_name": ckpt["model_name"], "classes": list(ckpt["classes"]),
                 "mean": list(ckpt["mean"]), "std": list(ckpt["std"]),
