@@ -200,6 +200,12 @@ def test_config_file_values_of_the_wrong_type(tmp_path, text, message):
         resolve(None, str(bad), {})
 
 
+def test_validation_split_that_leaves_no_training_images(tmp_path):
+    small = learnable_dataset(n_train=12, n_test=8, classes=3)
+    with pytest.raises(ConfigError, match="--val-fraction 0.96 leaves no training images of 12; lower it"):
+        Trainer(tiny_config(tmp_path, val_fraction=0.96), dataset=small, quiet=True)
+
+
 def test_out_that_is_a_file(tmp_path, capsys):
     (tmp_path / "runs").write_text("x")
     assert main(["train", "--model", "simple", "--out", str(tmp_path / "runs"), "--device", "cpu",

@@ -74,6 +74,9 @@ class Trainer:
         train, self.val_split = self.dataset.train, None
         if c.val_fraction > 0:
             train, self.val_split = split_validation(train, c.val_fraction, seed=c.seed)
+            if len(train) == 0:
+                raise ConfigError(f"--val-fraction {c.val_fraction} leaves no training images of "
+                                  f"{len(self.dataset.train)}; lower it")
         mean, std = channel_stats(train.images)
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         dtype = torch.float32  # autocast casts inside the model; inputs stay fp32 for exactness on CPU
