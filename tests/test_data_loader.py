@@ -150,3 +150,53 @@ def test_bad_arguments():
         Augment(flip="sideways")
     with pytest.raises(ValueError, match="batch_size"):
         GpuLoader(make_split(4), 0)
+
+
+def test_ctrl_c_during_parallel_decoding_exits_promptly_without_stray_workers():
+    """Ctrl-C (SIGINT to the whole process group) while decode_images runs its process pool: the child
+    handles KeyboardInterrupt and exits promptly, with no traceback and no worker left behind. A worker
+    used to die of it when caught writing its results, which broke the pool and could hang the shutdown
+    forever; stopping the main process first makes the workers block in that write, so the race is
+    (nearly) always lost without the fix."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import io, sys\n"
+        "import numpy as np\n"
+        "from PIL import Image\n"
+        "from cudacnn.data.image_folder import decode_images\n"
+        "buf = io.BytesIO()\n"
+        "Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(buf, 'PNG')\n"
+        "items = [(f'{i}.png', buf.getvalue()) for i in range(200_000)]  # some 8 s on 2 cores\n"
+        "print('ready', flush=True)\n"
+        "try:\n"
+        "    decode_images(items, workers=4)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted', flush=True)\n"
+        "    sys.exit(130)\n"
+        "print('finished', flush=True)\n")
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    pgid = child.pid  # it leads its own session and process group, which its workers join
+    try:
+        assert child.stdout.readline() == "ready\n", child.stderr.read()
+        time.sleep(0.5)  # the workers are decoding
+        os.kill(child.pid, signal.SIGSTOP)
+        time.sleep(0.3)  # each worker finishes a chunk, then blocks writing its results to the stopped process
+        os.killpg(pgid, signal.SIGINT)
+        os.kill(child.pid, signal.SIGCONT)
+        out, err = child.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        out = "still running 20 s after the Ctrl-C"
+    finally:
+        if child.poll() is None:  # hung, or the test failed early: leave nothing behind
+            os.killpg(pgid, signal.SIGKILL)
+            err = child.communicate()[1]
+    assert child.returncode == 130 and out == "interrupted\n", (out, err[-3000:])
+    assert "Traceback" not in err, err[-3000:]
+    with pytest.raises(ProcessLookupError):  # the workers were waited for, not orphaned
+        os.killpg(pgid, 0)

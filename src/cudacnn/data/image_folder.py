@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import posixpath
+import signal
 from concurrent.futures import ProcessPoolExecutor
 from typing import Callable, Mapping
 
@@ -62,11 +63,22 @@ def _decode(item: tuple[str, bytes]) -> np.ndarray | str:
         return f"{name} is not a readable image ({exc}); replace or remove it"
 
 
+def _ignore_sigint() -> None:
+    # Ctrl-C signals the whole process group; a worker killed by it mid-read or mid-write breaks the pool,
+    # whose shutdown can then hang forever. Only the main process handles it (see decode_images).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def decode_images(items: list[tuple[str, bytes]], workers: int | None = None) -> np.ndarray:
     workers = workers or min(8, os.cpu_count() or 1)
     if workers > 1 and len(items) >= 4000:
-        with ProcessPoolExecutor(workers) as pool:
-            decoded = list(pool.map(_decode, items, chunksize=512))
+        with ProcessPoolExecutor(workers, initializer=_ignore_sigint) as pool:
+            try:  # a chunk of 512 32x32 images decodes in some 20-50 ms
+                decoded = list(pool.map(_decode, items, chunksize=512))
+            except KeyboardInterrupt:
+                # Drop the queued chunks (the workers finish only the ones they hold) and stop promptly.
+                pool.shutdown(cancel_futures=True)
+                raise
     else:
         decoded = [_decode(item) for item in items]
     for result in decoded:
