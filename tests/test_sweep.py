@@ -202,3 +202,13 @@ def test_children_import_this_package(monkeypatch):
     monkeypatch.delenv("PYTHONPATH")
     put_package_on_pythonpath()
     assert sweep.os.environ["PYTHONPATH"] == src
+
+
+@pytest.mark.parametrize("name", ["../elsewhere", "a/b", ".."])
+def test_sweep_name_must_stay_inside_out(tmp_path, capsys, name):
+    spec = tmp_path / "grid.yaml"
+    spec.write_text("base: {model: simple, epochs: 1}\ngrid: {lr: [0.01, 0.02]}\n")
+    out = tmp_path / "sweeps"
+    assert main(["sweep", str(spec), "--device", "cpu", "--out", str(out), "--name", name]) == 2
+    assert f"sweep name {name!r} must be a plain folder name" in capsys.readouterr().err
+    assert not tmp_path.joinpath("elsewhere").exists() and not out.exists()

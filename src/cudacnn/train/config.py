@@ -25,6 +25,11 @@ def is_device_name(name: str) -> bool:
     return name in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", name) is not None
 
 
+def is_plain_name(name: str) -> bool:
+    """A folder name that stays inside --out: no separators, not '.' or '..'."""
+    return name not in ("", ".", "..") and "/" not in name and "\\" not in name
+
+
 @dataclass
 class TrainConfig:
     # what to train on
@@ -94,7 +99,7 @@ class TrainConfig:
             (self.crop_pad < 32, "crop-pad must be below 32, the image size"),
             (0 <= self.seed < 2**32, "seed must be in [0, 2**32)"),
             (isinstance(self.model_kwargs, dict), "model-kwargs must be a JSON object, e.g. '{\"stem\": \"cifar\"}'"),
-            (self.name is None or (self.name not in ("", ".", "..") and "/" not in self.name and "\\" not in self.name),
+            (self.name is None or is_plain_name(self.name),
              "name must be a plain folder name (no '/', not '.' or '..'); --out says where runs go"),
             (self.early_stopping >= 0, "early-stopping patience must be >= 0"),
             (self.runs >= 1, "runs must be at least 1"),

@@ -36,7 +36,8 @@ import yaml
 from cudacnn.atomic import write_text_atomic
 from cudacnn.errors import ConfigError, CudacnnError
 from cudacnn.tables import md_table
-from cudacnn.train.config import TrainConfig, from_dict, load_config_file, resolve, run_name, save_config
+from cudacnn.train.config import (TrainConfig, from_dict, is_plain_name, load_config_file, resolve, run_name,
+                                   save_config)
 from cudacnn.train.distributed import disable_multicast, put_package_on_pythonpath
 
 log = logging.getLogger(__name__)
@@ -263,7 +264,10 @@ def sweep_from_file(path: str | Path, gpus: int | None = None, overrides: dict |
     spec = load_spec(path)
     base_values = {**(spec.get("base") or {}), **(overrides or {})}
     base = resolve(spec.get("preset"), spec.get("config"), base_values)
-    name = name or spec.get("name") or Path(path).stem
+    name = str(name or spec.get("name") or Path(path).stem)
+    if not is_plain_name(name):
+        raise ConfigError(f"sweep name {name!r} must be a plain folder name (no '/', not '.' or '..'); "
+                          "--out says where sweeps go")
     sweep_dir = Path(out or spec.get("out") or base.out) / name
     jobs = plan_jobs(base, spec.get("grid"), spec_seeds(spec, base), sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
