@@ -14,6 +14,18 @@ def test_outputs_get_the_mode_the_umask_allows(tmp_path, monkeypatch, umask, mod
     assert path.read_text() == "hello" and path.stat().st_mode & 0o777 == mode
 
 
+def test_the_process_umask_is_the_one_read(tmp_path):
+    """In a child whose umask is 027 (not the usual 022), outputs get what its plain open() gives: 0640."""
+    import subprocess
+    import sys
+
+    script = ("import os, sys\nos.umask(0o027)\nfrom cudacnn import atomic\n"
+              "print(oct(atomic.write_text_atomic(sys.argv[1], 'x').stat().st_mode & 0o777))")
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out.txt")], capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "0o640"
+
+
 def test_a_failed_write_leaves_nothing_behind(tmp_path):
     (tmp_path / "out.txt").write_text("old")
     with pytest.raises(RuntimeError), atomic.atomic_output(tmp_path / "out.txt") as tmp:

@@ -289,6 +289,7 @@ def test_evaluate_command_tta_levels(tiny_run, capsys):
     assert data["tta_level"] == 3
     test = load_dataset(tiny_run["root"] / "data", cache_dir=cache, quiet=True).test
     labels = torch.from_numpy(np.asarray(test.labels, dtype=np.int64))
+    # evaluate's wiring against predict_tta's views (tests/test_fast_tta.py checks those views by hand)
     logits = {level: reference_logits(tiny_run, test.images, level) for level in (0, 1, 2, 3)}
     expected = confusion_matrix(logits[3].argmax(1).numpy(), test.labels, 3)
     np.testing.assert_array_equal(np.array(data["confusion"]), expected)

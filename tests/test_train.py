@@ -206,10 +206,13 @@ def test_validation_split_that_leaves_no_training_images(tmp_path):
         Trainer(tiny_config(tmp_path, val_fraction=0.96), dataset=small, quiet=True)
 
 
-def test_out_that_is_a_file(tmp_path, capsys):
+@pytest.mark.parametrize("recipe", [["--model", "simple"], ["--preset", "fast94"]], ids=["trainer", "record"])
+def test_out_that_is_a_file(tmp_path, capsys, recipe):
+    files, _ = image_folder_files()
+    data = write_tar(tmp_path / "t.tar.gz", files)
     (tmp_path / "runs").write_text("x")
-    assert main(["train", "--model", "simple", "--out", str(tmp_path / "runs"), "--device", "cpu",
-                 "--data", str(tmp_path / "missing")]) == 2
+    assert main(["train", *recipe, "--out", str(tmp_path / "runs"), "--device", "cpu", "--data", str(data),
+                 "--cache-dir", str(tmp_path / "cache")]) == 2
     assert f"--out {tmp_path / 'runs'} is a file; name the folder" in capsys.readouterr().err
 
 

@@ -166,7 +166,10 @@ def run_name(config: TrainConfig) -> str:
 
 
 def claim_run_dir(path: Path, resumable: bool = True) -> Path:
-    """`path` for a new run; refused when it already holds something (a finished or resumable run)."""
+    """`path` for a new run; refused when it already holds something (a finished or resumable run), or when
+    the folder it goes in (--out) is a file."""
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ConfigError(f"--out {path.parent} is a file; name the folder that run folders go in")
     if path.exists() and any(path.iterdir()):
         fix = "pick another --name" + (" or continue it with --resume" if resumable else "")
         raise ConfigError(f"run folder {path} already exists; {fix}")

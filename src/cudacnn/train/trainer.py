@@ -402,8 +402,6 @@ def make_progress(quiet: bool) -> Progress:
 
 
 def new_run_dir(config: TrainConfig) -> Path:
-    if Path(config.out).exists() and not Path(config.out).is_dir():
-        raise ConfigError(f"--out {config.out} is a file; name the folder that run folders go in")
     name = run_name(config)
     if config.runs > 1:
         name += f"-seed{config.seed}"
