@@ -4,6 +4,7 @@ the alternating flip schedule, the fast nets' shapes and init."""
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cudacnn.data import Augment, GpuLoader, Split
 from cudacnn.models import create_model
@@ -145,6 +146,23 @@ def test_fast_nets_shapes_and_identity_init(name, width):
     assert torch.all(w[:, :, 1, 1].diagonal() == 1) and w[0, :, 1, 1].sum() == 1  # dirac init
     frozen = [n for n, p in net.named_parameters() if not p.requires_grad]
     assert "whiten.weight" in frozen and all("norms" in n or n == "whiten.weight" for n in frozen)
+
+
+@pytest.mark.parametrize("residual", ["after_gelu", "before_gelu"])
+def test_residual_is_added_where_asked(residual):
+    torch.manual_seed(0)
+    group = create_model("fast96", residual=residual).groups[0].eval()
+    for norm in group.norms:  # nonzero biases and statistics: the two placements then differ
+        norm.bias.data.normal_()
+        norm.running_mean.normal_()
+    x = torch.randn(2, 24, 16, 16)
+    with torch.no_grad():
+        first = F.gelu(group.norms[0](F.max_pool2d(group.convs[0](x), 2)))
+        last = group.norms[2](group.convs[2](F.gelu(group.norms[1](group.convs[1](first)))))
+        expected = F.gelu(last) + first if residual == "after_gelu" else F.gelu(last + first)
+        torch.testing.assert_close(group(x), expected)
+    with pytest.raises(ValueError, match="residual must be one of"):
+        create_model("fast96", residual="sideways")
 
 
 def test_proxy_filter_keeps_the_hardest_examples_and_learns_only_when_asked():

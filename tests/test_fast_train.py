@@ -7,7 +7,7 @@ import torch
 from cudacnn.data import Dataset, GpuLoader, Split
 from cudacnn.errors import ConfigError
 from cudacnn.models.fast import FastNet
-from cudacnn.train.fast import train_fast
+from cudacnn.train.fast import recipe, train_fast
 from cudacnn.train.fast.bench import parse_overrides
 
 
@@ -59,8 +59,21 @@ def test_widths_override_builds_that_net_and_bad_widths_are_config_errors():
             train_fast("fast94", tiny_dataset(), device="cpu", widths=bad)
 
 
+def test_residual_and_lr_warmup_options():
+    result = train_fast("fast96", tiny_dataset(), device="cpu", compile=False, log=lambda *_: None,
+                        batch_size=32, epochs=2, whiten_images=64, widths="8/8/16", residual="before_gelu",
+                        warmup_fraction=0.5)
+    assert all(group.residual == "before_gelu" for group in result.model.groups)
+    assert [h["lr_scale"] for h in result.history] == [1.0, 0.0]  # the ramp's peak after epoch 1 of 2, then 0
+    assert [recipe.lr_scale(s, 10, 4) for s in (0, 2, 4, 7, 10)] == pytest.approx([0.2, 0.6, 1.0, 0.5, 0.0])
+    assert [recipe.lr_scale(s, 10) for s in (0, 5)] == [1.0, 0.5]  # no warm-up: the plain linear decay
+    for bad, message in ((dict(residual="sideways"), "residual must be one of"),
+                         (dict(warmup_fraction=1.0), r"warmup_fraction must be in \[0, 1\)")):
+        with pytest.raises(ConfigError, match=message):
+            train_fast("fast96", tiny_dataset(), device="cpu", **bad)
+
+
 def test_warmup_runs_once_per_graph_shaping_setting(monkeypatch):
-    from cudacnn.train.fast import recipe
 
     monkeypatch.setattr(recipe, "_WARMED", set())
     calls = []
@@ -109,7 +122,6 @@ def test_train_fast_compiled_on_gpu():
 def test_timed_path_never_waits_on_the_host(monkeypatch, overrides):
     """Between the whitening init and the timer's last stop (training and the TTA evaluation), any implicit
     device->host sync raises."""
-    from cudacnn.train.fast import recipe
 
     data = tiny_dataset(4000, 2000)
     recipe.warmup("fast94", data, "cuda", **overrides)  # compiling may sync; do it outside the strict region
@@ -141,7 +153,6 @@ def test_filtered_run_trains_on_the_kept_part_with_its_own_proxy(monkeypatch):
     """keep_fraction < 1: each step the main net learns from exactly the examples the proxy kept (8 of 32);
     the proxy learns every proxy_learn_every-th step, is its own net even at the main net's widths, and
     shares the main net's whitening filters."""
-    from cudacnn.train.fast import recipe
     from cudacnn.train.fast.filtering import ProxyFilter
 
     made, kept, learned, main_inputs = [], [], [], []
@@ -192,7 +203,6 @@ def test_filtered_run_trains_on_the_kept_part_with_its_own_proxy(monkeypatch):
 def test_last_loss_run_trains_on_the_examples_it_ranks_hardest(monkeypatch):
     """rank_by=last_loss: no proxy; each step the main net learns from the kept half of the batch, unseen
     examples first, and records exactly its own per-example losses on them."""
-    from cudacnn.train.fast import recipe
     from cudacnn.train.fast.filtering import LastLossFilter
 
     filters, steps, main_outputs = [], [], []

@@ -35,33 +35,43 @@ class Conv(nn.Conv2d):
         nn.init.dirac_(w[: w.size(1)])  # identity on the first cin outputs
 
 
+RESIDUALS = ("after_gelu", "before_gelu")
+
+
 class ConvGroup(nn.Module):
     """conv -> pool -> BN -> GELU, then depth-1 more conv -> BN -> GELU; with depth 3, a residual
-    connection adds the group's first activation to its output."""
+    connection adds the group's first activation to the last GELU's output ("after_gelu", airbench96) or to
+    its input ("before_gelu", airbench96's later record version)."""
 
-    def __init__(self, cin: int, cout: int, depth: int = 2, bn_momentum: float = 0.4):
+    def __init__(self, cin: int, cout: int, depth: int = 2, bn_momentum: float = 0.4, residual: str = "after_gelu"):
         super().__init__()
-        self.depth = depth
+        if residual not in RESIDUALS:
+            raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}")
+        self.residual = residual if depth >= 3 else None
         self.convs = nn.ModuleList([Conv(cin, cout)] + [Conv(cout, cout) for _ in range(depth - 1)])
         self.norms = nn.ModuleList([BatchNorm(cout, bn_momentum) for _ in range(depth)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.gelu(self.norms[0](F.max_pool2d(self.convs[0](x), 2)))
         first = x
-        for conv, norm in zip(self.convs[1:], self.norms[1:]):
-            x = F.gelu(norm(conv(x)))
-        return x + first if self.depth >= 3 else x
+        for i, (conv, norm) in enumerate(zip(self.convs[1:], self.norms[1:]), start=2):
+            x = norm(conv(x))
+            if i == len(self.convs) and self.residual == "before_gelu":
+                x = x + first
+            x = F.gelu(x)
+        return x + first if self.residual == "after_gelu" else x
 
 
 class FastNet(nn.Module):
     def __init__(self, widths=(64, 256, 256), depth: int = 2, num_classes: int = 10,
-                 whiten_kernel: int = 2, bn_momentum: float = 0.4, logit_scale: float | None = None):
+                 whiten_kernel: int = 2, bn_momentum: float = 0.4, logit_scale: float | None = None,
+                 residual: str = "after_gelu"):
         super().__init__()
         whiten_width = 2 * 3 * whiten_kernel**2  # each eigen-direction and its negation
         self.whiten = nn.Conv2d(3, whiten_width, kernel_size=whiten_kernel, padding=0, bias=True)
         self.whiten.weight.requires_grad_(False)
         chans = [whiten_width, *widths]
-        self.groups = nn.Sequential(*[ConvGroup(chans[i], chans[i + 1], depth, bn_momentum)
+        self.groups = nn.Sequential(*[ConvGroup(chans[i], chans[i + 1], depth, bn_momentum, residual)
                                       for i in range(len(widths))])
         self.head = nn.Linear(widths[-1], num_classes, bias=False)
         # 1/width keeps the first logits tiny, matching the head lr tuned for a summed loss (airbench94_muon)

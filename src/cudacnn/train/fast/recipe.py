@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from cudacnn.data import CIFAR10_MEAN, CIFAR10_STD, Augment, Dataset, GpuLoader
 from cudacnn.errors import ConfigError
 from cudacnn.evaluate.tta import TTA_LEVELS, predict_tta
-from cudacnn.models.fast import FastNet, fast94, fast96
+from cudacnn.models.fast import RESIDUALS, FastNet, fast94, fast96
 from cudacnn.train.fast.filtering import LastLossFilter, ProxyFilter
 from cudacnn.train.fast.lookahead import Lookahead
 from cudacnn.train.fast.muon import Muon, allow_static_graphs
@@ -46,6 +46,8 @@ class FastConfig:
     lookahead_every: int = 0        # 0 = off; else sync every k steps, decay 0.95^k * (step/total)^3
     compile_mode: str = "default"   # torch.compile mode of the net: default | reduce-overhead | max-autotune...
     widths: str = ""                # the conv groups' widths as "A/B/C"; "" keeps the model's own
+    residual: str = ""              # fast96's residual add: "after_gelu" | "before_gelu"; "" keeps the model's own
+    warmup_fraction: float = 0.0    # lr ramps from 0.2x to 1x over this part of the run before its linear decay
     keep_fraction: float = 1.0      # < 1: train on the hardest part of each batch (filtering.py)
     #                                 (the logged train loss/accuracy are then the kept part's)
     rank_by: str = "proxy"          # ... ranked by a proxy net, or by each example's "last_loss" in the main net
@@ -89,6 +91,10 @@ def resolve_config(name: str, overrides: dict) -> FastConfig:
     cfg = replace(PRESETS[name], **overrides)
     parse_widths(cfg.widths)
     parse_widths(cfg.proxy_widths)
+    if cfg.residual not in ("", *RESIDUALS):
+        raise ConfigError(f"residual must be one of {RESIDUALS}, got {cfg.residual!r}")
+    if not 0.0 <= cfg.warmup_fraction < 1.0:
+        raise ConfigError(f"warmup_fraction must be in [0, 1), got {cfg.warmup_fraction}")
     if not 0.0 < cfg.keep_fraction <= 1.0:
         raise ConfigError(f"keep_fraction must be in (0, 1], got {cfg.keep_fraction}")
     if cfg.rank_by not in RANKINGS:
@@ -131,16 +137,18 @@ def training_dtype(device: torch.device) -> torch.dtype:
 
 
 def prepared_model(name: str, device, num_classes: int, compile: bool,
-                   mode: str = "default", widths: str = "", role: str = "main") -> tuple[FastNet, nn.Module]:
+                   mode: str = "default", widths: str = "", role: str = "main",
+                   residual: str = "") -> tuple[FastNet, nn.Module]:
     """(model, callable): the callable is the compiled model when `compile`, else the model itself.
     `role` keeps a filtering run's proxy apart from a main net of the same preset and widths."""
     device = torch.device(device)
-    key = (name, str(device), num_classes, compile, mode, widths, role)
+    key = (name, str(device), num_classes, compile, mode, widths, role, residual)
     if key not in _PREPARED:
         if compile:  # both presets' static graphs (each batch size, train and eval, the filtering proxy's)
             # share FastNet.forward's code object: more than dynamo's default 8
             allow_static_graphs()
-        model = FACTORIES[name](num_classes=num_classes, **parse_widths(widths))
+        arch = parse_widths(widths) | (dict(residual=residual) if residual else {})
+        model = FACTORIES[name](num_classes=num_classes, **arch)
         model = model.to(device, memory_format=torch.channels_last)
         model.to_training_dtype(training_dtype(device))
         # static shapes: every batch here is full-size, and a shape-generic graph would be slower
@@ -151,7 +159,8 @@ def prepared_model(name: str, device, num_classes: int, compile: bool,
 
 # The FastConfig fields the compiled graphs depend on (static shapes, compile mode, and Muon's momentum, a
 # constant inside its compiled update): one warm-up per value.
-GRAPH_FIELDS = ("batch_size", "compile_mode", "widths", "keep_fraction", "rank_by", "proxy_widths", "muon_momentum")
+GRAPH_FIELDS = ("batch_size", "compile_mode", "widths", "residual", "keep_fraction", "rank_by", "proxy_widths",
+                "muon_momentum")
 _WARMED: set[tuple] = set()  # warm-up keys done in this process
 
 
@@ -221,10 +230,17 @@ def set_lr_scale(groups, scale: float) -> None:
         group["lr"] = group["initial_lr"] * scale
 
 
-def schedule(sgd, muon, step: int, total_steps: int, whiten_steps: int) -> None:
-    """Linear decay to zero over the run; the whitening bias decays over its own short span, then stays
-    frozen."""
-    set_lr_scale(sgd.param_groups[1:] + muon.param_groups, 1 - step / total_steps)
+def lr_scale(step: int, total_steps: int, warmup_steps: int = 0) -> float:
+    """0.2x rising to 1x over the warm-up steps (airbench96's ramp), then a linear decay to zero at the end."""
+    if step < warmup_steps:
+        return 0.2 + 0.8 * step / warmup_steps
+    return (total_steps - step) / (total_steps - warmup_steps)
+
+
+def schedule(sgd, muon, step: int, total_steps: int, whiten_steps: int, warmup_steps: int = 0) -> None:
+    """The lr_scale schedule for all groups but the whitening bias, which decays over its own short span,
+    then stays frozen."""
+    set_lr_scale(sgd.param_groups[1:] + muon.param_groups, lr_scale(step, total_steps, warmup_steps))
     set_lr_scale(sgd.param_groups[:1], max(0.0, 1 - step / whiten_steps))
 
 
@@ -250,7 +266,8 @@ def train_fast(name: str, dataset: Dataset, *, seed: int = 0, device="cuda", com
         if compile and not _warm:
             warmup(name, dataset, device, compile, **{k: getattr(cfg, k) for k in GRAPH_FIELDS})
     dtype = training_dtype(device)
-    model, net = prepared_model(name, device, dataset.num_classes, compile, cfg.compile_mode, cfg.widths)
+    model, net = prepared_model(name, device, dataset.num_classes, compile, cfg.compile_mode, cfg.widths,
+                                residual=cfg.residual)
     torch.manual_seed(seed)
     model.reset()
     proxy = make_proxy_filter(cfg, device, dataset.num_classes, compile)  # after the main net's init
@@ -273,6 +290,7 @@ def train_fast(name: str, dataset: Dataset, *, seed: int = 0, device="cuda", com
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
     whiten_steps = max(1, math.ceil(cfg.whiten_bias_epochs * steps_per_epoch))
+    warmup_steps = round(cfg.warmup_fraction * total_steps)
     sgd, muon = make_optimizers(model, cfg, compile=compile)
 
     timer = DeviceTimer(device)
@@ -292,11 +310,11 @@ def train_fast(name: str, dataset: Dataset, *, seed: int = 0, device="cuda", com
         for images, labels, indices in train.indexed_batches():
             if step >= total_steps:
                 break
-            schedule(sgd, muon, step, total_steps, whiten_steps)
+            schedule(sgd, muon, step, total_steps, whiten_steps, warmup_steps)
             if proxy:
                 learn = step % cfg.proxy_learn_every == 0
                 if learn:
-                    schedule(*proxy.optimizers, step, total_steps, whiten_steps)
+                    schedule(*proxy.optimizers, step, total_steps, whiten_steps, warmup_steps)
                 images, labels = proxy(images, labels, learn)
             elif last_loss:
                 hard = last_loss.select(indices)
@@ -320,7 +338,7 @@ def train_fast(name: str, dataset: Dataset, *, seed: int = 0, device="cuda", com
             loss_sum += loss.detach().float()
             correct += (outputs.detach().argmax(1) == labels).sum()
             seen += len(labels)
-        history.append(dict(epoch=epoch + 1, step=step, lr_scale=1 - step / total_steps,
+        history.append(dict(epoch=epoch + 1, step=step, lr_scale=lr_scale(step, total_steps, warmup_steps),
                             train_loss=loss_sum / max(seen, 1), train_acc=correct / max(seen, 1)))
     if lookahead:
         lookahead.update(decay=1.0)  # end on the slow weights
