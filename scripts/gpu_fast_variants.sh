@@ -12,15 +12,18 @@ BUDGET_S=${BUDGET_S:-480}   # no bench starts a new run after this many seconds
 mkdir -p "$OUT"
 export PYTHONPATH=src
 python3 -c "from cudacnn.data import load_dataset; load_dataset('$DATA', quiet=True)" || exit 1  # decode once
-gpu=0
+gpu=0; pids=()
 for group in "$@"; do
   args=(); for v in $group; do args+=(--variant "$v"); done
   CUDA_VISIBLE_DEVICES=$gpu python3 -m cudacnn.train.fast.bench --data "$DATA" --budget-s "$BUDGET_S" \
     --json "$OUT/fast$gpu.jsonl" "${args[@]}" > "$OUT/fast$gpu.log" 2>&1 &
+  pids+=($!)
   gpu=$((gpu + 1))
 done
-wait
+failed=0
+for pid in "${pids[@]}"; do wait "$pid" || failed=$((failed + 1)); done
 for ((i = 0; i < gpu; i++)); do
   echo "== GPU $i"; grep -E "^(NVIDIA|data ready|fast9[46] warm-up)|^variant|^fast9[46].* runs|^fast9[46] .*[0-9] +[0-9]" "$OUT/fast$i.log" | tail -n 12
   grep -iE "error|warn|skipping cudagraphs|recompil" "$OUT/fast$i.log" | sort | uniq -c | head -5
 done
+exit "$failed"  # the number of bench processes that failed (not the last grep's status)

@@ -100,18 +100,21 @@ def cuda_gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None
 
 def cuda_activation_forward(x: torch.Tensor, kind: str, out: torch.Tensor | None = None) -> torch.Tensor:
     x = x.contiguous()
-    if out is not None:  # check only: with none given, the kernel writes a fresh tensor below
-        check_out(out, x.shape, x.dtype, x.device)
-    y = torch.empty_like(x) if out is None or not out.is_contiguous() else out
-    extension().activation_forward(x, y, activation_code(kind), _stream())
-    return y if out is None or y is out else out.copy_(y)
+    return _write_into(out, x, lambda y: extension().activation_forward(x, y, activation_code(kind), _stream()))
 
 
 def cuda_activation_backward(grad_out: torch.Tensor, x: torch.Tensor, kind: str,
                              out: torch.Tensor | None = None) -> torch.Tensor:
     grad_out, x = grad_out.contiguous(), x.contiguous()
-    if out is not None:  # check only: with none given, the kernel writes a fresh tensor below
-        check_out(out, x.shape, x.dtype, x.device)
-    dx = torch.empty_like(x) if out is None or not out.is_contiguous() else out
-    extension().activation_backward(grad_out, x, dx, activation_code(kind), _stream())
-    return dx if out is None or dx is out else out.copy_(dx)
+    return _write_into(out, x, lambda dx: extension().activation_backward(grad_out, x, dx, activation_code(kind),
+                                                                          _stream()))
+
+
+def _write_into(out: torch.Tensor | None, like: torch.Tensor, launch) -> torch.Tensor:
+    """launch(dst) writes a contiguous tensor shaped like `like`: `out` itself when it is contiguous, else a
+    fresh tensor (then copied into `out`, if one was given, after checking its shape, dtype and device)."""
+    if out is not None:
+        check_out(out, like.shape, like.dtype, like.device)
+    dst = torch.empty_like(like) if out is None or not out.is_contiguous() else out
+    launch(dst)
+    return dst if out is None or dst is out else out.copy_(dst)
