@@ -2,7 +2,8 @@
 
 fast94: a 2x2 patch-whitening conv (frozen weights set from data), then three conv groups of widths
 64/256/256, each conv -> maxpool -> BN -> GELU -> conv -> BN -> GELU, a global max pool and a linear head.
-fast96: widths 128/384/512 and a third conv per group with a residual around the last two.
+fast96: widths 128/512/512 (airbench96's) and a third conv per group, with a residual connection around the
+last two that is added before the last GELU (as airbench96's later record version; airbench96 adds it after).
 BatchNorm scales are frozen at 1 (only the biases learn); convs start as identities on their first
 channels (dirac init), so the deep net starts close to a shallow one.
 """
@@ -67,6 +68,7 @@ class FastNet(nn.Module):
                  whiten_kernel: int = 2, bn_momentum: float = 0.4, logit_scale: float | None = None,
                  residual: str = "after_gelu"):
         super().__init__()
+        self.arch = dict(widths=tuple(widths), residual=residual)  # the shape keywords: checkpoints store them
         whiten_width = 2 * 3 * whiten_kernel**2  # each eigen-direction and its negation
         self.whiten = nn.Conv2d(3, whiten_width, kernel_size=whiten_kernel, padding=0, bias=True)
         self.whiten.weight.requires_grad_(False)
@@ -119,5 +121,6 @@ def fast94(num_classes: int = 10, widths=(64, 256, 256), **kw) -> nn.Module:
 
 
 @register_model("fast96")
-def fast96(num_classes: int = 10, widths=(128, 384, 512), **kw) -> nn.Module:
-    return FastNet(widths=widths, depth=3, num_classes=num_classes, **kw)
+def fast96(num_classes: int = 10, widths=(128, 512, 512), residual: str = "before_gelu", **kw) -> nn.Module:
+    # before session 8: widths 128/384/512, residual after the GELU
+    return FastNet(widths=widths, depth=3, num_classes=num_classes, residual=residual, **kw)

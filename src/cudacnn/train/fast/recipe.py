@@ -61,7 +61,8 @@ PRESETS = {
     "fast94": FastConfig("fast94", epochs=8.0, compile_mode="reduce-overhead"),
     # trains on the hardest 3/4 of each batch, ranked by last loss: 0.12-0.16 points above whole batches for 28
     # epochs, in the same time (session 6); CUDA graphs, because its smaller steps leave the launches exposed
-    "fast96": FastConfig("fast96", epochs=36.0, muon_lr=0.2, crop_pad=4, cutout=12, lookahead_every=5,
+    # session 8: airbench96's wider 128/512/512 net with the residual added before the last GELU, for 32 epochs
+    "fast96": FastConfig("fast96", epochs=32.0, muon_lr=0.2, crop_pad=4, cutout=12, lookahead_every=5,
                          keep_fraction=0.75, rank_by="last_loss", compile_mode="reduce-overhead"),
 }
 FACTORIES = {"fast94": fast94, "fast96": fast96}
