@@ -269,9 +269,9 @@ def test_record_preset_runs_seeds_and_summarizes(tmp_path, monkeypatch, dataset)
     real = fast.train_fast
     seeds = []
 
-    def short(name, data, **kw):  # the real recipe, cut to two steps so it runs on the CPU
+    def short(name, data, **kw):  # the real recipe, cut to two steps so it runs on the CPU, on a narrower net
         seeds.append(kw["seed"])
-        return real(name, data, epochs=1, max_steps=2, batch_size=64, **kw)
+        return real(name, data, epochs=1, max_steps=2, batch_size=64, widths="16/24/40", **kw)
 
     monkeypatch.setattr(fast, "train_fast", short)
     monkeypatch.setattr(record, "load_dataset", lambda *a, **k: dataset)
@@ -283,6 +283,7 @@ def test_record_preset_runs_seeds_and_summarizes(tmp_path, monkeypatch, dataset)
     assert summary["acc_min"] == min(accs) and summary["acc_mean"] == pytest.approx(sum(accs) / 2)
     model, ckpt = model_from_checkpoint(tmp_path / "rec" / "run1" / "checkpoints" / "last.pt")
     assert ckpt["model_name"] == "fast94" and ckpt["config"]["seed"] == 6
+    assert model.head.in_features == 40  # the checkpoint rebuilds the net that trained, not the default shape
     # the normalization the recipe trained with (fixed CIFAR-10 statistics), not this data set's own
     from cudacnn.data import CIFAR10_MEAN, CIFAR10_STD, channel_stats
     assert tuple(ckpt["mean"]) == CIFAR10_MEAN and tuple(ckpt["std"]) == CIFAR10_STD
