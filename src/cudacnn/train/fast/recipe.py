@@ -235,7 +235,7 @@ def lr_scale(step: int, total_steps: int, warmup_steps: int = 0) -> float:
     """0.2x rising to 1x over the warm-up steps (airbench96's ramp), then a linear decay to zero at the end."""
     if step < warmup_steps:
         return 0.2 + 0.8 * step / warmup_steps
-    return (total_steps - step) / (total_steps - warmup_steps)
+    return 1 - (step - warmup_steps) / (total_steps - warmup_steps)  # without warm-up: 1 - step / total_steps
 
 
 def schedule(sgd, muon, step: int, total_steps: int, whiten_steps: int, warmup_steps: int = 0) -> None:
