@@ -65,8 +65,8 @@ PRESETS: dict[str, dict] = {
     # ---- record-speed recipes (cudacnn.train.fast)
     "fast94": {"about": "record-speed recipe aiming at airbench94's accuracy in less time",
                "config": dict(model="fast94", val_fraction=0.0, compile=True)},
-    "fast96": {"about": "record-speed recipe aiming at airbench96's accuracy in less time (trains on the hardest 3/4 "
-                        "of each batch)",
+    "fast96": {"about": "record-speed recipe aiming at airbench96's accuracy in less time (its 128/512/512 net, "
+                        "trained on the hardest 3/4 of each batch)",
                "config": dict(model="fast96", val_fraction=0.0, compile=True)},
 }
 
