@@ -67,6 +67,9 @@ def test_residual_and_lr_warmup_options():
     assert [h["lr_scale"] for h in result.history] == [1.0, 0.0]  # the ramp's peak after epoch 1 of 2, then 0
     assert [recipe.lr_scale(s, 10, 4) for s in (0, 2, 4, 7, 10)] == pytest.approx([0.2, 0.6, 1.0, 0.5, 0.0])
     assert [recipe.lr_scale(s, 10) for s in (0, 5)] == [1.0, 0.5]  # no warm-up: the plain linear decay
+    one_step = train_fast("fast96", tiny_dataset(), device="cpu", compile=False, log=lambda *_: None,
+                          batch_size=32, epochs=1, max_steps=1, whiten_images=64, widths="8/8/16", warmup_fraction=0.9)
+    assert one_step.history[-1]["lr_scale"] == 0.0  # a warm-up longer than the run is cut to leave a decay
     for bad, message in ((dict(residual="sideways"), "residual must be one of"),
                          (dict(warmup_fraction=1.0), r"warmup_fraction must be in \[0, 1\)")):
         with pytest.raises(ConfigError, match=message):

@@ -291,7 +291,7 @@ def train_fast(name: str, dataset: Dataset, *, seed: int = 0, device="cuda", com
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
     whiten_steps = max(1, math.ceil(cfg.whiten_bias_epochs * steps_per_epoch))
-    warmup_steps = round(cfg.warmup_fraction * total_steps)
+    warmup_steps = min(round(cfg.warmup_fraction * total_steps), total_steps - 1)  # a short run still decays
     sgd, muon = make_optimizers(model, cfg, compile=compile)
 
     timer = DeviceTimer(device)
