@@ -148,6 +148,14 @@ def test_fast_nets_shapes_and_identity_init(name, width):
     assert "whiten.weight" in frozen and all("norms" in n or n == "whiten.weight" for n in frozen)
 
 
+def test_fast96_is_session_8s_recipe():
+    """The shape and length measured at 93.36 % (benchmarks/fast.md, session 8)."""
+    from cudacnn.train.fast.recipe import PRESETS
+
+    assert create_model("fast96").arch == {"widths": (128, 512, 512), "residual": "before_gelu"}
+    assert PRESETS["fast96"].epochs == 32 and PRESETS["fast96"].keep_fraction == 0.75
+
+
 @pytest.mark.parametrize("residual", ["after_gelu", "before_gelu"])
 def test_residual_is_added_where_asked(residual):
     torch.manual_seed(0)

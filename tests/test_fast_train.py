@@ -61,9 +61,9 @@ def test_widths_override_builds_that_net_and_bad_widths_are_config_errors():
 
 def test_residual_and_lr_warmup_options():
     result = train_fast("fast96", tiny_dataset(), device="cpu", compile=False, log=lambda *_: None,
-                        batch_size=32, epochs=2, whiten_images=64, widths="8/8/16", residual="before_gelu",
+                        batch_size=32, epochs=2, whiten_images=64, widths="8/8/16", residual="after_gelu",
                         warmup_fraction=0.5)
-    assert all(group.residual == "before_gelu" for group in result.model.groups)
+    assert all(group.residual == "after_gelu" for group in result.model.groups)  # not fast96's default
     assert [h["lr_scale"] for h in result.history] == [1.0, 0.0]  # the ramp's peak after epoch 1 of 2, then 0
     assert [recipe.lr_scale(s, 10, 4) for s in (0, 2, 4, 7, 10)] == pytest.approx([0.2, 0.6, 1.0, 0.5, 0.0])
     assert [recipe.lr_scale(s, 10) for s in (0, 5)] == [1.0, 0.5]  # no warm-up: the plain linear decay

@@ -157,6 +157,20 @@ def test_checkpoint_of_another_model_is_refused(tmp_path, dataset):
                 quiet=True).fit()
 
 
+def test_checkpoints_store_the_shape_and_read_old_fast96_ones(tmp_path, dataset):
+    from cudacnn.models import create_model
+
+    config = tiny_config(tmp_path, model="fast96", model_kwargs={"widths": [8, 8, 16]}, epochs=1, name="f96")
+    run = Trainer(config, dataset=dataset, quiet=True).fit().run_dir
+    model, ckpt = model_from_checkpoint(run)
+    assert ckpt["model_kwargs"] == {"widths": (8, 8, 16), "residual": "before_gelu"}  # the default, written out
+    assert model.head.in_features == 16 and model.groups[0].residual == "before_gelu"
+    # before session 8, fast96 was 128/384/512 with the residual after the GELU, and checkpoints named no shape
+    old = create_model("fast96", num_classes=4, widths=(128, 384, 512), residual="after_gelu")
+    model, _ = model_from_checkpoint({**ckpt, "model_kwargs": {}, "model": old.state_dict()})
+    assert model.arch == {"widths": (128, 384, 512), "residual": "after_gelu"}
+
+
 def test_not_a_checkpoint(tmp_path):
     bad = tmp_path / "x.pt"
     bad.write_bytes(b"garbage")

@@ -53,12 +53,19 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return ckpt
 
 
+# Shapes of models whose defaults changed, for checkpoints written before they stored their shape keywords
+LEGACY_SHAPES = {"fast96": dict(widths=(128, 384, 512), residual="after_gelu")}  # before 2026-11-21's session 8
+
+
 def model_from_checkpoint(source: str | Path | dict, device: str | torch.device = "cpu"):
     """(model in eval mode on `device`, checkpoint dict)."""
     from cudacnn.models import create_model
 
     ckpt = source if isinstance(source, dict) else load_checkpoint(source)
-    model = create_model(ckpt["model_name"], num_classes=len(ckpt["classes"]), **ckpt.get("model_kwargs", {}))
+    kwargs = ckpt.get("model_kwargs", {})
+    if "widths" not in kwargs:
+        kwargs = {**LEGACY_SHAPES.get(ckpt["model_name"], {}), **kwargs}
+    model = create_model(ckpt["model_name"], num_classes=len(ckpt["classes"]), **kwargs)
     check_compatible(model, ckpt["model"], f"checkpoint of model '{ckpt['model_name']}'")
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt

@@ -100,6 +100,8 @@ class Trainer:
     def _build_model(self) -> None:
         c = self.config
         self.model = create_model(c.model, num_classes=self.dataset.num_classes, **c.model_kwargs)
+        # checkpoints store the shape keywords too, so a later change of a model's defaults cannot misread them
+        self.model_kwargs = {**c.model_kwargs, **getattr(self.model, "arch", {})}
         if c.pretrained:
             from cudacnn.models.resnet import load_pretrained
 
@@ -149,7 +151,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _state(self, epoch: int) -> dict:
         return {
-            "model_name": self.config.model, "model_kwargs": self.config.model_kwargs,
+            "model_name": self.config.model, "model_kwargs": self.model_kwargs,
             "classes": self.dataset.classes, "mean": self.mean, "std": self.std,
             "model": self.inference_model.state_dict(), "epoch": epoch, "config": self.config.to_dict(),
             "train_state": {
