@@ -152,7 +152,7 @@ def test_fast96_is_session_8s_recipe():
     """The shape and length measured at 93.36 % (benchmarks/fast.md, session 8)."""
     from cudacnn.train.fast.recipe import PRESETS
 
-    assert create_model("fast96").arch == {"widths": (128, 512, 512), "residual": "before_gelu"}
+    assert create_model("fast96").arch == {"widths": [128, 512, 512], "residual": "before_gelu"}
     assert PRESETS["fast96"].epochs == 32 and PRESETS["fast96"].keep_fraction == 0.75
 
 

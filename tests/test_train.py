@@ -10,11 +10,12 @@ import re
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from cudacnn.cli import main
 from cudacnn.data import Dataset, Split
 from cudacnn.errors import CheckpointError, ConfigError, CudacnnError
-from cudacnn.train.checkpoint import load_checkpoint, model_from_checkpoint
+from cudacnn.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from cudacnn.train.config import TrainConfig, resolve
 from cudacnn.train.trainer import Trainer, TrainingDiverged
 
@@ -163,12 +164,31 @@ def test_checkpoints_store_the_shape_and_read_old_fast96_ones(tmp_path, dataset)
     config = tiny_config(tmp_path, model="fast96", model_kwargs={"widths": [8, 8, 16]}, epochs=1, name="f96")
     run = Trainer(config, dataset=dataset, quiet=True).fit().run_dir
     model, ckpt = model_from_checkpoint(run)
-    assert ckpt["model_kwargs"] == {"widths": (8, 8, 16), "residual": "before_gelu"}  # the default, written out
+    shape = {"widths": [8, 8, 16], "residual": "before_gelu"}  # the default residual, written out
+    assert ckpt["model_kwargs"] == shape and ckpt["config"]["model_kwargs"] == shape
+    assert yaml.safe_load((run / "config.yaml").read_text())["model_kwargs"] == shape  # what a resume rebuilds
     assert model.head.in_features == 16 and model.groups[0].residual == "before_gelu"
-    # before session 8, fast96 was 128/384/512 with the residual after the GELU, and checkpoints named no shape
+    # version-1 checkpoints named only the keywords given; fast96's defaults were then 128/384/512, residual after
     old = create_model("fast96", num_classes=4, widths=(128, 384, 512), residual="after_gelu")
-    model, _ = model_from_checkpoint({**ckpt, "model_kwargs": {}, "model": old.state_dict()})
-    assert model.arch == {"widths": (128, 384, 512), "residual": "after_gelu"}
+    for given in ({}, {"widths": [128, 384, 512]}):
+        model, _ = model_from_checkpoint({**ckpt, "version": 1, "model_kwargs": given, "model": old.state_dict()})
+        assert model.arch == {"widths": [128, 384, 512], "residual": "after_gelu"}
+    # ... and such a run cannot be resumed: this version builds the new net from its config
+    last = run / "checkpoints" / "last.pt"
+    save_checkpoint(last, {**load_checkpoint(last), "version": 1, "model_kwargs": {"widths": [8, 8, 16]}})
+    with pytest.raises(CheckpointError, match="cannot be resumed"):
+        Trainer(tiny_config(tmp_path, model="fast96", model_kwargs={"widths": [8, 8, 16]}, epochs=2),
+                run_dir=run, resume=True, dataset=dataset, quiet=True).fit()
+
+
+def test_version_1_checkpoints_of_unchanged_models_resume(tmp_path, dataset):
+    config = tiny_config(tmp_path, epochs=1, name="v1", schedule="none")  # a schedule that allows a longer resume
+    run = Trainer(config, dataset=dataset, quiet=True).fit().run_dir
+    last = run / "checkpoints" / "last.pt"
+    save_checkpoint(last, {**load_checkpoint(last), "version": 1})
+    result = Trainer(dataclasses.replace(config, epochs=2), run_dir=run, resume=True, dataset=dataset,
+                     quiet=True).fit()
+    assert [row["epoch"] for row in result.history] == [1, 2]
 
 
 def test_not_a_checkpoint(tmp_path):

@@ -55,11 +55,12 @@ class ConvGroup(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.gelu(self.norms[0](F.max_pool2d(self.convs[0](x), 2)))
         first = x
-        for i, (conv, norm) in enumerate(zip(self.convs[1:], self.norms[1:]), start=2):
-            x = norm(conv(x))
-            if i == len(self.convs) and self.residual == "before_gelu":
-                x = x + first
-            x = F.gelu(x)
+        for conv, norm in zip(self.convs[1:-1], self.norms[1:-1]):
+            x = F.gelu(norm(conv(x)))
+        x = self.norms[-1](self.convs[-1](x))
+        if self.residual == "before_gelu":
+            x = x + first
+        x = F.gelu(x)
         return x + first if self.residual == "after_gelu" else x
 
 
@@ -68,7 +69,9 @@ class FastNet(nn.Module):
                  whiten_kernel: int = 2, bn_momentum: float = 0.4, logit_scale: float | None = None,
                  residual: str = "after_gelu"):
         super().__init__()
-        self.arch = dict(widths=tuple(widths), residual=residual)  # the shape keywords: checkpoints store them
+        # the keywords that rebuild this net, stored with its runs and checkpoints: the widths, and the residual
+        # placement, which no weight shape reveals (lists: they go into YAML configs)
+        self.arch = dict(widths=list(widths)) | (dict(residual=residual) if depth >= 3 else {})
         whiten_width = 2 * 3 * whiten_kernel**2  # each eigen-direction and its negation
         self.whiten = nn.Conv2d(3, whiten_width, kernel_size=whiten_kernel, padding=0, bias=True)
         self.whiten.weight.requires_grad_(False)

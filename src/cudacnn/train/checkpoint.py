@@ -15,7 +15,7 @@ from cudacnn.errors import CheckpointError
 from cudacnn.models.weights import describe_mismatch
 
 FORMAT = "cudacnn-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: model_kwargs name the net's shape, the model's defaults included (models/fast.py's `arch`)
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
@@ -53,8 +53,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return ckpt
 
 
-# Shapes of models whose defaults changed, for checkpoints written before they stored their shape keywords
-LEGACY_SHAPES = {"fast96": dict(widths=(128, 384, 512), residual="after_gelu")}  # before 2026-11-21's session 8
+# The defaults of models whose defaults changed, for version-1 checkpoints, which name only the keywords given
+LEGACY_DEFAULTS = {"fast96": dict(widths=[128, 384, 512], residual="after_gelu")}
+
+
+def stored_model_kwargs(ckpt: dict) -> dict:
+    """The keywords that rebuild the checkpoint's net."""
+    kwargs = ckpt.get("model_kwargs", {})
+    if ckpt.get("version", 1) < 2:
+        kwargs = {**LEGACY_DEFAULTS.get(ckpt["model_name"], {}), **kwargs}
+    return kwargs
 
 
 def model_from_checkpoint(source: str | Path | dict, device: str | torch.device = "cpu"):
@@ -62,10 +70,7 @@ def model_from_checkpoint(source: str | Path | dict, device: str | torch.device 
     from cudacnn.models import create_model
 
     ckpt = source if isinstance(source, dict) else load_checkpoint(source)
-    kwargs = ckpt.get("model_kwargs", {})
-    if "widths" not in kwargs:
-        kwargs = {**LEGACY_SHAPES.get(ckpt["model_name"], {}), **kwargs}
-    model = create_model(ckpt["model_name"], num_classes=len(ckpt["classes"]), **kwargs)
+    model = create_model(ckpt["model_name"], num_classes=len(ckpt["classes"]), **stored_model_kwargs(ckpt))
     check_compatible(model, ckpt["model"], f"checkpoint of model '{ckpt['model_name']}'")
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt

@@ -41,7 +41,7 @@ def run_record(config: TrainConfig, quiet: bool = False) -> dict:
         rows.append(row)
         run_dir = root / f"run{index}"
         save_checkpoint(run_dir / "checkpoints" / "last.pt", {
-            "model_name": config.model, "model_kwargs": {**config.model_kwargs, **result.model.arch},
+            "model_name": config.model, "model_kwargs": result.model.arch,
             "classes": dataset.classes,
             "mean": result.mean, "std": result.std, "model": result.model.state_dict(),
             "epoch": len(result.history) - 1, "config": {**config.to_dict(), **result.config, "seed": seed}})

@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -30,7 +30,8 @@ from cudacnn.evaluate.metrics import evaluate
 from cudacnn.models import create_model
 from cudacnn.train import distributed, setup
 from cudacnn.train.callbacks import EarlyStopping
-from cudacnn.train.checkpoint import check_compatible, load_checkpoint, run_checkpoint, save_checkpoint
+from cudacnn.train.checkpoint import (check_compatible, load_checkpoint, run_checkpoint, save_checkpoint,
+                                     stored_model_kwargs)
 from cudacnn.train.config import (DIST_TIMEOUT_S, TrainConfig, claim_run_dir, from_dict, load_config_file, run_name,
                                   save_config)
 
@@ -100,8 +101,9 @@ class Trainer:
     def _build_model(self) -> None:
         c = self.config
         self.model = create_model(c.model, num_classes=self.dataset.num_classes, **c.model_kwargs)
-        # checkpoints store the shape keywords too, so a later change of a model's defaults cannot misread them
-        self.model_kwargs = {**c.model_kwargs, **getattr(self.model, "arch", {})}
+        # the run's config (config.yaml, checkpoints) names the net's shape, defaults included, so that resuming
+        # and loading rebuild this net even after the model's defaults change
+        self.config = c = replace(c, model_kwargs={**c.model_kwargs, **getattr(self.model, "arch", {})})
         if c.pretrained:
             from cudacnn.models.resnet import load_pretrained
 
@@ -151,7 +153,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _state(self, epoch: int) -> dict:
         return {
-            "model_name": self.config.model, "model_kwargs": self.model_kwargs,
+            "model_name": self.config.model, "model_kwargs": self.config.model_kwargs,
             "classes": self.dataset.classes, "mean": self.mean, "std": self.std,
             "model": self.inference_model.state_dict(), "epoch": epoch, "config": self.config.to_dict(),
             "train_state": {
@@ -170,6 +172,13 @@ class Trainer:
         if "train_state" not in ckpt:
             raise CheckpointError("the checkpoint holds weights only (a best.pt or an export), not the training "
                                   "state a resume needs; resume from the run's checkpoints/last.pt")
+        built = stored_model_kwargs(ckpt)
+        # the residual placement, for one, has no weights to tell it by
+        if any(self.config.model_kwargs.get(key) != value for key, value in built.items()):
+            raise CheckpointError(f"the checkpoint's net ({ckpt['model_name']} with {built}) is not the one this "
+                                  f"version of cudacnn builds from the run's config ({self.config.model_kwargs}): "
+                                  "the model's defaults changed since; evaluate, predict and export still load it, "
+                                  "but it cannot be resumed")
         state = ckpt["train_state"]
         check_compatible(self.model, state["model"], f"checkpoint of model '{ckpt['model_name']}'")
         self.model.load_state_dict(state["model"])

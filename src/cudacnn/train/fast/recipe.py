@@ -125,7 +125,7 @@ def parse_widths(text: str) -> dict:
     return {"widths": widths}
 
 
-# -- one compiled model per (preset, device, dtype), re-initialised in place for every run
+# -- one compiled model per preset, device, shape and compile mode (see the key), re-initialised in place for every run
 
 _PREPARED: dict[tuple, tuple[FastNet, nn.Module]] = {}
 
