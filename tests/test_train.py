@@ -340,6 +340,21 @@ def test_record_preset_refuses_flags_its_recipe_ignores(tmp_path, capsys, gpus):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_record_preset_refuses_settings_from_a_config_file_or_a_sweep_job(tmp_path, capsys):
+    from cudacnn.train import record
+
+    config_file = tmp_path / "job.yaml"
+    config_file.write_text("preset: fast96\nlr: 0.5\nmodel_kwargs: {logit_scale: 0.5}\nseed: 3\n")
+    out = tmp_path / "runs"
+    assert main(["train", "--config", str(config_file), "--out", str(out), "--device", "cpu"]) == 2
+    assert "--preset fast96 sets its own recipe; drop --lr, --model-kwargs" in capsys.readouterr().err
+    assert not out.exists()
+    job = resolve(None, str(config_file), {"out": str(out)})  # as a sweep worker resolves its job file
+    with pytest.raises(ConfigError, match="drop --lr, --model-kwargs"):
+        record.run_record(job, quiet=True)
+    assert not out.exists()
+
+
 def test_out_of_memory_names_a_smaller_batch(tmp_path, dataset):
     trainer = Trainer(tiny_config(tmp_path, epochs=1, batch_size=64), dataset=dataset, quiet=True)
 

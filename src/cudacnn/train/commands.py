@@ -27,8 +27,6 @@ HELP = {
     "compile_mode": f"with --compile: {' | '.join(COMPILE_MODES)} (reduce-overhead: CUDA graphs)",
 }
 SKIP = {"model_kwargs", "preset"}
-# what a record preset (fast94/fast96) takes from the command line; its recipe sets everything else
-RECORD_FLAGS = {"data", "cache_dir", "device", "compile", "seed", "runs", "out", "name"}
 
 
 def add_commands(subparsers) -> None:
@@ -138,11 +136,9 @@ def run_train(args) -> int:
     preset = args.preset or (None if args.config or args.model else DEFAULT_PRESET)
     config = resolve(preset, args.config, flags)
     if config.preset in FAST_PRESETS:  # before any run folder, sweep or launch
-        ignored = sorted(k for k, v in flags.items() if v is not None and k not in RECORD_FLAGS)
-        if ignored:
-            raise ConfigError(f"--preset {config.preset} sets its own recipe; drop "
-                              f"{', '.join('--' + k.replace('_', '-') for k in ignored)} (try recipe changes with "
-                              f"`python -m cudacnn.train.fast.bench --preset {config.preset} --set key=value`)")
+        from cudacnn.train.record import check_record_config
+
+        check_record_config(config)
     if args.gpus > 1 and not inside_launch:
         if config.runs > 1:  # independent runs, one per GPU
             from cudacnn.train.sweep import seeds_sweep

@@ -185,12 +185,13 @@ def resolve(preset: str | None, config_file: str | None, flags: dict[str, Any]) 
     from cudacnn.train.presets import PRESETS
 
     config = TrainConfig()
+    from_file = load_config_file(config_file) if config_file else {}
+    preset = preset or from_file.get("preset")  # a file's `preset: NAME` starts from that preset, as --preset does
     if preset:
-        if preset not in PRESETS:
+        if not isinstance(preset, str) or preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         config = from_dict(PRESETS[preset]["config"], config, f"preset {preset}")
         config.preset = preset
-    if config_file:
-        config = from_dict(load_config_file(config_file), config, str(config_file))
+    config = from_dict(from_file, config, str(config_file))
     config = from_dict({k: v for k, v in flags.items() if v is not None}, config, "flags")
     return config.validate()

@@ -3,6 +3,7 @@ normal run folder (checkpoint, eval.json), and one table of statistics over the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -11,16 +12,34 @@ from pathlib import Path
 from cudacnn.atomic import write_text_atomic
 from cudacnn.data import load_dataset
 from cudacnn.train.checkpoint import save_checkpoint
-from cudacnn.train.config import TrainConfig, claim_run_dir, run_name, save_config
+from cudacnn.errors import ConfigError
+from cudacnn.train.config import TrainConfig, claim_run_dir, resolve, run_name, save_config
 from cudacnn.train.setup import pick_device
 from cudacnn.train.sweep import summarize
 
 log = logging.getLogger(__name__)
 
 
+# what a record preset (fast94/fast96) takes from the user; its recipe (train/fast/recipe.py) sets everything else
+RECORD_SETTINGS = ("preset", "data", "cache_dir", "device", "compile", "seed", "runs", "out", "name")
+
+
+def check_record_config(config: TrainConfig) -> None:
+    """Refuse any other setting that differs from the preset's, whether from a flag, a config file or a sweep
+    job: the recipe would silently ignore it."""
+    recipe = resolve(config.preset, None, {})
+    ignored = sorted(f.name for f in dataclasses.fields(TrainConfig)
+                     if f.name not in RECORD_SETTINGS and getattr(config, f.name) != getattr(recipe, f.name))
+    if ignored:
+        raise ConfigError(f"--preset {config.preset} sets its own recipe; drop "
+                          f"{', '.join('--' + k.replace('_', '-') for k in ignored)} (try recipe changes with "
+                          f"`python -m cudacnn.train.fast.bench --preset {config.preset} --set key=value`)")
+
+
 def run_record(config: TrainConfig, quiet: bool = False) -> dict:
     from cudacnn.train.fast import train_fast, warmup
 
+    check_record_config(config)  # before anything is written
     device = pick_device(config.device)
     dataset = load_dataset(config.data, cache_dir=config.cache_dir, quiet=quiet)
     root = claim_run_dir(Path(config.out) / run_name(config), resumable=False)  # seeded runs start over
