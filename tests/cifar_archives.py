@@ -30,8 +30,8 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_tar(path: Path, files: dict[str, bytes]) -> Path:
-    with tarfile.open(path, "w:gz") as tar:
+def write_tar(path: Path, files: dict[str, bytes], compression: str = "gz") -> Path:
+    with tarfile.open(path, f"w:{compression}") as tar:
         for name, data in files.items():
             _add(tar, name, data)
     return path

@@ -132,16 +132,17 @@ def test_truncated_archive(tmp_path):
         read_source(cut)
 
 
-@pytest.mark.parametrize("damage", ["flipped byte", "no gzip trailer"])
-def test_archive_failing_its_checksum(tmp_path, damage):
-    """Damage the tar's own parsing never sees: only the gzip CRC and length at the stream's end catch it."""
+@pytest.mark.parametrize("compression", ["gz", "bz2", "xz"])
+@pytest.mark.parametrize("damage", ["flipped byte", "no trailer"])
+def test_archive_failing_its_checksum(tmp_path, damage, compression):
+    """Damage the tar's own parsing never sees: only the CRC and length at the stream's end catch it."""
     files, _, _ = cifar10_binary_files()
-    data = bytearray(write_tar(tmp_path / "whole.tar.gz", files).read_bytes())
+    data = bytearray(write_tar(tmp_path / f"whole.tar.{compression}", files, compression).read_bytes())
     if damage == "flipped byte":
         data[len(data) // 2] ^= 0xFF
     else:
         del data[-8:]
-    bad = tmp_path / "bad.tar.gz"
+    bad = tmp_path / f"bad.tar.{compression}"
     bad.write_bytes(bytes(data))
     with pytest.raises(DataError, match="truncated or corrupt"):
         read_source(bad)

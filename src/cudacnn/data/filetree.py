@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import lzma
 import tarfile
 import zlib
 from pathlib import Path
@@ -51,7 +52,7 @@ def _read_tar(path: Path) -> dict[str, Callable[[], bytes]]:
             # (a flipped bit inside the data, or a cut-off trailer, is otherwise accepted as different pixels)
             while tar.fileobj.read(1 << 20):
                 pass
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+    except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError) as exc:  # bz2's errors are OSErrors
         raise DataError(f"{path} is truncated or corrupt ({exc}); download or copy it again") from exc
     if not contents:
         raise DataError(f"{path} holds no files; download or copy it again")
