@@ -32,3 +32,12 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path):
         tmp.write_text("half")
         raise RuntimeError("interrupted")
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"] and (tmp_path / "out.txt").read_text() == "old"
+
+
+def test_errors_name_the_target_not_the_temporary_file(tmp_path):
+    target = tmp_path / "out.json"
+    target.mkdir()  # a folder where the file goes: the rename fails
+    with pytest.raises(IsADirectoryError) as failed:
+        atomic.write_text_atomic(target, "{}")
+    assert failed.value.filename == str(target)
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temporary file left

@@ -228,6 +228,19 @@ def test_download_verifies_and_renames(tmp_path, monkeypatch):
     assert download(archive, tmp_path / "data", quiet=True) == tmp_path / "data" / "cifar-10-binary.tar.gz"
 
 
+def test_download_gets_the_umask_mode_and_names_an_unwritable_folder(tmp_path, monkeypatch):
+    from cudacnn import atomic
+
+    tar, md5, _ = _archive(tmp_path)
+    archive = OfficialArchive("cifar10", tar.as_uri(), md5, "cifar-10-binary.tar.gz")
+    monkeypatch.setattr(atomic, "_UMASK", 0o022)
+    assert download(archive, tmp_path / "data", quiet=True).stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    with pytest.raises(DataError, match=f"cannot write to {blocked / 'data'}.*CUDACNN_DATA_DIR"):
+        download(archive, blocked / "data", quiet=True)
+
+
 def test_download_checksum_mismatch_leaves_nothing(tmp_path):
     tar, _, _ = _archive(tmp_path)
     archive = OfficialArchive("cifar10", tar.as_uri(), "0" * 32, "cifar-10-binary.tar.gz")

@@ -18,15 +18,27 @@ def atomic_output(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     otherwise removed, so a reader never sees half a file. `suffix` is for writers that go by extension."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    except OSError as exc:
+        raise _about(path, exc) from exc
     os.close(fd)
     tmp = Path(name)
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private; give them the mode open() would
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.filename != name:
+            raise
+        raise _about(path, exc) from exc
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _about(path: Path, exc: OSError) -> OSError:
+    """The same error about `path`: the temporary file's name would mean nothing to the user."""
+    return OSError(exc.errno, exc.strerror, str(path))  # errno picks the subclass (PermissionError, ...)
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
