@@ -48,7 +48,7 @@ def _list_split(tree: Tree, root: str, split: str) -> dict[str, list[str]]:
     return by_class
 
 
-def _decode(item: tuple[str, bytes]) -> np.ndarray | str:
+def decode_image(item: tuple[str, bytes]) -> np.ndarray | str:
     """Decode one image; on a problem return a message instead (so a worker process never raises)."""
     name, data = item
     try:
@@ -74,13 +74,13 @@ def decode_images(items: list[tuple[str, bytes]], workers: int | None = None) ->
     if workers > 1 and len(items) >= 4000:
         with ProcessPoolExecutor(workers, initializer=_ignore_sigint) as pool:
             try:  # a chunk of 512 32x32 images decodes in some 20-50 ms
-                decoded = list(pool.map(_decode, items, chunksize=512))
+                decoded = list(pool.map(decode_image, items, chunksize=512))
             except KeyboardInterrupt:
                 # Drop the queued chunks (the workers finish only the ones they hold) and stop promptly.
                 pool.shutdown(cancel_futures=True)
                 raise
     else:
-        decoded = [_decode(item) for item in items]
+        decoded = [decode_image(item) for item in items]
     for result in decoded:
         if isinstance(result, str):
             raise DataError(result)

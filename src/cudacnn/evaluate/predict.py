@@ -7,11 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
+from cudacnn.data.image_folder import decode_image
 from cudacnn.errors import DataError
-
-IMAGE_SIZE = 32
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -21,15 +19,10 @@ def read_image(path: str | Path) -> np.ndarray:
         raise DataError(f"{path} is a folder; predict takes image files: name them, e.g. {path}/*.png")
     if not path.is_file():
         raise DataError(f"image {path} does not exist")
-    try:
-        with Image.open(path) as image:
-            image.load()
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-        raise DataError(f"{path} is not an image Pillow can read ({exc})") from exc
-    if image.size != (IMAGE_SIZE, IMAGE_SIZE) or image.mode != "RGB":
-        raise DataError(f"{path} is {image.size[0]}x{image.size[1]} {image.mode}; the model takes 32x32 RGB images. "
-                        "Resize and convert it first, e.g. Image.open(p).convert('RGB').resize((32, 32))")
-    return np.asarray(image, dtype=np.uint8)
+    decoded = decode_image((str(path), path.read_bytes()))  # the data loader's decoder: the same checks
+    if isinstance(decoded, str):
+        raise DataError(decoded)
+    return decoded
 
 
 def normalize(images: np.ndarray, mean, std) -> torch.Tensor:
