@@ -87,6 +87,22 @@ def test_cuda_activations(dtype, kind, n):
         assert rel_err(dx, reference_backward(gs.double(), xs.double(), kind)) < TOL[dtype]
 
 
+def test_cuda_activations_into_a_strided_out_or_a_fresh_one():
+    x, g = (torch.randn(64, 48, device="cuda", dtype=torch.float16) for _ in range(2))
+    strided = torch.full((48, 64), float("nan"), device="cuda", dtype=torch.float16).t()  # (64, 48), not contiguous
+    ref = reference_forward(x.double(), "gelu")
+    assert cuda_ext.cuda_activation_forward(x, "gelu", out=strided) is strided
+    assert rel_err(strided, ref) < TOL[torch.float16]
+    assert rel_err(cuda_ext.cuda_activation_forward(x, "gelu"), ref) < TOL[torch.float16]
+    strided.fill_(float("nan"))
+    assert cuda_ext.cuda_activation_backward(g, x, "silu", out=strided) is strided
+    ref = reference_backward(g.double(), x.double(), "silu")
+    assert rel_err(strided, ref) < TOL[torch.float16]
+    assert rel_err(cuda_ext.cuda_activation_backward(g, x, "silu"), ref) < TOL[torch.float16]
+    with pytest.raises(ValueError, match="out has shape"):
+        cuda_ext.cuda_activation_forward(x, "gelu", out=torch.empty(48, 64, device="cuda", dtype=torch.float16))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(1000, 1031, 513), (1, 4096, 4096), (4097, 3, 64)])
 def test_triton_gemm_gpu_shapes(dtype, shape):

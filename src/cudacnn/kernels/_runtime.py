@@ -76,6 +76,14 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return False
 
 
+def write_contiguous(out: torch.Tensor, launch) -> torch.Tensor:
+    """launch(dst) writes a contiguous tensor: `out` itself when it is contiguous, else scratch copied into `out`
+    (the kernels index flat memory)."""
+    dst = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
+    launch(dst)
+    return out if dst is out else out.copy_(dst)
+
+
 def check_out(out: torch.Tensor | None, shape, dtype, device) -> torch.Tensor:
     """Validate a caller-provided output buffer or allocate one."""
     if out is None:

@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._runtime import HAS_TRITON, check_out, interpreting, tl, triton, use_triton
+from ._runtime import HAS_TRITON, check_out, interpreting, tl, triton, use_triton, write_contiguous
 
 BUILT_FOR_INTERPRETER = interpreting()
 
@@ -171,14 +171,14 @@ def _launch_config(kernel, kind: str, dtype: torch.dtype) -> tuple[int, int]:
 
 def _elementwise(kernel, inputs, out, kind):
     n = inputs[0].numel()
-    flat_out = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
-    if n:
-        block, warps = _launch_config(kernel, kind, out.dtype)
-        kernel[(triton.cdiv(n, block),)](*inputs, flat_out, n, KIND=activation_code(kind),
-                                         FAST=out.dtype != torch.float32, BLOCK=block, num_warps=warps)
-    if flat_out is not out:
-        out.copy_(flat_out)
-    return out
+
+    def launch(flat_out):
+        if n:
+            block, warps = _launch_config(kernel, kind, out.dtype)
+            kernel[(triton.cdiv(n, block),)](*inputs, flat_out, n, KIND=activation_code(kind),
+                                             FAST=out.dtype != torch.float32, BLOCK=block, num_warps=warps)
+
+    return write_contiguous(out, launch)
 
 
 def activation_forward(x: torch.Tensor, kind: str, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ._runtime import check_out
+from ._runtime import check_out, write_contiguous
 from .activations import activation_code
 
 SOURCE_DIR = Path(__file__).parent / "cuda"
@@ -100,21 +100,13 @@ def cuda_gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None
 
 def cuda_activation_forward(x: torch.Tensor, kind: str, out: torch.Tensor | None = None) -> torch.Tensor:
     x = x.contiguous()
-    return _write_into(out, x, lambda y: extension().activation_forward(x, y, activation_code(kind), _stream()))
+    out = check_out(out, x.shape, x.dtype, x.device)
+    return write_contiguous(out, lambda y: extension().activation_forward(x, y, activation_code(kind), _stream()))
 
 
 def cuda_activation_backward(grad_out: torch.Tensor, x: torch.Tensor, kind: str,
                              out: torch.Tensor | None = None) -> torch.Tensor:
     grad_out, x = grad_out.contiguous(), x.contiguous()
-    return _write_into(out, x, lambda dx: extension().activation_backward(grad_out, x, dx, activation_code(kind),
-                                                                          _stream()))
-
-
-def _write_into(out: torch.Tensor | None, like: torch.Tensor, launch) -> torch.Tensor:
-    """launch(dst) writes a contiguous tensor shaped like `like`: `out` itself when it is contiguous, else a
-    fresh tensor (then copied into `out`, if one was given, after checking its shape, dtype and device)."""
-    if out is not None:
-        check_out(out, like.shape, like.dtype, like.device)
-    dst = torch.empty_like(like) if out is None or not out.is_contiguous() else out
-    launch(dst)
-    return dst if out is None or dst is out else out.copy_(dst)
+    out = check_out(out, x.shape, x.dtype, x.device)
+    return write_contiguous(out, lambda dx: extension().activation_backward(grad_out, x, dx, activation_code(kind),
+                                                                            _stream()))
