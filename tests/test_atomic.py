@@ -9,7 +9,7 @@ from cudacnn import atomic
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_outputs_get_the_mode_the_umask_allows(tmp_path, monkeypatch, umask, mode):
-    monkeypatch.setattr(atomic, "_UMASK", umask)
+    monkeypatch.setattr(atomic, "_umask", lambda: umask)
     path = atomic.write_text_atomic(tmp_path / "sub" / "out.txt", "hello")
     assert path.read_text() == "hello" and path.stat().st_mode & 0o777 == mode
 

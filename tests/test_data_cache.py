@@ -86,7 +86,7 @@ def test_corrupt_cache_that_cannot_be_deleted_is_rebuilt_beside_it(tmp_path, mon
 def test_cache_file_mode_follows_the_umask(tmp_path, monkeypatch):
     from cudacnn import atomic
 
-    monkeypatch.setattr(atomic, "_UMASK", 0o027)
+    monkeypatch.setattr(atomic, "_umask", lambda: 0o027)
     files, _ = image_folder_files()
     ds = load_dataset(write_tar(tmp_path / "t.tar.gz", files), cache_dir=tmp_path / "cache", quiet=True)
     assert ds.cache_path.stat().st_mode & 0o777 == 0o640  # readable by the group, as open() would make it

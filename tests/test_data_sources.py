@@ -233,7 +233,7 @@ def test_download_gets_the_umask_mode_and_names_an_unwritable_folder(tmp_path, m
 
     tar, md5, _ = _archive(tmp_path)
     archive = OfficialArchive("cifar10", tar.as_uri(), md5, "cifar-10-binary.tar.gz")
-    monkeypatch.setattr(atomic, "_UMASK", 0o022)
+    monkeypatch.setattr(atomic, "_umask", lambda: 0o022)
     assert download(archive, tmp_path / "data", quiet=True).stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
     blocked = tmp_path / "a-file"
     blocked.write_text("")

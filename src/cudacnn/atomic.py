@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-_UMASK = os.umask(0)  # reading the umask means setting it: put it straight back
-os.umask(_UMASK)
+
+@functools.cache
+def _umask() -> int:
+    """The process's umask, read once, when the first output is written (not at import)."""
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
 
 
 @contextmanager
@@ -26,7 +33,7 @@ def atomic_output(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private; give them the mode open() would
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; give them the mode open() would
         os.replace(tmp, path)
     except OSError as exc:
         if exc.filename != name:

@@ -56,7 +56,7 @@ def detect_official(tree: Tree) -> str | None:
     if _find(tree, "data_batch_1") and _find(tree, "batches.meta"):
         return "cifar10-py"
     meta = _find(tree, "meta")
-    if meta and posixpath.join(posixpath.dirname(meta), "train") in tree:  # the folder itself, or one above it
+    if meta and posixpath.join(posixpath.dirname(meta), "train") in tree:  # meta and train side by side, at any depth
         return "cifar100-py"
     return None
 

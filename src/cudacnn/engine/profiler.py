@@ -101,7 +101,7 @@ def profile_model(model, X, y, repeats: int = 5, print_table: bool = True) -> li
     finally:
         model.load_state_dict(saved)
         model.train(was_training)
-    memory.close()
+        memory.close()
     rows = []
     for i, layer in enumerate(layers):
         params = sum(int(np.prod(p.shape)) for p in layer.parameters().values())
