@@ -150,10 +150,12 @@ def test_fast_nets_shapes_and_identity_init(name, width):
 
 def test_fast96_is_session_8s_recipe():
     """The shape and length measured at 93.36 % (benchmarks/fast.md, session 8)."""
-    from cudacnn.train.fast.recipe import PRESETS
+    from cudacnn.train.fast.recipe import PRESETS, FastConfig
 
     assert create_model("fast96").arch == {"widths": [128, 512, 512], "residual": "before_gelu"}
-    assert PRESETS["fast96"].epochs == 32 and PRESETS["fast96"].keep_fraction == 0.75
+    assert PRESETS["fast96"] == FastConfig("fast96", epochs=32.0, muon_lr=0.2, crop_pad=4, cutout=12,
+                                           lookahead_every=5, keep_fraction=0.75, rank_by="last_loss",
+                                           compile_mode="reduce-overhead")
 
 
 @pytest.mark.parametrize("residual", ["after_gelu", "before_gelu"])

@@ -59,12 +59,24 @@ def test_widths_override_builds_that_net_and_bad_widths_are_config_errors():
             train_fast("fast94", tiny_dataset(), device="cpu", widths=bad)
 
 
-def test_residual_and_lr_warmup_options():
+def test_residual_and_lr_warmup_options(monkeypatch):
+    scales, set_lr_scale = [], recipe.set_lr_scale  # what the optimizers get: (main groups, whitening bias) a step
+
+    def recording(groups, scale):
+        scales.append(scale)
+        set_lr_scale(groups, scale)
+
+    monkeypatch.setattr(recipe, "set_lr_scale", recording)
     result = train_fast("fast96", tiny_dataset(), device="cpu", compile=False, log=lambda *_: None,
                         batch_size=32, epochs=2, whiten_images=64, widths="8/8/16", residual="after_gelu",
                         warmup_fraction=0.5)
     assert all(group.residual == "after_gelu" for group in result.model.groups)  # not fast96's default
+    assert scales[0::2] == pytest.approx([0.2, 0.6, 1.0, 0.5])  # 4 steps: the 2-step ramp, then the decay
     assert [h["lr_scale"] for h in result.history] == [1.0, 0.0]  # the ramp's peak after epoch 1 of 2, then 0
+    # the cached nets are told apart by their residual placement too
+    nets = [recipe.prepared_model("fast96", "cpu", 10, False, widths="8/8/16", residual=r)[0]
+            for r in ("", "after_gelu")]
+    assert [net.groups[0].residual for net in nets] == ["before_gelu", "after_gelu"]
     assert [recipe.lr_scale(s, 10, 4) for s in (0, 2, 4, 7, 10)] == pytest.approx([0.2, 0.6, 1.0, 0.5, 0.0])
     assert [recipe.lr_scale(s, 10) for s in (0, 5)] == [1.0, 0.5]  # no warm-up: the plain linear decay
     one_step = train_fast("fast96", tiny_dataset(), device="cpu", compile=False, log=lambda *_: None,
@@ -88,7 +100,10 @@ def test_warmup_runs_once_per_graph_shaping_setting(monkeypatch):
     recipe.warmup("fast94", data, "cpu", batch_size=500)
     recipe.warmup("fast94", data, "cpu", muon_momentum=0.7)  # a constant in Muon's compiled update
     recipe.warmup("fast94", data, "cpu", compile=False)
-    assert calls == [None, 500, None, None]
+    recipe.warmup("fast96", data, "cpu")
+    recipe.warmup("fast96", data, "cpu", residual="after_gelu")  # another net
+    recipe.warmup("fast96", data, "cpu", rank_by="proxy")  # the proxy's graphs
+    assert calls == [None, 500, None, None, None, None, None]
 
 
 def test_bench_overrides_are_typed():
@@ -227,7 +242,12 @@ def test_last_loss_run_trains_on_the_examples_it_ranks_hardest(monkeypatch):
 
     monkeypatch.setattr(recipe, "LastLossFilter", Recording)
     main_forward = FastNet.forward
-    monkeypatch.setattr(FastNet, "forward", lambda self, x: main_outputs.append(main_forward(self, x)) or main_outputs[-1])
+
+    def recording_forward(self, x):
+        main_outputs.append(main_forward(self, x))
+        return main_outputs[-1]
+
+    monkeypatch.setattr(FastNet, "forward", recording_forward)
     assert recipe.make_proxy_filter(recipe.resolve_config("fast94", dict(keep_fraction=0.5, rank_by="last_loss")),
                                     "cpu", 10, False) is None
     data = tiny_dataset()
