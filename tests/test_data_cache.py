@@ -61,26 +61,36 @@ def test_corrupt_cache_is_rebuilt_with_warning(tmp_path, monkeypatch, caplog):
     np.testing.assert_array_equal(again.test.images, expected["test"][0])
 
 
-def test_corrupt_cache_that_cannot_be_deleted_is_rebuilt_beside_it(tmp_path, monkeypatch, caplog):
-    """A corrupt cache in a folder that refuses deletion: a warning, a rebuild, no traceback."""
+def test_corrupt_cache_that_cannot_be_deleted_or_replaced_is_named(tmp_path, monkeypatch, caplog):
+    """A corrupt cache another user owns in a sticky folder (e.g. /tmp): neither deleted nor replaced. One warning,
+    then one message naming the file and the fix; no traceback, and the source itself is fine."""
+    import os
     from pathlib import Path
 
-    files, expected = image_folder_files()
+    files, _ = image_folder_files()
     tar = write_tar(tmp_path / "t.tar.gz", files)
     first = load_dataset(tar, cache_dir=tmp_path / "cache", quiet=True)
     first.cache_path.write_bytes(b"not a cache")
-    real_unlink = Path.unlink
+    real_unlink, real_replace = Path.unlink, os.replace
 
-    def refuse(self, missing_ok=False):
+    def refuse_unlink(self, missing_ok=False):
         if self == first.cache_path:
-            raise PermissionError(13, "Permission denied")
+            raise PermissionError(13, "Permission denied", str(self))
         real_unlink(self, missing_ok=missing_ok)
 
-    monkeypatch.setattr(Path, "unlink", refuse)
-    with caplog.at_level(logging.WARNING):
-        again = load_dataset(tar, cache_dir=tmp_path / "cache", quiet=True)
-    assert "could not delete the cache" in caplog.text and "Permission denied" in caplog.text
-    np.testing.assert_array_equal(again.test.images, expected["test"][0])
+    def refuse_replace(src, dst):
+        if Path(dst) == first.cache_path:
+            raise PermissionError(13, "Permission denied", str(src), None, str(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(Path, "unlink", refuse_unlink)
+    monkeypatch.setattr(os, "replace", refuse_replace)
+    with caplog.at_level(logging.WARNING), pytest.raises(DataError) as failed:
+        load_dataset(tar, cache_dir=tmp_path / "cache", quiet=True)
+    assert "could not delete the cache" in caplog.text
+    assert str(failed.value) == (f"could not write the cache {first.cache_path} (Permission denied); free disk "
+                                 "space, or pass --cache-dir a folder you can write to")
+    assert [p.name for p in first.cache_path.parent.iterdir()] == [first.cache_path.name]  # no temporary file
 
 
 def test_cache_file_mode_follows_the_umask(tmp_path, monkeypatch):

@@ -80,7 +80,8 @@ def save(dataset: Dataset, path: Path, print_: str) -> Path:
                      test_x=dataset.test.images, test_y=dataset.test.labels)
     except OSError as exc:
         if writing:
-            raise DataError(f"could not write the cache {path} ({exc}); free disk space or pass --cache-dir") from exc
+            raise DataError(f"could not write the cache {path} ({exc.strerror or exc}); free disk space, or pass "
+                            "--cache-dir a folder you can write to") from exc
         raise DataError(f"cache directory {path.parent} is not writable ({exc.strerror or exc}); "
                         "pass --cache-dir or set CUDACNN_CACHE to a writable folder") from exc
     # Drop the caches of earlier versions of the same source.
