@@ -89,7 +89,31 @@ def test_queue_runs_at_most_one_job_per_worker(tmp_path):
     assert all(gpu == envs[r["worker"]]["CUDA_VISIBLE_DEVICES"] for (gpu, _, _), r in zip(seen, results))
     assert {gpu for gpu, _, _ in seen} == {"0", "1"}
     running = [n for _, n, _ in seen]
-    assert running[:2] == [2, 2] and max(running) == 2, running  # the first two overlapped; never three
+    assert running[:2] == [2, 2] and max(running) == 2, running  # the first two overlapped (the bound: next test)
+
+
+def test_queue_never_runs_more_jobs_than_workers_nor_two_on_one(tmp_path, monkeypatch):
+    """Fake processes that end on their third poll: the queue's bound, checked at every launch, no timing."""
+    live, most = [], []
+
+    class Job:
+        def __init__(self, command, env, stdout, stderr):
+            self.polls, self.returncode, self.gpu = 0, None, env["CUDA_VISIBLE_DEVICES"]
+            assert self.gpu not in {job.gpu for job in live}, "two jobs on one worker"
+            live.append(self)
+            most.append(len(live))
+
+        def poll(self):
+            self.polls += 1
+            if self.polls == 3:
+                live.remove(self)
+                self.returncode = 0
+            return self.returncode
+
+    monkeypatch.setattr(sweep.subprocess, "Popen", Job)
+    envs = [{"CUDA_VISIBLE_DEVICES": str(gpu)} for gpu in range(3)]
+    results = sweep.run_queue([["job"]] * 8, envs, [tmp_path / f"{i}.log" for i in range(8)], poll_s=0)
+    assert [r["returncode"] for r in results] == [0] * 8 and max(most) == 3 and len(most) == 8
 
 
 def test_interrupted_runs_resume_or_restart(monkeypatch, tmp_path):
