@@ -1,8 +1,8 @@
-"""Where a fast recipe's GPU time goes: a short run to warm up and time the steps plainly, then the same run
-under torch.profiler, its ops sorted by GPU time; the `proxy_filter` range is the hard-example filter's share
-(keep_fraction < 1). The profiled run also covers the whitening init and a plain (no-TTA) evaluation.
+"""Where a record recipe's GPU time goes: a short run to warm up and time the steps plainly, then the same run
+under torch.profiler, its ops sorted by GPU time. The profiled run also covers the whitening init and a plain
+(no-TTA) evaluation. Recipe settings as `cudacnn train --set` takes them:
 
-    PYTHONPATH=src python3 scripts/profile_fast_step.py fast96 keep_fraction=0.75 proxy_learn_every=2
+    PYTHONPATH=src python3 scripts/profile_fast_step.py .data/cifar10-jpeg.tar.gz fast96 keep_fraction=0.5
 """
 
 import sys
@@ -11,17 +11,18 @@ from torch.profiler import ProfilerActivity, profile
 
 from cudacnn.data import load_dataset
 from cudacnn.errors import CudacnnError
-from cudacnn.train.fast.bench import DEFAULT_DATA, parse_overrides
+from cudacnn.train.fast.config import parse_settings
 from cudacnn.train.fast.recipe import train_fast  # its compile warm-up runs before its timed region
 
 
 def main(argv: list[str]) -> int:
-    if not argv:
+    if len(argv) < 2:
         print(__doc__, file=sys.stderr)
         return 2
-    preset, overrides = argv[0], {"max_steps": 40, "tta_level": 0, **parse_overrides(argv[1:])}
+    source, preset = argv[:2]
     try:
-        data = load_dataset(DEFAULT_DATA, quiet=True)
+        overrides = {"max_steps": 40, "tta_level": 0, **parse_settings(argv[2:])}
+        data = load_dataset(source, quiet=True)
         plain = train_fast(preset, data, device="cuda", log=lambda *_: None, **overrides)  # the unprofiled time
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             train_fast(preset, data, device="cuda", log=lambda *_: None, **overrides)

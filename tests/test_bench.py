@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from cudacnn.bench import report
-from cudacnn.bench.harness import Stats, Timer, cpu_model, environment, time_fn
+from cudacnn.bench.harness import Stats, cpu_model, environment, time_fn
+from cudacnn.timing import DeviceTimer
 from cudacnn.cli import main
 from cudacnn.errors import ConfigError
 
@@ -63,17 +64,22 @@ def test_time_fn_budget_stops_after_three_repeats():
     assert s.repeats == 3 and len(calls) == 3
 
 
-def test_timer_measures_a_region(monkeypatch):
-    """On the CPU the Timer reads harness's `time.perf_counter`: a fake clock there gives an exact reading."""
+def test_timer_measures_a_region_and_its_spans(monkeypatch):
+    """On the CPU the timer reads `time.perf_counter`: a fake clock there gives exact readings."""
     from types import SimpleNamespace
 
-    from cudacnn.bench import harness
+    from cudacnn import timing
 
     now = [1.0]
-    monkeypatch.setattr(harness, "time", SimpleNamespace(perf_counter=lambda: now[0]))
-    with Timer("cpu") as t:
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    with DeviceTimer("cpu") as t:
         now[0] += 0.015625  # the region takes 15.625 ms by this clock (exact in binary floating point)
     assert t.ms == 15.625
+    now[0] += 1.0  # untimed between the spans
+    t.start()
+    now[0] += 0.5
+    t.stop()
+    assert t.span_seconds() == [0.015625, 0.5]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without a GPU")
@@ -347,3 +353,40 @@ def test_pipeline_target_needs_30x_and_no_accuracy_loss(monkeypatch, pipeline_ms
     row = commands.pipeline_row(args, "cpu", run("naive", 480.0, 0.50), bt.PipelineRecipe(), None, None, None)
     assert row["speedup"] == pytest.approx(480.0 / pipeline_ms)
     assert row["info"]["meets_target"] is met
+
+
+def test_record_flops_match_the_published_count():
+    """airbench94_muon's training is published as 0.29 PFLOPs; fast94 trains the same net for the same steps."""
+    from types import SimpleNamespace
+
+    from cudacnn.bench.record import training_flops
+    from cudacnn.train.fast.recipe import resolve_config
+
+    cifar = SimpleNamespace(num_classes=10, train=range(50000), test=range(10000))
+    fast94 = training_flops(resolve_config("fast94", {}), cifar, None)
+    assert 0.28e15 < fast94 < 0.31e15
+    # twice the epochs: twice the training FLOPs, the same evaluation
+    longer = training_flops(resolve_config("fast94", {"epochs": 16.0}), cifar, None)
+    evaluation = 2 * fast94 - longer
+    assert 0 < evaluation < 0.1 * fast94  # 6 TTA views of 10,000 images, forward only
+
+
+@pytest.mark.slow
+def test_bench_record_runs_seeds_and_writes_a_table(tmp_path, monkeypatch):
+    import numpy as np
+
+    from cudacnn.cli import main
+    from cudacnn.data import Dataset, Split
+
+    rng = np.random.default_rng(0)
+    split = lambda n: Split(rng.integers(0, 256, (n, 32, 32, 3)).astype(np.uint8), rng.integers(0, 10, n))
+    tiny = Dataset("tiny", [str(i) for i in range(10)], split(64), split(32))
+    monkeypatch.setattr("cudacnn.data.load_dataset", lambda *a, **k: tiny)
+    argv = ["bench", "record", "--preset", "fast94", "--runs", "2", "--seed", "3", "--device", "cpu", "--no-compile",
+            "--set", "max_steps=1", "--set", "batch_size=32", "--set", "whiten_images=64", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    doc = json.loads((tmp_path / "record-fast94.json").read_text())
+    assert [row["seed"] for row in doc["rows"]] == [3, 4] and doc["summary"]["runs"] == 2
+    assert doc["recipe"]["max_steps"] == 1 and doc["environment"]["torch"] == torch.__version__
+    assert all(row["peak_fraction"] is None for row in doc["rows"])  # no GPU peak to compare with
+    assert doc["rows"][0]["pflops"] > 0 and "| 3 |" in (tmp_path / "record-fast94.md").read_text()

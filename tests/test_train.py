@@ -158,37 +158,24 @@ def test_checkpoint_of_another_model_is_refused(tmp_path, dataset):
                 quiet=True).fit()
 
 
-def test_checkpoints_store_the_shape_and_read_old_fast96_ones(tmp_path, dataset):
-    from cudacnn.models import create_model
-
+def test_checkpoints_store_the_shape_and_refuse_other_versions(tmp_path, dataset):
     config = tiny_config(tmp_path, model="fast96", model_kwargs={"widths": [8, 8, 16]}, epochs=1, name="f96")
     run = Trainer(config, dataset=dataset, quiet=True).fit().run_dir
     model, ckpt = model_from_checkpoint(run)
-    shape = {"widths": [8, 8, 16], "residual": "before_gelu"}  # the default residual, written out
+    shape = {"widths": [8, 8, 16]}
     assert ckpt["model_kwargs"] == shape and ckpt["config"]["model_kwargs"] == shape
     assert yaml.safe_load((run / "config.yaml").read_text())["model_kwargs"] == shape  # what a resume rebuilds
-    assert model.head.in_features == 16 and model.groups[0].residual == "before_gelu"
-    # version-1 checkpoints named only the keywords given; fast96's defaults were then 128/384/512, residual after
-    old = create_model("fast96", num_classes=4, widths=(128, 384, 512), residual="after_gelu")
-    for given in ({}, {"widths": [128, 384, 512]}):
-        model, _ = model_from_checkpoint({**ckpt, "version": 1, "model_kwargs": given, "model": old.state_dict()})
-        assert model.arch == {"widths": [128, 384, 512], "residual": "after_gelu"}
-    # ... and such a run cannot be resumed: this version builds the new net from its config
+    assert model.head.in_features == 16
     last = run / "checkpoints" / "last.pt"
-    save_checkpoint(last, {**load_checkpoint(last), "version": 1, "model_kwargs": {"widths": [8, 8, 16]}})
+    state = load_checkpoint(last)
+    save_checkpoint(last, {**state, "version": 1})
+    with pytest.raises(CheckpointError, match="version-1 cudacnn checkpoint; this cudacnn reads version 2"):
+        load_checkpoint(last)
+    # a resume that would build another net than the checkpoint's is refused by name
+    save_checkpoint(last, {**state, "model_kwargs": {"widths": [8, 8, 32]}})
     with pytest.raises(CheckpointError, match="cannot be resumed"):
         Trainer(tiny_config(tmp_path, model="fast96", model_kwargs={"widths": [8, 8, 16]}, epochs=2),
                 run_dir=run, resume=True, dataset=dataset, quiet=True).fit()
-
-
-def test_version_1_checkpoints_of_unchanged_models_resume(tmp_path, dataset):
-    config = tiny_config(tmp_path, epochs=1, name="v1", schedule="none")  # a schedule that allows a longer resume
-    run = Trainer(config, dataset=dataset, quiet=True).fit().run_dir
-    last = run / "checkpoints" / "last.pt"
-    save_checkpoint(last, {**load_checkpoint(last), "version": 1})
-    result = Trainer(dataclasses.replace(config, epochs=2), run_dir=run, resume=True, dataset=dataset,
-                     quiet=True).fit()
-    assert [row["epoch"] for row in result.history] == [1, 2]
 
 
 def test_not_a_checkpoint(tmp_path):
@@ -297,27 +284,31 @@ def test_cli_trains_from_an_archive(tmp_path, capsys):
 
 
 def test_record_preset_runs_seeds_and_summarizes(tmp_path, monkeypatch, dataset):
-    import cudacnn.train.fast as fast
     from cudacnn.train import record
+    from cudacnn.train.fast import recipe
 
-    real = fast.train_fast
-    seeds = []
+    real = recipe.train_fast
+    seeds, settings = [], []
 
-    def short(name, data, **kw):  # the real recipe, cut to two steps so it runs on the CPU, on a narrower net
+    def recording(name, data, **kw):
         seeds.append(kw["seed"])
-        return real(name, data, epochs=1, max_steps=2, batch_size=64, widths="16/24/40", **kw)
+        settings.append({k: kw[k] for k in ("epochs", "max_steps", "batch_size")})
+        return real(name, data, **kw)
 
-    monkeypatch.setattr(fast, "train_fast", short)
+    monkeypatch.setattr(recipe, "train_fast", recording)
     monkeypatch.setattr(record, "load_dataset", lambda *a, **k: dataset)
-    config = resolve("fast94", None, {"device": "cpu", "out": str(tmp_path), "name": "rec", "runs": 2,
-                                      "seed": 5, "compile": False})
+    # the recipe cut to two steps by --set, so it runs on the CPU
+    config = resolve("fast94", None, {"device": "cpu", "out": str(tmp_path), "name": "rec", "runs": 2, "seed": 5,
+                                      "compile": False, "recipe": {"epochs": 1, "max_steps": 2, "batch_size": 64}})
     summary = record.run_record(config, quiet=True)
     assert seeds == [5, 6] and summary["runs"] == 2
+    assert settings == [dict(epochs=1.0, max_steps=2, batch_size=64)] * 2
     accs = [row["test_acc"] for row in summary["rows"]]
     assert summary["acc_min"] == min(accs) and summary["acc_mean"] == pytest.approx(sum(accs) / 2)
     model, ckpt = model_from_checkpoint(tmp_path / "rec" / "run1" / "checkpoints" / "last.pt")
     assert ckpt["model_name"] == "fast94" and ckpt["config"]["seed"] == 6
-    assert model.head.in_features == 40  # the checkpoint rebuilds the net that trained, not the default shape
+    assert ckpt["config"]["recipe"]["max_steps"] == 2 and ckpt["config"]["recipe"]["muon_lr"] == 0.24
+    assert model.head.in_features == 256 and ckpt["model_kwargs"] == {"widths": [64, 256, 256]}
     # the normalization the recipe trained with (fixed CIFAR-10 statistics), not this data set's own
     from cudacnn.data import CIFAR10_MEAN, CIFAR10_STD, channel_stats
     assert tuple(ckpt["mean"]) == CIFAR10_MEAN and tuple(ckpt["std"]) == CIFAR10_STD
@@ -336,7 +327,18 @@ def test_record_preset_refuses_flags_its_recipe_ignores(tmp_path, capsys, gpus):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "--preset fast94 sets its own recipe; drop --compile-mode, --lr" in err
-    assert "cudacnn.train.fast.bench --preset fast94 --set key=value" in err
+    assert "change the recipe with --set KEY=VALUE (see train/fast/fast94.py)" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_set_changes_record_recipes_only(tmp_path, capsys):
+    out = ["--out", str(tmp_path), "--device", "cpu"]
+    assert main(["train", "--preset", "fast94", "--set", "muon_lr=fast", *out]) == 2
+    assert "muon_lr must be float" in capsys.readouterr().err
+    assert main(["train", "--preset", "fast94", "--set", "keep_fraction=2", *out]) == 2
+    assert "keep_fraction must be in (0, 1]" in capsys.readouterr().err
+    assert main(["train", "--preset", "keras-cnn", "--set", "epochs=2", *out]) == 2
+    assert "--set changes record recipes" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 

@@ -1,5 +1,6 @@
 """`cudacnn bench {ops,train,loader,kernels,all,compare}`: every suite prints a table and, with --out DIR,
-writes DIR/<suite>.json (schema in report.py), DIR/<suite>.md and DIR/<suite>.png."""
+writes DIR/<suite>.json (schema in report.py), DIR/<suite>.md and DIR/<suite>.png.
+`cudacnn bench record`: the record presets' seeded runs (bench/record.py)."""
 
 from __future__ import annotations
 
@@ -68,6 +69,12 @@ def add_commands(subparsers) -> None:
     add_loader_options(every)
     every.add_argument("--quick", action="store_true", help="kernels suite: small sizes, few repeats")
     every.set_defaults(func=run_all)
+
+    from cudacnn.bench import record
+
+    rec = sub.add_parser("record", help="a record preset's seeded runs: accuracy, device time, FLOPs")
+    record.add_options(rec)
+    rec.set_defaults(func=record.run)
 
     comp = sub.add_parser("compare", help="ratios between two result files (e.g. two machines)")
     comp.add_argument("a", type=Path, help="JSON result A")

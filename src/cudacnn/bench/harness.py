@@ -79,30 +79,6 @@ def time_fn(fn: Callable[[], object], device: torch.device | str = "cpu", *, war
     return Stats.of(samples)
 
 
-class Timer:
-    """Times one region (e.g. a training epoch) by CUDA events on a GPU, host clock after sync on CPU."""
-
-    def __init__(self, device: torch.device | str):
-        self.device = torch.device(device)
-        self.ms = float("nan")
-
-    def __enter__(self) -> "Timer":
-        if self.device.type == "cuda":
-            self._start, self._end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            self._start.record()
-        else:
-            self._t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            self._end.record()
-            self._end.synchronize()
-            self.ms = self._start.elapsed_time(self._end)
-        else:
-            self.ms = (time.perf_counter() - self._t0) * 1e3
-
-
 def set_threads(threads: int | None) -> int:
     """Set the CPU thread count PyTorch uses (None keeps the default) and return the one in effect."""
     if threads:

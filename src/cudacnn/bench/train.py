@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cudacnn.bench.harness import Stats, Timer, synchronize
+from cudacnn.bench.harness import Stats, synchronize
+from cudacnn.timing import DeviceTimer
 from cudacnn.data import CIFAR10_MEAN, CIFAR10_STD, Augment, GpuLoader
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,7 @@ def train_naive(model: nn.Module, train, test, device: torch.device | str, epoch
     epoch_ms, accuracy_at = [], {}
     for epoch in range(epochs):
         order = rng.permutation(len(y_train))
-        with Timer(device) as timer:
+        with DeviceTimer(device) as timer:
             for step in range(timed):
                 idx = order[step * batch_size:(step + 1) * batch_size]
                 x = torch.from_numpy(x_train[idx]).to(device)
@@ -239,7 +240,7 @@ def train_pipeline(model: nn.Module, train, test, device: torch.device | str, ep
     epoch_ms, step = [], 0
     for epoch in range(epochs):
         loader.set_epoch(epoch)
-        with Timer(device) as timer:
+        with DeviceTimer(device) as timer:
             for x, y in loader:
                 if graphed is not None:
                     loss = graphed(x, y, lr_schedule[step])

@@ -9,32 +9,17 @@ the pool's bytes-in-use delta on the GPU, tracemalloc's on the CPU (NumPy report
 from __future__ import annotations
 
 import statistics
-import time
 import tracemalloc
 
 import numpy as np
 
+from cudacnn.timing import DeviceTimer
 
-class _Timer:
-    """Pairs of marks -> elapsed milliseconds, with CUDA events on a GPU."""
 
-    def __init__(self, ops):
-        import torch
+def _timer_device(ops) -> str:
+    import torch
 
-        self.cuda = ops.name == "cuda" and torch.cuda.is_available()
-        self.torch = torch
-
-    def mark(self):
-        if self.cuda:
-            event = self.torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def elapsed_ms(self, start, end) -> float:
-        if self.cuda:
-            return start.elapsed_time(end)
-        return (end - start) * 1e3
+    return "cuda" if ops.name == "cuda" and torch.cuda.is_available() else "cpu"
 
 
 class _Memory:
@@ -64,7 +49,7 @@ def profile_model(model, X, y, repeats: int = 5, print_table: bool = True) -> li
     x_dev = ops.asarray(X)
     y_dev = ops.asarray(np.asarray(y).astype(np.int64))
     layers = model._logit_layers()
-    timer, memory = _Timer(ops), _Memory(ops)
+    timer, memory = DeviceTimer(_timer_device(ops)), _Memory(ops)
     optimizer = SGD(model.parameters(), lr=0.0)  # a real update step, without changing the weights
     fwd = [[] for _ in layers]
     bwd = [[] for _ in layers]

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 TTA_LEVELS = (0, 1, 2, 3)
+TTA_VIEWS = {0: 1, 1: 2, 2: 6, 3: 10}  # forward passes per image at each level
 
 
 def mirror_average(model, images: torch.Tensor) -> torch.Tensor:

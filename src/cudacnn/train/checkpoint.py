@@ -15,7 +15,7 @@ from cudacnn.errors import CheckpointError
 from cudacnn.models.weights import describe_mismatch
 
 FORMAT = "cudacnn-checkpoint"
-VERSION = 2  # 2: model_kwargs name the net's shape, the model's defaults included (models/fast.py's `arch`)
+VERSION = 2  # model_kwargs name the net's shape, the model's defaults included (models/fast.py's `arch`)
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
@@ -50,19 +50,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a cudacnn checkpoint (no '{FORMAT}' marker); "
                               "for torchvision ImageNet weights use `--pretrained`")
+    if ckpt.get("version") != VERSION:
+        raise CheckpointError(f"{path} is a version-{ckpt.get('version')} cudacnn checkpoint; this cudacnn reads "
+                              f"version {VERSION}: train it again, or use the cudacnn that wrote it")
     return ckpt
-
-
-# The defaults of models whose defaults changed, for version-1 checkpoints, which name only the keywords given
-LEGACY_DEFAULTS = {"fast96": dict(widths=[128, 384, 512], residual="after_gelu")}
 
 
 def stored_model_kwargs(ckpt: dict) -> dict:
     """The keywords that rebuild the checkpoint's net."""
-    kwargs = ckpt.get("model_kwargs", {})
-    if ckpt.get("version", 1) < 2:
-        kwargs = {**LEGACY_DEFAULTS.get(ckpt["model_name"], {}), **kwargs}
-    return kwargs
+    return ckpt.get("model_kwargs", {})
 
 
 def model_from_checkpoint(source: str | Path | dict, device: str | torch.device = "cpu"):

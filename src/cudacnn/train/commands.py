@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cudacnn.errors import ConfigError
 from cudacnn.train.config import COMPILE_MODES, DIST_TIMEOUT_S, TrainConfig, resolve
-from cudacnn.train.presets import DEFAULT_PRESET, FAST_PRESETS, PRESETS
+from cudacnn.train.presets import DEFAULT_PRESET, PRESETS
 
 log = logging.getLogger(__name__)
 HELP = {
@@ -26,7 +26,7 @@ HELP = {
     "many samples per forward; larger per-GPU parts of the global batch use gradient accumulation (0 = off)",
     "compile_mode": f"with --compile: {' | '.join(COMPILE_MODES)} (reduce-overhead: CUDA graphs)",
 }
-SKIP = {"model_kwargs", "preset"}
+SKIP = {"model_kwargs", "preset", "recipe"}
 
 
 def add_commands(subparsers) -> None:
@@ -38,6 +38,8 @@ def add_commands(subparsers) -> None:
     parser.add_argument("--config", help="YAML or JSON file of settings (overrides the preset)")
     parser.add_argument("--resume", type=Path, metavar="RUN", help="continue an interrupted run folder")
     parser.add_argument("--model-kwargs", type=json.loads, help='JSON, e.g. \'{"stem": "cifar"}\'')
+    parser.add_argument("--set", action="append", dest="recipe", metavar="KEY=VALUE",
+                        help="change one setting of a record preset's recipe (repeatable), e.g. --set epochs=7")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     add_parallel_flags(parser)
     for f in dataclasses.fields(TrainConfig):
@@ -80,6 +82,8 @@ def child_argv(args) -> list[str]:
             argv += [f"--{name}", str(getattr(args, name))]
     if args.model_kwargs is not None:
         argv += ["--model-kwargs", json.dumps(args.model_kwargs)]
+    for item in args.recipe or []:
+        argv += ["--set", item]
     for f in dataclasses.fields(TrainConfig):
         value = getattr(args, f.name, None)
         if f.name in SKIP or value is None:
@@ -123,6 +127,10 @@ def run_train(args) -> int:
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in SKIP}
     if args.model_kwargs is not None:
         flags["model_kwargs"] = args.model_kwargs
+    if args.recipe:
+        from cudacnn.train.fast.config import parse_settings
+
+        flags["recipe"] = parse_settings(args.recipe)
     if args.resume:
         allowed = {"device", "compile", "compile_mode", "data", "cache_dir", "epochs", "sync_bn", "max_per_gpu_batch"}
         given = sorted(k for k, v in flags.items() if v is not None and k not in allowed)
@@ -135,27 +143,18 @@ def run_train(args) -> int:
         return fit_runs([dict(config=config, run_dir=args.resume, resume=True)], args)
     preset = args.preset or (None if args.config or args.model else DEFAULT_PRESET)
     config = resolve(preset, args.config, flags)
-    if config.preset in FAST_PRESETS:  # before any run folder, sweep or launch
-        from cudacnn.train.record import check_record_config
+    from cudacnn.train.record import check_record_config, is_record, train_record_preset
 
-        check_record_config(config)
+    if is_record(config):
+        train_record_preset(config, args.gpus, inside_launch, quiet=args.quiet)
+        return 0
+    check_record_config(config)  # a trainer preset takes no --set
     if args.gpus > 1 and not inside_launch:
         if config.runs > 1:  # independent runs, one per GPU
             from cudacnn.train.sweep import seeds_sweep
 
             seeds_sweep(config, args.gpus, quiet=args.quiet)
-        elif config.preset in FAST_PRESETS:
-            raise ConfigError(f"the {config.preset} preset trains on one GPU; spread seeded runs over "
-                              f"GPUs with --runs N --gpus {args.gpus}")
         else:
             distributed.launch(args.gpus, ["-m", "cudacnn", *child_argv(args)])
-        return 0
-    if config.preset in FAST_PRESETS:
-        if inside_launch:
-            raise ConfigError(f"the {config.preset} preset trains on one GPU; run it without torchrun, or "
-                              "spread seeded runs over GPUs with `cudacnn train --runs N --gpus K`")
-        from cudacnn.train.record import run_record
-
-        run_record(config, quiet=args.quiet)
         return 0
     return fit_runs([dict(config=dataclasses.replace(config, seed=config.seed + i)) for i in range(config.runs)], args)

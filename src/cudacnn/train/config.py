@@ -73,8 +73,9 @@ class TrainConfig:
     tta: bool = False                    # test-time augmentation in the final evaluation
     out: str = "runs"
     name: str | None = None
-    runs: int = 1                        # seeded repeats (record presets)
+    runs: int = 1                        # seeded repeats
     preset: str | None = None
+    recipe: dict = field(default_factory=dict)  # record presets: recipe settings (--set KEY=VALUE)
 
     def validate(self) -> "TrainConfig":
         checks = [

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from cudacnn.train.fast import fast94, fast96
+
 PRESETS: dict[str, dict] = {
     # ---- the classic recipes, reproduced
     "keras-cnn": {
@@ -62,13 +64,13 @@ PRESETS: dict[str, dict] = {
                        amp="bf16", crop_pad=4, flip="random", cutout=8, val_fraction=0.0, tta=True,
                        compile=True, compile_mode="reduce-overhead"),
     },
-    # ---- record-speed recipes (cudacnn.train.fast)
-    "fast94": {"about": "record-speed recipe aiming at airbench94's accuracy in less time",
-               "config": dict(model="fast94", val_fraction=0.0, compile=True)},
-    "fast96": {"about": "record-speed recipe aiming at airbench96's accuracy in less time (its 128/512/512 net, "
-                        "trained on the hardest 3/4 of each batch)",
-               "config": dict(model="fast96", val_fraction=0.0, compile=True)},
+    # ---- record-speed recipes: each sets its whole recipe in its own file, changed with --set KEY=VALUE
+    "fast94": {"about": "record-speed recipe aiming at airbench94's accuracy in less time (train/fast/fast94.py)",
+               "config": dict(model="fast94", val_fraction=0.0, compile=True), "record": fast94.CONFIG},
+    "fast96": {"about": "record-speed recipe aiming at airbench96's accuracy in less time: its 128/512/512 net, "
+                        "trained on the hardest 3/4 of each batch (train/fast/fast96.py)",
+               "config": dict(model="fast96", val_fraction=0.0, compile=True), "record": fast96.CONFIG},
 }
 
-FAST_PRESETS = ("fast94", "fast96")
+RECORD_PRESETS = tuple(name for name, preset in PRESETS.items() if "record" in preset)
 DEFAULT_PRESET = "smallnet-plus"

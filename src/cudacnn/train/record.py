@@ -1,5 +1,5 @@
-"""`cudacnn train --preset fast94|fast96 --runs N`: seeded record-speed runs back to back, each saved as a
-normal run folder (checkpoint, eval.json), and one table of statistics over the runs."""
+"""`cudacnn train --preset fast94|fast96 [--runs N] [--set KEY=VALUE]`: seeded record-speed runs back to back,
+each saved as a normal run folder (checkpoint, eval.json), and one table of statistics over the runs."""
 
 from __future__ import annotations
 
@@ -11,35 +11,67 @@ from pathlib import Path
 
 from cudacnn.atomic import write_text_atomic
 from cudacnn.data import load_dataset
-from cudacnn.train.checkpoint import save_checkpoint
 from cudacnn.errors import ConfigError
+from cudacnn.train.checkpoint import save_checkpoint
 from cudacnn.train.config import TrainConfig, claim_run_dir, resolve, run_name, save_config
+from cudacnn.train.fast.config import parse_settings
+from cudacnn.train.presets import RECORD_PRESETS
 from cudacnn.train.setup import pick_device
 from cudacnn.train.sweep import summarize
 
 log = logging.getLogger(__name__)
 
+# what a record preset takes from the user besides its recipe (--set); the recipe file sets everything else
+RECORD_SETTINGS = ("preset", "data", "cache_dir", "device", "compile", "seed", "runs", "out", "name", "recipe")
 
-# what a record preset (fast94/fast96) takes from the user; its recipe (train/fast/recipe.py) sets everything else
-RECORD_SETTINGS = ("preset", "data", "cache_dir", "device", "compile", "seed", "runs", "out", "name")
+
+def is_record(config: TrainConfig) -> bool:
+    return config.preset in RECORD_PRESETS
 
 
-def check_record_config(config: TrainConfig) -> None:
-    """Refuse any other setting that differs from the preset's, whether from a flag, a config file or a sweep
-    job: the recipe would silently ignore it."""
-    recipe = resolve(config.preset, None, {})
+def check_record_config(config: TrainConfig) -> dict:
+    """The run's recipe overrides (typed). Refuses any trainer setting that differs from the preset's, whether
+    from a flag, a config file or a sweep job: the recipe would silently ignore it."""
+    if not is_record(config):
+        if config.recipe:
+            raise ConfigError(f"--set changes record recipes ({', '.join(RECORD_PRESETS)}); "
+                              "set a trainer preset's values with their own flags")
+        return {}
+    preset = resolve(config.preset, None, {})
     ignored = sorted(f.name for f in dataclasses.fields(TrainConfig)
-                     if f.name not in RECORD_SETTINGS and getattr(config, f.name) != getattr(recipe, f.name))
+                     if f.name not in RECORD_SETTINGS and getattr(config, f.name) != getattr(preset, f.name))
     if ignored:
         raise ConfigError(f"--preset {config.preset} sets its own recipe; drop "
-                          f"{', '.join('--' + k.replace('_', '-') for k in ignored)} (try recipe changes with "
-                          f"`python -m cudacnn.train.fast.bench --preset {config.preset} --set key=value`)")
+                          f"{', '.join('--' + k.replace('_', '-') for k in ignored)} and change the recipe with "
+                          f"--set KEY=VALUE (see train/fast/{config.preset}.py)")
+    from cudacnn.train.fast.recipe import resolve_config
+
+    overrides = parse_settings(config.recipe)
+    resolve_config(config.preset, overrides)  # refuse bad values before anything is written
+    return overrides
+
+
+def train_record_preset(config: TrainConfig, gpus: int, inside_launch: bool, quiet: bool = False) -> None:
+    """The CLI's one path for record presets: one GPU per process; several GPUs take blocks of seeds."""
+    check_record_config(config)  # before any run folder, sweep or launch
+    if inside_launch:
+        raise ConfigError(f"the {config.preset} preset trains on one GPU; run it without torchrun, or "
+                          "spread seeded runs over GPUs with `cudacnn train --runs N --gpus K`")
+    if gpus > 1:
+        if config.runs == 1:
+            raise ConfigError(f"the {config.preset} preset trains on one GPU; spread seeded runs over "
+                              f"GPUs with --runs N --gpus {gpus}")
+        from cudacnn.train.sweep import seeds_sweep
+
+        seeds_sweep(config, gpus, quiet=quiet)
+        return
+    run_record(config, quiet=quiet)
 
 
 def run_record(config: TrainConfig, quiet: bool = False) -> dict:
-    from cudacnn.train.fast import train_fast, warmup
+    from cudacnn.train.fast.recipe import train_fast, warmup
 
-    check_record_config(config)  # before anything is written
+    overrides = check_record_config(config)  # before anything is written
     device = pick_device(config.device)
     dataset = load_dataset(config.data, cache_dir=config.cache_dir, quiet=quiet)
     root = claim_run_dir(Path(config.out) / run_name(config), resumable=False)  # seeded runs start over
@@ -47,23 +79,23 @@ def run_record(config: TrainConfig, quiet: bool = False) -> dict:
     save_config(config, root / "config.yaml")
     warmup_start = time.time()
     if device.type == "cuda" and config.compile:  # compile once here, so each run's stamps cover the run alone
-        warmup(config.preset, dataset, str(device))
+        warmup(config.preset, dataset, str(device), **overrides)
     warmup_s = time.time() - warmup_start
     rows = []
     for index in range(config.runs):
         seed = config.seed + index
         started = time.time()  # wall-clock stamps: a sweep's run phase is measured across processes
         result = train_fast(config.preset, dataset, seed=seed, device=str(device), compile=config.compile,
-                            log=(lambda *a: None) if quiet else print)
+                            log=(lambda *a: None) if quiet else print, **overrides)
         row = {"run": index, "seed": seed, "test_acc": result.test_acc, "test_acc_plain": result.test_acc_plain,
                "train_time_s": result.train_time_s, "started": started}
         rows.append(row)
         run_dir = root / f"run{index}"
         save_checkpoint(run_dir / "checkpoints" / "last.pt", {
-            "model_name": config.model, "model_kwargs": result.model.arch,
+            "model_name": result.config["model"], "model_kwargs": result.model.arch,
             "classes": dataset.classes,
             "mean": result.mean, "std": result.std, "model": result.model.state_dict(),
-            "epoch": len(result.history) - 1, "config": {**config.to_dict(), **result.config, "seed": seed}})
+            "epoch": len(result.history) - 1, "config": {**config.to_dict(), "recipe": result.config, "seed": seed}})
         row["finished"] = time.time()
         write_text_atomic(run_dir / "eval.json", json.dumps({**row, "history": result.history}, indent=2))
         if not quiet:

@@ -278,11 +278,11 @@ def sweep_from_file(path: str | Path, gpus: int | None = None, overrides: dict |
 def seeds_sweep(config: TrainConfig, gpus: int, quiet: bool = False) -> dict:
     """`train --runs N --gpus K`: seeds seed..seed+N-1 of one config. A fast preset's runs last seconds,
     so there each worker takes one block of consecutive seeds in one process (start-up paid once per GPU)."""
-    from cudacnn.train.presets import FAST_PRESETS
+    from cudacnn.train.presets import RECORD_PRESETS
 
     sweep_dir = Path(config.out) / run_name(config)
     seeds = [config.seed + i for i in range(config.runs)]
-    if config.preset not in FAST_PRESETS:
+    if config.preset not in RECORD_PRESETS:
         return run_sweep(plan_jobs(config, None, seeds, sweep_dir), sweep_dir, gpus, quiet=quiet)
     blocks = [seeds[i * len(seeds) // gpus:(i + 1) * len(seeds) // gpus] for i in range(gpus)]
     jobs = [Job(f"seeds{b[0]}-{b[-1]}", "base", b[0], dataclasses.replace(

@@ -173,7 +173,7 @@ class Trainer:
             raise CheckpointError("the checkpoint holds weights only (a best.pt or an export), not the training "
                                   "state a resume needs; resume from the run's checkpoints/last.pt")
         built = stored_model_kwargs(ckpt)
-        # the residual placement, for one, has no weights to tell it by
+        # the config and the checkpoint both name the whole shape: a mismatch means the run's files were mixed
         if any(self.config.model_kwargs.get(key) != value for key, value in built.items()):
             raise CheckpointError(f"the checkpoint's net ({ckpt['model_name']} with {built}) is not the one this "
                                   f"version of cudacnn builds from the run's config ({self.config.model_kwargs}): "

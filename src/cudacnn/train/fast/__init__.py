@@ -1,5 +1,2 @@
-"""Record-speed CIFAR-10 training (airbench-style): `train_fast("fast94", dataset)`."""
-
-from cudacnn.train.fast.recipe import PRESETS, FastConfig, FastResult, train_fast, warmup
-
-__all__ = ["PRESETS", "FastConfig", "FastResult", "train_fast", "warmup"]
+"""Record-speed CIFAR-10 training (airbench-style). Each preset's whole recipe is one RecordConfig in its own
+file (fast94.py, fast96.py); recipe.py trains it: `train_fast("fast94", dataset)`."""

@@ -1,0 +1,99 @@
+"""The record recipes' one config type. Each preset's values live in its own file (fast94.py, fast96.py);
+`cudacnn train --preset fast94 --set epochs=7` replaces single fields."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from cudacnn.errors import ConfigError
+from cudacnn.evaluate.tta import TTA_LEVELS
+from cudacnn.train.config import COMPILE_MODES
+
+
+@dataclass(frozen=True)
+class RecordConfig:
+    model: str                # the net: a registered model (models/fast.py)
+    epochs: float             # fractional epochs end mid-epoch
+    batch_size: int
+    muon_lr: float            # Muon on the conv filters
+    muon_momentum: float
+    bias_lr: float            # SGD-Nesterov on BatchNorm and whitening biases (summed loss)
+    head_lr: float            # ... and on the linear head
+    sgd_momentum: float
+    wd_per_example: float     # decoupled from the lr: each step decays by wd_per_example * examples in the step
+    label_smoothing: float
+    whiten_bias_epochs: float  # the whitening bias learns only this long
+    whiten_images: int        # training images whose 2x2 patches set the whitening filters
+    crop_pad: int             # random crops from images padded by this much
+    cutout: int               # side of the square cut out of each image (0 = off)
+    tta_level: int            # test-time augmentation of the final evaluation (TTA_LEVELS)
+    lookahead_every: int      # 0 = off; else sync every k steps, decay 0.95^k * (step/total)^3
+    keep_fraction: float      # < 1: train on the hardest part of each batch, ranked by last loss (filtering.py)
+    compile_mode: str         # torch.compile mode; reduce-overhead captures CUDA graphs
+    max_steps: int | None = None  # cut training short (smoke tests, the compile warm-up)
+
+    def validate(self) -> "RecordConfig":
+        checks = [
+            (math.isfinite(self.epochs) and self.epochs > 0, "epochs must be positive"),
+            (self.batch_size >= 1, "batch_size must be at least 1"),
+            (0.0 < self.keep_fraction <= 1.0, f"keep_fraction must be in (0, 1], got {self.keep_fraction}"),
+            (self.tta_level in TTA_LEVELS, f"tta_level must be one of {TTA_LEVELS}, got {self.tta_level}"),
+            (self.compile_mode in COMPILE_MODES, f"compile_mode must be one of {', '.join(COMPILE_MODES)}"),
+            (self.crop_pad >= 0 and self.cutout >= 0, "crop_pad and cutout must be >= 0"),
+            (self.lookahead_every >= 0, "lookahead_every must be >= 0 (0 = off)"),
+            (self.max_steps is None or self.max_steps >= 1, "max_steps must be at least 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+    def replace(self, overrides: dict) -> "RecordConfig":
+        unknown = sorted(set(overrides) - set(FIELDS))
+        if unknown:
+            raise ConfigError(f"unknown recipe setting(s) {', '.join(unknown)} for --preset {self.model}; "
+                              f"known: {', '.join(sorted(FIELDS))}")
+        return dataclasses.replace(self, **overrides).validate()
+
+    @property
+    def examples_per_step(self) -> int:
+        """How many examples each optimizer step learns from: the batch, or its kept part when filtering."""
+        return max(1, round(self.batch_size * self.keep_fraction))
+
+
+FIELDS = {f.name: f.type for f in dataclasses.fields(RecordConfig) if f.name != "model"}
+
+
+def parse_settings(items: list[str] | dict) -> dict:
+    """`--set` values: ['epochs=7', 'cutout=0'] -> {'epochs': 7.0, 'cutout': 0}, typed as RecordConfig's
+    fields. A mapping (a config file's `set:`) is checked and typed the same way."""
+    pairs = items.items() if isinstance(items, dict) else [_split(item) for item in items]
+    out = {}
+    for key, value in pairs:
+        if key not in FIELDS:
+            raise ConfigError(f"--set {key}: unknown recipe setting; known: {', '.join(sorted(FIELDS))}")
+        out[key] = _typed(key, FIELDS[key], value)
+    return out
+
+
+def _split(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: write KEY=VALUE, e.g. --set epochs=7")
+    return key.strip(), value.strip()
+
+
+def _typed(key: str, kind: str, value):
+    if isinstance(value, str):
+        if kind == "int | None" and value.lower() in ("none", "null"):
+            return None
+        try:
+            return {"float": float, "int": int, "int | None": int}.get(kind, str)(value)
+        except ValueError:
+            raise ConfigError(f"--set {key}={value}: {key} must be {kind.replace(' | None', '')}") from None
+    ok = {"float": (int, float), "int": (int,), "int | None": (int, type(None)), "str": (str,)}[kind]
+    if isinstance(value, bool) or not isinstance(value, ok):
+        raise ConfigError(f"set: {key} must be {kind.replace(' | None', ' or null')}, got {value!r}")
+    return float(value) if kind == "float" else value
