@@ -194,9 +194,9 @@ def test_version_1_checkpoints_of_unchanged_models_resume(tmp_path, dataset):
 def test_not_a_checkpoint(tmp_path):
     bad = tmp_path / "x.pt"
     bad.write_bytes(b"garbage")
-    with pytest.raises(CheckpointError, match="not a readable cudacnn checkpoint"):
+    with pytest.raises(CheckpointError, match="x.pt is not a cudacnn checkpoint: it is a text file"):
         load_checkpoint(bad)
-    bad.write_bytes(b"")  # torch's error for an empty file has no message to quote
+    bad.write_bytes(b"PK\x03\x04garbage")  # a damaged zip: torch's own error is quoted
     with pytest.raises(CheckpointError, match="x.pt is not a readable cudacnn checkpoint"):
         load_checkpoint(bad)
     torch.save({"weights": torch.zeros(2)}, bad)

@@ -115,7 +115,7 @@ def fit_runs(runs: list[dict], args) -> int:
 
 def run_train(args) -> int:
     from cudacnn.train import distributed
-    from cudacnn.train.trainer import resume_config
+    from cudacnn.train.trainer import finished_message, resume_config
 
     if args.gpus < 1:
         raise ConfigError("--gpus must be at least 1")
@@ -129,6 +129,10 @@ def run_train(args) -> int:
         if given or args.preset or args.config:
             raise ConfigError(f"--resume continues a run with its saved config; drop {', '.join(given) or '--preset/--config'}")
         config = resume_config(args.resume, {k: v for k, v in flags.items() if v is not None})
+        finished = finished_message(args.resume, config)
+        if finished:  # not an error: resuming a finished run is a no-op
+            print(finished)
+            return 0
         if args.gpus > 1 and not inside_launch:
             distributed.launch(args.gpus, ["-m", "cudacnn", *child_argv(args)])
             return 0

@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from cudacnn.atomic import write_text_atomic
 from cudacnn.data import Augment, Dataset, GpuLoader, channel_stats, load_dataset, split_validation
-from cudacnn.errors import CheckpointError, ConfigError, CudacnnError
+from cudacnn.errors import CheckpointError, ConfigError, CudacnnError, DiskFullError
 from cudacnn.evaluate.metrics import evaluate
 from cudacnn.models import create_model
 from cudacnn.train import distributed, setup
@@ -297,7 +297,9 @@ class Trainer:
             ckpt = distributed.main_computes(lambda: load_checkpoint(last, map_location=where) if last.exists() else None)
             if ckpt is not None:
                 self._restore(ckpt)
-            if not self.quiet:  # no checkpoint: the run stopped in its first epoch, and starts over
+            if not self.quiet and self.start_epoch >= c.epochs:  # stopped while writing its evaluation
+                log.info("%s trained all %d epochs; evaluating it and writing its report", self.run_dir, c.epochs)
+            elif not self.quiet:  # no checkpoint: the run stopped in its first epoch, and starts over
                 log.info("resuming %s at epoch %d", self.run_dir, self.start_epoch + 1)
         elif self.dist.is_main:
             save_config(c, self.run_dir / "config.yaml")
@@ -338,7 +340,16 @@ class Trainer:
             if self.dist.enabled and distributed.is_collective_failure(exc):
                 raise CudacnnError(distributed.timeout_message(self.dist, exc)) from exc
             raise
-        return self.finish()
+        except DiskFullError as exc:
+            raise self._disk_full(exc) from exc
+        try:
+            return self.finish()
+        except DiskFullError as exc:
+            raise self._disk_full(exc) from exc
+
+    def _disk_full(self, exc: DiskFullError) -> DiskFullError:
+        """The same error, naming the command that continues: the last checkpoint written is whole."""
+        return DiskFullError(exc.path, f"free space and resume with `cudacnn train --resume {self.run_dir}`")
 
     def _write_parallel_info(self) -> None:
         c, world = self.config, self.dist.world_size
@@ -355,10 +366,12 @@ class Trainer:
         improved = self.early.update(record["val_acc"]) if "val_acc" in record else False
         if self.dist.is_main:
             state = self._state(epoch)
-            save_checkpoint(self.run_dir / "checkpoints" / "last.pt", state)
+            # best.pt before last.pt: if writing fails in between (a full disk), the resume from the previous
+            # last.pt repeats this epoch and writes both again
             if improved:  # weights for evaluation; resuming reads last.pt alone
                 save_checkpoint(self.run_dir / "checkpoints" / "best.pt",
                                 {k: v for k, v in state.items() if k != "train_state"})
+            save_checkpoint(self.run_dir / "checkpoints" / "last.pt", state)
             # Rewritten from the checkpointed history, so a resumed run never repeats or loses a line.
             write_text_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
         if not self.quiet:
@@ -417,6 +430,28 @@ def new_run_dir(config: TrainConfig) -> Path:
     if config.runs > 1:
         name += f"-seed{config.seed}"
     return claim_run_dir(Path(config.out) / name)
+
+
+def finished_message(run_dir: Path, config: TrainConfig) -> str | None:
+    """One line saying that a run folder is finished (it trained its epochs, or stopped early, and its evaluation
+    is written), or None when `--resume` has work left."""
+    run_dir = Path(run_dir)
+    last, eval_path = run_dir / "checkpoints" / "last.pt", run_dir / "eval.json"
+    if not (last.exists() and eval_path.exists()):
+        return None
+    ckpt = load_checkpoint(last)
+    early = EarlyStopping(config.early_stopping)
+    early.load_state_dict(ckpt.get("train_state", {}).get("early_stopping", {}))
+    done = ckpt["epoch"] + 1
+    if done < config.epochs and not early.should_stop:
+        return None  # a longer resume (--epochs) of a run without a planned schedule
+    try:
+        accuracy = f", test accuracy {100 * json.loads(eval_path.read_text(encoding='utf-8'))['accuracy']:.2f}%"
+    except (ValueError, KeyError, TypeError):
+        accuracy = ""
+    stopped = " (stopped early)" if done < config.epochs else ""
+    return (f"{run_dir} is finished: {done}/{config.epochs} epochs{stopped}{accuracy}; nothing to resume. "
+            f"See {run_dir / 'report.html'}, evaluate it again with `cudacnn evaluate {run_dir}`, or start a new run")
 
 
 def resume_config(run_dir: Path, overrides: dict | None = None) -> TrainConfig:

@@ -1,0 +1,200 @@
+"""Run folders you can trust: checkpoints verified on every load, one line for any file that is not a whole
+cudacnn checkpoint, a full disk reported as such with the last good checkpoint intact and resumable, and
+`--resume` of a finished run a no-op."""
+
+from __future__ import annotations
+
+import errno
+import json
+import pathlib
+
+import pytest
+import torch
+
+from cudacnn.cli import main
+from cudacnn.errors import CheckpointError
+from cudacnn.train import checkpoint
+from cudacnn.train.checkpoint import load_checkpoint, save_checkpoint
+
+from cifar_archives import image_folder_files, write_tar
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    files, _ = image_folder_files(classes=("a", "b"), per_class=12)
+    return write_tar(tmp_path_factory.mktemp("data") / "imgs.tar.gz", files)
+
+
+def train_args(archive, tmp_path, name, *extra):
+    return ["train", "--data", str(archive), "--model", "simple", "--epochs", "3", "--batch-size", "8",
+            "--device", "cpu", "--amp", "none", "--out", str(tmp_path / "runs"), "--name", name, "--deterministic",
+            "--cache-dir", str(tmp_path / "cache"), "--val-fraction", "0.25", "--quiet", *extra]
+
+
+@pytest.fixture(scope="module")
+def finished_run(archive, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("finished")
+    assert main(train_args(archive, tmp, "done")) == 0
+    return tmp / "runs" / "done"
+
+
+def weights(run):
+    return load_checkpoint(run / "checkpoints" / "last.pt")["train_state"]["model"]
+
+
+def test_a_flipped_byte_anywhere_in_the_tensors_is_refused(finished_run, tmp_path, capsys):
+    last = finished_run / "checkpoints" / "last.pt"
+    data = last.read_bytes()
+    assert data.startswith(checkpoint.MAGIC)
+    for where in (len(data) // 2, len(data) - 3000, len(data) - 1):
+        flipped = bytearray(data)
+        flipped[where] ^= 0x10
+        bad = tmp_path / "flipped.pt"
+        bad.write_bytes(bytes(flipped))
+        with pytest.raises(CheckpointError, match="flipped.pt is corrupted: its SHA-256 does not match"):
+            load_checkpoint(bad)
+    # the CLI: one line, exit 2, for evaluate and for resume
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_bytes((finished_run / "config.yaml").read_bytes())
+    (run / "checkpoints" / "last.pt").write_bytes(bytes(flipped))
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "last.pt is corrupted" in err
+
+
+def test_truncated_text_garbage_onnx_and_foreign_files_get_one_line(finished_run, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    data = (finished_run / "checkpoints" / "last.pt").read_bytes()
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    cases = {
+        "truncated": (data[:-100], "is truncated or padded"),
+        "header": (checkpoint.MAGIC + b"{not json\n" + data[100:], "damaged checkpoint header"),
+        "text": (b"hello\n", "it is a text file of 6 bytes"),
+        "empty": (b"", "the file is empty"),
+        "garbage": (bytes(range(256)) * 3, "768 bytes of unknown binary data"),
+        "onnx": (helper.make_model(graph).SerializeToString(), "it is an ONNX model"),
+    }
+    for name, (content, message) in cases.items():
+        path = tmp_path / f"{name}.pt"
+        path.write_bytes(content)
+        with pytest.raises(CheckpointError, match=f"{name}.pt .*{message}"):
+            load_checkpoint(path)
+    assert onnx  # the ONNX case ran
+    # a weights-only torch file of another program, and one holding pickled objects: no advice to unpickle
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, other)
+    with pytest.raises(CheckpointError, match="not a cudacnn checkpoint .no 'cudacnn-checkpoint' marker"):
+        load_checkpoint(other)
+    torch.save({"format": checkpoint.FORMAT, "thing": pathlib.Path("x")}, other)
+    with pytest.raises(CheckpointError, match="holds objects other than tensors") as refused:
+        load_checkpoint(other)
+    assert "weights_only=False" not in str(refused.value)
+
+
+def test_missing_keys_are_named(finished_run, tmp_path, capsys):
+    ckpt = load_checkpoint(finished_run / "checkpoints" / "last.pt")
+    del ckpt["train_state"]["optimizer"]
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_bytes((finished_run / "config.yaml").read_bytes())
+    save_checkpoint(run / "checkpoints" / "last.pt", ckpt)
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "incomplete cudacnn checkpoint: its train_state lacks 'optimizer'" in err
+    ckpt = load_checkpoint(finished_run / "checkpoints" / "best.pt")
+    del ckpt["classes"]
+    save_checkpoint(tmp_path / "noclasses.pt", ckpt)
+    with pytest.raises(CheckpointError, match="noclasses.pt is an incomplete cudacnn checkpoint: it has no 'classes'"):
+        load_checkpoint(tmp_path / "noclasses.pt")
+
+
+def test_checkpoints_from_before_the_digest_still_load(finished_run, tmp_path):
+    ckpt = load_checkpoint(finished_run / "checkpoints" / "best.pt")
+    torch.save(ckpt, tmp_path / "plain.pt")  # how checkpoints were written before
+    loaded = load_checkpoint(tmp_path / "plain.pt")
+    assert loaded["epoch"] == ckpt["epoch"] and loaded["model"].keys() == ckpt["model"].keys()
+    torch.save({**ckpt, "version": checkpoint.VERSION + 1}, tmp_path / "newer.pt")
+    with pytest.raises(CheckpointError, match="upgrade cudacnn"):
+        load_checkpoint(tmp_path / "newer.pt")
+
+
+class FullDisk:
+    """`open` for the checkpoint writer: the first write succeeds partly, then the disk is full."""
+
+    def __init__(self, fail_on: str):
+        self.fail_on, self.failures = fail_on, 0
+
+    def __call__(self, path, mode="r", *args, **kwargs):
+        handle = open(path, mode, *args, **kwargs)
+        if self.fail_on not in str(path):
+            return handle
+        self.failures += 1
+        real_write = handle.write
+
+        def write(data):
+            real_write(bytes(data)[:10])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        handle.write = write
+        return handle
+
+
+def test_disk_full_while_saving_a_checkpoint(archive, tmp_path, monkeypatch, capsys, finished_run):
+    full = FullDisk(".last.pt.")
+    calls = {"n": 0}
+    real_save = checkpoint.save_checkpoint
+
+    def save_then_fill(path, state):  # the disk fills up after the first epoch's checkpoints
+        calls["n"] += path.name == "last.pt"
+        if calls["n"] == 2:
+            monkeypatch.setattr(checkpoint, "open", full, raising=False)
+        return real_save(path, state)
+
+    monkeypatch.setattr("cudacnn.train.trainer.save_checkpoint", save_then_fill)
+    args = train_args(archive, tmp_path, "full")
+    assert main(args) == 2
+    run = tmp_path / "runs" / "full"
+    err = capsys.readouterr().err
+    assert err == (f"error: no space left on device writing {run / 'checkpoints' / 'last.pt'}; free space and "
+                   f"resume with `cudacnn train --resume {run}`\n")
+    assert full.failures == 1
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 0  # the last good one, verified
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "last.pt"]  # no temporary file
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert (run / "eval.json").exists()
+    for key, value in weights(finished_run).items():  # the same weights as the run that never stopped
+        torch.testing.assert_close(weights(run)[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_disk_full_while_writing_the_evaluation(archive, tmp_path, monkeypatch, capsys):
+    real_write_text = pathlib.Path.write_text
+
+    def write_text(self, text, *args, **kwargs):
+        if self.name.startswith(".eval.json."):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_text(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", write_text)
+    assert main(train_args(archive, tmp_path, "evalfull")) == 2
+    run = tmp_path / "runs" / "evalfull"
+    assert f"no space left on device writing {run / 'eval.json'}; free space and resume" in capsys.readouterr().err
+    assert not (run / "eval.json").exists() and load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 2
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(run)]) == 0  # trains nothing more: evaluates and reports
+    evaluation = json.loads((run / "eval.json").read_text())
+    assert evaluation["epoch"] == load_checkpoint(run / "checkpoints" / "best.pt")["epoch"] + 1
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_resume_of_a_finished_run_says_so(finished_run, capsys):
+    before = {p: p.stat().st_mtime_ns for p in finished_run.rglob("*") if p.is_file()}
+    assert main(["train", "--resume", str(finished_run)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and f"{finished_run} is finished: 3/3 epochs, test accuracy" in out
+    assert {p: p.stat().st_mtime_ns for p in finished_run.rglob("*") if p.is_file()} == before  # nothing rewritten
