@@ -256,7 +256,8 @@ def test_evaluate_command_writes_outputs_and_report(tiny_run, capsys):
     run, cache = tiny_run["run"], tiny_run["root"] / "cache"
     assert main(["evaluate", str(run), "--cache-dir", str(cache), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    data = json.loads((run / "eval.json").read_text())
+    data = json.loads((run / "evals" / "best.json").read_text())
+    assert data["checkpoint"] == str(run / "checkpoints" / "best.pt") and data["epoch"] == 1  # epochs count from 1
     test = load_dataset(tiny_run["root"] / "data", cache_dir=cache, quiet=True).test
     probs = reference_predictions(tiny_run, test.images)
     expected = confusion_matrix(probs.argmax(1), test.labels, 3)
@@ -276,8 +277,10 @@ def test_evaluate_command_writes_outputs_and_report(tiny_run, capsys):
         assert row["precision"] == pytest.approx(precision[k]) and row["recall"] == pytest.approx(recall[k])
         line = next(line for line in out.splitlines() if re.search(rf"\W{row['class']}\W", line))
         assert re.search(rf"{row['class']}\W+{precision[k]:.3f}\W+{recall[k]:.3f}\W", line), line
-    for name in ("confusion.csv", "confusion.npy", "plots/confusion.png", "report.html", "summary.md"):
+    for name in ("evals/best-confusion.csv", "evals/best-confusion.npy", "evals/best-confusion.png",
+                 "report.html", "summary.md"):
         assert (run / name).exists(), name
+    assert not (run / "eval.json").exists()  # the training's record is not evaluate's to write
 
 
 def test_evaluate_command_tta_levels(tiny_run, capsys):
@@ -285,7 +288,7 @@ def test_evaluate_command_tta_levels(tiny_run, capsys):
 
     run, cache = tiny_run["run"], tiny_run["root"] / "cache"
     assert main(["evaluate", str(run), "--cache-dir", str(cache), "--device", "cpu", "--tta", "3"]) == 0
-    data = json.loads((run / "eval.json").read_text())
+    data = json.loads((run / "evals" / "best-tta3.json").read_text())
     assert data["tta_level"] == 3
     test = load_dataset(tiny_run["root"] / "data", cache_dir=cache, quiet=True).test
     labels = torch.from_numpy(np.asarray(test.labels, dtype=np.int64))

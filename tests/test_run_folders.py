@@ -198,3 +198,28 @@ def test_resume_of_a_finished_run_says_so(finished_run, capsys):
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and f"{finished_run} is finished: 3/3 epochs, test accuracy" in out
     assert {p: p.stat().st_mtime_ns for p in finished_run.rglob("*") if p.is_file()} == before  # nothing rewritten
+
+
+def test_evaluations_are_additive(finished_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    training = (run / "eval.json").read_bytes()
+    record = json.loads(training)
+    assert {"train_time_s", "device", "accuracy_without_tta"} <= record.keys()
+    cache = ["--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
+    assert main(["evaluate", str(run), "--tta", "2", *cache]) == 0
+    assert main(["evaluate", str(run / "checkpoints" / "last.pt"), *cache]) == 0
+    capsys.readouterr()
+    assert (run / "eval.json").read_bytes() == training  # the training's record is left as it was
+    tta = json.loads((run / "evals" / "best-tta2.json").read_text())
+    last = json.loads((run / "evals" / "last.json").read_text())
+    assert tta["tta_level"] == 2 and tta["epoch"] == record["epoch"] and last["epoch"] == 3
+    assert last["checkpoint"] == str(run / "checkpoints" / "last.pt") and last["tta_level"] == 0
+    assert (run / "evals" / "best-tta2-confusion.csv").exists() and (run / "evals" / "last-confusion.png").exists()
+    html = (run / "report.html").read_text()
+    assert "Evaluations" in html and "best-tta2" in html and f"{100 * tta['accuracy']:.2f}%" in html
+    assert f"{100 * last['accuracy']:.2f}%" in html
+    # the training's own figure is still the report's headline
+    assert f"test accuracy</td><td>{100 * record['accuracy']:.2f}%" in html
