@@ -39,9 +39,11 @@ def add_commands(subparsers) -> None:
     pr.add_argument("--device", help="cuda or cpu (default: cpu)")
     pr.set_defaults(func=run_predict)
 
-    ex = subparsers.add_parser("export", help="export a checkpoint to ONNX, checked against onnxruntime")
+    ex = subparsers.add_parser("export", help="export a checkpoint to ONNX (checked against onnxruntime) "
+                               "and/or safetensors (weights and metadata, no pickle)")
     ex.add_argument("checkpoint", help="checkpoint file, or a run folder")
-    ex.add_argument("--onnx", type=Path, required=True, metavar="FILE", help="where to write the .onnx file")
+    ex.add_argument("--onnx", type=Path, metavar="FILE", help="where to write the .onnx file")
+    ex.add_argument("--safetensors", type=Path, metavar="FILE", help="where to write the .safetensors file")
     ex.set_defaults(func=run_export)
 
     rp = subparsers.add_parser("report", help="write RUN/report.html (self-contained) and RUN/summary.md")
@@ -162,17 +164,25 @@ def run_predict(args) -> int:
 
 
 def run_export(args) -> int:
-    from cudacnn.evaluate.export import PARITY_TOLERANCE, export_onnx
-    from cudacnn.train.checkpoint import model_from_checkpoint
+    from cudacnn.evaluate.export import PARITY_TOLERANCE, export_onnx, export_safetensors
+    from cudacnn.train.checkpoint import model_from_checkpoint, stored_model_kwargs
 
-    if args.onnx.is_dir() or (args.onnx.parent.exists() and not args.onnx.parent.is_dir()):
-        raise ConfigError(f"--onnx {args.onnx} cannot be written as a file; name a .onnx file in a folder")
+    if not (args.onnx or args.safetensors):
+        raise ConfigError("export needs --onnx FILE and/or --safetensors FILE")
+    for flag, path, ext in (("--onnx", args.onnx, ".onnx"), ("--safetensors", args.safetensors, ".safetensors")):
+        if path and (path.is_dir() or (path.parent.exists() and not path.parent.is_dir())):
+            raise ConfigError(f"{flag} {path} cannot be written as a file; name a {ext} file in a folder")
     model, ckpt = model_from_checkpoint(args.checkpoint, device="cpu")
     metadata = {"model_name": ckpt["model_name"], "classes": list(ckpt["classes"]),
                 "mean": list(ckpt["mean"]), "std": list(ckpt["std"]),
                 "input": "float32 NCHW 32x32 RGB, (x/255 - mean) / std"}
-    diff = export_onnx(model, args.onnx, metadata)
-    print(f"wrote {args.onnx}; onnxruntime parity: max abs difference {diff:.2e} (bound {PARITY_TOLERANCE:g})")
+    if args.safetensors:
+        count = export_safetensors(model, args.safetensors,
+                                   {**metadata, "model_kwargs": stored_model_kwargs(ckpt), "epoch": ckpt["epoch"] + 1})
+        print(f"wrote {args.safetensors}: {count} tensors, read back and checked")
+    if args.onnx:
+        diff = export_onnx(model, args.onnx, metadata)
+        print(f"wrote {args.onnx}; onnxruntime parity: max abs difference {diff:.2e} (bound {PARITY_TOLERANCE:g})")
     return 0
 
 
