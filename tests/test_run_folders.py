@@ -25,10 +25,10 @@ def archive(tmp_path_factory):
     return write_tar(tmp_path_factory.mktemp("data") / "imgs.tar.gz", files)
 
 
-def train_args(archive, tmp_path, name, *extra):
+def train_args(archive, tmp_path, name, *extra, quiet=True):
     return ["train", "--data", str(archive), "--model", "simple", "--epochs", "3", "--batch-size", "8",
             "--device", "cpu", "--amp", "none", "--out", str(tmp_path / "runs"), "--name", name, "--deterministic",
-            "--cache-dir", str(tmp_path / "cache"), "--val-fraction", "0.25", "--quiet", *extra]
+            "--cache-dir", str(tmp_path / "cache"), "--val-fraction", "0.25", *extra] + ["--quiet"] * quiet
 
 
 @pytest.fixture(scope="module")
@@ -223,3 +223,36 @@ def test_evaluations_are_additive(finished_run, tmp_path, capsys):
     assert f"{100 * last['accuracy']:.2f}%" in html
     # the training's own figure is still the report's headline
     assert f"test accuracy</td><td>{100 * record['accuracy']:.2f}%" in html
+
+
+def test_print_config_resolves_preset_file_and_flags_then_exits(tmp_path, capsys):
+    import yaml
+
+    settings = tmp_path / "c.yaml"
+    settings.write_text("epochs: 7\nkeep_best: 2\n")
+    out_dir = tmp_path / "runs"
+    assert main(["train", "--preset", "keras-cnn", "--config", str(settings), "--lr", "0.5", "--log", "csv",
+                 "--out", str(out_dir), "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (printed["preset"], printed["model"], printed["batch_size"]) == ("keras-cnn", "simple", 32)  # preset
+    assert (printed["epochs"], printed["keep_best"], printed["lr"], printed["log"]) == (7, 2, 0.5, "csv")
+    assert not out_dir.exists()  # nothing trained or written
+
+
+def test_help_shows_real_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text
+    assert "--lr LR peak learning rate (default: 0.1; presets set their own)" in text
+    assert "--momentum MOMENTUM SGD momentum (default: 0.9)" in text
+    assert "--gpus GPUS" in text and "(default: 1)" in text
+
+
+def test_the_start_line_names_seed_and_device(archive, tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        assert main(train_args(archive, tmp_path, "seed", "--seed", "7", "--epochs", "1", quiet=False)) == 0
+    start = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("training simple"))
+    assert "on cpu (cpu), seed 7;" in start

@@ -308,11 +308,11 @@ class Trainer:
         if self.dist.enabled and self.dist.is_main:
             self._write_parallel_info()
         if not self.quiet:
-            log.info("training %s on %s (%d train / %d val / %d test) on %s; run folder %s", c.model,
+            log.info("training %s on %s (%d train / %d val / %d test) on %s, seed %d; run folder %s", c.model,
                      self.dataset.name, len(self.train_loader.labels),
                      len(self.val_split) if self.val_split else 0, len(self.dataset.test),
-                     f"{self.dist.world_size} x {self.device.type}" if self.dist.enabled else self.device,
-                     self.run_dir)
+                     f"{self.dist.world_size} x {device_name(self.device)}" if self.dist.enabled
+                     else f"{device_name(self.device)} ({self.device})", c.seed, self.run_dir)
         epoch = self.start_epoch
         try:
             with make_progress(self.quiet) as progress:
