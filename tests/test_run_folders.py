@@ -256,3 +256,35 @@ def test_the_start_line_names_seed_and_device(archive, tmp_path, caplog):
         assert main(train_args(archive, tmp_path, "seed", "--seed", "7", "--epochs", "1", quiet=False)) == 0
     start = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("training simple"))
     assert "on cpu (cpu), seed 7;" in start
+
+
+def test_metrics_to_csv_and_tensorboard(archive, tmp_path):
+    import csv
+
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert main(train_args(archive, tmp_path, "logs", "--epochs", "2", "--log", "tensorboard,csv")) == 0
+    run = tmp_path / "runs" / "logs"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    for row, record in zip(rows, records):
+        assert float(row["train_loss"]) == pytest.approx(record["train_loss"])
+        assert float(row["val_acc"]) == pytest.approx(record["val_acc"])
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert {"loss/train", "acc/train", "loss/val", "acc/val", "lr"} <= set(events.Tags()["scalars"])
+    points = events.Scalars("loss/train")
+    assert [p.step for p in points] == [1, 2]
+    assert [p.value for p in points] == pytest.approx([r["train_loss"] for r in records])
+
+
+def test_missing_tensorboard_is_one_line_before_anything_is_written(archive, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(__import__("sys").modules, "torch.utils.tensorboard", None)
+    assert main(train_args(archive, tmp_path, "notb", "--log", "tensorboard")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--log tensorboard needs the tensorboard package: pip install tensorboard" in err
+    assert not (tmp_path / "runs").exists()
+    assert main(train_args(archive, tmp_path, "bad", "--log", "wandb")) == 2
+    assert "log takes a comma-separated list of tensorboard, csv" in capsys.readouterr().err

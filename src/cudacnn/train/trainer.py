@@ -28,7 +28,7 @@ from cudacnn.data import Augment, Dataset, GpuLoader, channel_stats, load_datase
 from cudacnn.errors import CheckpointError, ConfigError, CudacnnError, DiskFullError
 from cudacnn.evaluate.metrics import evaluate
 from cudacnn.models import create_model
-from cudacnn.train import distributed, setup
+from cudacnn.train import distributed, setup, sinks
 from cudacnn.train.callbacks import EarlyStopping
 from cudacnn.train.checkpoint import (check_compatible, load_checkpoint, run_checkpoint, save_checkpoint,
                                      stored_model_kwargs)
@@ -65,6 +65,7 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir else distributed.main_computes(lambda: new_run_dir(config))
         setup.seed_everything(config.seed, config.deterministic)
         setup.set_tf32(config.tf32)
+        sinks.check_available(config.log_sinks)  # before the data loads or anything is written
         self.dataset = dataset or load_dataset(config.data, cache_dir=config.cache_dir, quiet=quiet)
         self._build_data()
         self._build_model()
@@ -305,6 +306,7 @@ class Trainer:
             save_config(c, self.run_dir / "config.yaml")
         if self.dist.is_main:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
+        self.sinks = sinks.MetricSinks(self.run_dir, c.log_sinks if self.dist.is_main else [], self.start_epoch + 1)
         if self.dist.enabled and self.dist.is_main:
             self._write_parallel_info()
         if not self.quiet:
@@ -342,6 +344,8 @@ class Trainer:
             raise
         except DiskFullError as exc:
             raise self._disk_full(exc) from exc
+        finally:
+            self.sinks.close()
         try:
             return self.finish()
         except DiskFullError as exc:
@@ -374,6 +378,7 @@ class Trainer:
             save_checkpoint(self.run_dir / "checkpoints" / "last.pt", state)
             # Rewritten from the checkpointed history, so a resumed run never repeats or loses a line.
             write_text_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
+            self.sinks.write(self.history)
         if not self.quiet:
             val = f" val loss {record['val_loss']:.3f} acc {record['val_acc']:.4f}" if "val_acc" in record else ""
             log.info("epoch %d: train loss %.3f acc %.4f%s (%.1f s, %.0f img/s)", record["epoch"],
