@@ -288,3 +288,34 @@ def test_missing_tensorboard_is_one_line_before_anything_is_written(archive, tmp
     assert not (tmp_path / "runs").exists()
     assert main(train_args(archive, tmp_path, "bad", "--log", "wandb")) == 2
     assert "log takes a comma-separated list of tensorboard, csv" in capsys.readouterr().err
+
+
+def test_init_from_takes_the_weights_not_the_optimizer(archive, finished_run, tmp_path, capsys):
+    import dataclasses
+
+    from cudacnn.data import load_dataset
+    from cudacnn.train.config import TrainConfig
+    from cudacnn.train.trainer import Trainer
+
+    dataset = load_dataset(str(archive), cache_dir=tmp_path / "cache", quiet=True)
+    config = TrainConfig(model="simple", epochs=1, batch_size=8, amp="none", device="cpu", val_fraction=0.25,
+                         out=str(tmp_path / "runs"), name="tuned", init_from=str(finished_run)).validate()
+    trainer = Trainer(config, dataset=dataset, quiet=True)
+    source = load_checkpoint(finished_run / "checkpoints" / "best.pt")["model"]  # a run folder: its best.pt
+    for key, value in trainer.model.state_dict().items():
+        torch.testing.assert_close(value, source[key], rtol=0, atol=0, msg=key)
+    assert trainer.optimizer.state_dict()["state"] == {}  # the optimizer starts fresh
+    fresh = Trainer(dataclasses.replace(config, init_from=None, name="fresh"), dataset=dataset, quiet=True)
+    assert any(not torch.equal(v, source[k]) for k, v in fresh.model.state_dict().items())  # not by chance
+    assert trainer.fit().epochs_done == 1
+    # another model's weights, a damaged file: one line each, before any run folder
+    flags = train_args(archive, tmp_path, "other", "--init-from", str(finished_run))
+    flags[flags.index("simple")] = "bn_dropout"
+    assert main(flags) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds a 'simple' model, this run trains 'bn_dropout'" in err
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes((finished_run / "checkpoints" / "best.pt").read_bytes()[:-1])
+    assert main(train_args(archive, tmp_path, "bad", "--init-from", str(bad))) == 2
+    assert "bad.pt is truncated" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "other").exists() and not (tmp_path / "runs" / "bad").exists()

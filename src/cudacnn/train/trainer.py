@@ -109,6 +109,8 @@ class Trainer:
             from cudacnn.models.resnet import load_pretrained
 
             load_pretrained(self.model, c.pretrained)
+        if c.init_from and not self.resume:  # a resume restores its own weights
+            self._init_from(c.init_from)
         if c.kernels != "torch":
             from cudacnn.kernels import cross_entropy_loss, swap_modules
 
@@ -145,6 +147,18 @@ class Trainer:
         self.early = EarlyStopping(c.early_stopping)
         self.history: list[dict] = []
         self.start_epoch = 0
+
+    def _init_from(self, source: str) -> None:
+        """Start from the (verified) weights of a run folder or checkpoint, with a fresh optimizer: fine-tuning."""
+        ckpt = load_checkpoint(source)
+        if ckpt["model_name"] != self.config.model:
+            raise CheckpointError(f"--init-from {source} holds a '{ckpt['model_name']}' model, this run trains "
+                                  f"'{self.config.model}'; pass --model {ckpt['model_name']} or another checkpoint")
+        check_compatible(self.model, ckpt["model"], f"--init-from {source} (model '{ckpt['model_name']}', "
+                         f"{len(ckpt['classes'])} classes)")
+        self.model.load_state_dict(ckpt["model"])
+        if not self.quiet:
+            log.info("starting from the weights of %s (epoch %d)", source, ckpt["epoch"] + 1)
 
     @property
     def inference_model(self) -> torch.nn.Module:
