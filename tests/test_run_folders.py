@@ -319,3 +319,20 @@ def test_init_from_takes_the_weights_not_the_optimizer(archive, finished_run, tm
     assert main(train_args(archive, tmp_path, "bad", "--init-from", str(bad))) == 2
     assert "bad.pt is truncated" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "other").exists() and not (tmp_path / "runs" / "bad").exists()
+
+
+def test_keep_best_keeps_the_top_n_by_validation_accuracy(archive, tmp_path):
+    from cudacnn.train.trainer import top_epochs
+
+    history = [{"epoch": 1, "val_acc": 0.5}, {"epoch": 2, "val_acc": 0.7}, {"epoch": 3, "val_acc": 0.6},
+               {"epoch": 4, "val_acc": 0.7}]
+    assert top_epochs(history, 2) == {2, 4} and top_epochs(history, 1) == {2} and top_epochs(history, 0) == set()
+    assert top_epochs([{"epoch": 1, "train_acc": 0.9}, {"epoch": 2, "train_acc": 0.8}], 1) == {1}  # no val split
+    assert main(train_args(archive, tmp_path, "keep", "--epochs", "4", "--keep-best", "2")) == 0
+    run = tmp_path / "runs" / "keep"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    best = sorted(records, key=lambda r: (-r["val_acc"], r["epoch"]))[:2]
+    names = sorted(p.name for p in (run / "checkpoints").glob("best-e*.pt"))
+    assert names == sorted(f"best-e{r['epoch']:03d}.pt" for r in best)
+    for r in best:  # each holds its epoch's weights, verified
+        assert load_checkpoint(run / "checkpoints" / f"best-e{r['epoch']:03d}.pt")["epoch"] == r["epoch"] - 1

@@ -36,7 +36,7 @@ HELP = {
     "out": "folder that run folders go in", "name": "run folder name (default: PRESET or MODEL, then the date)",
     "init_from": "start from the weights of this run folder or checkpoint (same model and classes; the optimizer "
     "starts fresh): fine-tuning", "keep_best": "also keep the N best checkpoints by validation accuracy (else "
-    "train accuracy) as checkpoints/best-<epoch>.pt (0 = off)",
+    "train accuracy) as checkpoints/best-eNNN.pt, NNN the epoch (0 = off)",
     "log": "metrics sinks besides metrics.jsonl, comma-separated: tensorboard (RUN/tensorboard/, needs `pip install "
     "tensorboard`), csv (RUN/metrics.csv)",
 }

@@ -386,10 +386,14 @@ class Trainer:
             state = self._state(epoch)
             # best.pt before last.pt: if writing fails in between (a full disk), the resume from the previous
             # last.pt repeats this epoch and writes both again
+            weights = {k: v for k, v in state.items() if k != "train_state"}
             if improved:  # weights for evaluation; resuming reads last.pt alone
-                save_checkpoint(self.run_dir / "checkpoints" / "best.pt",
-                                {k: v for k, v in state.items() if k != "train_state"})
+                save_checkpoint(self.run_dir / "checkpoints" / "best.pt", weights)
+            kept = top_epochs(self.history, self.config.keep_best)
+            if record["epoch"] in kept:
+                save_checkpoint(self.run_dir / "checkpoints" / f"best-e{record['epoch']:03d}.pt", weights)
             save_checkpoint(self.run_dir / "checkpoints" / "last.pt", state)
+            prune_best(self.run_dir / "checkpoints", kept)
             # Rewritten from the checkpointed history, so a resumed run never repeats or loses a line.
             write_text_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
             self.sinks.write(self.history)
@@ -433,6 +437,22 @@ class Trainer:
             log.info("test accuracy %.4f (%s); report: %s", result.accuracy, self.dataset.name,
                      self.run_dir / "report.html")
         return RunResult(self.run_dir, len(self.history), result.accuracy, best_val, self.history)
+
+
+def top_epochs(history: list[dict], n: int) -> set[int]:
+    """The epochs (1-based) of the n best records by validation accuracy, else training accuracy; ties go to
+    the earlier epoch. Taken from the checkpointed history, so a resumed run keeps the same files."""
+    key = "val_acc" if any("val_acc" in r for r in history) else "train_acc"
+    ranked = sorted(history, key=lambda r: (-r.get(key, float("-inf")), r["epoch"]))
+    return {r["epoch"] for r in ranked[:n]}
+
+
+def prune_best(folder: Path, kept: set[int]) -> None:
+    """Delete the best-eNNN.pt files of epochs that left the top N."""
+    for path in folder.glob("best-e*.pt"):
+        epoch = path.stem.removeprefix("best-e")
+        if epoch.isdigit() and int(epoch) not in kept:
+            path.unlink(missing_ok=True)
 
 
 def device_name(device: torch.device) -> str:
