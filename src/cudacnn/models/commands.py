@@ -75,8 +75,13 @@ def add_commands(subparsers) -> None:
 
 
 def run_models(args) -> int:
-    table = Table("model", "description", "presets", "parameters", "MFLOPs / image (32x32)", title="cudacnn models")
+    table = Table(title="cudacnn models (FLOPs per 32x32 image)")
+    table.add_column("model", no_wrap=True)
+    table.add_column("description", ratio=3)  # the long columns wrap in a narrow terminal, the numbers do not
+    table.add_column("presets", no_wrap=True)
+    table.add_column("parameters", no_wrap=True, justify="right")
+    table.add_column("MFLOPs/image", justify="right")
     for label, about, presets, params, flops in model_rows(args.num_classes):
-        table.add_row(label, about, presets, f"{params:,}", f"{flops / 1e6:,.1f}")
+        table.add_row(label, about, presets.replace(", ", "\n"), f"{params:,}", f"{flops / 1e6:,.1f}")
     Console().print(table)
     return 0
