@@ -390,3 +390,42 @@ def test_report_command(tiny_run, tmp_path, capsys):
     make_run(run)
     assert main(["report", str(run)]) == 0
     assert "report.html" in capsys.readouterr().out and (run / "summary.md").exists()
+
+
+def test_curve_panels_keep_their_tick_labels_apart():
+    """The learning-rate panel's y tick labels (long numbers like 0.0015) stay clear of the accuracy panel."""
+    import matplotlib.pyplot as plt
+
+    from cudacnn.evaluate.plots import training_curves_figure
+
+    records = [{"epoch": e, "train_loss": 2 / e, "train_acc": 1 - 1 / (e + 1), "val_acc": 1 - 1.2 / (e + 1),
+                "lr": 0.00213 * (1 - abs(e - 20) / 20) + 1e-6} for e in range(1, 41)]
+    fig = training_curves_figure(records)
+    try:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        loss, accuracy, lr = fig.axes[:3]
+        for left, right in ((loss, accuracy), (accuracy, lr)):
+            right_edge = left.get_tightbbox(renderer).x1  # the panel with its legend and labels
+            labels = [t for t in right.get_yticklabels() if t.get_text()]
+            assert labels and min(t.get_window_extent(renderer).x0 for t in labels) > right_edge
+    finally:
+        plt.close(fig)
+
+
+def test_report_names_versions_device_and_date(tmp_path):
+    import torch
+
+    from cudacnn import __version__
+
+    run = tmp_path / "run"
+    make_run(run, with_eval=False)
+    cm = np.array([[4, 1], [0, 5]])
+    save_evaluation(EvalResult.from_confusion(cm, 0.3, ["cat", "dog"]), run,
+                    {"device": "NVIDIA H100 80GB HBM3", "cudacnn_version": "0.1.0", "torch_version": "2.11.0",
+                     "cuda_version": "12.8", "date": "2026-12-06T14:00:00+00:00"})
+    html, md = (p.read_text() for p in write_report(run))
+    for text in (html, md):
+        assert "NVIDIA H100 80GB HBM3" in text and "2026-12-06T14:00:00+00:00" in text
+        assert "cudacnn 0.1.0, torch 2.11.0, CUDA 12.8" in text  # the training's software
+        assert f"by cudacnn {__version__}, torch {torch.__version__}" in text  # and the report's own

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -87,7 +86,7 @@ def evaluation_name(checkpoint: Path, tta_level: int, data: str | None) -> str:
 def run_evaluate(args) -> int:
     from cudacnn.data import GpuLoader, load_dataset
     from cudacnn.evaluate.metrics import evaluate
-    from cudacnn.evaluate.report import save_evaluation, write_report
+    from cudacnn.evaluate.report import environment, save_evaluation, write_report
     from cudacnn.train.checkpoint import model_from_checkpoint, run_checkpoint
 
     if args.tta not in TTA_LEVELS:
@@ -112,7 +111,7 @@ def run_evaluate(args) -> int:
     out = args.out or run_folder_of(args.checkpoint)
     extra = {"checkpoint": str(chosen), "data": dataset.source or str(source),
              "epoch": ckpt["epoch"] + 1, "model_name": ckpt.get("model_name"), "device": device_name(device),
-             "batch_size": args.batch_size, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+             "batch_size": args.batch_size, **environment()}
     paths = save_evaluation(result, out, extra, name=evaluation_name(chosen, args.tta, args.data))
     console = Console()
     print_evaluation(result, console)

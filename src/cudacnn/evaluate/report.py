@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,21 @@ from cudacnn.tables import fmt, md_table
 
 
 EVALS = "evals"  # a run folder's later evaluations, one JSON file each
+
+
+def environment() -> dict:
+    """What produced a result: versions and the time (UTC); saved with every evaluation."""
+    import torch
+
+    from cudacnn import __version__
+
+    return {"cudacnn_version": __version__, "torch_version": torch.__version__,
+            "cuda_version": torch.version.cuda, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def software(record: dict) -> str:
+    cuda = f"CUDA {record['cuda_version']}" if record.get("cuda_version") else "no CUDA (CPU build of torch)"
+    return f"cudacnn {record.get('cudacnn_version', '?')}, torch {record.get('torch_version', '?')}, {cuda}"
 
 
 def read_evaluations(run: Path) -> list[tuple[str, dict]]:
@@ -79,6 +95,12 @@ def summarize(config: dict, records: list[dict], evaluation: dict | None) -> dic
         summary["test accuracy"] = f"{100 * evaluation['accuracy']:.2f}%{tta}"
         summary["test loss"] = f"{evaluation['loss']:.4f}"
         summary["test images"] = str(evaluation.get("num_samples", ""))
+        if evaluation.get("device"):
+            summary["device"] = str(evaluation["device"])
+        if evaluation.get("torch_version"):
+            summary["software"] = software(evaluation)
+        if evaluation.get("date"):
+            summary["evaluated"] = str(evaluation["date"])
     return summary
 
 
@@ -144,12 +166,18 @@ def sections(config: dict, records: list[dict], evaluation: dict | None,
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
-th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee;margin:.5em 0}"""
+th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee;margin:.5em 0}.meta{color:#666}"""
+
+
+def written_by() -> str:
+    env = environment()
+    return f"Report written {env['date']} by {software(env)}."
 
 
 def render_html(title: str, tables, plots: list[Path]) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
+             f"<p class='meta'>{html.escape(written_by())}</p>"]
     for i, (name, header, rows) in enumerate(tables):
         parts.append(f"<h2>{html.escape(name)}</h2>{html_table(header, rows)}")
         if i == 0:  # plots right after the summary
@@ -162,7 +190,7 @@ def render_html(title: str, tables, plots: list[Path]) -> str:
 
 
 def render_markdown(title: str, tables, plots: list[Path], run: Path) -> str:
-    parts = [f"# {title}"]
+    parts = [f"# {title}", written_by()]
     for i, (name, header, rows) in enumerate(tables):
         parts.append(f"## {name}\n\n{md_table(header, rows)}")
         if i == 0:

@@ -407,7 +407,7 @@ class Trainer:
     def finish(self) -> RunResult:
         """Evaluate the best (or last) weights on the test split and write plots and the report."""
         from cudacnn.evaluate.plots import plot_training_curves
-        from cudacnn.evaluate.report import save_evaluation, write_report
+        from cudacnn.evaluate.report import environment, save_evaluation, write_report
 
         where = self.device if not self.dist.enabled else "cpu"
 
@@ -424,7 +424,7 @@ class Trainer:
             extra = {"checkpoint": str(chosen), "epoch": weights["epoch"] + 1, "data": self.dataset.source,
                      "device": device_name(self.device),
                      "train_time_s": sum(r["epoch_time_s"] for r in self.history),
-                     "accuracy_without_tta": plain_accuracy}
+                     "accuracy_without_tta": plain_accuracy, **environment()}
             if self.dist.enabled:
                 extra["world_size"] = self.dist.world_size
             if self.device.type == "cuda":
