@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -429,3 +430,27 @@ def test_report_names_versions_device_and_date(tmp_path):
         assert "NVIDIA H100 80GB HBM3" in text and "2026-12-06T14:00:00+00:00" in text
         assert "cudacnn 0.1.0, torch 2.11.0, CUDA 12.8" in text  # the training's software
         assert f"by cudacnn {__version__}, torch {torch.__version__}" in text  # and the report's own
+
+
+@pytest.mark.slow
+def test_report_screenshot_in_headless_chromium(tmp_path):
+    """scripts/screenshot_report.py renders the report: the page is not blank and shows the plots' colours."""
+    import importlib.util
+
+    from PIL import Image
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "screenshot_report.py"
+    spec = importlib.util.spec_from_file_location("screenshot_report", script)
+    shot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shot)
+    if shot.find_chromium() is None:
+        pytest.skip("no Chromium here (apt-get install -y chromium)")
+    run = tmp_path / "run"
+    make_run(run)
+    write_report(run)
+    png = shot.screenshot(run / "report.html", tmp_path / "report.png", width=1000, height=1600)
+    image = np.asarray(Image.open(png).convert("RGB"))
+    assert image.shape == (1600, 1000, 3)
+    blue = np.array([31, 119, 180])  # matplotlib's tab:blue, the training curve: the embedded plots were drawn
+    assert (np.abs(image.astype(int) - blue).sum(-1) < 30).sum() > 100
+    assert (image.sum(-1) < 200).sum() > 1000  # dark text
