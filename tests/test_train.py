@@ -129,6 +129,10 @@ def test_early_stopping_fires(tmp_path, dataset):
     config = tiny_config(tmp_path, epochs=10, lr=1e-9, schedule="none", early_stopping=2, crop_pad=0, flip="none")
     result = Trainer(config, dataset=dataset, quiet=True).fit()
     assert result.epochs_done == 3  # epoch 1 sets the best; 2 and 3 do not beat it
+    # stopped before its evaluation was written (a full disk, say): the resume evaluates, trains nothing more
+    (result.run_dir / "eval.json").unlink()
+    resumed = Trainer(config, run_dir=result.run_dir, resume=True, dataset=dataset, quiet=True).fit()
+    assert resumed.epochs_done == 3 and (result.run_dir / "eval.json").exists()
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, dataset):

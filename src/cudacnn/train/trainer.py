@@ -312,8 +312,8 @@ class Trainer:
             ckpt = distributed.main_computes(lambda: load_checkpoint(last, map_location=where) if last.exists() else None)
             if ckpt is not None:
                 self._restore(ckpt)
-            if not self.quiet and self.start_epoch >= c.epochs:  # stopped while writing its evaluation
-                log.info("%s trained all %d epochs; evaluating it and writing its report", self.run_dir, c.epochs)
+            if not self.quiet and (self.start_epoch >= c.epochs or self.early.should_stop):  # stopped in finish()
+                log.info("%s finished training; evaluating it and writing its report", self.run_dir)
             elif not self.quiet:  # no checkpoint: the run stopped in its first epoch, and starts over
                 log.info("resuming %s at epoch %d", self.run_dir, self.start_epoch + 1)
         elif self.dist.is_main:
@@ -332,7 +332,8 @@ class Trainer:
         epoch = self.start_epoch
         try:
             with make_progress(self.quiet) as progress:
-                for epoch in range(self.start_epoch, c.epochs):
+                # an early-stopped run resumed before its evaluation was written trains no further
+                for epoch in range(self.start_epoch, self.start_epoch if self.early.should_stop else c.epochs):
                     record = self._train_epoch(epoch, progress)
                     if self.val_loader:
                         record["val_loss"], record["val_acc"] = self._validate(self.val_loader)
