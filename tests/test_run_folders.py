@@ -172,24 +172,32 @@ def test_disk_full_while_saving_a_checkpoint(archive, tmp_path, monkeypatch, cap
         torch.testing.assert_close(weights(run)[key], value, rtol=0, atol=0, msg=key)
 
 
-def test_disk_full_while_writing_the_evaluation(archive, tmp_path, monkeypatch, capsys):
-    real_write_text = pathlib.Path.write_text
+@pytest.mark.parametrize("target", ["metrics.jsonl", "eval.json", "plots/curves.png", "report.html", "summary.md"])
+def test_disk_full_while_writing_run_files(archive, tmp_path, monkeypatch, capsys, target):
+    from matplotlib.figure import Figure
 
-    def write_text(self, text, *args, **kwargs):
-        if self.name.startswith(".eval.json."):
+    name = pathlib.Path(target).name
+    real_write_text, real_savefig = pathlib.Path.write_text, Figure.savefig
+
+    def full(path):
+        if pathlib.Path(path).name.startswith(f".{name}."):  # atomic_output's temporary file for the target
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write_text(self, text, *args, **kwargs)
 
-    monkeypatch.setattr(pathlib.Path, "write_text", write_text)
-    assert main(train_args(archive, tmp_path, "evalfull")) == 2
-    run = tmp_path / "runs" / "evalfull"
-    assert f"no space left on device writing {run / 'eval.json'}; free space and resume" in capsys.readouterr().err
-    assert not (run / "eval.json").exists() and load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 2
+    monkeypatch.setattr(pathlib.Path, "write_text", lambda self, *a, **k: full(self) or real_write_text(self, *a, **k))
+    monkeypatch.setattr(Figure, "savefig", lambda self, path, *a, **k: full(path) or real_savefig(self, path, *a, **k))
+    assert main(train_args(archive, tmp_path, "full")) == 2
+    run = tmp_path / "runs" / "full"
+    err = capsys.readouterr().err
+    assert err == (f"error: no space left on device writing {run / target}; free space and resume with "
+                   f"`cudacnn train --resume {run}`\n")
+    assert load_checkpoint(run / "checkpoints" / "last.pt")  # whole and verified
+    assert not list(run.rglob(".*"))  # no temporary files left
     monkeypatch.undo()
-    assert main(["train", "--resume", str(run)]) == 0  # trains nothing more: evaluates and reports
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     evaluation = json.loads((run / "eval.json").read_text())
     assert evaluation["epoch"] == load_checkpoint(run / "checkpoints" / "best.pt")["epoch"] + 1
-    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert (run / "report.html").exists() and (run / "plots" / "curves.png").exists()
 
 
 def test_resume_of_a_finished_run_says_so(finished_run, capsys):

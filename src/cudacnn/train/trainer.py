@@ -473,11 +473,11 @@ def new_run_dir(config: TrainConfig) -> Path:
 
 
 def finished_message(run_dir: Path, config: TrainConfig) -> str | None:
-    """One line saying that a run folder is finished (it trained its epochs, or stopped early, and its evaluation
-    is written), or None when `--resume` has work left."""
+    """One line saying that a run folder is finished (it trained its epochs, or stopped early, and finish()
+    wrote its evaluation and report, summary.md last), or None when `--resume` has work left."""
     run_dir = Path(run_dir)
     last, eval_path = run_dir / "checkpoints" / "last.pt", run_dir / "eval.json"
-    if not (last.exists() and eval_path.exists()):
+    if not (last.exists() and eval_path.exists() and (run_dir / "summary.md").exists()):
         return None
     ckpt = load_checkpoint(last)
     early = EarlyStopping(config.early_stopping)
