@@ -131,8 +131,7 @@ def _what_it_is(data: bytes) -> str:
     except UnicodeDecodeError:
         text = None
     if text is not None and all(c.isprintable() or c in "\r\n\t" for c in text):
-        shown = text[:20].replace("\n", " ")
-        return f"it is a text file of {len(data)} bytes (starting {shown!r})"
+        return f"it is a text file of {len(data)} bytes (starting {text[:20]!r})"
     return f"{len(data)} bytes of unknown binary data"
 
 
