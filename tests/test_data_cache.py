@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,3 +136,32 @@ def test_split_validation_moves_images(tmp_path):
     train, val = split_validation(ds.train, 0.2, seed=0)
     assert len(train) == 24 and len(val) == 6
     assert (val.class_counts(3) == 2).all()
+
+
+def test_data_cache_lists_and_clears(tmp_path, capsys):
+    from cudacnn.cli import main
+    from cudacnn.data import cache
+
+    cache_dir, data_dir = tmp_path / "cache", tmp_path / "downloads"
+    for name, classes in (("a", ("x", "y")), ("b", ("x", "y", "z"))):
+        files, _ = image_folder_files(classes=classes)
+        load_dataset(write_tar(tmp_path / f"{name}.tar.gz", files), cache_dir=cache_dir, quiet=True)
+    data_dir.mkdir()
+    (data_dir / "cifar-10-binary.tar.gz").write_bytes(b"0" * 2048)  # as `cudacnn data download cifar10` leaves it
+    entries = cache.list_entries(cache_dir, data_dir)
+    by_kind = sorted((e.kind, Path(e.source).name) for e in entries)
+    assert by_kind[:2] == [("decoded", "a.tar.gz"), ("decoded", "b.tar.gz")] and by_kind[2][0] == "download"
+    assert all(e.size == e.path.stat().st_size > 0 for e in entries)
+    flags = ["--cache-dir", str(cache_dir), "--dir", str(data_dir)]
+    assert main(["data", "cache", *flags]) == 0
+    assert "total" in capsys.readouterr().out
+    assert main(["data", "cache", "--clear", "a.tar.gz", *flags]) == 0
+    assert [Path(e.source).name for e in cache.list_entries(cache_dir, data_dir) if e.kind == "decoded"] == ["b.tar.gz"]
+    assert main(["data", "cache", "--clear", "cifar10", *flags]) == 0
+    assert not (data_dir / "cifar-10-binary.tar.gz").exists()
+    capsys.readouterr()
+    assert main(["data", "cache", "--clear", "nothing", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no cached source matches 'nothing'" in err
+    assert main(["data", "cache", "--clear", *flags]) == 0  # a bare --clear: all
+    assert cache.list_entries(cache_dir, data_dir) == []

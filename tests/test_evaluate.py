@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -256,7 +257,8 @@ def test_evaluate_command_writes_outputs_and_report(tiny_run, capsys):
     run, cache = tiny_run["run"], tiny_run["root"] / "cache"
     assert main(["evaluate", str(run), "--cache-dir", str(cache), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    data = json.loads((run / "eval.json").read_text())
+    data = json.loads((run / "evals" / "best.json").read_text())
+    assert data["checkpoint"] == str(run / "checkpoints" / "best.pt") and data["epoch"] == 1  # epochs count from 1
     test = load_dataset(tiny_run["root"] / "data", cache_dir=cache, quiet=True).test
     probs = reference_predictions(tiny_run, test.images)
     expected = confusion_matrix(probs.argmax(1), test.labels, 3)
@@ -276,8 +278,10 @@ def test_evaluate_command_writes_outputs_and_report(tiny_run, capsys):
         assert row["precision"] == pytest.approx(precision[k]) and row["recall"] == pytest.approx(recall[k])
         line = next(line for line in out.splitlines() if re.search(rf"\W{row['class']}\W", line))
         assert re.search(rf"{row['class']}\W+{precision[k]:.3f}\W+{recall[k]:.3f}\W", line), line
-    for name in ("confusion.csv", "confusion.npy", "plots/confusion.png", "report.html", "summary.md"):
+    for name in ("evals/best-confusion.csv", "evals/best-confusion.npy", "evals/best-confusion.png",
+                 "report.html", "summary.md"):
         assert (run / name).exists(), name
+    assert not (run / "eval.json").exists()  # the training's record is not evaluate's to write
 
 
 def test_evaluate_command_tta_levels(tiny_run, capsys):
@@ -285,7 +289,7 @@ def test_evaluate_command_tta_levels(tiny_run, capsys):
 
     run, cache = tiny_run["run"], tiny_run["root"] / "cache"
     assert main(["evaluate", str(run), "--cache-dir", str(cache), "--device", "cpu", "--tta", "3"]) == 0
-    data = json.loads((run / "eval.json").read_text())
+    data = json.loads((run / "evals" / "best-tta3.json").read_text())
     assert data["tta_level"] == 3
     test = load_dataset(tiny_run["root"] / "data", cache_dir=cache, quiet=True).test
     labels = torch.from_numpy(np.asarray(test.labels, dtype=np.int64))
@@ -387,3 +391,66 @@ def test_report_command(tiny_run, tmp_path, capsys):
     make_run(run)
     assert main(["report", str(run)]) == 0
     assert "report.html" in capsys.readouterr().out and (run / "summary.md").exists()
+
+
+def test_curve_panels_keep_their_tick_labels_apart():
+    """The learning-rate panel's y tick labels (long numbers like 0.0015) stay clear of the accuracy panel."""
+    import matplotlib.pyplot as plt
+
+    from cudacnn.evaluate.plots import training_curves_figure
+
+    records = [{"epoch": e, "train_loss": 2 / e, "train_acc": 1 - 1 / (e + 1), "val_acc": 1 - 1.2 / (e + 1),
+                "lr": 0.00213 * (1 - abs(e - 20) / 20) + 1e-6} for e in range(1, 41)]
+    fig = training_curves_figure(records)
+    try:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        loss, accuracy, lr = fig.axes[:3]
+        for left, right in ((loss, accuracy), (accuracy, lr)):
+            right_edge = left.get_tightbbox(renderer).x1  # the panel with its legend and labels
+            labels = [t for t in right.get_yticklabels() if t.get_text()]
+            assert labels and min(t.get_window_extent(renderer).x0 for t in labels) > right_edge
+    finally:
+        plt.close(fig)
+
+
+def test_report_names_versions_device_and_date(tmp_path):
+    import torch
+
+    from cudacnn import __version__
+
+    run = tmp_path / "run"
+    make_run(run, with_eval=False)
+    cm = np.array([[4, 1], [0, 5]])
+    save_evaluation(EvalResult.from_confusion(cm, 0.3, ["cat", "dog"]), run,
+                    {"device": "NVIDIA H100 80GB HBM3", "cudacnn_version": "0.1.0", "torch_version": "2.11.0",
+                     "cuda_version": "12.8", "date": "2026-12-06T14:00:00+00:00"})
+    html, md = (p.read_text() for p in write_report(run))
+    for text in (html, md):
+        assert "NVIDIA H100 80GB HBM3" in text and "2026-12-06T14:00:00+00:00" in text
+        assert "cudacnn 0.1.0, torch 2.11.0, CUDA 12.8" in text  # the training's software
+        assert f"by cudacnn {__version__}, torch {torch.__version__}" in text  # and the report's own
+
+
+@pytest.mark.slow
+def test_report_screenshot_in_headless_chromium(tmp_path):
+    """scripts/screenshot_report.py renders the report: the page is not blank and shows the plots' colours."""
+    import importlib.util
+
+    from PIL import Image
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "screenshot_report.py"
+    spec = importlib.util.spec_from_file_location("screenshot_report", script)
+    shot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shot)
+    if shot.find_chromium() is None:
+        pytest.skip("no Chromium here (apt-get install -y chromium)")
+    run = tmp_path / "run"
+    make_run(run)
+    write_report(run)
+    png = shot.screenshot(run / "report.html", tmp_path / "report.png", width=1000, height=1600)
+    image = np.asarray(Image.open(png).convert("RGB"))
+    assert image.shape == (1600, 1000, 3)
+    blue = np.array([31, 119, 180])  # matplotlib's tab:blue, the training curve: the embedded plots were drawn
+    assert (np.abs(image.astype(int) - blue).sum(-1) < 30).sum() > 100
+    assert (image.sum(-1) < 200).sum() > 1000  # dark text

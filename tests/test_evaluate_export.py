@@ -1,5 +1,5 @@
 """ONNX export: onnxruntime parity on a tiny model, metadata, dynamic batch, and a failed check writes
-nothing."""
+nothing. safetensors export: the weights rebuild the same model. Both are base dependencies."""
 
 from __future__ import annotations
 
@@ -9,12 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("onnxruntime")
-
-from cudacnn.cli import main  # noqa: E402
-from cudacnn.errors import CudacnnError  # noqa: E402
-from cudacnn.evaluate import export  # noqa: E402
-from cudacnn.models import create_model  # noqa: E402
+from cudacnn.cli import main
+from cudacnn.errors import CudacnnError
+from cudacnn.evaluate import export
+from cudacnn.models import create_model
 
 CLASSES = ["cat", "dog", "frog"]
 
@@ -68,4 +66,32 @@ def test_failed_parity_writes_nothing(checkpoint, tmp_path, monkeypatch):
     target = tmp_path / "model.onnx"
     with pytest.raises(CudacnnError, match=r"parity check failed: max abs difference 0.5 > 0.001"):
         export.export_onnx(checkpoint[1], target)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_safetensors_export_rebuilds_the_model(checkpoint, tmp_path, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path, model = checkpoint
+    target = tmp_path / "w" / "model.safetensors"
+    assert main(["export", str(path), "--safetensors", str(target)]) == 0
+    assert f"wrote {target}" in capsys.readouterr().out
+    with safe_open(str(target), "pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["classes"]) == CLASSES and json.loads(meta["mean"]) == [0.5] * 3 and meta["epoch"] == "4"
+    rebuilt = create_model(meta["model_name"], num_classes=len(CLASSES), **json.loads(meta["model_kwargs"]))
+    rebuilt.load_state_dict(load_file(str(target)))
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(x), model(x), rtol=0, atol=0)
+    assert [p.name for p in target.parent.iterdir()] == ["model.safetensors"]
+    assert main(["export", str(path)]) == 2
+    assert "export needs --onnx FILE and/or --safetensors FILE" in capsys.readouterr().err
+
+
+def test_a_missing_exporter_names_the_install_command(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "onnxruntime", None)
+    with pytest.raises(CudacnnError, match="pip install onnx onnxruntime onnxscript"):
+        export.export_onnx(checkpoint[1], tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []

@@ -168,3 +168,21 @@ def test_load_pretrained_refuses_non_weight_files(tmp_path):
     junk.write_bytes(b"not a torch file")
     with pytest.raises(CheckpointError, match="not a readable"):
         load_pretrained(create_model("resnet18"), junk)
+
+
+def test_models_table_describes_each_model_and_names_its_presets():
+    from cudacnn.models.commands import model_rows
+    from cudacnn.train.presets import PRESETS
+
+    rows = {label: (about, presets) for label, about, presets, _, _ in model_rows()}
+    assert all(about for about, _ in rows.values())
+    listed = [p for _, presets in rows.values() for p in presets.split(", ") if p != "-"]
+    assert sorted(listed) == sorted(PRESETS)  # every preset once
+    for label, (_, presets) in rows.items():
+        for preset in filter(lambda p: p != "-", presets.split(", ")):
+            config = PRESETS[preset]["config"]
+            assert label.split()[0] == config["model"]
+            for option in label.split()[1:]:  # a variant's options are the preset's
+                key, value = option.split("=")
+                assert str(config.get("model_kwargs", {}).get(key)) == value
+    assert rows["resnet18 stem=imagenet"][1] == "resnet18-transfer"

@@ -129,6 +129,10 @@ def test_early_stopping_fires(tmp_path, dataset):
     config = tiny_config(tmp_path, epochs=10, lr=1e-9, schedule="none", early_stopping=2, crop_pad=0, flip="none")
     result = Trainer(config, dataset=dataset, quiet=True).fit()
     assert result.epochs_done == 3  # epoch 1 sets the best; 2 and 3 do not beat it
+    # stopped before its evaluation was written (a full disk, say): the resume evaluates, trains nothing more
+    (result.run_dir / "eval.json").unlink()
+    resumed = Trainer(config, run_dir=result.run_dir, resume=True, dataset=dataset, quiet=True).fit()
+    assert resumed.epochs_done == 3 and (result.run_dir / "eval.json").exists()
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, dataset):
@@ -181,13 +185,13 @@ def test_checkpoints_store_the_shape_and_refuse_other_versions(tmp_path, dataset
 def test_not_a_checkpoint(tmp_path):
     bad = tmp_path / "x.pt"
     bad.write_bytes(b"garbage")
-    with pytest.raises(CheckpointError, match="not a readable cudacnn checkpoint"):
+    with pytest.raises(CheckpointError, match="x.pt is not a cudacnn checkpoint: it is a text file"):
         load_checkpoint(bad)
-    bad.write_bytes(b"")  # torch's error for an empty file has no message to quote
-    with pytest.raises(CheckpointError, match="x.pt is not a readable cudacnn checkpoint"):
+    bad.write_bytes(b"PK\x03\x04garbage")  # a zip (torch.save's format) without the header: nothing to verify
+    with pytest.raises(CheckpointError, match="x.pt is a plain torch.save file with no integrity header"):
         load_checkpoint(bad)
-    torch.save({"weights": torch.zeros(2)}, bad)
-    with pytest.raises(CheckpointError, match="not a cudacnn checkpoint"):
+    torch.save({"format": "cudacnn-checkpoint", "version": 2, "weights": torch.zeros(2)}, bad)
+    with pytest.raises(CheckpointError, match="cannot be verified; train the run again"):
         load_checkpoint(bad)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import tempfile
@@ -9,6 +10,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from cudacnn.errors import DiskFullError
+
+# a full disk and a full quota: the user frees space and carries on
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 @functools.cache
 def _umask() -> int:
@@ -18,16 +23,18 @@ def _umask() -> int:
     return mask
 
 
-
 @contextmanager
 def atomic_output(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path beside `path` to write to; when the block succeeds it is renamed over `path`,
-    otherwise removed, so a reader never sees half a file. `suffix` is for writers that go by extension."""
+    otherwise removed, so a reader never sees half a file. `suffix` is for writers that go by extension.
+    A full disk raises DiskFullError naming `path` (the file as it was before stays)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     except OSError as exc:
+        if exc.errno in NO_SPACE:
+            raise DiskFullError(path) from exc
         raise _about(path, exc) from exc
     os.close(fd)
     tmp = Path(name)
@@ -36,6 +43,8 @@ def atomic_output(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; give them the mode open() would
         os.replace(tmp, path)
     except OSError as exc:
+        if exc.errno in NO_SPACE:
+            raise DiskFullError(path) from exc
         if exc.filename != name:
             raise
         raise _about(path, exc) from exc

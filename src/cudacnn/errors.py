@@ -15,3 +15,12 @@ class ConfigError(CudacnnError):
 
 class CheckpointError(CudacnnError):
     """A checkpoint is missing, corrupt, or belongs to another model."""
+
+
+class DiskFullError(CudacnnError):
+    """The disk (or quota) filled up while writing `path`; the previous version of the file is intact.
+    `fix` is what the user does next; the trainer swaps in a resume command."""
+
+    def __init__(self, path, fix: str = "free space and run the command again"):
+        self.path, self.fix = path, fix
+        super().__init__(f"no space left on device writing {path}; {fix}")

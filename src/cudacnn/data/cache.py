@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -90,3 +91,59 @@ def save(dataset: Dataset, path: Path, print_: str) -> Path:
             _remove(stale)
     dataset.cache_path = path
     return path
+
+
+# -- `cudacnn data cache`: what the caches hold, and clearing them
+
+@dataclass
+class CacheEntry:
+    kind: str      # "decoded" (a .npz written here) or "download" (an official archive)
+    path: Path
+    source: str    # what it was made from: the source path, or the official name and URL
+    size: int      # bytes
+    modified: float  # st_mtime
+
+    def names(self) -> set[str]:
+        """What `--clear NAME` matches: the file name, the source path or its file name, an official name."""
+        names = {self.path.name, self.source, Path(self.source).name}
+        from cudacnn.data.cifar import OFFICIAL
+
+        names |= {key for key, archive in OFFICIAL.items() if archive.filename in names}
+        return names
+
+
+def list_entries(cache_dir: Path, data_dir: Path) -> list[CacheEntry]:
+    """Decoded caches in `cache_dir` and downloaded official archives in `data_dir`, newest first."""
+    from cudacnn.data.cifar import OFFICIAL
+
+    entries = []
+    for path in sorted(cache_dir.glob("*.npz")) if cache_dir.is_dir() else []:
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                source = str(json.loads(str(f["meta"]))["source"])
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, json.JSONDecodeError):
+            source = "(unreadable: rebuilt on next use)"
+        stat = path.stat()
+        entries.append(CacheEntry("decoded", path, source, stat.st_size, stat.st_mtime))
+    for key, archive in OFFICIAL.items():
+        path = data_dir / archive.filename
+        if path.is_file():
+            stat = path.stat()
+            entries.append(CacheEntry("download", path, f"{key} ({archive.url})", stat.st_size, stat.st_mtime))
+    return sorted(entries, key=lambda e: -e.modified)
+
+
+def clear(entries: list[CacheEntry], name: str) -> list[CacheEntry]:
+    """Delete the entries `name` matches (`all`: every one); return them. DataError when none matches."""
+    chosen = entries if name == "all" else [e for e in entries if name in e.names()]
+    if not chosen:
+        known = sorted({e.path.name for e in entries})
+        raise DataError(f"no cached source matches {name!r}; "
+                        + (f"pass one of {', '.join(known)} or 'all'" if known else "the cache is empty"))
+    for entry in chosen:
+        try:
+            entry.path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise DataError(f"could not delete {entry.path} ({exc.strerror or exc}); check its folder's "
+                            "permissions") from exc
+    return chosen

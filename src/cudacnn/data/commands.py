@@ -1,4 +1,4 @@
-"""`cudacnn data info SOURCE` and `cudacnn data download NAME`."""
+"""`cudacnn data info SOURCE`, `cudacnn data download NAME` and `cudacnn data cache [--clear NAME|all]`."""
 
 from __future__ import annotations
 
@@ -24,6 +24,14 @@ def add_commands(subparsers) -> None:
     get.add_argument("name", choices=sorted(OFFICIAL))
     get.add_argument("--dir", type=Path, help="target folder (default: CUDACNN_DATA_DIR)")
     get.set_defaults(func=run_download)
+    cached = sub.add_parser("cache", help="list the cached sources (decoded .npz caches and downloaded archives): "
+                            "source, size, date; --clear deletes them")
+    cached.add_argument("--clear", nargs="?", const="all", metavar="NAME|all",
+                        help="delete the caches of one source (its file name, source path or official name), "
+                             "or all of them (the default with a bare --clear)")
+    cached.add_argument("--cache-dir", type=Path, help="where decoded caches live (default: CUDACNN_CACHE)")
+    cached.add_argument("--dir", type=Path, help="where downloads live (default: CUDACNN_DATA_DIR)")
+    cached.set_defaults(func=run_cache)
 
 
 def run_info(args) -> int:
@@ -47,4 +55,31 @@ def run_info(args) -> int:
 def run_download(args) -> int:
     path = download(OFFICIAL[args.name], args.dir or default_data_dir())
     print(f"{args.name}: {path} (MD5 verified)")
+    return 0
+
+
+def run_cache(args) -> int:
+    from datetime import datetime
+
+    from cudacnn.data import cache
+
+    cache_dir, data_dir = args.cache_dir or cache.default_cache_dir(), args.dir or default_data_dir()
+    entries = cache.list_entries(cache_dir, data_dir)
+    console = Console()
+    if args.clear:
+        removed = cache.clear(entries, args.clear)
+        for entry in removed:
+            console.print(f"removed {entry.path}")
+        console.print(f"freed {sum(e.size for e in removed) / 2**20:,.1f} MiB")
+        return 0
+    if not entries:
+        console.print(f"no cached sources in {cache_dir} or {data_dir}")
+        return 0
+    table = Table("file", "kind", "source", "MiB", "date", title=f"cached sources ({cache_dir}, {data_dir})")
+    for entry in entries:
+        table.add_row(entry.path.name, entry.kind, entry.source, f"{entry.size / 2**20:,.1f}",
+                      datetime.fromtimestamp(entry.modified).strftime("%Y-%m-%d %H:%M"))
+    console.print(table)
+    console.print(f"total {sum(e.size for e in entries) / 2**20:,.1f} MiB; "
+                  "`cudacnn data cache --clear NAME|all` deletes them")
     return 0

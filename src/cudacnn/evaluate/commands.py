@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -15,13 +16,15 @@ from cudacnn.train import setup
 
 
 def add_commands(subparsers) -> None:
-    ev = subparsers.add_parser("evaluate", help="test-set accuracy, per-class metrics and confusion matrix")
+    ev = subparsers.add_parser("evaluate", help="test-set accuracy, per-class metrics and confusion matrix; "
+                               "written to RUN/evals/ beside the training's eval.json, which stays")
     ev.add_argument("checkpoint", help="checkpoint file, or a run folder (uses checkpoints/best.pt)")
     ev.add_argument("--data", help="data source (default: the one the run trained on)")
     ev.add_argument("--tta", type=int, nargs="?", const=2, default=0, metavar="LEVEL",
                     help="test-time augmentation: 1 = mirror, 2 = mirror + 1-pixel shifts (default with --tta), "
                          "3 = mirror + all four diagonal shifts")
-    ev.add_argument("--out", type=Path, help="output folder (default: the checkpoint's run folder)")
+    ev.add_argument("--out", type=Path, help="folder whose evals/ gets the results (default: the checkpoint's run "
+                    "folder)")
     ev.add_argument("--batch-size", type=int, default=1000)
     ev.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     ev.add_argument("--cache-dir", type=Path, help="where decoded data caches live")
@@ -35,14 +38,20 @@ def add_commands(subparsers) -> None:
     pr.add_argument("--device", help="cuda or cpu (default: cpu)")
     pr.set_defaults(func=run_predict)
 
-    ex = subparsers.add_parser("export", help="export a checkpoint to ONNX, checked against onnxruntime")
+    ex = subparsers.add_parser("export", help="export a checkpoint to ONNX (checked against onnxruntime) "
+                               "and/or safetensors (weights and metadata, no pickle)")
     ex.add_argument("checkpoint", help="checkpoint file, or a run folder")
-    ex.add_argument("--onnx", type=Path, required=True, metavar="FILE", help="where to write the .onnx file")
+    ex.add_argument("--onnx", type=Path, metavar="FILE", help="where to write the .onnx file")
+    ex.add_argument("--safetensors", type=Path, metavar="FILE", help="where to write the .safetensors file")
     ex.set_defaults(func=run_export)
 
     rp = subparsers.add_parser("report", help="write RUN/report.html (self-contained) and RUN/summary.md")
     rp.add_argument("run", type=Path, help="run folder written by `cudacnn train`")
     rp.set_defaults(func=run_report)
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def pick_device(name: str | None, default_cuda: bool = True) -> torch.device:
@@ -66,11 +75,19 @@ def data_source_of(config: dict) -> str | None:
     return str(data) if data else None
 
 
+def evaluation_name(checkpoint: Path, tta_level: int, data: str | None) -> str:
+    """evals/ file name of an evaluation: the checkpoint, then each setting that differs from training's."""
+    name = checkpoint.stem + (f"-tta{tta_level}" if tta_level else "")
+    if data:
+        name += "-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(data).name.removesuffix(".gz").removesuffix(".tar"))[:40]
+    return name
+
+
 def run_evaluate(args) -> int:
     from cudacnn.data import GpuLoader, load_dataset
     from cudacnn.evaluate.metrics import evaluate
-    from cudacnn.evaluate.report import save_evaluation, write_report
-    from cudacnn.train.checkpoint import model_from_checkpoint
+    from cudacnn.evaluate.report import environment, save_evaluation, write_report
+    from cudacnn.train.checkpoint import model_from_checkpoint, run_checkpoint
 
     if args.tta not in TTA_LEVELS:
         raise ConfigError(f"--tta takes a level in {TTA_LEVELS}, got {args.tta}")
@@ -79,7 +96,8 @@ def run_evaluate(args) -> int:
     if args.out and args.out.exists() and not args.out.is_dir():
         raise ConfigError(f"--out {args.out} is a file; name a folder for the evaluation outputs")
     device = pick_device(args.device)
-    model, ckpt = model_from_checkpoint(args.checkpoint, device=device)
+    chosen = run_checkpoint(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint)
+    model, ckpt = model_from_checkpoint(chosen, device=device)
     source = args.data or data_source_of(ckpt.get("config", {}))
     dataset = load_dataset(source, cache_dir=args.cache_dir)
     classes = list(ckpt["classes"])
@@ -91,9 +109,10 @@ def run_evaluate(args) -> int:
     result = evaluate(model, loader, len(classes), device=device, tta_level=args.tta, classes=classes)
 
     out = args.out or run_folder_of(args.checkpoint)
-    extra = {"checkpoint": str(args.checkpoint), "data": dataset.source or str(source),
-             "epoch": ckpt.get("epoch"), "model_name": ckpt.get("model_name")}
-    paths = save_evaluation(result, out, extra)
+    extra = {"checkpoint": str(chosen), "data": dataset.source or str(source),
+             "epoch": ckpt["epoch"] + 1, "model_name": ckpt.get("model_name"), "device": device_name(device),
+             "batch_size": args.batch_size, **environment()}
+    paths = save_evaluation(result, out, extra, name=evaluation_name(chosen, args.tta, args.data))
     console = Console()
     print_evaluation(result, console)
     console.print(f"wrote {paths['json']}, {paths['csv']}, {paths['npy']}, {paths['plot']}")
@@ -144,17 +163,25 @@ def run_predict(args) -> int:
 
 
 def run_export(args) -> int:
-    from cudacnn.evaluate.export import PARITY_TOLERANCE, export_onnx
-    from cudacnn.train.checkpoint import model_from_checkpoint
+    from cudacnn.evaluate.export import PARITY_TOLERANCE, export_onnx, export_safetensors
+    from cudacnn.train.checkpoint import model_from_checkpoint, stored_model_kwargs
 
-    if args.onnx.is_dir() or (args.onnx.parent.exists() and not args.onnx.parent.is_dir()):
-        raise ConfigError(f"--onnx {args.onnx} cannot be written as a file; name a .onnx file in a folder")
+    if not (args.onnx or args.safetensors):
+        raise ConfigError("export needs --onnx FILE and/or --safetensors FILE")
+    for flag, path, ext in (("--onnx", args.onnx, ".onnx"), ("--safetensors", args.safetensors, ".safetensors")):
+        if path and (path.is_dir() or (path.parent.exists() and not path.parent.is_dir())):
+            raise ConfigError(f"{flag} {path} cannot be written as a file; name a {ext} file in a folder")
     model, ckpt = model_from_checkpoint(args.checkpoint, device="cpu")
     metadata = {"model_name": ckpt["model_name"], "classes": list(ckpt["classes"]),
                 "mean": list(ckpt["mean"]), "std": list(ckpt["std"]),
                 "input": "float32 NCHW 32x32 RGB, (x/255 - mean) / std"}
-    diff = export_onnx(model, args.onnx, metadata)
-    print(f"wrote {args.onnx}; onnxruntime parity: max abs difference {diff:.2e} (bound {PARITY_TOLERANCE:g})")
+    if args.safetensors:
+        count = export_safetensors(model, args.safetensors,
+                                   {**metadata, "model_kwargs": stored_model_kwargs(ckpt), "epoch": ckpt["epoch"] + 1})
+        print(f"wrote {args.safetensors}: {count} tensors, read back and checked")
+    if args.onnx:
+        diff = export_onnx(model, args.onnx, metadata)
+        print(f"wrote {args.onnx}; onnxruntime parity: max abs difference {diff:.2e} (bound {PARITY_TOLERANCE:g})")
     return 0
 
 

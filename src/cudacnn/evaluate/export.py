@@ -1,5 +1,6 @@
 """ONNX export with an onnxruntime parity check. The graph takes normalized float32 NCHW images with a
-dynamic batch axis and returns logits; classes, mean and std ride along as ONNX metadata."""
+dynamic batch axis and returns logits; classes, mean and std ride along as ONNX metadata.
+safetensors export: the weights alone (no pickle), with the same facts as string metadata."""
 
 from __future__ import annotations
 
@@ -74,7 +75,8 @@ def export_onnx(model: torch.nn.Module, path: str | Path, metadata: dict | None 
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
     except ModuleNotFoundError as exc:
-        raise CudacnnError(f"ONNX export needs {exc.name}; install the extras: pip install 'cudacnn[onnx]'") from exc
+        raise CudacnnError(f"ONNX export needs {exc.name}, a dependency of cudacnn missing here; "
+                           "install it with: pip install onnx onnxruntime onnxscript") from exc
     model = copy.deepcopy(model).to("cpu", torch.float32).eval()
     example = torch.randn(2, 3, 32, 32)
     with atomic_output(path, ".onnx") as tmp:
@@ -90,3 +92,21 @@ def export_onnx(model: torch.nn.Module, path: str | Path, metadata: dict | None 
             raise CudacnnError(f"ONNX parity check failed: max abs difference {diff:.3g} > {tolerance:g} between "
                                f"PyTorch and onnxruntime; {path} was not written")
     return diff
+
+
+def export_safetensors(model: torch.nn.Module, path: str | Path, metadata: dict | None = None) -> int:
+    """Write `model`'s state_dict (CPU, as trained) to a .safetensors file with string metadata, read it back
+    and check every tensor; returns the number of tensors. The file appears only after the check passes."""
+    try:
+        from safetensors.torch import load_file, save_file
+    except ModuleNotFoundError as exc:
+        raise CudacnnError("safetensors export needs the safetensors package, a dependency of cudacnn missing "
+                           "here; install it with: pip install safetensors") from exc
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    strings = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    with atomic_output(path, ".safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", **strings})
+        loaded = load_file(str(tmp))
+        if loaded.keys() != state.keys() or not all(torch.equal(loaded[k], v) for k, v in state.items()):
+            raise CudacnnError(f"the safetensors file read back differs from the weights; {path} was not written")
+    return len(state)

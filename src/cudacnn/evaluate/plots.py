@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 from cudacnn.atomic import atomic_output  # noqa: E402
 
@@ -29,9 +29,10 @@ def series(records: list[dict], key: str) -> tuple[list, list]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def plot_training_curves(records: list[dict], path: Path) -> Path:
-    """Loss, accuracy and learning rate per epoch from metrics.jsonl records."""
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+def training_curves_figure(records: list[dict]):
+    """Loss, accuracy and learning rate per epoch from metrics.jsonl records. Constrained layout makes room for
+    every panel's tick labels (the learning rate's are long), so no panel's labels run into its neighbour."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), layout="constrained")
     for ax, metric, title in ((axes[0], "loss", "loss"), (axes[1], "acc", "accuracy")):
         for split, style in (("train", "-o"), ("val", "-s")):
             x, y = series(records, f"{split}_{metric}")
@@ -48,9 +49,14 @@ def plot_training_curves(records: list[dict], path: Path) -> Path:
     axes[2].set_title("learning rate (end of epoch)")
     axes[2].set_xlabel("epoch")
     axes[2].grid(alpha=0.3)
+    axes[2].yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.2g}"))  # 0.0021, not 0.00210
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    return save_figure(fig, path)
+    return fig
+
+
+def plot_training_curves(records: list[dict], path: Path) -> Path:
+    return save_figure(training_curves_figure(records), path)
 
 
 def plot_confusion(cm, classes: list[str], path: Path) -> Path:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,37 @@ from cudacnn.errors import DataError
 from cudacnn.atomic import atomic_output, write_text_atomic
 from cudacnn.evaluate.plots import plot_confusion, plot_training_curves
 from cudacnn.tables import fmt, md_table
+
+
+EVALS = "evals"  # a run folder's later evaluations, one JSON file each
+
+
+def environment() -> dict:
+    """What produced a result: versions and the time (UTC); saved with every evaluation."""
+    import torch
+
+    from cudacnn import __version__
+
+    return {"cudacnn_version": __version__, "torch_version": torch.__version__,
+            "cuda_version": torch.version.cuda, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def software(record: dict) -> str:
+    cuda = f"CUDA {record['cuda_version']}" if record.get("cuda_version") else "no CUDA (CPU build of torch)"
+    return f"cudacnn {record.get('cudacnn_version', '?')}, torch {record.get('torch_version', '?')}, {cuda}"
+
+
+def read_evaluations(run: Path) -> list[tuple[str, dict]]:
+    """(name, contents) of RUN/evals/*.json, oldest first; unreadable files are skipped."""
+    found = []
+    for path in sorted((run / EVALS).glob("*.json")) if (run / EVALS).is_dir() else []:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and "accuracy" in data:
+            found.append((path.stem, data))
+    return sorted(found, key=lambda item: (str(item[1].get("date", "")), item[0]))
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -63,6 +95,12 @@ def summarize(config: dict, records: list[dict], evaluation: dict | None) -> dic
         summary["test accuracy"] = f"{100 * evaluation['accuracy']:.2f}%{tta}"
         summary["test loss"] = f"{evaluation['loss']:.4f}"
         summary["test images"] = str(evaluation.get("num_samples", ""))
+        if evaluation.get("device"):
+            summary["device"] = str(evaluation["device"])
+        if evaluation.get("torch_version"):
+            summary["software"] = software(evaluation)
+        if evaluation.get("date"):
+            summary["evaluated"] = str(evaluation["date"])
     return summary
 
 
@@ -101,9 +139,20 @@ def evaluation_tables(evaluation: dict) -> list[tuple[str, list[str], list[list]
     return out
 
 
-def sections(config: dict, records: list[dict], evaluation: dict | None) -> list[tuple[str, list[str], list[list]]]:
+def evaluations_table(evaluations: list[tuple[str, dict]]) -> tuple[str, list[str], list[list]]:
+    rows = [[name, Path(str(e.get("checkpoint", ""))).name, e.get("epoch", ""), e.get("tta_level") or "none",
+             e.get("data", ""), f"{100 * e['accuracy']:.2f}%", fmt(e.get("loss", "")), e.get("num_samples", ""),
+             e.get("device", ""), e.get("date", "")] for name, e in evaluations]
+    return ("Evaluations (cudacnn evaluate; files in evals/)",
+            ["name", "checkpoint", "epoch", "TTA", "data", "accuracy", "loss", "images", "device", "date"], rows)
+
+
+def sections(config: dict, records: list[dict], evaluation: dict | None,
+             evaluations: list[tuple[str, dict]] = ()) -> list[tuple[str, list[str], list[list]]]:
     """(title, header, rows) for every table in the report."""
     out = [("Summary", ["", "value"], [[k, v] for k, v in summarize(config, records, evaluation).items()])]
+    if evaluations:
+        out.append(evaluations_table(evaluations))
     if evaluation:
         out += evaluation_tables(evaluation)
     if records:
@@ -117,12 +166,18 @@ def sections(config: dict, records: list[dict], evaluation: dict | None) -> list
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
-th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee;margin:.5em 0}"""
+th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee;margin:.5em 0}.meta{color:#666}"""
+
+
+def written_by() -> str:
+    env = environment()
+    return f"Report written {env['date']} by {software(env)}."
 
 
 def render_html(title: str, tables, plots: list[Path]) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
+             f"<p class='meta'>{html.escape(written_by())}</p>"]
     for i, (name, header, rows) in enumerate(tables):
         parts.append(f"<h2>{html.escape(name)}</h2>{html_table(header, rows)}")
         if i == 0:  # plots right after the summary
@@ -135,7 +190,7 @@ def render_html(title: str, tables, plots: list[Path]) -> str:
 
 
 def render_markdown(title: str, tables, plots: list[Path], run: Path) -> str:
-    parts = [f"# {title}"]
+    parts = [f"# {title}", written_by()]
     for i, (name, header, rows) in enumerate(tables):
         parts.append(f"## {name}\n\n{md_table(header, rows)}")
         if i == 0:
@@ -153,21 +208,28 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     config = config if isinstance(config, dict) else {}
     records = read_metrics(run / "metrics.jsonl")
     evaluation = json.loads(eval_path.read_text(encoding="utf-8")) if eval_path.exists() else None
-    if not (config or records or evaluation):
+    if not (config or records or evaluation or (run / EVALS).is_dir()):
         raise DataError(f"{run} has no config.yaml, metrics.jsonl or eval.json; is it a cudacnn run folder?")
+    evaluations = read_evaluations(run)
     plots = ensure_plots(run, records, evaluation)
-    tables = sections(config, records, evaluation)
+    tables = sections(config, records, evaluation, evaluations)
     title = f"cudacnn run: {run.resolve().name}"
     html_path = write_text_atomic(run / "report.html", render_html(title, tables, plots))
     md_path = write_text_atomic(run / "summary.md", render_markdown(title, tables, plots, run))
     return html_path, md_path
 
 
-def save_evaluation(result, out_dir: str | Path, extra: dict | None = None) -> dict[str, Path]:
-    """Write an EvalResult as eval.json, confusion.csv (labelled), confusion.npy and plots/confusion.png."""
+def save_evaluation(result, out_dir: str | Path, extra: dict | None = None, name: str | None = None) -> dict[str, Path]:
+    """Write an EvalResult as eval.json, confusion.csv (labelled), confusion.npy and plots/confusion.png: the
+    training's own record. With `name` (a later `cudacnn evaluate`), as evals/NAME.json and
+    evals/NAME-confusion.{csv,npy,png} instead, beside the training's, which stay as they are."""
     out = Path(out_dir)
-    paths = {"json": out / "eval.json", "csv": out / "confusion.csv", "npy": out / "confusion.npy",
-             "plot": out / "plots" / "confusion.png"}
+    if name:
+        paths = {"json": out / EVALS / f"{name}.json", "csv": out / EVALS / f"{name}-confusion.csv",
+                 "npy": out / EVALS / f"{name}-confusion.npy", "plot": out / EVALS / f"{name}-confusion.png"}
+    else:
+        paths = {"json": out / "eval.json", "csv": out / "confusion.csv", "npy": out / "confusion.npy",
+                 "plot": out / "plots" / "confusion.png"}
     write_text_atomic(paths["json"], json.dumps({**result.to_dict(), **(extra or {})}, indent=1) + "\n")
     header = "true\\predicted," + ",".join(result.classes)
     rows = [f"{name}," + ",".join(str(int(v)) for v in row) for name, row in zip(result.classes, result.confusion)]

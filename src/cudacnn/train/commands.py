@@ -25,18 +25,52 @@ HELP = {
     "sync_bn": "data-parallel: SyncBatchNorm across GPUs", "max_per_gpu_batch": "data-parallel: at most this "
     "many samples per forward; larger per-GPU parts of the global batch use gradient accumulation (0 = off)",
     "compile_mode": f"with --compile: {' | '.join(COMPILE_MODES)} (reduce-overhead: CUDA graphs)",
+    "cache_dir": "where decoded data caches live (default: CUDACNN_CACHE, else ~/.cache/cudacnn)",
+    "epochs": "training epochs", "batch_size": "global batch size", "lr": "peak learning rate",
+    "momentum": "SGD momentum", "weight_decay": "weight decay", "warmup_epochs": "linear warm-up (cosine schedule)",
+    "label_smoothing": "label smoothing of the loss", "grad_clip": "max gradient norm (0 = off)",
+    "crop_pad": "random-crop padding in pixels (0 = off)", "cutout": "cutout square size (0 = off)",
+    "channels_last": "NHWC memory format on the GPU", "compile": "torch.compile the model", "tf32": "TF32 matmuls",
+    "device": "auto | cuda | cuda:N | cpu", "seed": "random seed (printed at the start of a run)",
+    "deterministic": "deterministic algorithms (slower)", "tta": "test-time augmentation in the final evaluation",
+    "out": "folder that run folders go in", "name": "run folder name (default: PRESET or MODEL, then the date)",
+    "init_from": "start from the weights of this run folder or checkpoint (same model and classes; the optimizer "
+    "starts fresh): fine-tuning", "keep_best": "also keep the N best checkpoints by validation accuracy (else "
+    "train accuracy) as checkpoints/best-eNNN.pt, NNN the epoch (0 = off)",
+    "log": "metrics sinks besides metrics.jsonl, comma-separated: tensorboard (RUN/tensorboard/, needs `pip install "
+    "tensorboard`), csv (RUN/metrics.csv)",
 }
 SKIP = {"model_kwargs", "preset", "recipe"}
 
 
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows the defaults that are real; the TrainConfig flags default to None (so that presets and config files
+    can fill them) and name their default in their help text instead."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def default_note(name: str) -> str:
+    """' (default: X)' from TrainConfig, saying when presets set their own value."""
+    value = getattr(TrainConfig(), name)
+    shown = "none" if value in (None, "") else str(value)
+    by_presets = any(name in preset["config"] for preset in PRESETS.values())
+    return f" (default: {shown}{'; presets set their own' if by_presets else ''})"
+
+
 def add_commands(subparsers) -> None:
     parser = subparsers.add_parser("train", help="train a model; writes a run folder with checkpoints and a report",
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   formatter_class=DefaultsHelp)
     parser.add_argument("--preset", choices=list(PRESETS),
-                        help=f"a recipe (default {DEFAULT_PRESET}): " +
+                        help=f"a recipe (default {DEFAULT_PRESET} when neither --config nor --model is given; "
+                        "--print-config shows what it sets): " +
                         "; ".join(f"{k}: {v['about']}" for k, v in PRESETS.items()))
     parser.add_argument("--config", help="YAML or JSON file of settings (overrides the preset)")
-    parser.add_argument("--resume", type=Path, metavar="RUN", help="continue an interrupted run folder")
+    parser.add_argument("--resume", type=Path, metavar="RUN", help="continue an interrupted run folder (a finished "
+                        "one is left as it is: one line says so, exit 0)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved settings (preset, config "
+                        "file and flags) as YAML and exit without training")
     parser.add_argument("--model-kwargs", type=json.loads, help='JSON, e.g. \'{"stem": "cifar"}\'')
     parser.add_argument("--set", action="append", dest="recipe", metavar="KEY=VALUE",
                         help="change one setting of a record preset's recipe (repeatable), e.g. --set epochs=7")
@@ -46,11 +80,13 @@ def add_commands(subparsers) -> None:
         if f.name in SKIP:
             continue
         flag = "--" + f.name.replace("_", "-")
+        text = HELP.get(f.name, f.name.replace("_", " "))
+        text += "" if "default:" in text else default_note(f.name)
         if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=HELP.get(f.name))
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)
-            parser.add_argument(flag, type=kind, default=None, help=HELP.get(f.name))
+            parser.add_argument(flag, type=kind, default=None, help=text)
     parser.set_defaults(func=run_train)
 
     sweep = subparsers.add_parser("sweep", help="run a grid of settings and/or seeds over the GPUs; one results table",
@@ -117,9 +153,18 @@ def fit_runs(runs: list[dict], args) -> int:
     return 0
 
 
+def print_config(config: TrainConfig) -> int:
+    """The resolved settings, as the run's config.yaml will hold them (the model's own defaults are added when
+    the model is built)."""
+    import yaml
+
+    print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+    return 0
+
+
 def run_train(args) -> int:
     from cudacnn.train import distributed
-    from cudacnn.train.trainer import resume_config
+    from cudacnn.train.trainer import finished_message, resume_config
 
     if args.gpus < 1:
         raise ConfigError("--gpus must be at least 1")
@@ -137,12 +182,20 @@ def run_train(args) -> int:
         if given or args.preset or args.config:
             raise ConfigError(f"--resume continues a run with its saved config; drop {', '.join(given) or '--preset/--config'}")
         config = resume_config(args.resume, {k: v for k, v in flags.items() if v is not None})
+        if args.print_config:
+            return print_config(config)
+        finished = finished_message(args.resume, config)
+        if finished:  # not an error: resuming a finished run is a no-op
+            print(finished)
+            return 0
         if args.gpus > 1 and not inside_launch:
             distributed.launch(args.gpus, ["-m", "cudacnn", *child_argv(args)])
             return 0
         return fit_runs([dict(config=config, run_dir=args.resume, resume=True)], args)
     preset = args.preset or (None if args.config or args.model else DEFAULT_PRESET)
     config = resolve(preset, args.config, flags)
+    if args.print_config:
+        return print_config(config)
     from cudacnn.train.record import check_record_config, is_record, train_record_preset
 
     if is_record(config):

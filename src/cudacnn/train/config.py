@@ -18,6 +18,7 @@ from cudacnn.atomic import write_text_atomic
 from cudacnn.errors import ConfigError
 
 
+LOG_SINKS = ("tensorboard", "csv")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -36,6 +37,7 @@ class TrainConfig:
     model: str = "smallnet"
     model_kwargs: dict = field(default_factory=dict)
     pretrained: str | None = None        # torchvision-format ImageNet weights (resnet18)
+    init_from: str | None = None         # a run folder or checkpoint whose weights start this run (no optimizer state)
     data: str | None = None              # source; default CUDACNN_DATA, else official CIFAR-10
     cache_dir: str | None = None
     val_fraction: float = 0.1            # stratified validation split from the training set (0 = none)
@@ -71,6 +73,8 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     tta: bool = False                    # test-time augmentation in the final evaluation
+    keep_best: int = 0                   # also keep the N best checkpoints by validation (else train) accuracy
+    log: str = ""                        # metrics sinks besides metrics.jsonl: comma-separated tensorboard, csv
     out: str = "runs"
     name: str | None = None
     runs: int = 1                        # seeded repeats
@@ -105,6 +109,10 @@ class TrainConfig:
             (self.early_stopping >= 0, "early-stopping patience must be >= 0"),
             (self.runs >= 1, "runs must be at least 1"),
             (self.max_per_gpu_batch >= 0, "max-per-gpu-batch must be >= 0"),
+            (self.keep_best >= 0, "keep-best must be >= 0 (0 = off)"),
+            (set(self.log_sinks) <= set(LOG_SINKS),
+             f"log takes a comma-separated list of {', '.join(LOG_SINKS)} (metrics.jsonl is always written)"),
+            (not (self.init_from and self.pretrained), "init-from and pretrained both set the first weights; pick one"),
             (not (self.early_stopping and self.val_fraction == 0),
              "early stopping needs a validation split: set --val-fraction > 0"),
         ]
@@ -112,6 +120,10 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(f"{message} (see `cudacnn train --help`)")
         return self
+
+    @property
+    def log_sinks(self) -> list[str]:
+        return [part.strip() for part in self.log.split(",") if part.strip()]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -25,10 +25,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from cudacnn.atomic import write_text_atomic
 from cudacnn.data import Augment, Dataset, GpuLoader, channel_stats, load_dataset, split_validation
-from cudacnn.errors import CheckpointError, ConfigError, CudacnnError
+from cudacnn.errors import CheckpointError, ConfigError, CudacnnError, DiskFullError
 from cudacnn.evaluate.metrics import evaluate
 from cudacnn.models import create_model
-from cudacnn.train import distributed, setup
+from cudacnn.train import distributed, setup, sinks
 from cudacnn.train.callbacks import EarlyStopping
 from cudacnn.train.checkpoint import (check_compatible, load_checkpoint, run_checkpoint, save_checkpoint,
                                      stored_model_kwargs)
@@ -65,6 +65,7 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir else distributed.main_computes(lambda: new_run_dir(config))
         setup.seed_everything(config.seed, config.deterministic)
         setup.set_tf32(config.tf32)
+        sinks.check_available(config.log_sinks)  # before the data loads or anything is written
         self.dataset = dataset or load_dataset(config.data, cache_dir=config.cache_dir, quiet=quiet)
         self._build_data()
         self._build_model()
@@ -108,6 +109,8 @@ class Trainer:
             from cudacnn.models.resnet import load_pretrained
 
             load_pretrained(self.model, c.pretrained)
+        if c.init_from and not self.resume:  # a resume restores its own weights
+            self._init_from(c.init_from)
         if c.kernels != "torch":
             from cudacnn.kernels import cross_entropy_loss, swap_modules
 
@@ -144,6 +147,18 @@ class Trainer:
         self.early = EarlyStopping(c.early_stopping)
         self.history: list[dict] = []
         self.start_epoch = 0
+
+    def _init_from(self, source: str) -> None:
+        """Start from the (verified) weights of a run folder or checkpoint, with a fresh optimizer: fine-tuning."""
+        ckpt = load_checkpoint(source)
+        if ckpt["model_name"] != self.config.model:
+            raise CheckpointError(f"--init-from {source} holds a '{ckpt['model_name']}' model, this run trains "
+                                  f"'{self.config.model}'; pass --model {ckpt['model_name']} or another checkpoint")
+        check_compatible(self.model, ckpt["model"], f"--init-from {source} (model '{ckpt['model_name']}', "
+                         f"{len(ckpt['classes'])} classes)")
+        self.model.load_state_dict(ckpt["model"])
+        if not self.quiet:
+            log.info("starting from the weights of %s (epoch %d)", source, ckpt["epoch"] + 1)
 
     @property
     def inference_model(self) -> torch.nn.Module:
@@ -297,24 +312,28 @@ class Trainer:
             ckpt = distributed.main_computes(lambda: load_checkpoint(last, map_location=where) if last.exists() else None)
             if ckpt is not None:
                 self._restore(ckpt)
-            if not self.quiet:  # no checkpoint: the run stopped in its first epoch, and starts over
+            if not self.quiet and (self.start_epoch >= c.epochs or self.early.should_stop):  # stopped in finish()
+                log.info("%s finished training; evaluating it and writing its report", self.run_dir)
+            elif not self.quiet:  # no checkpoint: the run stopped in its first epoch, and starts over
                 log.info("resuming %s at epoch %d", self.run_dir, self.start_epoch + 1)
         elif self.dist.is_main:
             save_config(c, self.run_dir / "config.yaml")
         if self.dist.is_main:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
+        self.sinks = sinks.MetricSinks(self.run_dir, c.log_sinks if self.dist.is_main else [], self.start_epoch + 1)
         if self.dist.enabled and self.dist.is_main:
             self._write_parallel_info()
         if not self.quiet:
-            log.info("training %s on %s (%d train / %d val / %d test) on %s; run folder %s", c.model,
+            log.info("training %s on %s (%d train / %d val / %d test) on %s, seed %d; run folder %s", c.model,
                      self.dataset.name, len(self.train_loader.labels),
                      len(self.val_split) if self.val_split else 0, len(self.dataset.test),
-                     f"{self.dist.world_size} x {self.device.type}" if self.dist.enabled else self.device,
-                     self.run_dir)
+                     f"{self.dist.world_size} x {device_name(self.device)}" if self.dist.enabled
+                     else f"{device_name(self.device)} ({self.device})", c.seed, self.run_dir)
         epoch = self.start_epoch
         try:
             with make_progress(self.quiet) as progress:
-                for epoch in range(self.start_epoch, c.epochs):
+                # an early-stopped run resumed before its evaluation was written trains no further
+                for epoch in range(self.start_epoch, self.start_epoch if self.early.should_stop else c.epochs):
                     record = self._train_epoch(epoch, progress)
                     if self.val_loader:
                         record["val_loss"], record["val_acc"] = self._validate(self.val_loader)
@@ -338,7 +357,18 @@ class Trainer:
             if self.dist.enabled and distributed.is_collective_failure(exc):
                 raise CudacnnError(distributed.timeout_message(self.dist, exc)) from exc
             raise
-        return self.finish()
+        except DiskFullError as exc:
+            raise self._disk_full(exc) from exc
+        finally:
+            self.sinks.close()
+        try:
+            return self.finish()
+        except DiskFullError as exc:
+            raise self._disk_full(exc) from exc
+
+    def _disk_full(self, exc: DiskFullError) -> DiskFullError:
+        """The same error, naming the command that continues: the last checkpoint written is whole."""
+        return DiskFullError(exc.path, f"free space and resume with `cudacnn train --resume {self.run_dir}`")
 
     def _write_parallel_info(self) -> None:
         c, world = self.config, self.dist.world_size
@@ -355,12 +385,19 @@ class Trainer:
         improved = self.early.update(record["val_acc"]) if "val_acc" in record else False
         if self.dist.is_main:
             state = self._state(epoch)
-            save_checkpoint(self.run_dir / "checkpoints" / "last.pt", state)
+            # best.pt before last.pt: if writing fails in between (a full disk), the resume from the previous
+            # last.pt repeats this epoch and writes both again
+            weights = {k: v for k, v in state.items() if k != "train_state"}
             if improved:  # weights for evaluation; resuming reads last.pt alone
-                save_checkpoint(self.run_dir / "checkpoints" / "best.pt",
-                                {k: v for k, v in state.items() if k != "train_state"})
+                save_checkpoint(self.run_dir / "checkpoints" / "best.pt", weights)
+            kept = top_epochs(self.history, self.config.keep_best)
+            if record["epoch"] in kept:
+                save_checkpoint(self.run_dir / "checkpoints" / f"best-e{record['epoch']:03d}.pt", weights)
+            save_checkpoint(self.run_dir / "checkpoints" / "last.pt", state)
+            prune_best(self.run_dir / "checkpoints", kept)
             # Rewritten from the checkpointed history, so a resumed run never repeats or loses a line.
             write_text_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
+            self.sinks.write(self.history)
         if not self.quiet:
             val = f" val loss {record['val_loss']:.3f} acc {record['val_acc']:.4f}" if "val_acc" in record else ""
             log.info("epoch %d: train loss %.3f acc %.4f%s (%.1f s, %.0f img/s)", record["epoch"],
@@ -371,7 +408,7 @@ class Trainer:
     def finish(self) -> RunResult:
         """Evaluate the best (or last) weights on the test split and write plots and the report."""
         from cudacnn.evaluate.plots import plot_training_curves
-        from cudacnn.evaluate.report import save_evaluation, write_report
+        from cudacnn.evaluate.report import environment, save_evaluation, write_report
 
         where = self.device if not self.dist.enabled else "cpu"
 
@@ -388,7 +425,7 @@ class Trainer:
             extra = {"checkpoint": str(chosen), "epoch": weights["epoch"] + 1, "data": self.dataset.source,
                      "device": device_name(self.device),
                      "train_time_s": sum(r["epoch_time_s"] for r in self.history),
-                     "accuracy_without_tta": plain_accuracy}
+                     "accuracy_without_tta": plain_accuracy, **environment()}
             if self.dist.enabled:
                 extra["world_size"] = self.dist.world_size
             if self.device.type == "cuda":
@@ -401,6 +438,22 @@ class Trainer:
             log.info("test accuracy %.4f (%s); report: %s", result.accuracy, self.dataset.name,
                      self.run_dir / "report.html")
         return RunResult(self.run_dir, len(self.history), result.accuracy, best_val, self.history)
+
+
+def top_epochs(history: list[dict], n: int) -> set[int]:
+    """The epochs (1-based) of the n best records by validation accuracy, else training accuracy; ties go to
+    the earlier epoch. Taken from the checkpointed history, so a resumed run keeps the same files."""
+    key = "val_acc" if any("val_acc" in r for r in history) else "train_acc"
+    ranked = sorted(history, key=lambda r: (-r.get(key, float("-inf")), r["epoch"]))
+    return {r["epoch"] for r in ranked[:n]}
+
+
+def prune_best(folder: Path, kept: set[int]) -> None:
+    """Delete the best-eNNN.pt files of epochs that left the top N."""
+    for path in folder.glob("best-e*.pt"):
+        epoch = path.stem.removeprefix("best-e")
+        if epoch.isdigit() and int(epoch) not in kept:
+            path.unlink(missing_ok=True)
 
 
 def device_name(device: torch.device) -> str:
@@ -417,6 +470,28 @@ def new_run_dir(config: TrainConfig) -> Path:
     if config.runs > 1:
         name += f"-seed{config.seed}"
     return claim_run_dir(Path(config.out) / name)
+
+
+def finished_message(run_dir: Path, config: TrainConfig) -> str | None:
+    """One line saying that a run folder is finished (it trained its epochs, or stopped early, and finish()
+    wrote its evaluation and report, summary.md last), or None when `--resume` has work left."""
+    run_dir = Path(run_dir)
+    last, eval_path = run_dir / "checkpoints" / "last.pt", run_dir / "eval.json"
+    if not (last.exists() and eval_path.exists() and (run_dir / "summary.md").exists()):
+        return None
+    ckpt = load_checkpoint(last)
+    early = EarlyStopping(config.early_stopping)
+    early.load_state_dict(ckpt.get("train_state", {}).get("early_stopping", {}))
+    done = ckpt["epoch"] + 1
+    if done < config.epochs and not early.should_stop:
+        return None  # a longer resume (--epochs) of a run without a planned schedule
+    try:
+        accuracy = f", test accuracy {100 * json.loads(eval_path.read_text(encoding='utf-8'))['accuracy']:.2f}%"
+    except (ValueError, KeyError, TypeError):
+        accuracy = ""
+    stopped = " (stopped early)" if done < config.epochs else ""
+    return (f"{run_dir} is finished: {done}/{config.epochs} epochs{stopped}{accuracy}; nothing to resume. "
+            f"See {run_dir / 'report.html'}, evaluate it again with `cudacnn evaluate {run_dir}`, or start a new run")
 
 
 def resume_config(run_dir: Path, overrides: dict | None = None) -> TrainConfig:
