@@ -1,6 +1,8 @@
 """Kernel benchmarks: ours (Triton, CUDA C++) against PyTorch eager / cuBLAS / torch.compile, same run.
 
-    PYTHONPATH=src python3 -m cudacnn.kernels.bench [--quick] [--no-compile] [--json out.json]
+    PYTHONPATH=src python3 -m cudacnn.kernels.bench [--quick] [--no-compile] [--only STEPS] [--json out.json]
+
+Each benchmark is one step function below (STEPS; --only names them); run() calls them in turn.
 
 Every row: ours_ms and baseline_ms (medians of triton.testing.do_bench), ratio = baseline_ms / ours_ms
 (> 1: ours faster; for a GEMM it is the fraction of the baseline's throughput), the throughput (TFLOP/s or
@@ -301,9 +303,9 @@ def cuda_gemm(s: Setup, rows: list) -> None:
             try:
                 fn = lambda: cuda_ext.cuda_gemm(a, w.t(), variant=variant)  # noqa: E731
                 ours = _time(fn)
-                rows.append(_row(f"cuda c++ gemm v{variant} ({'wgmma' if variant == 5 else 'mma.sync'})",
-                                 f"{n}^3", label, ours, "cuBLAS", base, 2 * n ** 3, "tflops", s.peaks[label],
-                                 _rel_err(fn(), ref)))
+                kind = "wgmma" if variant == cuda_ext.WGMMA_VARIANT else "mma.sync"
+                rows.append(_row(f"cuda c++ gemm v{variant} ({kind})", f"{n}^3", label, ours, "cuBLAS", base,
+                                 2 * n ** 3, "tflops", s.peaks[label], _rel_err(fn(), ref)))
             except Exception as exc:  # noqa: BLE001 - one variant failing must not hide the other
                 rows.append({"name": f"cuda c++ gemm v{variant}", "error": f"{type(exc).__name__}: {exc}"[:300]})
 
