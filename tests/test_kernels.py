@@ -67,15 +67,13 @@ def test_gemm_strided_and_transposed_views(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("b_layout", ["kn", "nk"])
-@pytest.mark.parametrize("kernel", ["tma", "persistent"])
-def test_gemm_tma_path(dtype, b_layout, kernel, monkeypatch):
-    """The Hopper TMA kernels (forced on under the interpreter): rows 16-byte aligned, edges clipped; the
-    persistent one walks several tiles per program (2 programs: on the CPU 3 x 3 tiles of 16)."""
+def test_gemm_tma_path(dtype, b_layout, monkeypatch):
+    """The Hopper TMA kernel (forced on under the interpreter): rows 16-byte aligned, edges clipped, several
+    tiles per program (2 programs: on the CPU 3 x 3 tiles of 16)."""
     gemm_module = importlib.import_module("cudacnn.kernels.gemm")  # the package's `gemm` is the function
     from cudacnn.kernels.gemm import kernel_path, use_tma
 
     monkeypatch.setenv("CUDACNN_GEMM_TMA", "1")
-    monkeypatch.setenv("CUDACNN_GEMM_KERNEL", kernel)
     monkeypatch.setattr(gemm_module, "_num_sms", lambda device: 2)  # several tiles per program on a GPU too
     M, N, K = (37, 40, 40) if DEVICE == "cpu" else (300, 520, 136)
     a, bias = randn(M, K, dtype=dtype), randn(N, dtype=dtype)
@@ -84,7 +82,7 @@ def test_gemm_tma_path(dtype, b_layout, kernel, monkeypatch):
     hopper = DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9
     assert use_tma(a, b, out, pre) == hopper
     tf32 = dtype == torch.float32  # full-precision float32 never takes TMA (next test)
-    assert kernel_path(a, b, out, pre, allow_tf32=tf32) == (kernel if hopper else "pointers")
+    assert kernel_path(a, b, out, pre, allow_tf32=tf32) == ("persistent" if hopper else "pointers")
     gemm(a, b, bias, "gelu", out=out, pre_activation_out=pre, allow_tf32=tf32)
     assert not gemm_module._tma_failed, "the TMA kernel raised and the pointer kernel stood in for it"
     z = a.double() @ b.double() + bias.double()
@@ -96,12 +94,11 @@ def test_gemm_tma_path(dtype, b_layout, kernel, monkeypatch):
 def test_gemm_tma_split_epilogue(b_layout, monkeypatch):
     """The persistent kernel storing each tile as two column halves (EPILOGUE_SPLIT=2), edges clipped."""
     if DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("the TMA kernels need sm_90+; below it the pointer kernel would run instead")
+        pytest.skip("the TMA kernel needs sm_90+; below it the pointer kernel would run instead")
     gemm_module = importlib.import_module("cudacnn.kernels.gemm")  # the package's `gemm` is the function
     from cudacnn.kernels.gemm import kernel_path
 
     monkeypatch.setenv("CUDACNN_GEMM_TMA", "1")
-    monkeypatch.setenv("CUDACNN_GEMM_KERNEL", "persistent")
     monkeypatch.setenv("CUDACNN_GEMM_AUTOTUNE", "0")
     monkeypatch.setattr(gemm_module, "FIXED_EPILOGUE_SPLIT", 2)
     M, N, K = (37, 40, 24) if DEVICE == "cpu" else (300, 520, 136)
@@ -119,12 +116,30 @@ def test_full_precision_fp32_takes_the_pointer_kernel(monkeypatch):
     from cudacnn.kernels.gemm import kernel_path
 
     monkeypatch.setenv("CUDACNN_GEMM_TMA", "1")
-    monkeypatch.setenv("CUDACNN_GEMM_KERNEL", "persistent")
     a, b, out = randn(32, 64), randn(64, 48), poisoned((32, 48), torch.float32)
     assert kernel_path(a, b, out, None, allow_tf32=False) == "pointers"
     assert kernel_path(a.bfloat16(), b.bfloat16(), out.bfloat16(), None, allow_tf32=False) == (
         "persistent" if DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9 else "pointers")
     assert rel_err(gemm(a, b), a.double() @ b.double()) < 1e-5
+
+
+def test_gemm_tma_off_switch_takes_the_pointer_kernel(monkeypatch):
+    from cudacnn.kernels.gemm import kernel_path
+
+    a, b = randn(32, 64, dtype=torch.bfloat16), randn(64, 48, dtype=torch.bfloat16)
+    out = poisoned((32, 48), torch.bfloat16)
+    monkeypatch.setenv("CUDACNN_GEMM_TMA", "0")
+    assert kernel_path(a, b, out, None, allow_tf32=False) == "pointers"
+    gemm(a, b, out=out)
+    assert rel_err(out, a.double() @ b.double()) < TOL[torch.bfloat16]
+
+
+def test_cuda_gemm_names_its_two_kernels_for_an_unknown_variant():
+    from cudacnn.kernels import cuda_ext
+
+    x, w = randn(16, 8, dtype=torch.bfloat16), randn(4, 8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"variant must be one of \(0, 5\).*got 3"):
+        cuda_ext.cuda_gemm(x, w.t(), variant=3)  # the tile shapes v1-v4 live in dev/, not in the library
 
 
 def test_gemm_writes_transposed_out_view():
@@ -277,3 +292,33 @@ def test_cross_entropy_rejects_bad_arguments():
         softmax_cross_entropy(x, t[:3])
     with pytest.raises(ValueError, match="label_smoothing"):
         softmax_cross_entropy(x, t, label_smoothing=1.5)
+
+
+# ---------------------------------------------------------------- benchmark steps
+
+def test_kernel_benchmark_steps_make_their_rows(monkeypatch, capsys):
+    """Every step of cudacnn.kernels.bench at toy sizes (on the CPU under the interpreter, a fake clock):
+    each writes its rows, none fails, and our outputs match the baselines they are timed against."""
+    from cudacnn.kernels import bench
+
+    monkeypatch.setattr(bench, "_time", lambda fn: (fn(), 1.0)[1])
+    nan = float("nan")
+    setup = bench.Setup(peaks=dict.fromkeys(("bf16", "fp16", "tf32", "fp32", "hbm"), nan), compile=False,
+                        n_gemm=32, n_elem=300, ce_rows=40, n_fp32=24, dev=DEVICE)
+    rows = []
+    for step in bench.STEPS:
+        if step is not bench.cuda_gemm or DEVICE == "cuda":
+            bench._try(rows, step, setup)
+    assert [r for r in rows if "error" in r] == []
+    names = [r["name"] for r in rows]
+    kernel = "persistent" if DEVICE == "cuda" and torch.cuda.get_device_capability()[0] >= 9 else "pointers"
+    for expected in (f"triton gemm ({kernel})", "triton gemm (pointers)", "triton gemm fp32 (pointers, ieee)",
+                     f"triton gemm+bias+gelu ({kernel})", f"triton gemm, no epilogue ({kernel})", "triton gelu fwd",
+                     "triton silu bwd", "triton gelu fwd BLOCK=8192 warps=4", "triton softmax-CE fwd+bwd"):
+        assert expected in names, (expected, names)
+    # bf16, fp16, tf32 on the library's kernel, and tf32 once more on the pointer kernel
+    assert names.count("device copy") == 2 and names.count("triton gemm (persistent)") + names.count(
+        "triton gemm (pointers)") == 4
+    assert all(r["rel_err"] < 2e-2 for r in rows if "rel_err" in r)
+    assert all(r["name"] == "device copy" or r["ours_ms"] == 1.0 for r in rows)
+    assert "triton softmax-CE fwd+bwd" in bench.format_table(rows)

@@ -161,7 +161,8 @@ def _launch_config(kernel, kind: str, dtype: torch.dtype) -> tuple[int, int]:
     """(BLOCK, num_warps): 16 elements a thread keep enough loads in flight to saturate HBM. The exact GELU
     forward in 16 bits was compute-heavy for its 4 bytes an element with the earlier erf formula: 64 elements
     a thread in 4-warp programs reached 0.92 of copy bandwidth on an H200 against 0.81 for (4096, 8)
-    (benchmarks/kernels.md, run 3's sweep; not re-swept since _normal_cdf_fast halved its instructions)."""
+    (benchmarks/kernels.md, exact-GELU launch shape; not re-swept since _normal_cdf_fast halved its
+    instructions)."""
     if interpreting():
         return 256, 4
     if kernel is _activation_fwd_kernel and kind == "gelu" and dtype != torch.float32:

@@ -17,7 +17,7 @@ from ._runtime import check_out, write_contiguous
 from .activations import activation_code
 
 SOURCE_DIR = Path(__file__).parent / "cuda"
-SOURCES = ("bindings.cpp", "gemm.cu", "gemm_variants.cu", "gemm_wgmma.cu", "activations.cu")
+SOURCES = ("bindings.cpp", "gemm.cu", "gemm_wgmma.cu", "activations.cu")
 HEADERS = ("kernels.h", "activation_math.cuh", "gemm_kernel.cuh")
 
 
@@ -68,24 +68,26 @@ def gemm_supported(a: torch.Tensor, b: torch.Tensor) -> bool:
             and a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0)
 
 
-# 5: wgmma on Hopper (sm_90a; 0.64x cuBLAS bf16 4096^3 on an H200), else 0: mma.sync (sm_80+, 0.37x);
-# benchmarks/kernels.md, run 2.
-# CUDACNN_CUDA_GEMM_VARIANT overrides.
+# The two GEMM kernels, numbered as in kernels.h and benchmarks/kernels.md: 5, wgmma, needs sm_90a (0.676x
+# cuBLAS bf16 4096^3 on an H200); 0, mma.sync, runs on sm_80+ (0.39-0.50x there, as did the other mma.sync tile
+# shapes now in dev/). Each GPU gets the faster one it can run.
 WGMMA_VARIANT, MMA_SYNC_VARIANT = 5, 0
+GEMM_VARIANTS = (MMA_SYNC_VARIANT, WGMMA_VARIANT)
 
 
 def default_gemm_variant() -> int:
-    if "CUDACNN_CUDA_GEMM_VARIANT" in os.environ:
-        return int(os.environ["CUDACNN_CUDA_GEMM_VARIANT"])
     return WGMMA_VARIANT if torch.cuda.get_device_capability() == (9, 0) else MMA_SYNC_VARIANT
 
 
 def cuda_gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, activation: str = "none",
               out: torch.Tensor | None = None, variant: int | None = None) -> torch.Tensor:
-    """out = act(a @ b + bias) on a tensor-core kernel (wgmma on Hopper, else mma.sync); b (K, N) must be a transposed view of a
-    K-contiguous (N, K) matrix, like nn.Linear's weight.t() (see gemm_supported). variant: 0 mma.sync,
-    5 wgmma (Hopper), 1-4 other mma.sync tile shapes (bf16, no activation) kept for the benchmark."""
+    """out = act(a @ b + bias) on a tensor-core kernel (wgmma on Hopper, else mma.sync); b (K, N) must be a
+    transposed view of a K-contiguous (N, K) matrix, like nn.Linear's weight.t() (see gemm_supported).
+    variant: 0 mma.sync, 5 wgmma (sm_90a only); default: this GPU's faster one (tests and the benchmark
+    pass both)."""
     variant = default_gemm_variant() if variant is None else variant
+    if variant not in GEMM_VARIANTS:
+        raise ValueError(f"cuda_gemm variant must be one of {GEMM_VARIANTS} (0 mma.sync, 5 wgmma); got {variant}")
     if not gemm_supported(a, b):
         raise ValueError("cuda_gemm needs bf16/fp16 a (M, K) row-major and b = w.t() with w (N, K) row-major, "
                          "K a multiple of 8; use kernels.gemm for other layouts")

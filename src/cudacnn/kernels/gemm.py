@@ -5,10 +5,10 @@ float32 (exact or tf32), bfloat16 or float16; the accumulator is always float32 
 activation, the optional pre-activation copy kept for backward) runs on it before the one store.
 Tiles walk the output in grouped order (GROUP_M row-blocks at a time) so that A and B stay in L2.
 
-Three kernels share that math: a pointer-based one (any strides, any GPU), a TMA one (Hopper; tiles moved
-by the tensor-memory accelerator) and a persistent TMA one (one program per SM; the default on Hopper,
-see DEFAULT_KERNEL). Each is autotuned over a few Hopper-sized configs. Full-precision float32 (TF32 off)
-always takes the pointer kernel with CUDA-core configs (see kernel_path)."""
+Two kernels share that math: a persistent TMA kernel (Hopper: one program per SM, tiles moved by the
+tensor-memory accelerator), which every GEMM that use_tma() accepts runs, and a pointer-based one for the
+rest (any strides, any GPU). Each is autotuned over a few Hopper-sized configs. Full-precision float32
+(TF32 off) always takes the pointer kernel with CUDA-core configs (see kernel_path)."""
 
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def _tma_epilogue(acc, c_desc, z_desc, bias_ptr, off_m, off_n, N, HAS_BIAS: tl.c
                   BLOCK_N: tl.constexpr, EPILOGUE_SPLIT: tl.constexpr):
     """Bias, the pre-activation copy (for backward), the activation, and the clipped TMA store.
     EPILOGUE_SPLIT=2 stores the tile as two column halves: half the shared-memory staging buffer, room for
-    one more pipeline stage (on an H200 it was no faster for bias+GELU: benchmarks/kernels.md, run 3)."""
+    one more pipeline stage (the autotuner's choice for bias+GELU on an H200, benchmarks/kernels.md)."""
     if HAS_BIAS:
         offs_n = off_n + tl.arange(0, BLOCK_N)
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
@@ -130,32 +130,20 @@ def _gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, z_ptr, M, N, K,
 
 
 @triton.jit
-def _gemm_tma_kernel(a_desc, b_desc, c_desc, z_desc, bias_ptr, M, N, K, B_IS_NK: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr,
-                     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                     EPILOGUE_SPLIT: tl.constexpr):
-    """Same GEMM with tiles moved by the Hopper tensor-memory accelerator (TMA): no address arithmetic,
-    out-of-range rows, columns and K read as zeros and stores are clipped by the hardware. B is read
-    either as (K, N) or, for a transposed weight, as its (N, K) original (B_IS_NK)."""
-    pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-    off_m, off_n = pid_m * BLOCK_M, pid_n * BLOCK_N
-    acc = _tma_dot(a_desc, b_desc, off_m, off_n, K, B_IS_NK, INPUT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
-    _tma_epilogue(acc, c_desc, z_desc, bias_ptr, off_m, off_n, N, HAS_BIAS, ACTIVATION, STORE_PRE, FAST, BLOCK_M,
-                  BLOCK_N, EPILOGUE_SPLIT)
-
-
-@triton.jit
 def _gemm_persistent_kernel(a_desc, b_desc, c_desc, z_desc, bias_ptr, M, N, K, B_IS_NK: tl.constexpr,
                             HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr,
                             INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                             GROUP_M: tl.constexpr, EPILOGUE_SPLIT: tl.constexpr):
-    """The TMA GEMM as a persistent kernel: one program per SM walks the output tiles (the launcher sizes
-    the grid; the kernel strides by it); the flattened loop lets the compiler pipeline the next tile's loads
-    under this tile's epilogue (bias, activation). Triton 3.6's warp specialisation of this loop
-    (`warp_specialize=True`, producer and consumer warps) failed to compile for 16-bit inputs on an H200 and
-    gained nothing for TF32 (benchmarks/kernels.md, run 6)."""
+    """The GEMM with tiles moved by the Hopper tensor-memory accelerator (TMA): no address arithmetic,
+    out-of-range rows, columns and K read as zeros and stores are clipped by the hardware. B is read either
+    as (K, N) or, for a transposed weight, as its (N, K) original (B_IS_NK).
+
+    Persistent: one program per SM walks the output tiles (the launcher sizes the grid; the kernel strides
+    by it), and the flattened loop lets the compiler pipeline the next tile's loads under this tile's
+    epilogue (bias, activation); on an H200 that ran bf16 4096^3 at 0.968x cuBLAS against 0.858x for one
+    program per tile (benchmarks/kernels.md). Warp specialisation of this loop (`warp_specialize=True`)
+    does not compile for 16-bit inputs on Hopper with Triton 3.6 and gained nothing for TF32 there."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_tiles = num_pid_m * num_pid_n
@@ -185,24 +173,23 @@ def _set_tma_blocks(nargs):
 
 def _config(bm, bn, bk, stages, warps, group=8, pre_hook=None, split=None):
     meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group}
-    if split is not None:  # TMA kernels only
+    if split is not None:  # the TMA kernel only
         meta["EPILOGUE_SPLIT"] = split
     return triton.Config(meta, num_stages=stages, num_warps=warps, pre_hook=pre_hook)
 
 
 def _configs(*shapes, tma=False):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, stages, warps[, epilogue split]) -> autotune configs; the TMA kernels' also
-    set their descriptors' block shapes."""
+    """(BLOCK_M, BLOCK_N, BLOCK_K, stages, warps[, epilogue split]) -> autotune configs; for the TMA kernel
+    they also set its descriptors' block shapes."""
     if tma:
         return [_config(*shape[:5], pre_hook=_set_tma_blocks, split=shape[5] if len(shape) > 5 else 1)
                 for shape in shapes]
-    return [_config(*shape[:5]) for shape in shapes]  # an epilogue split applies to TMA kernels only
+    return [_config(*shape[:5]) for shape in shapes]  # an epilogue split applies to the TMA kernel only
 
 
 # Hopper: 128x256 / 256x128 tiles run two warpgroups of wgmma; a smaller tile for skinny problems.
-_SHAPES_16BIT = ((128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
-                 (64, 128, 64, 4, 4))
-_CONFIGS_16BIT = _configs(*_SHAPES_16BIT)
+_CONFIGS_16BIT = _configs((128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
+                          (64, 128, 64, 4, 4))
 # float32 tiles take twice the shared memory per element: halve BLOCK_K.
 _CONFIGS_32BIT = _configs((128, 256, 32, 3, 8), (256, 128, 32, 3, 8), (128, 256, 32, 4, 8), (128, 128, 32, 4, 8),
                           (64, 128, 32, 4, 4))
@@ -215,13 +202,9 @@ _gemm_16bit = triton.autotune(configs=_CONFIGS_16BIT, key=_AUTOTUNE_KEY)(_gemm_k
 _gemm_32bit = triton.autotune(configs=_CONFIGS_32BIT, key=_AUTOTUNE_KEY)(_gemm_kernel)
 _gemm_full_fp32 = triton.autotune(configs=_CONFIGS_FULL_FP32, key=_AUTOTUNE_KEY)(_gemm_kernel)
 _TMA_KEY = ["M", "N", "K", "B_IS_NK", "ACTIVATION", "HAS_BIAS", "STORE_PRE"]
-_gemm_tma_16bit = triton.autotune(configs=_configs(*_SHAPES_16BIT, tma=True), key=_TMA_KEY)(_gemm_tma_kernel)
-_gemm_tma_32bit = triton.autotune(
-    configs=_configs((128, 256, 32, 3, 8), (128, 128, 32, 4, 8), (128, 128, 32, 3, 4), (64, 128, 32, 4, 4), tma=True),
-    key=_TMA_KEY)(_gemm_tma_kernel)
 # A split epilogue frees 32 KB of shared memory: 128x256 tiles then fit a fourth stage (16-bit), and 128x256x32
-# TF32 tiles fit at all (the TF32 winner on an H200, benchmarks/kernels.md run 5). Two programs per SM (one
-# warpgroup each, so one's epilogue could overlap the other's loop) were tried in run 5, never chosen.
+# TF32 tiles fit at all (the autotuner's TF32 choice on an H200). Configs with two programs per SM (one
+# warpgroup each, so one's epilogue could overlap the other's loop) were never chosen there, so none is listed.
 _gemm_persistent_16bit = triton.autotune(
     configs=_configs((128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (256, 128, 64, 3, 8),
                      (128, 256, 64, 3, 8, 2), (128, 256, 64, 4, 8, 2), (256, 128, 64, 3, 8, 2), tma=True),
@@ -230,14 +213,6 @@ _gemm_persistent_32bit = triton.autotune(
     configs=_configs((128, 256, 32, 3, 8), (128, 128, 32, 4, 8), (128, 128, 64, 3, 8),
                      (128, 256, 32, 3, 8, 2), (256, 128, 32, 3, 8, 2), (128, 128, 32, 5, 8, 2), tma=True),
     key=_TMA_KEY)(_gemm_persistent_kernel)
-
-# Which kernel a TMA-eligible GEMM runs: "tma", "persistent", or "pointers" (CUDACNN_GEMM_KERNEL overrides).
-# Persistent won on an H200 (benchmarks/kernels.md): 0.99x cuBLAS bf16 4096^3 against 0.87x for "tma".
-DEFAULT_KERNEL = "persistent"
-
-
-def kernel_choice() -> str:
-    return os.environ.get("CUDACNN_GEMM_KERNEL", DEFAULT_KERNEL)
 
 
 def _num_sms(device) -> int:
@@ -258,9 +233,10 @@ def _b_is_nk(b: torch.Tensor) -> bool:
 
 def use_tma(a, b, c, z) -> bool:
     """TMA needs sm_90+, 16-byte aligned rows and one unit-stride dimension per operand.
-    CUDACNN_GEMM_TMA=0 turns it off; =1 turns it on under the interpreter (for tests)."""
+    CUDACNN_GEMM_TMA=0 turns it off (the pointer kernel then runs everything, e.g. to time it on Hopper);
+    =1 turns it on under the interpreter, which has no GPU to ask, so that the CPU tests run the TMA kernel."""
     flag = os.environ.get("CUDACNN_GEMM_TMA", "")
-    if flag == "0" or not HAS_TENSOR_DESCRIPTOR or _tma_failed or kernel_choice() == "pointers":
+    if flag == "0" or not HAS_TENSOR_DESCRIPTOR or _tma_failed:
         return False
     if a.is_cuda:
         if torch.cuda.get_device_capability(a.device)[0] < 9:
@@ -277,7 +253,9 @@ def _autotuning() -> bool:
     return not interpreting() and os.environ.get("CUDACNN_GEMM_AUTOTUNE", "1") != "0"
 
 
-# Epilogue split of the TMA kernels when not autotuning (tests set 2 to run that path).
+# Epilogue split of the TMA kernel when not autotuning (under the interpreter, or CUDACNN_GEMM_AUTOTUNE=0). The
+# autotuner picks both 1 and 2 on Hopper; the CPU tests set 2 here, as the only way to reach the split path
+# under the interpreter.
 FIXED_EPILOGUE_SPLIT = 1
 
 
@@ -300,35 +278,29 @@ def _launch_tma(a, b, c, bias, z, meta):
     descs = [TensorDescriptor.from_tensor(t, placeholder) for t in (a, b_rows, c, z if z is not None else c)]
     args = (*descs, bias if bias is not None else c, M, N, K)
     meta = dict(meta, B_IS_NK=b_is_nk)
-    persistent = kernel_choice() == "persistent"
     sms = _num_sms(a.device)
 
-    def grid(m):
-        tiles = triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"])
-        return (min(sms, tiles),) if persistent else (tiles,)
+    def grid(m):  # one program per SM, or per tile where there are fewer tiles
+        return (min(sms, triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"])),)
 
     if not _autotuning():
         blocks, options = _fixed_config(a.dtype)
         blocks["EPILOGUE_SPLIT"] = FIXED_EPILOGUE_SPLIT
         _set_tma_blocks({"a_desc": descs[0], "b_desc": descs[1], "c_desc": descs[2], "z_desc": descs[3],
                          "B_IS_NK": b_is_nk, **blocks})
-        kernel = _gemm_persistent_kernel if persistent else _gemm_tma_kernel
-        kernel[grid(blocks)](*args, **meta, **blocks, **options)
+        _gemm_persistent_kernel[grid(blocks)](*args, **meta, **blocks, **options)
         return
-    if persistent:
-        kernel = _gemm_persistent_32bit if a.dtype == torch.float32 else _gemm_persistent_16bit
-    else:
-        kernel = _gemm_tma_32bit if a.dtype == torch.float32 else _gemm_tma_16bit
+    kernel = _gemm_persistent_32bit if a.dtype == torch.float32 else _gemm_persistent_16bit
     kernel[grid](*args, **meta)
 
 
 def kernel_path(a, b, c, z, allow_tf32) -> str:
-    """Which kernel a GEMM runs: "tma", "persistent" or "pointers". Full-precision float32 always takes the
-    pointer kernel with its CUDA-core configs: an ieee tl.dot runs on FMA units, where the TMA kernels' large
+    """Which kernel a GEMM runs: "persistent" (TMA) or "pointers". Full-precision float32 always takes the
+    pointer kernel with its CUDA-core configs: an ieee tl.dot runs on FMA units, where the TMA kernel's large
     tensor-core tiles spill registers (the engine's 1024^2 matmul ran 2.7x slower than cuBLAS there)."""
     if a.dtype == torch.float32 and not allow_tf32:
         return "pointers"
-    return kernel_choice() if use_tma(a, b, c, z) else "pointers"
+    return "persistent" if use_tma(a, b, c, z) else "pointers"
 
 
 def _launch(a, b, c, bias, z, activation, allow_tf32):

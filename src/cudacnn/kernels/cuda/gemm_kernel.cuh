@@ -1,5 +1,5 @@
-// The tensor-core GEMM kernel template (see gemm.cu), shared by gemm.cu and gemm_variants.cu so that the
-// two compile in parallel; gemm_wgmma.cu reuses its loader, tile order and epilogue.
+// The tensor-core GEMM kernel template (see gemm.cu); gemm_wgmma.cu reuses its loader, tile order and epilogue,
+// and dev/cuda/gemm_variants.cu instantiates other tile shapes of it.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -10,8 +10,9 @@ enum KernelActivation { kNone = 0, kRelu = 1, kGelu = 2, kGeluTanh = 3, kSilu = 
 
 // C (M, N) = act(A (M, K) @ B (N, K)^T + bias (N)); A, B, C row-major with leading dimensions lda, ldb,
 // ldc (elements). bf16 or fp16 only; K, lda, ldb multiples of 8 and A, B 16-byte aligned.
-// variant 0: the default mma.sync tile; 1..4: other mma.sync tile shapes (bf16, no activation), for the
-// benchmark; 5: the sm_90a warpgroup-MMA kernel (gemm_wgmma.cu), any activation.
+// variant kGemmMmaSync: the mma.sync kernel (gemm.cu, sm_80+); kGemmWgmma: the sm_90a warpgroup-MMA kernel
+// (gemm_wgmma.cu). Their numbers are the v0 and v5 of benchmarks/kernels.md (v1-v4: dev/cuda/gemm_variants.cu).
+enum GemmVariant { kGemmMmaSync = 0, kGemmWgmma = 5 };
 int launch_gemm_tn(int dtype, const void* a, const void* b, const void* bias, void* c, int M, int N, int K,
                    int64_t lda, int64_t ldb, int64_t ldc, int activation, cudaStream_t stream, int variant);
 
