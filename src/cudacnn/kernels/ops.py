@@ -10,9 +10,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import activations as _act
+from . import batchnorm as _bn
 from . import cross_entropy as _ce
 from . import cuda_ext as _cuda
 from .gemm import gemm as _gemm_fn
@@ -200,3 +202,96 @@ def cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0,
     grad = torch.is_grad_enabled() and logits.requires_grad
     loss, _ = _cross_entropy(logits, targets, float(label_smoothing), reduction, grad)
     return loss
+
+
+# ---------------------------------------------------------------- fused BatchNorm + residual + activation + pool
+# Two ops: batchnorm_stats mutates the running statistics (torch.library allows no autograd formula on a
+# mutating op) and returns the batch's (mean, rstd), constants for autograd; batchnorm_act is functional and its
+# backward adds the batch statistics' gradient terms itself (training=True).
+
+@torch.library.custom_op("cudacnn::batchnorm_stats", mutates_args=("running_mean", "running_var"))
+def _batchnorm_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float,
+                     eps: float) -> tuple[Tensor, Tensor]:
+    return _bn.statistics(x, running_mean, running_var, momentum, eps)
+
+
+@_batchnorm_stats.register_fake
+def _(x, running_mean, running_var, momentum, eps):
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty((x.shape[1],), dtype=dtype), x.new_empty((x.shape[1],), dtype=dtype)
+
+
+@torch.library.custom_op("cudacnn::batchnorm_act", mutates_args=())
+def _batchnorm_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
+                   mean: Tensor, rstd: Tensor, training: bool, normalize: bool, activation: str,
+                   pool: bool) -> Tensor:
+    return _bn.apply(x, weight, bias, residual, mean, rstd, normalize, activation, pool)
+
+
+@_batchnorm_act.register_fake
+def _(x, weight, bias, residual, mean, rstd, training, normalize, activation, pool):
+    return _bn.output_like(x, pool)
+
+
+@torch.library.custom_op("cudacnn::batchnorm_act_backward", mutates_args=())
+def _batchnorm_act_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                            residual: Optional[Tensor], mean: Tensor, rstd: Tensor, training: bool, normalize: bool,
+                            activation: str, pool: bool, needs_affine: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dx, dw, db, dres = _bn.backward(grad_y, x, weight, bias, residual, mean, rstd, training, normalize, activation,
+                                    pool, needs_affine)
+    return tuple(t if t is not None else _empty(x) for t in (dx, dw, db, dres))
+
+
+@_batchnorm_act_backward.register_fake
+def _(grad_y, x, weight, bias, residual, mean, rstd, training, normalize, activation, pool, needs_affine):
+    def grad_of(t, wanted=True):
+        return torch.empty_like(t) if t is not None and wanted else x.new_empty((0,))
+
+    affine = needs_affine and normalize
+    return torch.empty_like(x), grad_of(weight, affine), grad_of(bias, affine), grad_of(residual)
+
+
+def _batchnorm_act_setup(ctx, inputs, output):
+    x, weight, bias, residual, mean, rstd, training, normalize, activation, pool = inputs
+    ctx.save_for_backward(x, weight, bias, residual, mean, rstd)
+    ctx.config = (training, normalize, activation, pool)
+
+
+def _batchnorm_act_grad(ctx, grad_y):
+    x, weight, bias, residual, mean, rstd = ctx.saved_tensors
+    training, normalize, activation, pool = ctx.config
+    needs_x, needs_w, needs_b, needs_res = ctx.needs_input_grad[:4]
+    dx, dw, db, dres = _batchnorm_act_backward(grad_y, x, weight, bias, residual, mean, rstd, training, normalize,
+                                               activation, pool, needs_w or needs_b)
+    return (dx if needs_x else None, dw if needs_w else None, db if needs_b else None,
+            dres if needs_res else None, None, None, None, None, None, None)
+
+
+_batchnorm_act.register_autograd(_batchnorm_act_grad, setup_context=_batchnorm_act_setup)
+
+
+def batchnorm_act(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None = None,
+                  running_mean: Tensor | None = None, running_var: Tensor | None = None, training: bool = True,
+                  momentum: float = 0.1, eps: float = 1e-5, activation: str = "none", pool: bool = False,
+                  backend: str = "triton", normalize: bool = True) -> Tensor:
+    """maxpool2x2?(act(batch_norm(x) + residual)) on 4-D x, like F.batch_norm's arguments: batch statistics
+    in training (updating the running ones in place when given), the running ones otherwise. normalize=False
+    leaves out the BatchNorm (act + residual + pool). Backends "triton" and "cuda" both run the Triton
+    kernels (there is no CUDA C++ BatchNorm); "torch" the PyTorch modules' functions."""
+    if backend == "torch":
+        if normalize:
+            x = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+        if residual is not None:
+            x = x + residual
+        x = _act.reference_forward(x, activation) if activation != "none" else x
+        return F.max_pool2d(x, 2) if pool else x
+    if not normalize:
+        mean = rstd = x.new_empty((0,), dtype=torch.float32)
+        training = False
+    elif training:
+        mean, rstd = _batchnorm_stats(x.detach(), running_mean, running_var, float(momentum), float(eps))
+    else:
+        if running_mean is None or running_var is None:
+            raise ValueError("batchnorm_act with training=False needs running_mean and running_var")
+        mean, rstd = _bn.running_stats(running_mean, running_var, eps, x.dtype)
+    return _batchnorm_act(x, weight, bias, residual, mean, rstd, training, normalize, activation, pool)
