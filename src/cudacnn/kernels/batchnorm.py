@@ -116,22 +116,35 @@ def reference_forward(x, weight, bias, residual, running_mean, running_var, trai
 
 def reference_backward(grad_y, x, weight, bias, residual, mean, rstd, training: bool, normalize: bool,
                        activation: str, pool: bool):
-    """(dx, dweight, dbias, dresidual) by autograd through the reference (None where an input is None).
-    In training, mean and rstd are x's batch statistics and their gradient is included: d mean = d mean_x(x),
-    d rstd = -rstd^3 / 2 d var_x(x), added to the given values as zero-valued terms."""
-    leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, weight, bias, residual)]
-    with torch.enable_grad():
-        xl, wl, bl, rl = leaves
-        if normalize and training:
-            cd = _compute_dtype(x)
-            var, mu = torch.var_mean(xl.to(cd), dim=(0, 2, 3), correction=0)
-            mean = mean.to(cd) + (mu - mu.detach())
-            rstd = rstd.to(cd) - 0.5 * rstd.to(cd) ** 3 * (var - var.detach())
-        y = _apply_reference(xl, wl, bl, rl, mean, rstd, activation, pool, normalize, x.dtype)
-        inputs = [t for t in leaves if t is not None]
-        grads = iter(torch.autograd.grad(y, inputs, grad_y.to(y.dtype), allow_unused=True))
-    out = [next(grads) if t is not None else None for t in leaves]
-    return tuple(g if g is None or t is None else g.to(t.dtype) for g, t in zip(out, (x, weight, bias, residual)))
+    """(dx, dweight, dbias, dresidual), None where an input is None: BatchNorm's backward written out (autograd
+    does not record inside a custom op). In training mean and rstd are x's batch statistics, whose gradient
+    terms dx gets: rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat))."""
+    cd = _compute_dtype(x)
+    per_channel, dims = (1, -1, 1, 1), (0, 2, 3)
+    xhat = x.to(cd)
+    if normalize:
+        xhat = (xhat - mean.to(cd).view(per_channel)) * rstd.to(cd).view(per_channel)
+    w = weight.to(cd).view(per_channel) if normalize and weight is not None else None
+    z = xhat if w is None else xhat * w
+    if normalize and bias is not None:
+        z = z + bias.to(cd).view(per_channel)
+    if residual is not None:
+        z = z + residual.to(cd)
+    g = grad_y.to(cd)
+    if pool:  # the first maximum of each window, among the values rounded to the output dtype, gets dy
+        a = _act.reference_forward(z, activation).to(x.dtype).to(cd)
+        _, index = F.max_pool2d(a, 2, return_indices=True)
+        g = torch.zeros_like(a).flatten(2).scatter_(2, index.flatten(2), g.flatten(2)).view_as(a)
+    dz = _act.reference_backward(g, z, activation)
+    dx = dz if w is None else dz * w
+    dw = db = None
+    if normalize:
+        if training:
+            dx = dx - dx.mean(dims, keepdim=True) - xhat * (dx * xhat).mean(dims, keepdim=True)
+        dx = dx * rstd.to(cd).view(per_channel)
+        dw = (dz * xhat).sum(dims).to(weight.dtype) if weight is not None else None
+        db = dz.sum(dims).to(bias.dtype) if bias is not None else None
+    return dx.to(x.dtype), dw, db, dz.to(residual.dtype) if residual is not None else None
 
 
 # ---------------------------------------------------------------- Triton
@@ -385,18 +398,18 @@ def _backward_kernel(dy_ptr, x_ptr, res_ptr, dx_ptr, dres_ptr, mean_ptr, rstd_pt
             best = tl.maximum(best, v)
             v = _pooled_value(z11, m11, KIND, FAST, out_ty)
             pick = tl.where(v > best, 3, pick)
-            acc_dz, acc_dzx = _backward_element(
-                x_ptr, res_ptr, dx_ptr, dres_ptr, x00, r00, m00, tl.where(pick == 0, dy, 0.0) * _act_grad(z00, KIND, FAST),
-                xh00, mean_dz, mean_dzx, rstd, wgt, acc_dz, acc_dzx, PHASE, TRAINING, NORM, HAS_RES)
-            acc_dz, acc_dzx = _backward_element(
-                x_ptr, res_ptr, dx_ptr, dres_ptr, x01, r01, m01, tl.where(pick == 1, dy, 0.0) * _act_grad(z01, KIND, FAST),
-                xh01, mean_dz, mean_dzx, rstd, wgt, acc_dz, acc_dzx, PHASE, TRAINING, NORM, HAS_RES)
-            acc_dz, acc_dzx = _backward_element(
-                x_ptr, res_ptr, dx_ptr, dres_ptr, x10, r10, m10, tl.where(pick == 2, dy, 0.0) * _act_grad(z10, KIND, FAST),
-                xh10, mean_dz, mean_dzx, rstd, wgt, acc_dz, acc_dzx, PHASE, TRAINING, NORM, HAS_RES)
-            acc_dz, acc_dzx = _backward_element(
-                x_ptr, res_ptr, dx_ptr, dres_ptr, x11, r11, m11, tl.where(pick == 3, dy, 0.0) * _act_grad(z11, KIND, FAST),
-                xh11, mean_dz, mean_dzx, rstd, wgt, acc_dz, acc_dzx, PHASE, TRAINING, NORM, HAS_RES)
+            dz = tl.where(pick == 0, dy, 0.0) * _act_grad(z00, KIND, FAST)
+            acc_dz, acc_dzx = _backward_element(x_ptr, res_ptr, dx_ptr, dres_ptr, x00, r00, m00, dz, xh00, mean_dz,
+                                                mean_dzx, rstd, wgt, acc_dz, acc_dzx, PHASE, TRAINING, NORM, HAS_RES)
+            dz = tl.where(pick == 1, dy, 0.0) * _act_grad(z01, KIND, FAST)
+            acc_dz, acc_dzx = _backward_element(x_ptr, res_ptr, dx_ptr, dres_ptr, x01, r01, m01, dz, xh01, mean_dz,
+                                                mean_dzx, rstd, wgt, acc_dz, acc_dzx, PHASE, TRAINING, NORM, HAS_RES)
+            dz = tl.where(pick == 2, dy, 0.0) * _act_grad(z10, KIND, FAST)
+            acc_dz, acc_dzx = _backward_element(x_ptr, res_ptr, dx_ptr, dres_ptr, x10, r10, m10, dz, xh10, mean_dz,
+                                                mean_dzx, rstd, wgt, acc_dz, acc_dzx, PHASE, TRAINING, NORM, HAS_RES)
+            dz = tl.where(pick == 3, dy, 0.0) * _act_grad(z11, KIND, FAST)
+            acc_dz, acc_dzx = _backward_element(x_ptr, res_ptr, dx_ptr, dres_ptr, x11, r11, m11, dz, xh11, mean_dz,
+                                                mean_dzx, rstd, wgt, acc_dz, acc_dzx, PHASE, TRAINING, NORM, HAS_RES)
         else:
             mask = p_ok[:, None] & c_ok[None, :]
             h64 = uh.to(tl.int64)
@@ -421,8 +434,9 @@ def _strides(t: torch.Tensor | None, like: torch.Tensor) -> tuple[int, int, int,
 def _tiles(C: int, pool: bool) -> tuple[int, int, int]:
     """(BLOCK_P, BLOCK_C, num_warps): channels are NHWC's contiguous axis, so up to 64 of them (128 bytes in
     16 bits) make each position's load one wide transaction; about 4K elements a tile (a pool window counts 4)."""
-    if interpreting():
-        return 16, min(triton.next_power_of_2(C), 16), 4
+    if interpreting():  # the interpreter's cost is per program: about 4K-element tiles (C = 20 spans two)
+        block_c = min(triton.next_power_of_2(C), 16 if C <= 32 else 128)
+        return max(4096 // block_c, 32), block_c, 4
     block_c = min(triton.next_power_of_2(C), 64)
     elements = 1024 if pool else 4096
     return max(elements // block_c, 16), block_c, 8 if not pool else 4
@@ -431,7 +445,7 @@ def _tiles(C: int, pool: bool) -> tuple[int, int, int]:
 def _programs_per_channel_block(c_blocks: int, device: torch.device) -> int:
     """Reduction programs a channel block: about 4 waves of the GPU in all."""
     if device.type != "cuda":
-        return 4
+        return 2  # the interpreter: few programs, each merging several tiles (both levels of the reduction run)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, 4 * sms // c_blocks)
 
@@ -564,6 +578,7 @@ def backward(grad_y, x, weight, bias, residual, mean, rstd, training: bool, norm
         PHASE=1, **common)
     dw = db = None
     if sums is not None and needs_affine:
-        dw = sums[1].to(weight.dtype) if weight is not None else None
-        db = sums[0].to(bias.dtype) if bias is not None else None
+        # copies, not views of `sums`: a custom op's outputs may not alias each other
+        dw = sums[1].to(weight.dtype, copy=True) if weight is not None else None
+        db = sums[0].to(bias.dtype, copy=True) if bias is not None else None
     return dx, dw, db, dres

@@ -118,11 +118,24 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: st
 
 # ---------------------------------------------------------------- elementwise activation
 
+def channels_last_4d(t: Tensor) -> bool:
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _nhwc(t: Tensor) -> Tensor:
+    """A channels_last tensor as the contiguous (N, H, W, C) view of the same memory: the elementwise kernels
+    index flat memory, so they run on it without the copy to and from NCHW that .contiguous() would make."""
+    return t.permute(0, 2, 3, 1) if channels_last_4d(t) else t
+
+
 @torch.library.custom_op("cudacnn::activation", mutates_args=())
 def _activation(x: Tensor, kind: str, backend: str) -> Tensor:
+    out = torch.empty_like(x)  # x's layout: a conv net's channels_last activations stay channels_last
     if _use_cuda(backend, x):
-        return _cuda.cuda_activation_forward(x, kind)
-    return _act.activation_forward(x, kind)
+        _cuda.cuda_activation_forward(_nhwc(x), kind, out=_nhwc(out))
+    else:
+        _act.activation_forward(_nhwc(x), kind, out=_nhwc(out))
+    return out
 
 
 @_activation.register_fake
@@ -132,9 +145,14 @@ def _(x, kind, backend):
 
 @torch.library.custom_op("cudacnn::activation_backward", mutates_args=())
 def _activation_backward(grad_y: Tensor, x: Tensor, kind: str, backend: str) -> Tensor:
+    out = torch.empty_like(x)
+    if channels_last_4d(x):
+        grad_y = grad_y.contiguous(memory_format=torch.channels_last)
     if _use_cuda(backend, x):
-        return _cuda.cuda_activation_backward(grad_y, x, kind)
-    return _act.activation_backward(grad_y, x, kind)
+        _cuda.cuda_activation_backward(_nhwc(grad_y), _nhwc(x), kind, out=_nhwc(out))
+    else:
+        _act.activation_backward(_nhwc(grad_y), _nhwc(x), kind, out=_nhwc(out))
+    return out
 
 
 @_activation_backward.register_fake
