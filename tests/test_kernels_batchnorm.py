@@ -325,6 +325,35 @@ def test_swap_leaves_batchnorm_for_sync_batchnorm():
     assert sum(type(m) is nn.BatchNorm2d for m in model.modules()) == 6
 
 
+# ---------------------------------------------------------------- `cudacnn bench cnn-kernels` on the CPU
+
+@pytest.mark.filterwarnings("ignore:cudacnn.kernels")
+def test_cnn_kernels_bench_rows_on_the_cpu(monkeypatch):
+    """The benchmark's code paths at toy sizes (its numbers mean something only on a GPU)."""
+    from cudacnn.bench import cnn_kernels
+    from cudacnn.bench.loader import synthetic_split
+    from cudacnn.data import Dataset
+
+    cases = [("toy BN+add+ReLU", (2, 4, 4, 4), "relu", True, False, True),
+             ("toy ReLU+pool", (2, 4, 4, 4), "relu", False, True, False)]
+    rows = cnn_kernels.op_rows(compile=False, warmup=1, repeats=2, cases=cases, device="cpu", copy_elements=1 << 12)
+    assert [r["name"] for r in rows] == ["device copy bf16"] + [f"{label} {d}" for label, *_ in cases
+                                                                 for d in ("forward", "forward+backward")]
+    assert all(set(r["measurements"]) == {"eager PyTorch", "ours"} for r in rows[1:])
+    # forward reads x and the residual and writes y, backward reads x, the residual and dy and writes dx and
+    # d residual: 8 tensors of 128 bf16 elements
+    assert rows[2]["info"]["bytes"] == 8 * 128 * 2
+    # the epochs: the preset's Trainer on a synthetic set; on the CPU without the interpreter the kernels
+    # fall back to their references (a warning), which is fine for the code path
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    dataset = Dataset("synthetic", [str(i) for i in range(10)], synthetic_split(600), synthetic_split(100, seed=1))
+    rows = cnn_kernels.train_rows(dataset, ("bn-dropout-plus",), (False,), train_images=300, device="cpu")
+    (row,) = rows
+    assert set(row["measurements"]) == {"--kernels torch", "--kernels triton"}
+    assert row["info"]["triton_fused_modules"] == 4 and row["info"]["torch_fused_modules"] == 0
+    assert row["measurements"]["--kernels torch"]["repeats"] == 2
+
+
 # ---------------------------------------------------------------- GPU: zoo shapes, 16-bit, torch.compile
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
