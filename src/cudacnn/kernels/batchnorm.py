@@ -22,6 +22,8 @@ the same code, so they agree on the argmax."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -225,11 +227,11 @@ def _finalize_kernel(mean_part_ptr, m2_part_ptr, mean_ptr, rstd_ptr, rm_ptr, rv_
 
 @triton.jit
 def _channel_params(mean_ptr, rstd_ptr, w_ptr, b_ptr, c, c_ok, NORM: tl.constexpr, HAS_W: tl.constexpr,
-                    HAS_B: tl.constexpr):
-    mean = tl.zeros(c.shape, tl.float32)
-    rstd = tl.full(c.shape, 1.0, tl.float32)
-    wgt = tl.full(c.shape, 1.0, tl.float32)
-    bias = tl.zeros(c.shape, tl.float32)
+                    HAS_B: tl.constexpr, BLOCK_C: tl.constexpr):
+    mean = tl.zeros((BLOCK_C,), tl.float32)
+    rstd = tl.full((BLOCK_C,), 1.0, tl.float32)
+    wgt = tl.full((BLOCK_C,), 1.0, tl.float32)
+    bias = tl.zeros((BLOCK_C,), tl.float32)
     if NORM:
         mean = tl.load(mean_ptr + c, mask=c_ok, other=0.0)
         rstd = tl.load(rstd_ptr + c, mask=c_ok, other=0.0)
@@ -272,7 +274,8 @@ def _apply_kernel(x_ptr, res_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, P, C,
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     p_ok, c_ok = p < P, c < C
     mask = p_ok[:, None] & c_ok[None, :]
-    mean, rstd, wgt, bias = _channel_params(mean_ptr, rstd_ptr, w_ptr, b_ptr, c, c_ok, NORM, HAS_W, HAS_B)
+    mean, rstd, wgt, bias = _channel_params(mean_ptr, rstd_ptr, w_ptr, b_ptr, c, c_ok, NORM, HAS_W, HAS_B,
+                                            BLOCK_C)
     n = p // (PH * PW)
     hw = p - n * (PH * PW)
     oh = hw // PW
@@ -337,7 +340,8 @@ def _backward_kernel(dy_ptr, x_ptr, res_ptr, dx_ptr, dres_ptr, mean_ptr, rstd_pt
     pid_p = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    mean, rstd, wgt, bias = _channel_params(mean_ptr, rstd_ptr, w_ptr, b_ptr, c, c_ok, NORM, HAS_W, HAS_B)
+    mean, rstd, wgt, bias = _channel_params(mean_ptr, rstd_ptr, w_ptr, b_ptr, c, c_ok, NORM, HAS_W, HAS_B,
+                                            BLOCK_C)
     mean_dz = tl.zeros((BLOCK_C,), tl.float32)
     mean_dzx = tl.zeros((BLOCK_C,), tl.float32)
     if PHASE == 1:
@@ -442,12 +446,16 @@ def _tiles(C: int, pool: bool) -> tuple[int, int, int]:
     return max(elements // block_c, 16), block_c, 8 if not pool else 4
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _programs_per_channel_block(c_blocks: int, device: torch.device) -> int:
     """Reduction programs a channel block: about 4 waves of the GPU in all."""
     if device.type != "cuda":
         return 2  # the interpreter: few programs, each merging several tiles (both levels of the reduction run)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, 4 * sms // c_blocks)
+    return max(1, 4 * _multiprocessors(device) // c_blocks)
 
 
 def _fast(dtype: torch.dtype) -> bool:
@@ -540,6 +548,7 @@ def backward(grad_y, x, weight, bias, residual, mean, rstd, training: bool, norm
     mean/rstd are forward's outputs."""
     if not normalize:
         training = False
+    grad_y = grad_y.to(x.dtype)  # y's dtype: the pool's argmax is recomputed from values rounded to it
     if grad_y.shape != (pooled_shape(x.shape) if pool else x.shape):
         raise ValueError(f"grad_y has shape {tuple(grad_y.shape)}; the output of input {tuple(x.shape)} "
                          f"{'pooled ' if pool else ''}has another")
