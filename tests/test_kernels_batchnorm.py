@@ -325,6 +325,36 @@ def test_swap_leaves_batchnorm_for_sync_batchnorm():
     assert sum(type(m) is nn.BatchNorm2d for m in model.modules()) == 6
 
 
+def test_trainer_with_triton_kernels_takes_the_same_steps(kernels_only, tmp_path, monkeypatch):
+    """`cudacnn train --kernels triton` (the Trainer's swap_modules) against --kernels torch: two SGD steps of
+    SmallNet from the same seed end at the same weights and BatchNorm statistics."""
+    import numpy as np
+
+    from cudacnn.data import Dataset, Split
+    from cudacnn.train.config import TrainConfig
+    from cudacnn.train.trainer import Trainer, make_progress
+
+    monkeypatch.setattr(Linear, "forward", lambda self, x: ops.linear(x, self.weight, self.bias, self.activation,
+                                                                      backend="torch"))
+    rng = np.random.default_rng(0)
+    split = Split(rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8), rng.integers(0, 4, 16))
+    dataset = Dataset("toy", [f"c{i}" for i in range(4)], split, split)
+    states = {}
+    for kernels in ("torch", "triton"):
+        config = TrainConfig(model="smallnet", model_kwargs={"widths": [4, 8, 8]}, epochs=1, batch_size=8,
+                             lr=0.1, amp="none", device="cpu", val_fraction=0.0, kernels=kernels,
+                             out=str(tmp_path), deterministic=True).validate()
+        trainer = Trainer(config, run_dir=tmp_path / kernels, dataset=dataset, quiet=True)
+        if kernels == "triton":
+            assert sum(isinstance(m, BatchNormAct) and m.pool for m in trainer.model.modules()) == 3
+        with make_progress(True) as progress:
+            trainer._train_epoch(0, progress)
+        states[kernels] = trainer.model.state_dict()
+    assert list(states["torch"]) == list(states["triton"])
+    for name, ref in states["torch"].items():
+        close(states["triton"][name], ref.double(), 1e-4)
+
+
 # ---------------------------------------------------------------- `cudacnn bench cnn-kernels` on the CPU
 
 @pytest.mark.filterwarnings("ignore:cudacnn.kernels")
