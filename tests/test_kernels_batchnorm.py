@@ -355,6 +355,55 @@ def test_trainer_with_triton_kernels_takes_the_same_steps(kernels_only, tmp_path
         close(states["triton"][name], ref.double(), 1e-4)
 
 
+COMPILE_FOR_H100 = r"""
+import inspect, itertools, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from cudacnn.kernels import batchnorm as B
+
+def build(fn, consts, warps=8):
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(inspect.signature(fn.fn).parameters):
+        if name in consts:
+            signature[name], constexprs[(i,)] = "constexpr", consts[name]
+        elif name in ("sC", "sxC", "srC", "syC", "sdC"):  # NHWC: Triton specializes a stride of 1
+            signature[name], constexprs[(i,)] = "constexpr", 1
+        elif name.endswith("_ptr"):
+            signature[name] = "*bf16" if name[:-4] in ("x", "res", "y", "dy", "dx", "dres") else "*fp32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "fp32" if name in ("momentum", "eps") else "i32"
+    triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                   target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+
+build(B._stats_kernel, dict(BLOCK_M=64, BLOCK_C=64))
+build(B._finalize_kernel, dict(UPDATE=True, BLOCK_P=32, BLOCK_C=128), 4)
+for pool, kind, norm in ((False, 1, True), (True, 2, True), (True, 1, False), (False, 4, True)):
+    flags = dict(NORM=norm, HAS_W=norm, HAS_B=norm, HAS_RES=not pool, KIND=kind, POOL=pool, FAST=True, BLOCK_C=64)
+    build(B._apply_kernel, dict(flags, BLOCK_P=32))
+    for phase in (0, 1):
+        build(B._backward_kernel, dict(flags, PHASE=phase, TRAINING=norm, BLOCK_P=16))
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_an_h100():
+    """The interpreter runs Python, not Triton's compiler: compile every kernel (a sample of variants) for
+    sm_90, as a GPU run would, so type or layout errors the interpreter lets pass show here."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(B.__file__).parents[2]), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_H100], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
 # ---------------------------------------------------------------- `cudacnn bench cnn-kernels` on the CPU
 
 @pytest.mark.filterwarnings("ignore:cudacnn.kernels")

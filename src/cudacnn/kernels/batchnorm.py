@@ -435,15 +435,21 @@ def _strides(t: torch.Tensor | None, like: torch.Tensor) -> tuple[int, int, int,
     return tuple((t if t is not None else like).stride())
 
 
-def _tiles(C: int, pool: bool) -> tuple[int, int, int]:
+# Elements a tile (a pool window counts once) by (pool, backward), with 8 warps. Chosen from ptxas's register
+# counts for sm_90 (channel strides 1 and strides divisible by 16, as Triton specializes them for NHWC): the
+# forward tiles keep 16-byte vector loads at 64-74 registers; the backward's four recomputed window
+# elements need ~100 registers at half the tile, ~180 at the full one (one program an SM). Not yet timed.
+_TILE_ELEMENTS = {(False, False): 4096, (False, True): 2048, (True, False): 2048, (True, True): 1024}
+
+
+def _tiles(C: int, pool: bool, backward: bool = False) -> tuple[int, int, int]:
     """(BLOCK_P, BLOCK_C, num_warps): channels are NHWC's contiguous axis, so up to 64 of them (128 bytes in
-    16 bits) make each position's load one wide transaction; about 4K elements a tile (a pool window counts 4)."""
+    16 bits) make each position's load one wide transaction."""
     if interpreting():  # the interpreter's cost is per program: about 4K-element tiles (C = 20 spans two)
         block_c = min(triton.next_power_of_2(C), 16 if C <= 32 else 128)
         return max(4096 // block_c, 32), block_c, 4
     block_c = min(triton.next_power_of_2(C), 64)
-    elements = 1024 if pool else 4096
-    return max(elements // block_c, 16), block_c, 8 if not pool else 4
+    return _TILE_ELEMENTS[pool, backward] // block_c, block_c, 8
 
 
 @functools.lru_cache(maxsize=None)
@@ -563,7 +569,7 @@ def backward(grad_y, x, weight, bias, residual, mean, rstd, training: bool, norm
     else:
         PH, PW, OH, OW = H, W, H, W
     P = N * PH * PW
-    block_p, block_c, warps = _tiles(C, pool)
+    block_p, block_c, warps = _tiles(C, pool, backward=True)
     c_blocks = triton.cdiv(C, block_c)
     dx = torch.empty_like(x)
     dres = torch.empty_like(residual) if residual is not None else None
