@@ -462,21 +462,29 @@ def test_gpu_zoo_shapes_match_float64(dtype, shape, activation, residual, pool):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("name", ["smallnet", "resnet18", "fast94"])
-def test_gpu_swapped_zoo_model_under_inductor(name):
+@pytest.mark.parametrize("name,kwargs", [("smallnet", {"dropout": 0.0}), ("resnet18", {}), ("fast94", {})])
+def test_gpu_swapped_zoo_model_under_inductor(name, kwargs):
+    """Under bf16 autocast and torch.compile, the swapped model's gradients are as close to float64's as
+    PyTorch's own bf16 model's are (bf16 alone puts both about 10 % off in norm at small batches)."""
     from cudacnn.models import create_model
 
     torch.manual_seed(10)
-    model = create_model(name).to(DEVICE, memory_format=torch.channels_last)
+    model = create_model(name, **kwargs).to(DEVICE, memory_format=torch.channels_last)  # no dropout: same outputs
+    model64 = copy.deepcopy(model).double()
     swapped = swap_modules(copy.deepcopy(model), "triton")
     compiled = torch.compile(swapped, fullgraph=True)
     x = randn(64, 3, 32, 32, channels_last=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         y_ref, y = model(x), compiled(x)
-    close(y.float(), y_ref.double(), 5e-2)
-    g = torch.randn_like(y_ref)
-    y_ref.backward(g), y.backward(g)
-    ref_norm = torch.cat([p.grad.flatten().double() for p in model.parameters() if p.grad is not None]).norm()
-    diff = torch.cat([(p.grad.double() - q.grad.double()).flatten() for p, q in
-                      zip(swapped.parameters(), model.parameters()) if q.grad is not None]).norm()
-    assert diff <= 5e-2 * ref_norm
+    y64 = model64(x.double())
+    g = torch.randn_like(y64)
+    for out in (y_ref, y, y64):
+        out.backward(g.to(out.dtype))
+
+    def grad_error(m):
+        pairs = [(p.grad.double(), q.grad) for p, q in zip(m.parameters(), model64.parameters()) if q.grad is not None]
+        return (torch.cat([(a - b).flatten() for a, b in pairs]).norm() /
+                torch.cat([b.flatten() for _, b in pairs]).norm()).item()
+
+    assert (y.double() - y64).norm() <= 1.25 * (y_ref.double() - y64).norm() + 1e-3 * y64.norm()
+    assert grad_error(swapped) <= 1.25 * grad_error(model) + 1e-3

@@ -2,8 +2,9 @@
 torch.compile (fake implementations give shapes; no graph breaks).
 
 backend "triton": the Triton kernels. backend "cuda": the CUDA C++ GEMM (forward, bf16/fp16) and
-activations, the Triton kernels elsewhere (GEMM backward, cross-entropy). Without a GPU both fall back to
-the PyTorch references with one warning (see _runtime.use_triton)."""
+activations, the Triton kernels elsewhere (GEMM backward, cross-entropy, BatchNorm). Without a GPU both fall
+back to the PyTorch references with one warning (see _runtime.use_triton). Convolutions are not here: they
+stay PyTorch's (cuDNN); batchnorm_act fuses what follows them."""
 
 from __future__ import annotations
 
