@@ -433,6 +433,16 @@ def test_cnn_kernels_bench_rows_on_the_cpu(monkeypatch):
     assert row["measurements"]["--kernels torch"]["repeats"] == 2
 
 
+def test_bench_cnn_kernels_without_a_gpu_says_why(tmp_path, capsys):
+    from cudacnn.cli import main
+
+    assert main(["bench", "cnn-kernels", "--device", "cpu", "--out", str(tmp_path)]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing half-written
+    assert main(["bench", "cnn-kernels", "--presets", "smallnet-plus,nope", "--out", str(tmp_path)]) == 2
+    assert "unknown preset(s) nope in --presets" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- GPU: zoo shapes, 16-bit, torch.compile
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -273,6 +273,12 @@ def run_kernels(args) -> int:
 def run_cnn_kernels(args) -> int:
     from cudacnn.bench import cnn_kernels
 
+    from cudacnn.train.presets import PRESETS
+
+    presets = _csv(args.presets)
+    unknown = [p for p in presets if p not in PRESETS]
+    if unknown:
+        raise ConfigError(f"unknown preset(s) {', '.join(unknown)} in --presets; choose from {', '.join(PRESETS)}")
     if not torch.cuda.is_available() or args.device == "cpu":
         raise ConfigError("the cnn-kernels benchmark needs a CUDA GPU (its CPU tests run under TRITON_INTERPRET=1)")
     set_threads(args.threads)
@@ -280,14 +286,9 @@ def run_cnn_kernels(args) -> int:
     if not args.no_ops:
         rows += cnn_kernels.op_rows(compile=not args.no_compile, warmup=max(args.warmup, 3),
                                     repeats=max(args.repeats, 20), only=args.op)
-    presets = _csv(args.presets)
     if not args.no_epochs or args.accuracy_seeds:
         from cudacnn.data import load_dataset
-        from cudacnn.train.presets import PRESETS
 
-        unknown = [p for p in presets if p not in PRESETS]
-        if unknown:
-            raise ConfigError(f"unknown preset(s) {unknown}; choose from {', '.join(PRESETS)}")
         dataset = load_dataset(args.data, cache_dir=args.cache_dir)
         if not args.no_epochs:
             rows += cnn_kernels.train_rows(dataset, presets, (False,) if args.no_compile else (False, True),
