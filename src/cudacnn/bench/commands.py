@@ -1,5 +1,5 @@
-"""`cudacnn bench {ops,train,loader,kernels,cnn-kernels,all,compare}`: every suite prints a table and, with --out DIR,
-writes DIR/<suite>.json (schema in report.py), DIR/<suite>.md and DIR/<suite>.png."""
+"""`cudacnn bench {ops,train,loader,kernels,cnn-kernels,all,compare}`: every suite prints a table and, with
+--out DIR, writes DIR/<suite>.json (schema in report.py), DIR/<suite>.md and DIR/<suite>.png."""
 
 from __future__ import annotations
 
