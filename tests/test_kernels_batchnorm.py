@@ -415,7 +415,10 @@ def test_cnn_kernels_bench_rows_on_the_cpu(monkeypatch):
 
     cases = [("toy BN+add+ReLU", (2, 4, 4, 4), "relu", True, False, True),
              ("toy ReLU+pool", (2, 4, 4, 4), "relu", False, True, False)]
-    rows = cnn_kernels.op_rows(compile=False, warmup=1, repeats=2, cases=cases, device="cpu", copy_elements=1 << 12)
+    saved = []
+    rows = cnn_kernels.op_rows(compile=False, warmup=1, repeats=2, cases=cases, device="cpu", copy_elements=1 << 12,
+                               on_rows=saved.extend)
+    assert saved == rows
     assert [r["name"] for r in rows] == ["device copy bf16"] + [f"{label} {d}" for label, *_ in cases
                                                                  for d in ("forward", "forward+backward")]
     assert all(set(r["measurements"]) == {"eager PyTorch", "ours"} for r in rows[1:])

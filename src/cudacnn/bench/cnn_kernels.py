@@ -131,15 +131,21 @@ def _op_rows(label, shape, activation, residual, pool, normalize, copy_gbps, com
 
 
 def op_rows(compile: bool = True, warmup: int = 5, repeats: int = 30, only: str | None = None,
-            cases=OP_CASES, device="cuda", copy_elements: int = 1 << 27) -> list[dict]:
+            cases=OP_CASES, device="cuda", copy_elements: int = 1 << 27, on_rows=None) -> list[dict]:
+    """The per-op rows; on_rows(rows) after each case (the command saves what is done so far)."""
     copy_gbps = copy_bandwidth_gbps(device, n=copy_elements)
     log.info("device copy bandwidth: %.0f GB/s", copy_gbps)
     rows = [{"name": "device copy bf16", "group": "bandwidth ceiling", "gbps": round(copy_gbps, 1)}]
+    if on_rows:
+        on_rows(rows[:1])
     for label, shape, activation, residual, pool, normalize in cases:
         if only and only not in label:
             continue
-        rows += _op_rows(label, shape, activation, residual, pool, normalize, copy_gbps, compile, warmup, repeats,
-                         device)
+        new = _op_rows(label, shape, activation, residual, pool, normalize, copy_gbps, compile, warmup, repeats,
+                       device)
+        rows += new
+        if on_rows:
+            on_rows(new)
         _release()
     return rows
 
@@ -185,7 +191,7 @@ def epoch_times(preset: str, kernels: str, compile: bool, dataset, full_train: i
 
 
 def train_rows(dataset, presets=PRESETS, compile_modes=(False, True), train_images: int = 10240,
-               data: str | None = None, device: str = "cuda") -> list[dict]:
+               data: str | None = None, device: str = "cuda", on_rows=None) -> list[dict]:
     short = _subset(dataset, train_images)
     rows = []
     for preset in presets:
@@ -200,11 +206,13 @@ def train_rows(dataset, presets=PRESETS, compile_modes=(False, True), train_imag
                                    f"cudacnn train --preset {preset} epoch ({len(short.train)} images timed, "
                                    f"scaled to {len(dataset.train)})", runs, compile=compile, **{
                                        f"{k}_{key}": v for k, info in infos.items() for key, v in info.items()}))
+            if on_rows:
+                on_rows(rows[-1:])
     return rows
 
 
 def accuracy_rows(dataset, presets=PRESETS, seeds: int = 3, epochs: int | None = None,
-                  data: str | None = None, device: str = "cuda") -> list[dict]:
+                  data: str | None = None, device: str = "cuda", on_rows=None) -> list[dict]:
     """Test accuracy of full trainings, torch vs triton kernels, `seeds` seeds each."""
     from cudacnn.train.config import resolve
     from cudacnn.train.trainer import Trainer
@@ -229,6 +237,8 @@ def accuracy_rows(dataset, presets=PRESETS, seeds: int = 3, epochs: int | None =
             row[f"{kernels}_mean"] = round(float(np.mean(values)), 4)
             row[f"{kernels}_std"] = round(float(np.std(values)), 4)
         rows.append(row)
+        if on_rows:
+            on_rows([row])
     return rows
 
 

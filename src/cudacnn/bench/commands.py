@@ -283,18 +283,26 @@ def run_cnn_kernels(args) -> int:
         raise ConfigError("the cnn-kernels benchmark needs a CUDA GPU (its CPU tests run under TRITON_INTERPRET=1)")
     set_threads(args.threads)
     rows = []
+
+    def save(new_rows):  # the JSON so far after every case: a run cut short keeps what it measured
+        rows.extend(new_rows)
+        if args.out:
+            report.write_json(report.make_document("cnn-kernels", rows, config_of(args), command_line()),
+                              Path(args.out) / "cnn-kernels.json")
+
     if not args.no_ops:
-        rows += cnn_kernels.op_rows(compile=not args.no_compile, warmup=max(args.warmup, 3),
-                                    repeats=max(args.repeats, 20), only=args.op)
+        cnn_kernels.op_rows(compile=not args.no_compile, warmup=max(args.warmup, 3), repeats=max(args.repeats, 20),
+                            only=args.op, on_rows=save)
     if not args.no_epochs or args.accuracy_seeds:
         from cudacnn.data import load_dataset
 
         dataset = load_dataset(args.data, cache_dir=args.cache_dir)
         if not args.no_epochs:
-            rows += cnn_kernels.train_rows(dataset, presets, (False,) if args.no_compile else (False, True),
-                                           args.train_images, args.data)
+            cnn_kernels.train_rows(dataset, presets, (False,) if args.no_compile else (False, True),
+                                   args.train_images, args.data, on_rows=save)
         if args.accuracy_seeds:
-            rows += cnn_kernels.accuracy_rows(dataset, presets, args.accuracy_seeds, args.accuracy_epochs, args.data)
+            cnn_kernels.accuracy_rows(dataset, presets, args.accuracy_seeds, args.accuracy_epochs, args.data,
+                                      on_rows=save)
     finish("cnn-kernels", rows, args)
     return 0
 
