@@ -419,9 +419,11 @@ def test_cnn_kernels_bench_rows_on_the_cpu(monkeypatch):
     rows = cnn_kernels.op_rows(compile=False, warmup=1, repeats=2, cases=cases, device="cpu", copy_elements=1 << 12,
                                on_rows=saved.extend)
     assert saved == rows
-    assert [r["name"] for r in rows] == ["device copy bf16"] + [f"{label} {d}" for label, *_ in cases
-                                                                 for d in ("forward", "forward+backward")]
-    assert all(set(r["measurements"]) == {"eager PyTorch", "ours"} for r in rows[1:])
+    assert [r["name"] for r in rows] == ["device copy bf16"] + [name for label, *_ in cases for name in (
+        f"{label} forward", f"{label} forward+backward", label)]
+    assert all(set(r["measurements"]) == {"eager PyTorch", "ours"} for r in rows if "measurements" in r)
+    assert rows[3]["fwd+bwd of copy"] == rows[2]["info"]["of_copy_bandwidth"]
+    assert rows[3]["fwd+bwd GB/s"] == rows[2]["info"]["ours_gbps"]
     # forward reads x and the residual and writes y, backward reads x, the residual and dy and writes dx and
     # d residual: 8 tensors of 128 bf16 elements
     assert rows[2]["info"]["bytes"] == 8 * 128 * 2

@@ -115,6 +115,7 @@ def _op_rows(label, shape, activation, residual, pool, normalize, copy_gbps, com
     fwd_bytes = big * (2 if residual else 1) + small
     bwd_bytes = big * (2 if residual else 1) + small + big * (2 if residual else 1)  # x (res), dy; dx (dres)
     rows = []
+    summary = {"name": label, "group": "ours: bandwidth (fraction of a device copy) and speedups"}
     for direction, stats, nbytes in (("forward", fwd, fwd_bytes), ("forward+backward", both, fwd_bytes + bwd_bytes)):
         gbps = nbytes / (stats["ours"].median_ms * 1e-3) / 1e9
         info = dict(shape=list(shape), dtype="bf16", layout="channels_last", activation=activation,
@@ -124,10 +125,16 @@ def _op_rows(label, shape, activation, residual, pool, normalize, copy_gbps, com
             info[f"vs {name}"] = round(s.median_ms / stats["ours"].median_ms, 3)
         rows.append(result_row(f"{label} {direction}", "fused BN + act (+ add) (+ pool), bf16 channels_last",
                                {k: measurement(v) for k, v in stats.items()}, **info))
+        short = "fwd" if direction == "forward" else "fwd+bwd"
+        summary[f"{short} GB/s"] = round(gbps, 1)
+        summary[f"{short} of copy"] = round(gbps / copy_gbps, 3)
+        for name, s in stats.items():
+            if name != "ours":
+                summary[f"{short} vs {name}"] = round(s.median_ms / stats["ours"].median_ms, 3)
         log.info("%-40s %-17s ours %.3f ms (%.0f GB/s, %.2f of copy); eager %.3f ms%s", label, direction,
                  stats["ours"].median_ms, gbps, gbps / copy_gbps, stats["eager PyTorch"].median_ms,
                  f"; compiled {stats['torch.compile'].median_ms:.3f} ms" if "torch.compile" in stats else "")
-    return rows
+    return rows + [summary]
 
 
 def op_rows(compile: bool = True, warmup: int = 5, repeats: int = 30, only: str | None = None,
