@@ -379,7 +379,7 @@ def build(fn, consts, warps=8):
 
 build(B._stats_kernel, dict(BLOCK_M=64, BLOCK_C=64))
 build(B._finalize_kernel, dict(UPDATE=True, BLOCK_P=32, BLOCK_C=128), 4)
-for pool, kind, norm in ((False, 1, True), (True, 2, True), (True, 1, False), (False, 4, True)):
+for pool, kind, norm in ((False, 4, True), (True, 2, True), (True, 1, False)):
     flags = dict(NORM=norm, HAS_W=norm, HAS_B=norm, HAS_RES=not pool, KIND=kind, POOL=pool, FAST=True, BLOCK_C=64)
     build(B._apply_kernel, dict(flags, BLOCK_P=32))
     for phase in (0, 1):
