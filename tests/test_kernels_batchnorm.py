@@ -249,7 +249,7 @@ def test_torch_compile_matches_eager_and_updates_running_stats():
 
 
 def test_bad_inputs_name_the_problem():
-    bn = BatchNormAct(3, activation="relu")
+    bn = BatchNormAct(3, activation="relu").to(DEVICE)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         bn(randn(1, 3, 1, 1))
     with pytest.raises(ValueError, match="residual shape"):
@@ -287,6 +287,7 @@ EXPECTED = {"simple": dict(bn_act=0, bn_pool=0, act_pool=2, blocks=0),
 def test_swapped_zoo_model_matches_the_original(kernels_only, monkeypatch, name, kwargs):
     from cudacnn.models import create_model
 
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # on a GPU: float32 convolutions
     # the heads' GEMMs (tested in test_kernels_ops) take a minute in the interpreter: their reference here
     monkeypatch.setattr(Linear, "forward", lambda self, x: ops.linear(x, self.weight, self.bias, self.activation,
                                                                       backend="torch"))
@@ -336,14 +337,17 @@ def test_trainer_with_triton_kernels_takes_the_same_steps(kernels_only, tmp_path
 
     monkeypatch.setattr(Linear, "forward", lambda self, x: ops.linear(x, self.weight, self.bias, self.activation,
                                                                       backend="torch"))
+    for flags in (torch.backends.cudnn, torch.backends.cuda.matmul):  # the Trainer sets them: restored after
+        monkeypatch.setattr(flags, "allow_tf32", flags.allow_tf32)
     rng = np.random.default_rng(0)
     split = Split(rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8), rng.integers(0, 4, 16))
     dataset = Dataset("toy", [f"c{i}" for i in range(4)], split, split)
     states = {}
     for kernels in ("torch", "triton"):
+        # on a GPU: no TF32 convolutions, and no deterministic mode (max_pool2d's CUDA backward has none)
         config = TrainConfig(model="smallnet", model_kwargs={"widths": [4, 8, 8]}, epochs=1, batch_size=8,
-                             lr=0.1, amp="none", device="cpu", val_fraction=0.0, kernels=kernels,
-                             out=str(tmp_path), deterministic=True).validate()
+                             lr=0.1, amp="none", device=DEVICE, val_fraction=0.0, kernels=kernels, tf32=False,
+                             out=str(tmp_path), deterministic=DEVICE == "cpu").validate()
         trainer = Trainer(config, run_dir=tmp_path / kernels, dataset=dataset, quiet=True)
         if kernels == "triton":
             assert sum(isinstance(m, BatchNormAct) and m.pool for m in trainer.model.modules()) == 3

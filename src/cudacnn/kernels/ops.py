@@ -304,6 +304,7 @@ def batchnorm_act(x: Tensor, weight: Tensor | None, bias: Tensor | None, residua
             x = x + residual
         x = _act.reference_forward(x, activation) if activation != "none" else x
         return F.max_pool2d(x, 2) if pool else x
+    _bn.check_inputs(x, weight, bias, residual, activation, pool, training and normalize)  # before any kernel
     if not normalize:
         mean = rstd = x.new_empty((0,), dtype=torch.float32)
         training = False
