@@ -326,7 +326,15 @@ def test_swap_leaves_batchnorm_for_sync_batchnorm():
     assert sum(type(m) is nn.BatchNorm2d for m in model.modules()) == 6
 
 
-def test_trainer_with_triton_kernels_takes_the_same_steps(kernels_only, tmp_path, monkeypatch):
+@pytest.fixture
+def keep_tf32_flags():
+    """The Trainer sets the global TF32 flags: put them back after the test."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_trainer_with_triton_kernels_takes_the_same_steps(kernels_only, keep_tf32_flags, tmp_path, monkeypatch):
     """`cudacnn train --kernels triton` (the Trainer's swap_modules) against --kernels torch: two SGD steps of
     SmallNet from the same seed end at the same weights and BatchNorm statistics."""
     import numpy as np
@@ -337,8 +345,6 @@ def test_trainer_with_triton_kernels_takes_the_same_steps(kernels_only, tmp_path
 
     monkeypatch.setattr(Linear, "forward", lambda self, x: ops.linear(x, self.weight, self.bias, self.activation,
                                                                       backend="torch"))
-    for flags in (torch.backends.cudnn, torch.backends.cuda.matmul):  # the Trainer sets them: restored after
-        monkeypatch.setattr(flags, "allow_tf32", flags.allow_tf32)
     rng = np.random.default_rng(0)
     split = Split(rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8), rng.integers(0, 4, 16))
     dataset = Dataset("toy", [f"c{i}" for i in range(4)], split, split)
