@@ -127,3 +127,28 @@ def test_cpu_fallback_warns_once(monkeypatch):
     fallback = [w_ for w_ in caught if "reference implementations" in str(w_.message)]
     assert len(fallback) == 1
     assert torch.allclose(y, F.relu(x @ w.t()))
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_activation_keeps_channels_last_without_copies(backend, monkeypatch):
+    # a conv net's activations are channels_last: the op runs on their memory as it is and returns the same
+    # layout (an NCHW result would send every following conv through layout conversions)
+    x = torch.randn(2, 5, 3, 4, device=DEVICE).contiguous(memory_format=torch.channels_last).requires_grad_()
+    contiguous = torch.Tensor.contiguous
+
+    def no_copy(t, *args, **kwargs):
+        out = contiguous(t, *args, **kwargs)
+        assert out.data_ptr() == t.data_ptr(), "activation copied a channels_last tensor"
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "contiguous", no_copy)
+    y = ops.activation(x, "gelu", backend)
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    assert torch.allclose(y, F.gelu(x.detach()), atol=1e-6)
+    g = torch.randn_like(y)  # channels_last, like the gradient the next conv's backward hands over
+    y.backward(g)
+    monkeypatch.undo()
+    x64 = x.detach().double().requires_grad_()
+    F.gelu(x64).backward(g.double())
+    assert x.grad.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(x.grad.double(), x64.grad, atol=1e-6)

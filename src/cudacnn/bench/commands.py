@@ -1,5 +1,5 @@
-"""`cudacnn bench {ops,train,loader,kernels,all,compare}`: every suite prints a table and, with --out DIR,
-writes DIR/<suite>.json (schema in report.py), DIR/<suite>.md and DIR/<suite>.png.
+"""`cudacnn bench {ops,train,loader,kernels,cnn-kernels,all,compare}`: every suite prints a table and, with
+--out DIR, writes DIR/<suite>.json (schema in report.py), DIR/<suite>.md and DIR/<suite>.png.
 `cudacnn bench record`: the record presets' seeded runs (bench/record.py)."""
 
 from __future__ import annotations
@@ -62,6 +62,13 @@ def add_commands(subparsers) -> None:
     kernels = sub.add_parser("kernels", parents=[common], help="custom Triton/CUDA kernels vs PyTorch")
     kernels.add_argument("--quick", action="store_true", help="small sizes, few repeats")
     kernels.set_defaults(func=run_kernels)
+
+    cnn = sub.add_parser("cnn-kernels", parents=[common],
+                         help="fused BatchNorm + activation kernels: per op at the zoo's shapes, and per epoch")
+    from cudacnn.bench.cnn_kernels import add_options as add_cnn_kernels_options
+
+    add_cnn_kernels_options(cnn)
+    cnn.set_defaults(func=run_cnn_kernels)
 
     every = sub.add_parser("all", parents=[common, data], help="loader, ops, train and kernels in one go")
     add_ops_options(every)
@@ -267,6 +274,43 @@ def run_kernels(args) -> int:
     set_threads(args.threads)
     rows = [kernel_row(r) for r in kbench.run(quick=args.quick)]
     finish("kernels", rows, args)
+    return 0
+
+
+def run_cnn_kernels(args) -> int:
+    from cudacnn.bench import cnn_kernels
+
+    from cudacnn.train.presets import PRESETS
+
+    presets = _csv(args.presets)
+    unknown = [p for p in presets if p not in PRESETS]
+    if unknown:
+        raise ConfigError(f"unknown preset(s) {', '.join(unknown)} in --presets; choose from {', '.join(PRESETS)}")
+    if not torch.cuda.is_available() or args.device == "cpu":
+        raise ConfigError("the cnn-kernels benchmark needs a CUDA GPU (its CPU tests run under TRITON_INTERPRET=1)")
+    set_threads(args.threads)
+    rows = []
+
+    def save(new_rows):  # the JSON so far after every case: a run cut short keeps what it measured
+        rows.extend(new_rows)
+        if args.out:
+            report.write_json(report.make_document("cnn-kernels", rows, config_of(args), command_line()),
+                              Path(args.out) / "cnn-kernels.json")
+
+    if not args.no_ops:
+        cnn_kernels.op_rows(compile=not args.no_compile, warmup=max(args.warmup, 3), repeats=max(args.repeats, 20),
+                            only=args.op, on_rows=save)
+    if not args.no_epochs or args.accuracy_seeds:
+        from cudacnn.data import load_dataset
+
+        dataset = load_dataset(args.data, cache_dir=args.cache_dir)
+        if not args.no_epochs:
+            cnn_kernels.train_rows(dataset, presets, (False,) if args.no_compile else (False, True),
+                                   args.train_images, args.data, on_rows=save)
+        if args.accuracy_seeds:
+            cnn_kernels.accuracy_rows(dataset, presets, args.accuracy_seeds, args.accuracy_epochs, args.data,
+                                      on_rows=save)
+    finish("cnn-kernels", rows, args)
     return 0
 
 

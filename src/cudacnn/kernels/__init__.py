@@ -1,17 +1,22 @@
 """Custom GPU kernels (Triton and CUDA C++) wired into PyTorch.
 
 Functional:  gemm, gemm_backward, activation_forward, activation_backward, softmax_cross_entropy
-Autograd / torch.compile ops:  ops.linear, ops.activation, ops.cross_entropy (torch.library custom ops)
-Modules:  Linear, Activation, CrossEntropyLoss, swap_modules(model, backend), cross_entropy_loss(backend, ...)
-Backends:  "torch" (unchanged PyTorch), "triton", "cuda" (CUDA C++ GEMM forward + activations)."""
+Autograd / torch.compile ops:  ops.linear, ops.activation, ops.cross_entropy, ops.batchnorm_act
+    (torch.library custom ops; batchnorm_act = BatchNorm + residual add + activation + 2x2 max-pool)
+Modules:  Linear, Activation, BatchNormAct, ActivationPool, FusedBasicBlock, CrossEntropyLoss,
+    swap_modules(model, backend), cross_entropy_loss(backend, ...)
+Backends:  "torch" (unchanged PyTorch), "triton", "cuda" (CUDA C++ GEMM forward + activations; Triton
+    elsewhere). Convolutions always stay PyTorch's (cuDNN)."""
 
 from .activations import activation_backward, activation_forward
 from .cross_entropy import softmax_cross_entropy
 from .gemm import column_sum, gemm, gemm_backward
-from .modules import Activation, CrossEntropyLoss, Linear, cross_entropy_loss, swap_modules
+from .modules import (Activation, ActivationPool, BatchNormAct, CrossEntropyLoss, FusedBasicBlock, Linear,
+                      cross_entropy_loss, swap_modules)
 from .ops import BACKENDS
 
 __all__ = [
     "gemm", "gemm_backward", "column_sum", "activation_forward", "activation_backward", "softmax_cross_entropy",
-    "Linear", "Activation", "CrossEntropyLoss", "swap_modules", "cross_entropy_loss", "BACKENDS",
+    "Linear", "Activation", "BatchNormAct", "ActivationPool", "FusedBasicBlock", "CrossEntropyLoss",
+    "swap_modules", "cross_entropy_loss", "BACKENDS",
 ]

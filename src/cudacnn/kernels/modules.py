@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import ops
+from . import activations, ops
 
 _ACTIVATION_KINDS = {nn.ReLU: "relu", nn.SiLU: "silu"}
 
@@ -60,6 +60,88 @@ class Activation(nn.Module):
         return f"kind={self.kind}, backend={self.backend}"
 
 
+class BatchNormAct(nn.BatchNorm2d):
+    """nn.BatchNorm2d followed by an optional residual add, an activation and a 2x2 max-pool, as one fused op:
+    forward(x, residual=None) = max_pool2d(act(bn(x) + residual), 2) (pool when `pool`). Same parameters,
+    buffers and state_dict keys as nn.BatchNorm2d, same training/eval semantics (batch statistics and the
+    running-stat update in training, running statistics in eval)."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 activation="none", pool=False, backend="triton", device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        _check_backend(backend)
+        activations.activation_code(activation)
+        self.activation, self.pool, self.backend = activation, pool, backend
+
+    @classmethod
+    def from_torch(cls, bn: nn.BatchNorm2d, activation="none", pool=False, backend="triton") -> "BatchNormAct":
+        """Wrap an existing BatchNorm2d, sharing its parameters and buffers (optimizers keep working)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for name in ("num_features", "eps", "momentum", "affine", "track_running_stats"):
+            setattr(new, name, getattr(bn, name))
+        new.weight, new.bias = bn.weight, bn.bias
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            new.register_buffer(name, getattr(bn, name))
+        _check_backend(backend)
+        activations.activation_code(activation)
+        new.activation, new.pool, new.backend = activation, pool, backend
+        new.train(bn.training)
+        return new
+
+    def forward(self, x, residual=None):
+        self._check_input_dim(x)
+        # nn.BatchNorm2d.forward's bookkeeping, line for line
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
+        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        keep = not self.training or self.track_running_stats
+        return ops.batchnorm_act(x, self.weight, self.bias, residual, self.running_mean if keep else None,
+                                 self.running_var if keep else None, batch_stats, momentum, self.eps,
+                                 self.activation, self.pool, self.backend)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, activation={self.activation}, pool={self.pool}, backend={self.backend}"
+
+
+class ActivationPool(nn.Module):
+    """act(x) then a 2x2 max-pool in one kernel each way (a conv net's ReLU + MaxPool2d(2) without BatchNorm)."""
+
+    def __init__(self, kind: str, backend: str = "triton"):
+        super().__init__()
+        _check_backend(backend)
+        activations.activation_code(kind)
+        self.kind, self.backend = kind, backend
+
+    def forward(self, x):
+        return ops.batchnorm_act(x, None, None, activation=self.kind, pool=True, backend=self.backend,
+                                 normalize=False)
+
+    def extra_repr(self):
+        return f"kind={self.kind}, backend={self.backend}"
+
+
+class FusedBasicBlock(nn.Module):
+    """models.resnet.BasicBlock with conv1's BN + ReLU and conv2's BN + shortcut add + ReLU each one
+    BatchNormAct; the same submodules under the same names, so the state_dict is the block's."""
+
+    def __init__(self, block: nn.Module, backend: str = "triton"):
+        super().__init__()
+        self.conv1 = block.conv1
+        self.bn1 = BatchNormAct.from_torch(block.bn1, "relu", backend=backend)
+        self.conv2 = block.conv2
+        self.bn2 = BatchNormAct.from_torch(block.bn2, "relu", backend=backend)
+        self.downsample = block.downsample
+        self.train(block.training)
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.bn2(self.conv2(self.bn1(self.conv1(x))), identity)
+
+
 class CrossEntropyLoss(nn.Module):
     """Fused softmax + cross-entropy (class-index targets, mean or sum), gradient from the forward kernel."""
 
@@ -82,29 +164,106 @@ def activation_kind(module: nn.Module) -> str | None:
     return None
 
 
-def swap_modules(model: nn.Module, backend: str, fuse: bool = True) -> nn.Module:
-    """Replace model's nn.Linear / nn.ReLU / nn.GELU / nn.SiLU with ours, in place (returns model).
-    With fuse, an activation right after a Linear inside an nn.Sequential moves into the GEMM epilogue.
-    backend "torch" leaves the model unchanged."""
+def _is_pool2x2(module: nn.Module) -> bool:
+    """nn.MaxPool2d(2): the pool the fused kernels compute."""
+    def pair(v):
+        return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+    return (isinstance(module, nn.MaxPool2d) and pair(module.kernel_size) == (2, 2)
+            and pair(module.stride or module.kernel_size) == (2, 2) and pair(module.padding) == (0, 0)
+            and pair(module.dilation) == (1, 1) and not module.ceil_mode and not module.return_indices)
+
+
+def _swappable_bn(module: nn.Module) -> bool:
+    return isinstance(module, nn.BatchNorm2d) and not isinstance(module, BatchNormAct)
+
+
+def _fuse_zoo_blocks(model: nn.Module, backend: str) -> None:
+    """The zoo's blocks whose forward is code, not an nn.Sequential: ResNet's BasicBlock and stem, and the
+    fast nets' ConvGroup (whose forward hands GELU and the residual to a norm that has activation 'gelu')."""
+    from cudacnn.models.fast import ConvGroup
+    from cudacnn.models.resnet import BasicBlock, ResNet
+
+    for module in list(model.modules()):
+        if isinstance(module, ResNet) and _swappable_bn(module.bn1) and isinstance(module.relu, nn.ReLU):
+            module.bn1 = BatchNormAct.from_torch(module.bn1, "relu", backend=backend)
+            module.relu = nn.Identity()  # the stem's only use of it: maxpool(relu(bn1(conv1(x))))
+        elif isinstance(module, ConvGroup):
+            for i, norm in enumerate(module.norms):
+                if _swappable_bn(norm):
+                    module.norms[i] = BatchNormAct.from_torch(norm, "gelu", backend=backend)
+        for name, child in list(module.named_children()):
+            if isinstance(child, BasicBlock):
+                setattr(module, name, FusedBasicBlock(child, backend))
+
+
+def _tail(seq: nn.Sequential, name: str):
+    """(owner, key, module) of seq's child `name`, or of the last child inside it that is not an nn.Identity
+    (left by an earlier fusion) when that child is itself an nn.Sequential; None for an empty one."""
+    module = seq._modules[name]
+    if not isinstance(module, nn.Sequential):
+        return seq, name, module
+    for key in reversed(list(module._modules)):
+        if not isinstance(module._modules[key], nn.Identity):
+            return module, key, module._modules[key]
+    return None
+
+
+def _fuse_sequential(seq: nn.Sequential) -> None:
+    """Inside an nn.Sequential: Linear + activation (GEMM epilogue), BatchNormAct + activation, then
+    BatchNormAct / Activation + MaxPool2d(2), also when the first ends the previous child nn.Sequential (SmallNet
+    pools after its stage's second conv block). A fused-away module becomes nn.Identity, so indices and
+    state_dict keys stay."""
+    names = list(seq._modules)
+    for first_name, second_name in zip(names, names[1:]):
+        tail, second = _tail(seq, first_name), seq._modules[second_name]
+        if tail is None:
+            continue
+        owner, key, first = tail
+        if isinstance(first, Linear) and first.activation == "none" and isinstance(second, Activation):
+            first.activation = second.kind
+        elif (isinstance(first, BatchNormAct) and first.activation == "none" and not first.pool
+              and isinstance(second, Activation)):
+            first.activation = second.kind
+        elif isinstance(first, BatchNormAct) and not first.pool and _is_pool2x2(second):
+            first.pool = True
+        elif isinstance(first, Activation) and _is_pool2x2(second):
+            setattr(owner, key, ActivationPool(first.kind, first.backend))
+        else:
+            continue
+        setattr(seq, second_name, nn.Identity())
+
+
+def swap_modules(model: nn.Module, backend: str, fuse: bool = True, batchnorm: bool = True) -> nn.Module:
+    """Replace model's nn.Linear / nn.ReLU / nn.GELU / nn.SiLU / nn.BatchNorm2d with ours, in place (returns
+    model). With fuse, inside an nn.Sequential an activation right after a Linear moves into the GEMM
+    epilogue, one right after a BatchNorm2d into its BatchNormAct, and a following MaxPool2d(2) into that
+    BatchNormAct or activation; the zoo's ResNet blocks and stem and the fast nets' conv groups fuse BN +
+    activation (+ shortcut add). batchnorm=False leaves BatchNorm2d alone (for SyncBatchNorm conversion).
+    Convolutions stay PyTorch's (cuDNN). backend "torch" leaves the model unchanged."""
     _check_backend(backend)
     if backend == "torch":
         return model
+    if fuse and batchnorm:
+        _fuse_zoo_blocks(model, backend)
+    _swap(model, backend, fuse, batchnorm)
+    return model
+
+
+def _swap(model: nn.Module, backend: str, fuse: bool, batchnorm: bool) -> None:
     for name, child in list(model.named_children()):
-        if isinstance(child, (Linear, Activation)):
+        if isinstance(child, (Linear, Activation, ActivationPool, BatchNormAct)):
             continue
         if isinstance(child, nn.Linear):
             setattr(model, name, Linear.from_torch(child, backend))
         elif (kind := activation_kind(child)) is not None:
             setattr(model, name, Activation(kind, backend))
+        elif batchnorm and _swappable_bn(child):
+            setattr(model, name, BatchNormAct.from_torch(child, backend=backend))
         else:
-            swap_modules(child, backend, fuse)
+            _swap(child, backend, fuse, batchnorm)
     if fuse and isinstance(model, nn.Sequential):
-        children = list(model.named_children())
-        for (_, first), (second_name, second) in zip(children, children[1:]):
-            if isinstance(first, Linear) and first.activation == "none" and isinstance(second, Activation):
-                first.activation = second.kind
-                setattr(model, second_name, nn.Identity())
-    return model
+        _fuse_sequential(model)
 
 
 def cross_entropy_loss(backend: str = "triton", label_smoothing: float = 0.0) -> nn.Module:
@@ -115,4 +274,5 @@ def cross_entropy_loss(backend: str = "triton", label_smoothing: float = 0.0) ->
     return CrossEntropyLoss(label_smoothing=label_smoothing, backend=backend)
 
 
-__all__ = ["Linear", "Activation", "CrossEntropyLoss", "swap_modules", "cross_entropy_loss", "activation_kind"]
+__all__ = ["Linear", "Activation", "ActivationPool", "BatchNormAct", "FusedBasicBlock", "CrossEntropyLoss",
+           "swap_modules", "cross_entropy_loss", "activation_kind"]

@@ -2,17 +2,20 @@
 torch.compile (fake implementations give shapes; no graph breaks).
 
 backend "triton": the Triton kernels. backend "cuda": the CUDA C++ GEMM (forward, bf16/fp16) and
-activations, the Triton kernels elsewhere (GEMM backward, cross-entropy). Without a GPU both fall back to
-the PyTorch references with one warning (see _runtime.use_triton)."""
+activations, the Triton kernels elsewhere (GEMM backward, cross-entropy, BatchNorm). Without a GPU both fall
+back to the PyTorch references with one warning (see _runtime.use_triton). Convolutions are not here: they
+stay PyTorch's (cuDNN); batchnorm_act fuses what follows them."""
 
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import activations as _act
+from . import batchnorm as _bn
 from . import cross_entropy as _ce
 from . import cuda_ext as _cuda
 from .gemm import gemm as _gemm_fn
@@ -116,11 +119,24 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: st
 
 # ---------------------------------------------------------------- elementwise activation
 
+def channels_last_4d(t: Tensor) -> bool:
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _nhwc(t: Tensor) -> Tensor:
+    """A channels_last tensor as the contiguous (N, H, W, C) view of the same memory: the elementwise kernels
+    index flat memory, so they run on it without the copy to and from NCHW that .contiguous() would make."""
+    return t.permute(0, 2, 3, 1) if channels_last_4d(t) else t
+
+
 @torch.library.custom_op("cudacnn::activation", mutates_args=())
 def _activation(x: Tensor, kind: str, backend: str) -> Tensor:
+    out = torch.empty_like(x)  # x's layout: a conv net's channels_last activations stay channels_last
     if _use_cuda(backend, x):
-        return _cuda.cuda_activation_forward(x, kind)
-    return _act.activation_forward(x, kind)
+        _cuda.cuda_activation_forward(_nhwc(x), kind, out=_nhwc(out))
+    else:
+        _act.activation_forward(_nhwc(x), kind, out=_nhwc(out))
+    return out
 
 
 @_activation.register_fake
@@ -130,9 +146,14 @@ def _(x, kind, backend):
 
 @torch.library.custom_op("cudacnn::activation_backward", mutates_args=())
 def _activation_backward(grad_y: Tensor, x: Tensor, kind: str, backend: str) -> Tensor:
+    out = torch.empty_like(x)
+    if channels_last_4d(x):
+        grad_y = grad_y.contiguous(memory_format=torch.channels_last)
     if _use_cuda(backend, x):
-        return _cuda.cuda_activation_backward(grad_y, x, kind)
-    return _act.activation_backward(grad_y, x, kind)
+        _cuda.cuda_activation_backward(_nhwc(grad_y), _nhwc(x), kind, out=_nhwc(out))
+    else:
+        _act.activation_backward(_nhwc(grad_y), _nhwc(x), kind, out=_nhwc(out))
+    return out
 
 
 @_activation_backward.register_fake
@@ -200,3 +221,97 @@ def cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0,
     grad = torch.is_grad_enabled() and logits.requires_grad
     loss, _ = _cross_entropy(logits, targets, float(label_smoothing), reduction, grad)
     return loss
+
+
+# ---------------------------------------------------------------- fused BatchNorm + residual + activation + pool
+# Two ops: batchnorm_stats mutates the running statistics (torch.library allows no autograd formula on a
+# mutating op) and returns the batch's (mean, rstd), constants for autograd; batchnorm_act is functional and its
+# backward adds the batch statistics' gradient terms itself (training=True).
+
+@torch.library.custom_op("cudacnn::batchnorm_stats", mutates_args=("running_mean", "running_var"))
+def _batchnorm_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float,
+                     eps: float) -> tuple[Tensor, Tensor]:
+    return _bn.statistics(x, running_mean, running_var, momentum, eps)
+
+
+@_batchnorm_stats.register_fake
+def _(x, running_mean, running_var, momentum, eps):
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty((x.shape[1],), dtype=dtype), x.new_empty((x.shape[1],), dtype=dtype)
+
+
+@torch.library.custom_op("cudacnn::batchnorm_act", mutates_args=())
+def _batchnorm_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
+                   mean: Tensor, rstd: Tensor, training: bool, normalize: bool, activation: str,
+                   pool: bool) -> Tensor:
+    return _bn.apply(x, weight, bias, residual, mean, rstd, normalize, activation, pool)
+
+
+@_batchnorm_act.register_fake
+def _(x, weight, bias, residual, mean, rstd, training, normalize, activation, pool):
+    return _bn.output_like(x, pool)
+
+
+@torch.library.custom_op("cudacnn::batchnorm_act_backward", mutates_args=())
+def _batchnorm_act_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                            residual: Optional[Tensor], mean: Tensor, rstd: Tensor, training: bool, normalize: bool,
+                            activation: str, pool: bool, needs_affine: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dx, dw, db, dres = _bn.backward(grad_y, x, weight, bias, residual, mean, rstd, training, normalize, activation,
+                                    pool, needs_affine)
+    return tuple(t if t is not None else _empty(x) for t in (dx, dw, db, dres))
+
+
+@_batchnorm_act_backward.register_fake
+def _(grad_y, x, weight, bias, residual, mean, rstd, training, normalize, activation, pool, needs_affine):
+    def grad_of(t, wanted=True):
+        return torch.empty_like(t) if t is not None and wanted else x.new_empty((0,))
+
+    affine = needs_affine and normalize
+    return torch.empty_like(x), grad_of(weight, affine), grad_of(bias, affine), grad_of(residual)
+
+
+def _batchnorm_act_setup(ctx, inputs, output):
+    x, weight, bias, residual, mean, rstd, training, normalize, activation, pool = inputs
+    ctx.save_for_backward(x, weight, bias, residual, mean, rstd)
+    ctx.config = (training, normalize, activation, pool)
+
+
+def _batchnorm_act_grad(ctx, grad_y):
+    x, weight, bias, residual, mean, rstd = ctx.saved_tensors
+    training, normalize, activation, pool = ctx.config
+    needs_x, needs_w, needs_b, needs_res = ctx.needs_input_grad[:4]
+    dx, dw, db, dres = _batchnorm_act_backward(grad_y, x, weight, bias, residual, mean, rstd, training, normalize,
+                                               activation, pool, needs_w or needs_b)
+    return (dx if needs_x else None, dw if needs_w else None, db if needs_b else None,
+            dres if needs_res else None, None, None, None, None, None, None)
+
+
+_batchnorm_act.register_autograd(_batchnorm_act_grad, setup_context=_batchnorm_act_setup)
+
+
+def batchnorm_act(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None = None,
+                  running_mean: Tensor | None = None, running_var: Tensor | None = None, training: bool = True,
+                  momentum: float = 0.1, eps: float = 1e-5, activation: str = "none", pool: bool = False,
+                  backend: str = "triton", normalize: bool = True) -> Tensor:
+    """maxpool2x2?(act(batch_norm(x) + residual)) on 4-D x, like F.batch_norm's arguments: batch statistics
+    in training (updating the running ones in place when given), the running ones otherwise. normalize=False
+    leaves out the BatchNorm (act + residual + pool). Backends "triton" and "cuda" both run the Triton
+    kernels (there is no CUDA C++ BatchNorm); "torch" the PyTorch modules' functions."""
+    if backend == "torch":
+        if normalize:
+            x = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+        if residual is not None:
+            x = x + residual
+        x = _act.reference_forward(x, activation) if activation != "none" else x
+        return F.max_pool2d(x, 2) if pool else x
+    _bn.check_inputs(x, weight, bias, residual, activation, pool, training and normalize)  # before any kernel
+    if not normalize:
+        mean = rstd = x.new_empty((0,), dtype=torch.float32)
+        training = False
+    elif training:
+        mean, rstd = _batchnorm_stats(x.detach(), running_mean, running_var, float(momentum), float(eps))
+    else:
+        if running_mean is None or running_var is None:
+            raise ValueError("batchnorm_act with training=False needs running_mean and running_var")
+        mean, rstd = _bn.running_stats(running_mean, running_var, eps, x.dtype)
+    return _batchnorm_act(x, weight, bias, residual, mean, rstd, training, normalize, activation, pool)

@@ -47,13 +47,21 @@ class ConvGroup(nn.Module):
         self.convs = nn.ModuleList([Conv(cin, cout)] + [Conv(cout, cout) for _ in range(depth - 1)])
         self.norms = nn.ModuleList([BatchNorm(cout, bn_momentum) for _ in range(depth)])
 
+    @staticmethod
+    def norm_gelu(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """gelu(norm(x) + residual). A norm whose `activation` is "gelu" (kernels.BatchNormAct, put in by
+        kernels.swap_modules) applies the add and the GELU itself, in one fused kernel."""
+        if getattr(norm, "activation", None) == "gelu":
+            return norm(x, residual)
+        x = norm(x)
+        return F.gelu(x if residual is None else x + residual)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.gelu(self.norms[0](F.max_pool2d(self.convs[0](x), 2)))
+        x = self.norm_gelu(self.norms[0], F.max_pool2d(self.convs[0](x), 2))
         first = x
         for conv, norm in zip(self.convs[1:-1], self.norms[1:-1]):
-            x = F.gelu(norm(conv(x)))
-        x = self.norms[-1](self.convs[-1](x))
-        return F.gelu(x + first if self.residual else x)
+            x = self.norm_gelu(norm, conv(x))
+        return self.norm_gelu(self.norms[-1], self.convs[-1](x), first if self.residual else None)
 
 
 class FastNet(nn.Module):

@@ -114,7 +114,8 @@ class Trainer:
         if c.kernels != "torch":
             from cudacnn.kernels import cross_entropy_loss, swap_modules
 
-            self.model = swap_modules(self.model, c.kernels)
+            # SyncBatchNorm conversion below would drop the activation a fused BatchNormAct carries: keep BN then
+            self.model = swap_modules(self.model, c.kernels, batchnorm=not (c.sync_bn and self.dist.enabled))
             self.criterion = cross_entropy_loss(c.kernels, c.label_smoothing)
         else:
             self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=c.label_smoothing)

@@ -1,0 +1,264 @@
+"""`cudacnn bench cnn-kernels`: the fused BatchNorm + activation (+ residual) (+ 2x2 max-pool) kernels at the
+zoo's real shapes, and what they change end to end in `cudacnn train`.
+
+1. Per op (bf16, channels_last, BatchNorm in training mode with float32 parameters, as under autocast):
+   forward and forward + backward of ours (kernels.BatchNormAct / ActivationPool) against eager PyTorch
+   (cuDNN BatchNorm, then the activation, the add and F.max_pool2d) and against torch.compile of that same
+   reference. Bandwidth counts each tensor read or written once (forward: x, residual, y; backward: x, dy,
+   residual, dx, d residual), as a fraction of a measured device-to-device copy.
+2. End to end: the epoch time of the presets with --kernels torch and --kernels triton, eager and compiled:
+   the Trainer of `cudacnn train` (its _train_epoch, the code path of every epoch), on a seeded subset of
+   the training set, one warm-up epoch (compilation, cuDNN autotuning) and then timed epochs, scaled to the
+   full training set.
+3. Optionally (--accuracy-seeds N): full trainings of the presets, N seeds each, torch vs triton kernels:
+   the test accuracies should agree within seed noise.
+
+Every time is harness.time_fn / harness.Timer (CUDA events)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cudacnn.bench.harness import Stats, Timer, time_fn
+from cudacnn.bench.report import measurement, result_row
+
+log = logging.getLogger(__name__)
+
+# (label, (N, C, H, W), activation, residual, pool, normalize): the zoo's BatchNorms at its presets' batches
+OP_CASES = [
+    ("smallnet s1 conv1 BN+ReLU", (256, 64, 32, 32), "relu", False, False, True),
+    ("smallnet s1 conv2 BN+ReLU+pool", (256, 64, 32, 32), "relu", False, True, True),
+    ("smallnet s3 conv2 BN+ReLU+pool", (256, 256, 8, 8), "relu", False, True, True),
+    ("resnet18 layer1 bn1 BN+ReLU", (512, 64, 32, 32), "relu", False, False, True),
+    ("resnet18 layer1 bn2 BN+add+ReLU", (512, 64, 32, 32), "relu", True, False, True),
+    ("resnet18 layer2 downsample BN", (512, 128, 16, 16), "none", False, False, True),
+    ("resnet18 layer4 bn2 BN+add+ReLU", (512, 512, 4, 4), "relu", True, False, True),
+    ("bn_dropout b1 conv1 BN+ReLU", (256, 32, 32, 32), "relu", False, False, True),
+    ("bn_dropout b1 conv2 ReLU+pool", (256, 32, 30, 30), "relu", False, True, False),
+    ("fast96 g1 BN+GELU", (2000, 128, 16, 16), "gelu", False, False, True),
+    ("fast96 g2 last BN+add+GELU", (2000, 512, 8, 8), "gelu", True, False, True),
+]
+PRESETS = ("smallnet-plus", "resnet18-cifar", "bn-dropout-plus")
+
+
+def copy_bandwidth_gbps(device="cuda", dtype=torch.bfloat16, n: int = 1 << 27) -> float:
+    """Device-to-device copy bandwidth (read + write), the ceiling of a memory-bound kernel."""
+    x = torch.randn(n, device=device).to(dtype)
+    y = torch.empty_like(x)
+    stats = time_fn(lambda: y.copy_(x), device, warmup=3, repeats=20)
+    return 2 * x.numel() * x.element_size() / (stats.median_ms * 1e-3) / 1e9
+
+
+def reference_fn(bn: nn.BatchNorm2d | None, activation: str, pool: bool):
+    """Eager PyTorch's version of the fused op: cuDNN BatchNorm, add, activation, max-pool."""
+    from cudacnn.kernels.activations import reference_forward
+
+    def forward(x, residual=None):
+        z = bn(x) if bn is not None else x
+        if residual is not None:
+            z = z + residual
+        if activation != "none":
+            z = reference_forward(z, activation)
+        return F.max_pool2d(z, 2) if pool else z
+
+    return forward
+
+
+def _op_rows(label, shape, activation, residual, pool, normalize, copy_gbps, compile, warmup, repeats, device):
+    from cudacnn.kernels import ActivationPool, BatchNormAct
+
+    n, c, h, w = shape
+    dtype = torch.bfloat16
+    x = torch.randn(shape, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+    res = torch.randn_like(x) if residual else None
+    if normalize:
+        bn_ref = nn.BatchNorm2d(c, device=device)
+        ours = BatchNormAct.from_torch(copy.deepcopy(bn_ref), activation, pool)
+        params = [ours.weight, ours.bias]
+    else:
+        bn_ref, ours, params = None, ActivationPool(activation), []
+    ref = reference_fn(bn_ref, activation, pool)
+    variants = {"eager PyTorch": (ref, list(bn_ref.parameters()) if bn_ref is not None else [])}
+    if compile:
+        torch._dynamo.reset()
+        bn_compiled = copy.deepcopy(bn_ref)
+        variants["torch.compile"] = (torch.compile(reference_fn(bn_compiled, activation, pool)),
+                                     list(bn_compiled.parameters()) if bn_compiled is not None else [])
+    variants["ours"] = (ours, params)
+    xg = x.detach().requires_grad_()
+    rg = res.detach().requires_grad_() if res is not None else None
+    dy = torch.randn_like(ours(x, res) if normalize else ours(x))
+    fwd, both = {}, {}
+    for name, (fn, weights) in variants.items():
+        call = (lambda fn=fn: fn(x, res)) if normalize else (lambda fn=fn: fn(x))
+        inputs = [t for t in (xg, rg) if t is not None] + [p for p in weights if p.requires_grad]
+
+        def step(fn=fn, inputs=inputs):
+            y = fn(xg, rg) if normalize else fn(xg)
+            torch.autograd.grad(y, inputs, dy)
+
+        with torch.no_grad():
+            fwd[name] = time_fn(call, device, warmup=warmup, repeats=repeats)
+        both[name] = time_fn(step, device, warmup=warmup, repeats=repeats)
+    elem = x.element_size()
+    big, small = x.numel() * elem, dy.numel() * elem
+    fwd_bytes = big * (2 if residual else 1) + small
+    bwd_bytes = big * (2 if residual else 1) + small + big * (2 if residual else 1)  # x (res), dy; dx (dres)
+    rows = []
+    summary = {"name": label, "group": "ours: bandwidth (fraction of a device copy) and speedups"}
+    for direction, stats, nbytes in (("forward", fwd, fwd_bytes), ("forward+backward", both, fwd_bytes + bwd_bytes)):
+        gbps = nbytes / (stats["ours"].median_ms * 1e-3) / 1e9
+        info = dict(shape=list(shape), dtype="bf16", layout="channels_last", activation=activation,
+                    residual=residual, pool=pool, batchnorm=normalize, bytes=nbytes, ours_gbps=round(gbps, 1),
+                    of_copy_bandwidth=round(gbps / copy_gbps, 3))
+        for name, s in stats.items():
+            info[f"vs {name}"] = round(s.median_ms / stats["ours"].median_ms, 3)
+        rows.append(result_row(f"{label} {direction}", "fused BN + act (+ add) (+ pool), bf16 channels_last",
+                               {k: measurement(v) for k, v in stats.items()}, **info))
+        short = "fwd" if direction == "forward" else "fwd+bwd"
+        summary[f"{short} GB/s"] = round(gbps, 1)
+        summary[f"{short} of copy"] = round(gbps / copy_gbps, 3)
+        for name, s in stats.items():
+            if name != "ours":
+                summary[f"{short} vs {name}"] = round(s.median_ms / stats["ours"].median_ms, 3)
+        log.info("%-40s %-17s ours %.3f ms (%.0f GB/s, %.2f of copy); eager %.3f ms%s", label, direction,
+                 stats["ours"].median_ms, gbps, gbps / copy_gbps, stats["eager PyTorch"].median_ms,
+                 f"; compiled {stats['torch.compile'].median_ms:.3f} ms" if "torch.compile" in stats else "")
+    return rows + [summary]
+
+
+def op_rows(compile: bool = True, warmup: int = 5, repeats: int = 30, only: str | None = None,
+            cases=OP_CASES, device="cuda", copy_elements: int = 1 << 27, on_rows=None) -> list[dict]:
+    """The per-op rows; on_rows(rows) after each case (the command saves what is done so far)."""
+    copy_gbps = copy_bandwidth_gbps(device, n=copy_elements)
+    log.info("device copy bandwidth: %.0f GB/s", copy_gbps)
+    rows = [{"name": "device copy bf16", "group": "bandwidth ceiling", "gbps": round(copy_gbps, 1)}]
+    if on_rows:
+        on_rows(rows[:1])
+    for label, shape, activation, residual, pool, normalize in cases:
+        if only and only not in label:
+            continue
+        new = _op_rows(label, shape, activation, residual, pool, normalize, copy_gbps, compile, warmup, repeats,
+                       device)
+        rows += new
+        if on_rows:
+            on_rows(new)
+        _release()
+    return rows
+
+
+def _release() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    torch._dynamo.reset()
+
+
+def _subset(dataset, n: int | None, seed: int = 0):
+    if not n or n >= len(dataset.train):
+        return dataset
+    index = np.sort(np.random.default_rng(seed).permutation(len(dataset.train))[:n])
+    return dataclasses.replace(dataset, train=dataset.train.subset(index))
+
+
+def epoch_times(preset: str, kernels: str, compile: bool, dataset, full_train: int, data: str | None,
+                timed_epochs: int = 2, device: str = "cuda") -> tuple[Stats, dict]:
+    """Epoch times (ms, scaled to `full_train` images) of `cudacnn train --preset P --kernels K [--compile]`,
+    after one warm-up epoch."""
+    from cudacnn.train.config import resolve
+    from cudacnn.train.trainer import Trainer, make_progress
+
+    with tempfile.TemporaryDirectory(prefix="cudacnn-cnn-kernels-") as scratch:
+        config = resolve(preset, None, dict(kernels=kernels, compile=compile, data=data, out=scratch,
+                                            epochs=1 + timed_epochs, device=device))
+        trainer = Trainer(config, run_dir=Path(scratch), dataset=dataset, quiet=True)
+        samples = []
+        with make_progress(True) as progress:
+            trainer._train_epoch(0, progress)
+            for epoch in range(1, 1 + timed_epochs):
+                with Timer(trainer.device) as timer:
+                    record = trainer._train_epoch(epoch, progress)
+                samples.append(timer.ms * full_train / len(trainer.train_loader.labels))
+        fused = sum(type(m).__name__ in ("BatchNormAct", "ActivationPool") for m in trainer.model.modules())
+        info = {"steps_timed": len(trainer.train_loader), "train_loss": round(record["train_loss"], 4),
+                "fused_modules": fused}
+        del trainer
+    _release()
+    return Stats.of(samples), info
+
+
+def train_rows(dataset, presets=PRESETS, compile_modes=(False, True), train_images: int = 10240,
+               data: str | None = None, device: str = "cuda", on_rows=None) -> list[dict]:
+    short = _subset(dataset, train_images)
+    rows = []
+    for preset in presets:
+        for compile in compile_modes:
+            runs, infos = {}, {}
+            for kernels in ("torch", "triton"):
+                stats, info = epoch_times(preset, kernels, compile, short, len(dataset.train), data, device=device)
+                runs[f"--kernels {kernels}"], infos[kernels] = measurement(stats), info
+                log.info("%s %s --kernels %s: %.3f s / epoch (%s)", preset, "compiled" if compile else "eager",
+                         kernels, stats.median_ms / 1e3, info)
+            rows.append(result_row(f"{preset} epoch, {'compiled' if compile else 'eager'}: torch vs triton kernels",
+                                   f"cudacnn train --preset {preset} epoch ({len(short.train)} images timed, "
+                                   f"scaled to {len(dataset.train)})", runs, compile=compile, **{
+                                       f"{k}_{key}": v for k, info in infos.items() for key, v in info.items()}))
+            if on_rows:
+                on_rows(rows[-1:])
+    return rows
+
+
+def accuracy_rows(dataset, presets=PRESETS, seeds: int = 3, epochs: int | None = None,
+                  data: str | None = None, device: str = "cuda", on_rows=None) -> list[dict]:
+    """Test accuracy of full trainings, torch vs triton kernels, `seeds` seeds each."""
+    from cudacnn.train.config import resolve
+    from cudacnn.train.trainer import Trainer
+
+    rows = []
+    for preset in presets:
+        accs = {}
+        for kernels in ("torch", "triton"):
+            accs[kernels] = []
+            for seed in range(seeds):
+                with tempfile.TemporaryDirectory(prefix="cudacnn-cnn-kernels-") as scratch:
+                    config = resolve(preset, None, dict(kernels=kernels, seed=seed, epochs=epochs, data=data,
+                                                        out=scratch, device=device))
+                    result = Trainer(config, run_dir=Path(scratch), dataset=dataset, quiet=True).fit()
+                accs[kernels].append(result.test_accuracy)
+                log.info("%s --kernels %s seed %d: test accuracy %.4f", preset, kernels, seed, result.test_accuracy)
+                _release()
+        row = {"name": f"{preset} accuracy, torch vs triton kernels", "group": "same accuracy check",
+               "epochs": epochs or "preset's", "seeds": seeds}
+        for kernels, values in accs.items():
+            row[f"{kernels}_accuracies"] = [round(a, 4) for a in values]
+            row[f"{kernels}_mean"] = round(float(np.mean(values)), 4)
+            row[f"{kernels}_std"] = round(float(np.std(values)), 4)
+        rows.append(row)
+        if on_rows:
+            on_rows([row])
+    return rows
+
+
+def add_options(p) -> None:
+    p.add_argument("--data", help="data source (default: CUDACNN_DATA, else official CIFAR-10)")
+    p.add_argument("--cache-dir", type=Path, help="decoded-cache folder (default: CUDACNN_CACHE)")
+    p.add_argument("--no-ops", action="store_true", help="skip the per-op rows")
+    p.add_argument("--no-epochs", action="store_true", help="skip the end-to-end epoch rows")
+    p.add_argument("--no-compile", action="store_true", help="no torch.compile rows (ops and epochs)")
+    p.add_argument("--op", help="only the per-op cases whose label contains this text")
+    p.add_argument("--presets", default=",".join(PRESETS), help="comma-separated presets to time end to end")
+    p.add_argument("--train-images", type=int, default=10240,
+                   help="images an epoch trains on for the timing (a seeded subset; times scaled to the full set)")
+    p.add_argument("--accuracy-seeds", type=int, default=0,
+                   help="also train each preset fully with torch and triton kernels, this many seeds each")
+    p.add_argument("--accuracy-epochs", type=int, help="epochs of those trainings (default: the preset's)")

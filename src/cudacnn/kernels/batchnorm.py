@@ -1,0 +1,599 @@
+"""Fused BatchNorm + residual add + activation + 2x2 max-pool, forward and backward:
+    y = maxpool2x2(act((x - mean) * rstd * weight + bias + residual))      (pool, residual optional)
+with batch statistics in training (and the running-stat update PyTorch does: momentum, unbiased variance)
+or the running statistics in eval. With normalize=False the kernels apply only act (+ residual) (+ pool).
+
+x is any 4-D layout (strides are arguments); NHWC (channels_last) is the fast one: a program owns a tile
+of BLOCK_P positions x BLOCK_C channels, channels the contiguous axis. Math is float32 whatever the
+storage dtype.
+
+Forward, training: _stats_kernel reads x once, each program merging its tiles' (mean, M2) with Chan's
+formula (no E[x^2] - mean^2 cancellation) into one partial per channel; _finalize_kernel combines the
+partials, writes mean and 1/std and updates the running statistics in place; _apply_kernel reads x (and
+the residual) again and writes only y (pooled when pooling). Nothing else is saved: backward recomputes
+the normalized value, the activation and the pool's argmax from x.
+Backward: _backward_kernel (PHASE 0) reads x and dy and writes per-program partial sums of dz and
+dz * xhat per channel (dz = gradient at the activation's input, routed through the pool's argmax); their
+sum gives d bias and d weight; PHASE 1 reads x and dy again and writes dx (and d residual = dz).
+
+The pool takes the first maximum of each window (row-major), comparing the activations rounded to the
+output dtype, as PyTorch's max_pool2d does on the rounded tensor; forward and backward recompute z with
+the same code, so they agree on the argmax."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from . import activations as _act
+from ._runtime import interpreting, tl, triton, use_triton
+from .activations import _act_fwd, _act_grad, activation_code
+
+BUILT_FOR_INTERPRETER = interpreting()
+
+
+def pooled_shape(x_shape) -> tuple[int, int, int, int]:
+    n, c, h, w = x_shape
+    return n, c, h // 2, w // 2
+
+
+def output_like(x: torch.Tensor, pool: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The output buffer: x's layout (channels_last stays channels_last), pooled when pooling. Shared by
+    the op and its fake implementation so that torch.compile sees the strides the kernel writes."""
+    dtype = dtype or x.dtype
+    if not pool:
+        return torch.empty_like(x, dtype=dtype)
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(pooled_shape(x.shape), dtype=dtype, device=x.device, memory_format=fmt)
+
+
+def check_inputs(x, weight, bias, residual, activation: str, pool: bool, training: bool) -> None:
+    activation_code(activation)
+    if x.dim() != 4:
+        raise ValueError(f"batchnorm_act takes a 4-D (N, C, H, W) tensor; got shape {tuple(x.shape)}")
+    c = x.shape[1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and tuple(t.shape) != (c,):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected ({c},) for {c} channels")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual shape {tuple(residual.shape)} != input shape {tuple(x.shape)}")
+    if training and x.numel() // max(c, 1) <= 1:
+        raise ValueError(f"batch statistics need more than 1 value per channel; got input {tuple(x.shape)}")
+
+
+# ---------------------------------------------------------------- reference (plain PyTorch)
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _apply_reference(x, weight, bias, residual, mean, rstd, activation, pool, normalize, out_dtype):
+    cd = _compute_dtype(x)
+    z = x.to(cd)
+    if normalize:
+        per_channel = (1, -1, 1, 1)
+        z = (z - mean.to(cd).view(per_channel)) * rstd.to(cd).view(per_channel)
+        if weight is not None:
+            z = z * weight.to(cd).view(per_channel)
+        if bias is not None:
+            z = z + bias.to(cd).view(per_channel)
+    if residual is not None:
+        z = z + residual.to(cd)
+    a = _act.reference_forward(z, activation).to(out_dtype)
+    return F.max_pool2d(a, 2) if pool else a
+
+
+def _batch_stats(x, eps):
+    xf = x.to(_compute_dtype(x))
+    var, mean = torch.var_mean(xf, dim=(0, 2, 3), correction=0)
+    return mean, torch.rsqrt(var + eps), var
+
+
+def reference_statistics(x, running_mean, running_var, momentum: float, eps: float):
+    """(mean, rstd) of the batch; the running statistics updated as F.batch_norm does."""
+    mean, rstd, var = _batch_stats(x, eps)
+    if running_mean is not None:
+        count = x.numel() // x.shape[1]
+        with torch.no_grad():
+            running_mean.mul_(1 - momentum).add_((momentum * mean).to(running_mean.dtype))
+            running_var.mul_(1 - momentum).add_((momentum * var * (count / (count - 1))).to(running_var.dtype))
+    return mean, rstd
+
+
+def reference_forward(x, weight, bias, residual, running_mean, running_var, training: bool, normalize: bool,
+                      momentum: float, eps: float, activation: str, pool: bool):
+    """(y, mean, rstd) as the kernels compute them; updates the running statistics in training."""
+    if not normalize:
+        empty = x.new_empty((0,), dtype=torch.float32)
+        return _apply_reference(x, None, None, residual, None, None, activation, pool, False, x.dtype), empty, empty
+    if training:
+        mean, rstd = reference_statistics(x, running_mean, running_var, momentum, eps)
+    else:
+        mean, rstd = running_stats(running_mean, running_var, eps, x.dtype)
+    return _apply_reference(x, weight, bias, residual, mean, rstd, activation, pool, True, x.dtype), mean, rstd
+
+
+def reference_backward(grad_y, x, weight, bias, residual, mean, rstd, training: bool, normalize: bool,
+                       activation: str, pool: bool):
+    """(dx, dweight, dbias, dresidual), None where an input is None: BatchNorm's backward written out (autograd
+    does not record inside a custom op). In training mean and rstd are x's batch statistics, whose gradient
+    terms dx gets: rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat))."""
+    cd = _compute_dtype(x)
+    per_channel, dims = (1, -1, 1, 1), (0, 2, 3)
+    xhat = x.to(cd)
+    if normalize:
+        xhat = (xhat - mean.to(cd).view(per_channel)) * rstd.to(cd).view(per_channel)
+    w = weight.to(cd).view(per_channel) if normalize and weight is not None else None
+    z = xhat if w is None else xhat * w
+    if normalize and bias is not None:
+        z = z + bias.to(cd).view(per_channel)
+    if residual is not None:
+        z = z + residual.to(cd)
+    g = grad_y.to(cd)
+    if pool:  # the first maximum of each window, among the values rounded to the output dtype, gets dy
+        a = _act.reference_forward(z, activation).to(x.dtype).to(cd)
+        _, index = F.max_pool2d(a, 2, return_indices=True)
+        g = torch.zeros_like(a).flatten(2).scatter_(2, index.flatten(2), g.flatten(2)).view_as(a)
+    dz = _act.reference_backward(g, z, activation)
+    dx = dz if w is None else dz * w
+    dw = db = None
+    if normalize:
+        if training:
+            dx = dx - dx.mean(dims, keepdim=True) - xhat * (dx * xhat).mean(dims, keepdim=True)
+        dx = dx * rstd.to(cd).view(per_channel)
+        dw = (dz * xhat).sum(dims).to(weight.dtype) if weight is not None else None
+        db = dz.sum(dims).to(bias.dtype) if bias is not None else None
+    return dx.to(x.dtype), dw, db, dz.to(residual.dtype) if residual is not None else None
+
+
+# ---------------------------------------------------------------- Triton
+
+@triton.jit
+def _rows(m, HW, W, sN, sH, sW):
+    """Memory offset of flat position m = (n * H + h) * W + w (int64)."""
+    n = m // HW
+    hw = m - n * HW
+    h = hw // W
+    w = hw - h * W
+    return n.to(tl.int64) * sN + h.to(tl.int64) * sH + w.to(tl.int64) * sW
+
+
+@triton.jit
+def _stats_kernel(x_ptr, mean_part_ptr, m2_part_ptr, M, C, HW, W, sN, sC, sH, sW, rows_per_prog,
+                  BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_m = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    c_off = c.to(tl.int64) * sC
+    start = pid_m * rows_per_prog
+    end = tl.minimum(start + rows_per_prog, M)
+    mean = tl.zeros((BLOCK_C,), tl.float32)
+    m2 = tl.zeros((BLOCK_C,), tl.float32)
+    for m0 in range(start, end, BLOCK_M):
+        m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = m < end
+        mask = m_ok[:, None] & c_ok[None, :]
+        x = tl.load(x_ptr + _rows(m, HW, W, sN, sH, sW)[:, None] + c_off[None, :], mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        seen = (m0 - start).to(tl.float32)  # rows merged so far: every earlier block was full
+        count = tl.minimum(end - m0, BLOCK_M).to(tl.float32)
+        block_mean = tl.sum(x, axis=0) / count
+        d = tl.where(mask, x - block_mean[None, :], 0.0)
+        delta = block_mean - mean
+        total = seen + count
+        mean += delta * (count / total)
+        m2 += tl.sum(d * d, axis=0) + delta * delta * (seen * count / total)
+    tl.store(mean_part_ptr + pid_m * C + c, mean, mask=c_ok)
+    tl.store(m2_part_ptr + pid_m * C + c, m2, mask=c_ok)
+
+
+@triton.jit
+def _finalize_kernel(mean_part_ptr, m2_part_ptr, mean_ptr, rstd_ptr, rm_ptr, rv_ptr, P, C, M, rows_per_prog,
+                     momentum, eps, UPDATE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    total = tl.zeros((BLOCK_C,), tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        p_ok = p < P
+        count = tl.where(p_ok, tl.minimum(M - p * rows_per_prog, rows_per_prog), 0).to(tl.float32)
+        mu = tl.load(mean_part_ptr + p[:, None] * C + c[None, :], mask=p_ok[:, None] & c_ok[None, :], other=0.0)
+        total += tl.sum(count[:, None] * mu, axis=0)
+    mean = total / M
+    m2 = tl.zeros((BLOCK_C,), tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        p_ok = p < P
+        count = tl.where(p_ok, tl.minimum(M - p * rows_per_prog, rows_per_prog), 0).to(tl.float32)
+        mask = p_ok[:, None] & c_ok[None, :]
+        mu = tl.load(mean_part_ptr + p[:, None] * C + c[None, :], mask=mask, other=0.0)
+        part = tl.load(m2_part_ptr + p[:, None] * C + c[None, :], mask=mask, other=0.0)
+        d = mu - mean[None, :]
+        m2 += tl.sum(part + count[:, None] * d * d, axis=0)
+    var = m2 / M
+    tl.store(mean_ptr + c, mean, mask=c_ok)
+    tl.store(rstd_ptr + c, 1.0 / tl.sqrt(var + eps), mask=c_ok)
+    if UPDATE:
+        rm = tl.load(rm_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+        rv = tl.load(rv_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+        rm = rm * (1.0 - momentum) + momentum * mean
+        rv = rv * (1.0 - momentum) + momentum * (m2 / (M - 1))  # PyTorch's running_var is unbiased
+        tl.store(rm_ptr + c, rm.to(rm_ptr.dtype.element_ty), mask=c_ok)
+        tl.store(rv_ptr + c, rv.to(rv_ptr.dtype.element_ty), mask=c_ok)
+
+
+@triton.jit
+def _channel_params(mean_ptr, rstd_ptr, w_ptr, b_ptr, c, c_ok, NORM: tl.constexpr, HAS_W: tl.constexpr,
+                    HAS_B: tl.constexpr, BLOCK_C: tl.constexpr):
+    mean = tl.zeros((BLOCK_C,), tl.float32)
+    rstd = tl.full((BLOCK_C,), 1.0, tl.float32)
+    wgt = tl.full((BLOCK_C,), 1.0, tl.float32)
+    bias = tl.zeros((BLOCK_C,), tl.float32)
+    if NORM:
+        mean = tl.load(mean_ptr + c, mask=c_ok, other=0.0)
+        rstd = tl.load(rstd_ptr + c, mask=c_ok, other=0.0)
+        if HAS_W:
+            wgt = tl.load(w_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+        if HAS_B:
+            bias = tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+    return mean, rstd, wgt, bias
+
+
+@triton.jit
+def _pre(x_ptr, res_ptr, x_off, r_off, mask, mean, rstd, wgt, bias, NORM: tl.constexpr, HAS_RES: tl.constexpr):
+    """(xhat, z): the normalized input and the activation's input, float32. The one place both directions
+    compute them, so the backward's recomputed pool argmax is the forward's."""
+    xhat = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
+    if NORM:
+        xhat = (xhat - mean[None, :]) * rstd[None, :]
+    z = xhat * wgt[None, :] + bias[None, :]
+    if HAS_RES:
+        z += tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
+    return xhat, z
+
+
+@triton.jit
+def _pooled_value(z, mask, KIND: tl.constexpr, FAST: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """The activation as max_pool2d compares it: rounded to the output dtype; -inf where masked."""
+    a = _act_fwd(z, KIND, FAST).to(OUT_DTYPE).to(tl.float32)
+    return tl.where(mask, a, float("-inf"))
+
+
+@triton.jit
+def _apply_kernel(x_ptr, res_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, P, C, PH, PW, H, W,
+                  sxN, sxC, sxH, sxW, srN, srC, srH, srW, syN, syC, syH, syW,
+                  NORM: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
+                  KIND: tl.constexpr, POOL: tl.constexpr, FAST: tl.constexpr,
+                  BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One program: BLOCK_P output positions (pooled ones when POOL; PH x PW is the output's H x W) x BLOCK_C
+    channels."""
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p_ok, c_ok = p < P, c < C
+    mask = p_ok[:, None] & c_ok[None, :]
+    mean, rstd, wgt, bias = _channel_params(mean_ptr, rstd_ptr, w_ptr, b_ptr, c, c_ok, NORM, HAS_W, HAS_B,
+                                            BLOCK_C)
+    n = p // (PH * PW)
+    hw = p - n * (PH * PW)
+    oh = hw // PW
+    ow = hw - oh * PW
+    n64 = n.to(tl.int64)
+    cx = c.to(tl.int64)[None, :] * sxC
+    cr = c.to(tl.int64)[None, :] * srC
+    out_ty = y_ptr.dtype.element_ty
+    if POOL:
+        best = tl.full((BLOCK_P, BLOCK_C), float("-inf"), tl.float32)
+        for i in tl.static_range(2):
+            for j in tl.static_range(2):
+                h64 = (2 * oh + i).to(tl.int64)
+                w64 = (2 * ow + j).to(tl.int64)
+                x_off = (n64 * sxN + h64 * sxH + w64 * sxW)[:, None] + cx
+                r_off = (n64 * srN + h64 * srH + w64 * srW)[:, None] + cr
+                _, z = _pre(x_ptr, res_ptr, x_off, r_off, mask, mean, rstd, wgt, bias, NORM, HAS_RES)
+                best = tl.maximum(best, _pooled_value(z, mask, KIND, FAST, out_ty))
+        y = best
+    else:
+        x_off = (n64 * sxN + oh.to(tl.int64) * sxH + ow.to(tl.int64) * sxW)[:, None] + cx
+        r_off = (n64 * srN + oh.to(tl.int64) * srH + ow.to(tl.int64) * srW)[:, None] + cr
+        _, z = _pre(x_ptr, res_ptr, x_off, r_off, mask, mean, rstd, wgt, bias, NORM, HAS_RES)
+        y = _act_fwd(z, KIND, FAST)
+    y_off = (n64 * syN + oh.to(tl.int64) * syH + ow.to(tl.int64) * syW)[:, None] + c.to(tl.int64)[None, :] * syC
+    tl.store(y_ptr + y_off, y.to(out_ty), mask=mask)
+
+
+@triton.jit
+def _backward_element(x_ptr, res_ptr, dx_ptr, dres_ptr, x_off, r_off, mask, dz, xhat, mean_dz, mean_dzx,
+                      rstd, wgt, acc_dz, acc_dzx, PHASE: tl.constexpr, TRAINING: tl.constexpr,
+                      NORM: tl.constexpr, HAS_RES: tl.constexpr):
+    """PHASE 0: add this element's dz and dz * xhat to the channel sums; PHASE 1: write dx (and dres)."""
+    dz = tl.where(mask, dz, 0.0)
+    if PHASE == 0:
+        acc_dz += tl.sum(dz, axis=0)
+        acc_dzx += tl.sum(dz * xhat, axis=0)
+    else:
+        dx = dz
+        if NORM:
+            if TRAINING:
+                dx = dz - mean_dz[None, :] - xhat * mean_dzx[None, :]
+            dx = dx * (rstd * wgt)[None, :]
+        tl.store(dx_ptr + x_off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if HAS_RES:
+            tl.store(dres_ptr + r_off, dz.to(dres_ptr.dtype.element_ty), mask=mask)
+    return acc_dz, acc_dzx
+
+
+@triton.jit
+def _backward_kernel(dy_ptr, x_ptr, res_ptr, dx_ptr, dres_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, sums_ptr,
+                     P, C, M, PH, PW, OH, OW, H, W, units_per_prog,
+                     sxN, sxC, sxH, sxW, srN, srC, srH, srW, sdN, sdC, sdH, sdW,
+                     PHASE: tl.constexpr, TRAINING: tl.constexpr, NORM: tl.constexpr, HAS_W: tl.constexpr,
+                     HAS_B: tl.constexpr, HAS_RES: tl.constexpr, KIND: tl.constexpr, POOL: tl.constexpr,
+                     FAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Units are input positions, or with POOL the ceil(H/2) x ceil(W/2) pool windows (PH x PW), so that
+    every input element is visited once; the (OH, OW) real windows get dy, rows/columns left over by an
+    odd H/W get dz = 0 (their dx still has the batch-statistics terms). PHASE 0 (units_per_prog units a
+    program) writes the partial sums (2, C) of program i at sums_ptr + 2 * C * i; PHASE 1 (one tile a
+    program) reads their totals at sums_ptr and writes dx and dres. dy's strides: sd*."""
+    pid_p = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    mean, rstd, wgt, bias = _channel_params(mean_ptr, rstd_ptr, w_ptr, b_ptr, c, c_ok, NORM, HAS_W, HAS_B,
+                                            BLOCK_C)
+    mean_dz = tl.zeros((BLOCK_C,), tl.float32)
+    mean_dzx = tl.zeros((BLOCK_C,), tl.float32)
+    if PHASE == 1:
+        if TRAINING:
+            mean_dz = tl.load(sums_ptr + c, mask=c_ok, other=0.0) / M
+            mean_dzx = tl.load(sums_ptr + C + c, mask=c_ok, other=0.0) / M
+        start = pid_p * BLOCK_P
+        end = tl.minimum(start + BLOCK_P, P)
+    else:
+        start = pid_p * units_per_prog
+        end = tl.minimum(start + units_per_prog, P)
+    acc_dz = tl.zeros((BLOCK_C,), tl.float32)
+    acc_dzx = tl.zeros((BLOCK_C,), tl.float32)
+    cx = c.to(tl.int64)[None, :] * sxC
+    cr = c.to(tl.int64)[None, :] * srC
+    cd = c.to(tl.int64)[None, :] * sdC
+    out_ty = dy_ptr.dtype.element_ty
+    for p0 in range(start, end, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        p_ok = p < end
+        n = p // (PH * PW)
+        hw = p - n * (PH * PW)
+        uh = hw // PW
+        uw = hw - uh * PW
+        n64 = n.to(tl.int64)
+        if POOL:
+            real = p_ok & (uh < OH) & (uw < OW)
+            d_off = (n64 * sdN + uh.to(tl.int64) * sdH + uw.to(tl.int64) * sdW)[:, None] + cd
+            dy = tl.load(dy_ptr + d_off, mask=real[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+            h0 = (2 * uh).to(tl.int64)
+            w0 = (2 * uw).to(tl.int64)
+            h1 = h0 + 1
+            w1 = w0 + 1
+            m00 = (p_ok[:, None] & c_ok[None, :])
+            m01 = m00 & (2 * uw + 1 < W)[:, None]
+            m10 = m00 & (2 * uh + 1 < H)[:, None]
+            m11 = m01 & (2 * uh + 1 < H)[:, None]
+            x00 = (n64 * sxN + h0 * sxH + w0 * sxW)[:, None] + cx
+            x01 = (n64 * sxN + h0 * sxH + w1 * sxW)[:, None] + cx
+            x10 = (n64 * sxN + h1 * sxH + w0 * sxW)[:, None] + cx
+            x11 = (n64 * sxN + h1 * sxH + w1 * sxW)[:, None] + cx
+            r00 = (n64 * srN + h0 * srH + w0 * srW)[:, None] + cr
+            r01 = (n64 * srN + h0 * srH + w1 * srW)[:, None] + cr
+            r10 = (n64 * srN + h1 * srH + w0 * srW)[:, None] + cr
+            r11 = (n64 * srN + h1 * srH + w1 * srW)[:, None] + cr
+            xh00, z00 = _pre(x_ptr, res_ptr, x00, r00, m00, mean, rstd, wgt, bias, NORM, HAS_RES)
+            xh01, z01 = _pre(x_ptr, res_ptr, x01, r01, m01, mean, rstd, wgt, bias, NORM, HAS_RES)
+            xh10, z10 = _pre(x_ptr, res_ptr, x10, r10, m10, mean, rstd, wgt, bias, NORM, HAS_RES)
+            xh11, z11 = _pre(x_ptr, res_ptr, x11, r11, m11, mean, rstd, wgt, bias, NORM, HAS_RES)
+            # the first maximum in row-major order takes the window's gradient, as in max_pool2d
+            best = _pooled_value(z00, m00, KIND, FAST, out_ty)
+            pick = tl.zeros((BLOCK_P, BLOCK_C), tl.int32)
+            v = _pooled_value(z01, m01, KIND, FAST, out_ty)
+            pick = tl.where(v > best, 1, pick)
+            best = tl.maximum(best, v)
+            v = _pooled_value(z10, m10, KIND, FAST, out_ty)
+            pick = tl.where(v > best, 2, pick)
+            best = tl.maximum(best, v)
+            v = _pooled_value(z11, m11, KIND, FAST, out_ty)
+            pick = tl.where(v > best, 3, pick)
+            dz = tl.where(pick == 0, dy, 0.0) * _act_grad(z00, KIND, FAST)
+            acc_dz, acc_dzx = _backward_element(x_ptr, res_ptr, dx_ptr, dres_ptr, x00, r00, m00, dz, xh00, mean_dz,
+                                                mean_dzx, rstd, wgt, acc_dz, acc_dzx, PHASE, TRAINING, NORM, HAS_RES)
+            dz = tl.where(pick == 1, dy, 0.0) * _act_grad(z01, KIND, FAST)
+            acc_dz, acc_dzx = _backward_element(x_ptr, res_ptr, dx_ptr, dres_ptr, x01, r01, m01, dz, xh01, mean_dz,
+                                                mean_dzx, rstd, wgt, acc_dz, acc_dzx, PHASE, TRAINING, NORM, HAS_RES)
+            dz = tl.where(pick == 2, dy, 0.0) * _act_grad(z10, KIND, FAST)
+            acc_dz, acc_dzx = _backward_element(x_ptr, res_ptr, dx_ptr, dres_ptr, x10, r10, m10, dz, xh10, mean_dz,
+                                                mean_dzx, rstd, wgt, acc_dz, acc_dzx, PHASE, TRAINING, NORM, HAS_RES)
+            dz = tl.where(pick == 3, dy, 0.0) * _act_grad(z11, KIND, FAST)
+            acc_dz, acc_dzx = _backward_element(x_ptr, res_ptr, dx_ptr, dres_ptr, x11, r11, m11, dz, xh11, mean_dz,
+                                                mean_dzx, rstd, wgt, acc_dz, acc_dzx, PHASE, TRAINING, NORM, HAS_RES)
+        else:
+            mask = p_ok[:, None] & c_ok[None, :]
+            h64 = uh.to(tl.int64)
+            w64 = uw.to(tl.int64)
+            x_off = (n64 * sxN + h64 * sxH + w64 * sxW)[:, None] + cx
+            r_off = (n64 * srN + h64 * srH + w64 * srW)[:, None] + cr
+            d_off = (n64 * sdN + h64 * sdH + w64 * sdW)[:, None] + cd
+            dy = tl.load(dy_ptr + d_off, mask=mask, other=0.0).to(tl.float32)
+            xhat, z = _pre(x_ptr, res_ptr, x_off, r_off, mask, mean, rstd, wgt, bias, NORM, HAS_RES)
+            acc_dz, acc_dzx = _backward_element(
+                x_ptr, res_ptr, dx_ptr, dres_ptr, x_off, r_off, mask, dy * _act_grad(z, KIND, FAST), xhat,
+                mean_dz, mean_dzx, rstd, wgt, acc_dz, acc_dzx, PHASE, TRAINING, NORM, HAS_RES)
+    if PHASE == 0:
+        tl.store(sums_ptr + pid_p * 2 * C + c, acc_dz, mask=c_ok)
+        tl.store(sums_ptr + pid_p * 2 * C + C + c, acc_dzx, mask=c_ok)
+
+
+def _strides(t: torch.Tensor | None, like: torch.Tensor) -> tuple[int, int, int, int]:
+    return tuple((t if t is not None else like).stride())
+
+
+# Elements a tile (a pool window counts once) by (pool, backward), with 8 warps. Chosen from ptxas's register
+# counts for sm_90 (channel strides 1 and strides divisible by 16, as Triton specializes them for NHWC): the
+# forward tiles keep 16-byte vector loads at 64-74 registers; the backward's four recomputed window
+# elements need ~100 registers at half the tile, ~180 at the full one (one program an SM). Not yet timed.
+_TILE_ELEMENTS = {(False, False): 4096, (False, True): 2048, (True, False): 2048, (True, True): 1024}
+
+
+def _tiles(C: int, pool: bool, backward: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_P, BLOCK_C, num_warps): channels are NHWC's contiguous axis, so up to 64 of them (128 bytes in
+    16 bits) make each position's load one wide transaction."""
+    if interpreting():  # the interpreter's cost is per program: about 4K-element tiles (C = 20 spans two)
+        block_c = min(triton.next_power_of_2(C), 16 if C <= 32 else 128)
+        return max(4096 // block_c, 32), block_c, 4
+    block_c = min(triton.next_power_of_2(C), 64)
+    return _TILE_ELEMENTS[pool, backward] // block_c, block_c, 8
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _programs_per_channel_block(c_blocks: int, device: torch.device) -> int:
+    """Reduction programs a channel block: about 4 waves of the GPU in all."""
+    if device.type != "cuda":
+        return 2  # the interpreter: few programs, each merging several tiles (both levels of the reduction run)
+    return max(1, 4 * _multiprocessors(device) // c_blocks)
+
+
+def _fast(dtype: torch.dtype) -> bool:
+    return dtype != torch.float32  # 16-bit outputs take the cheaper GELU (see activations._normal_cdf_fast)
+
+
+def batch_stats(x: torch.Tensor, running_mean, running_var, momentum: float, eps: float):
+    """(mean, rstd) float32 of x's channels over N, H, W; updates the running statistics when given."""
+    N, C, H, W = x.shape
+    M = N * H * W
+    block_p, block_c, warps = _tiles(C, False)
+    c_blocks = triton.cdiv(C, block_c)
+    blocks = triton.cdiv(M, block_p)
+    rows_per_prog = triton.cdiv(blocks, min(blocks, _programs_per_channel_block(c_blocks, x.device))) * block_p
+    programs = triton.cdiv(M, rows_per_prog)
+    mean_part = torch.empty((programs, C), dtype=torch.float32, device=x.device)
+    m2_part = torch.empty_like(mean_part)
+    sN, sC, sH, sW = x.stride()
+    _stats_kernel[(programs, c_blocks)](x, mean_part, m2_part, M, C, H * W, W, sN, sC, sH, sW, rows_per_prog,
+                                        BLOCK_M=block_p, BLOCK_C=block_c, num_warps=warps)
+    mean = torch.empty(C, dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
+    update = running_mean is not None
+    fin_c = 16 if interpreting() else 128
+    _finalize_kernel[(triton.cdiv(C, fin_c),)](
+        mean_part, m2_part, mean, rstd, running_mean if update else mean, running_var if update else rstd,
+        programs, C, M, rows_per_prog, float(momentum), float(eps), UPDATE=update,
+        BLOCK_P=16 if interpreting() else 32, BLOCK_C=fin_c, num_warps=4)
+    return mean, rstd
+
+
+def _triton_ok(x: torch.Tensor) -> bool:
+    return use_triton(x) and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+
+
+def statistics(x, running_mean, running_var, momentum: float, eps: float):
+    """(mean, rstd) of x's channels over N, H, W (float32; float64 for float64 x); updates running_mean/var
+    in place when given."""
+    check_inputs(x, None, None, None, "none", False, True)
+    if not _triton_ok(x):
+        return reference_statistics(x, running_mean, running_var, momentum, eps)
+    return batch_stats(x, running_mean, running_var, momentum, eps)
+
+
+def apply(x, weight, bias, residual, mean, rstd, normalize: bool, activation: str, pool: bool) -> torch.Tensor:
+    """y = maxpool?(act((x - mean) * rstd * weight + bias + residual)) in x's dtype and layout; without
+    normalize, y = maxpool?(act(x + residual))."""
+    check_inputs(x, weight, bias, residual, activation, pool, False)
+    if not _triton_ok(x) or x.numel() == 0:
+        return _apply_reference(x, weight, bias, residual, mean, rstd, activation, pool, normalize, x.dtype)
+    N, C, H, W = x.shape
+    y = output_like(x, pool)
+    _, _, PH, PW = y.shape
+    P = N * PH * PW
+    if P:
+        block_p, block_c, warps = _tiles(C, pool)
+        _apply_kernel[(triton.cdiv(P, block_p), triton.cdiv(C, block_c))](
+            x, residual if residual is not None else x, y, mean, rstd,
+            weight if weight is not None else x, bias if bias is not None else x,
+            P, C, PH, PW, H, W, *x.stride(), *_strides(residual, x), *y.stride(),
+            NORM=normalize, HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None,
+            KIND=activation_code(activation), POOL=pool, FAST=_fast(y.dtype), BLOCK_P=block_p, BLOCK_C=block_c,
+            num_warps=warps)
+    return y
+
+
+def forward(x, weight, bias, residual, running_mean, running_var, training: bool, normalize: bool,
+            momentum: float, eps: float, activation: str, pool: bool):
+    """(y, mean, rstd): statistics() (training) or the running statistics (eval), then apply()."""
+    if not normalize:
+        mean = rstd = x.new_empty((0,), dtype=torch.float32)
+    elif training:
+        mean, rstd = statistics(x, running_mean, running_var, momentum, eps)
+    else:
+        if running_mean is None:
+            raise ValueError("eval-mode batchnorm_act needs running_mean and running_var")
+        mean, rstd = running_stats(running_mean, running_var, eps, x.dtype)
+    return apply(x, weight, bias, residual, mean, rstd, normalize, activation, pool), mean, rstd
+
+
+def running_stats(running_mean, running_var, eps: float, dtype: torch.dtype):
+    """Eval mode's (mean, rstd) from the running statistics."""
+    cd = torch.float64 if dtype == torch.float64 else torch.float32
+    return running_mean.to(cd), torch.rsqrt(running_var.to(cd) + eps)
+
+
+def backward(grad_y, x, weight, bias, residual, mean, rstd, training: bool, normalize: bool, activation: str,
+             pool: bool, needs_affine: bool = True):
+    """(dx, dweight, dbias, dresidual), None for an absent input (and for dweight/dbias without needs_affine).
+    mean/rstd are forward's outputs."""
+    if not normalize:
+        training = False
+    grad_y = grad_y.to(x.dtype)  # y's dtype: the pool's argmax is recomputed from values rounded to it
+    if grad_y.shape != (pooled_shape(x.shape) if pool else x.shape):
+        raise ValueError(f"grad_y has shape {tuple(grad_y.shape)}; the output of input {tuple(x.shape)} "
+                         f"{'pooled ' if pool else ''}has another")
+    if not _triton_ok(x) or x.numel() == 0:
+        dx, dw, db, dres = reference_backward(grad_y, x, weight, bias, residual, mean, rstd, training, normalize,
+                                              activation, pool)
+        return dx, dw if needs_affine else None, db if needs_affine else None, dres
+    N, C, H, W = x.shape
+    M = N * H * W
+    if pool:
+        PH, PW, OH, OW = (H + 1) // 2, (W + 1) // 2, H // 2, W // 2
+    else:
+        PH, PW, OH, OW = H, W, H, W
+    P = N * PH * PW
+    block_p, block_c, warps = _tiles(C, pool, backward=True)
+    c_blocks = triton.cdiv(C, block_c)
+    dx = torch.empty_like(x)
+    dres = torch.empty_like(residual) if residual is not None else None
+    common = dict(TRAINING=training, NORM=normalize, HAS_W=weight is not None, HAS_B=bias is not None,
+                  HAS_RES=residual is not None, KIND=activation_code(activation), POOL=pool,
+                  FAST=_fast(grad_y.dtype), BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
+    pointers = (grad_y, x, residual if residual is not None else x, dx, dres if dres is not None else dx, mean, rstd,
+                weight if weight is not None else x, bias if bias is not None else x)
+    strides = (*x.stride(), *_strides(residual, x), *grad_y.stride())
+    sums = None
+    if normalize and (training or needs_affine):
+        blocks = triton.cdiv(P, block_p)
+        units = triton.cdiv(blocks, min(blocks, _programs_per_channel_block(c_blocks, x.device))) * block_p
+        programs = triton.cdiv(P, units)
+        partial = torch.empty((programs, 2, C), dtype=torch.float32, device=x.device)
+        _backward_kernel[(programs, c_blocks)](*pointers, partial, P, C, M, PH, PW, OH, OW, H, W, units, *strides,
+                                               PHASE=0, **common)
+        sums = partial.sum(0)
+    _backward_kernel[(triton.cdiv(P, block_p), c_blocks)](
+        *pointers, sums if sums is not None else mean, P, C, M, PH, PW, OH, OW, H, W, block_p, *strides,
+        PHASE=1, **common)
+    dw = db = None
+    if sums is not None and needs_affine:
+        # copies, not views of `sums`: a custom op's outputs may not alias each other
+        dw = sums[1].to(weight.dtype, copy=True) if weight is not None else None
+        db = sums[0].to(bias.dtype, copy=True) if bias is not None else None
+    return dx, dw, db, dres
