@@ -68,15 +68,6 @@ def test_meta_file_without_class_names(tmp_path):
         read_source(write_folder(tmp_path / "x", files))
 
 
-def test_image_too_large_to_decode_safely(tmp_path, monkeypatch):
-    from PIL import Image
-
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 256)  # 32x32 is then over twice the limit: Pillow refuses
-    files, _ = image_folder_files()
-    with pytest.raises(DataError, match="0000.png is not a readable image.*decompression bomb"):
-        read_source(write_folder(tmp_path / "x", files))
-
-
 def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     files, _, _ = cifar10_python_files()
@@ -169,20 +160,6 @@ def test_missing_batch_file(tmp_path):
         read_source(write_folder(tmp_path / "x", files))
 
 
-def test_wrong_image_size(tmp_path):
-    files, _ = image_folder_files()
-    files["tiny/train/dog/0001.png"] = png_bytes(np.zeros((28, 30, 3), np.uint8) + 5)
-    with pytest.raises(DataError, match=r"0001.png is 30x28, expected 32x32"):
-        read_source(write_folder(tmp_path / "x", files))
-
-
-def test_wrong_image_mode(tmp_path):
-    files, _ = image_folder_files()
-    files["tiny/test/cat/0000.png"] = png_bytes(np.full((32, 32, 3), 9, np.uint8), mode="L")
-    with pytest.raises(DataError, match="0000.png has mode L, expected RGB"):
-        read_source(write_folder(tmp_path / "x", files))
-
-
 def test_corrupt_image(tmp_path):
     files, _ = image_folder_files()
     files["tiny/train/cat/0002.png"] = b"\x89PNG\r\n\x1a\n garbage"
@@ -196,7 +173,7 @@ def test_empty_class_folder(tmp_path):
     for png in (root / "tiny/test/frog").glob("*.png"):
         png.unlink()
     (root / "tiny/test/frog/notes.txt").write_text("no images here")
-    with pytest.raises(DataError, match="test/frog holds no .png/.jpg/.jpeg images"):
+    with pytest.raises(DataError, match=r"test/frog holds no images \(.png, .jpg"):
         read_source(root)
 
 
@@ -259,5 +236,5 @@ def test_download_unreachable_leaves_nothing(tmp_path):
 def test_existing_file_with_wrong_checksum_is_reported(tmp_path):
     (tmp_path / "c.tar.gz").write_bytes(b"not it")
     archive = OfficialArchive("cifar10", "file:///unused", "0" * 32, "c.tar.gz")
-    with pytest.raises(DataError, match="does not match the published MD5"):
+    with pytest.raises(DataError, match="has MD5 .*, not the published 0{32}; delete it"):
         download(archive, tmp_path, quiet=True)
