@@ -88,12 +88,13 @@ def test_image_folder_tree_and_tarball(tmp_path):
         assert_split(ds.test, *expected["test"])
 
 
-def test_shared_jpeg_set_loads_in_full(cifar_jpeg):
+def test_shared_jpeg_set_loads_in_full(cifar_jpeg, full_shared_set):
+    per_class = (5000, 1000) if full_shared_set else (200, 50)  # the shared set, or the bundled sample of it
     assert cifar_jpeg.classes == CIFAR10_CLASSES
-    assert len(cifar_jpeg.train) == 50_000 and len(cifar_jpeg.test) == 10_000
-    assert (cifar_jpeg.train.class_counts(10) == 5000).all()
-    assert (cifar_jpeg.test.class_counts(10) == 1000).all()
-    assert cifar_jpeg.train.images.shape == (50_000, 32, 32, 3)
+    assert len(cifar_jpeg.train) == 10 * per_class[0] and len(cifar_jpeg.test) == 10 * per_class[1]
+    assert (cifar_jpeg.train.class_counts(10) == per_class[0]).all()
+    assert (cifar_jpeg.test.class_counts(10) == per_class[1]).all()
+    assert cifar_jpeg.train.images.shape == (10 * per_class[0], 32, 32, 3)
 
 
 # ------------------------------------------------------------------ bad input
