@@ -140,8 +140,8 @@ def decode_image(item: tuple[str, bytes | Path], size: int = SIZE) -> np.ndarray
         with image:
             w, h = image.size  # from the header: nothing decoded yet
             if w * h > MAX_PIXELS:
-                return (f"{name} is {w}x{h} ({w * h / 1e6:.0f} megapixels), over the {MAX_PIXELS / 1e6:.0f} MP limit "
-                        "(a decompression bomb, or a huge scan); shrink it below the limit or remove it")
+                return (f"{name} is {w}x{h} ({w * h:,} pixels), over the limit of {MAX_PIXELS:,} (a decompression "
+                        "bomb, or a huge scan); shrink it below the limit or remove it")
             if image.format == "JPEG" and (w, h) != (size, size):
                 # decode at the smallest 1/2, 1/4 or 1/8 scale still at least size x size: far less work for
                 # a large photo, and the DCT scaling is itself an antialiased downscale
