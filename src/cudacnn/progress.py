@@ -15,6 +15,10 @@ log = logging.getLogger("cudacnn.progress")
 PLAIN_EVERY_S = 5.0
 
 
+def now() -> float:
+    return time.monotonic()
+
+
 def format_duration(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))
     h, rest = divmod(seconds, 3600)
@@ -25,8 +29,9 @@ class PlainProgress:
     """rich.Progress's add_task/update/advance/remove_task, printed as a log line at most every `every` seconds
     per task: 'description completed/total fields..., ETA m:ss'."""
 
-    def __init__(self, every: float = PLAIN_EVERY_S, clock=time.monotonic):
-        self.every, self.clock = every, clock
+    def __init__(self, every: float | None = None, clock=None):
+        self.every = PLAIN_EVERY_S if every is None else every
+        self.clock = clock or now
         self.tasks: dict[int, dict] = {}
 
     def __enter__(self) -> "PlainProgress":

@@ -149,7 +149,9 @@ def decode_image(item: tuple[str, bytes | Path], size: int = SIZE) -> np.ndarray
             image.load()
             image = ImageOps.exif_transpose(image)  # a phone photo stored sideways is shown, and learned, upright
             return fit_image(image, size)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError) as exc:
+    except Image.DecompressionBombError as exc:  # so large that Pillow refuses it already when reading the header
+        return (f"{name} is over the limit of {MAX_PIXELS:,} pixels ({exc}); shrink it below the limit or remove it")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         return f"{name} is not a readable image ({exc}); replace or remove it"
 
 
