@@ -94,8 +94,10 @@ def test_plain_progress_prints_at_most_every_few_seconds(caplog):
     with caplog.at_level(logging.INFO, logger="cudacnn.progress"):
         for done in (10, 20, 60, 70, 90):  # at t = 1, 2, 6, 7, 12
             plain.update(task, completed=done)
-    # shown at t = 6 (60 done in 6 s: 40 left at 10/s) and t = 12 (90 in 12 s: 10 left, 1.33 s)
-    assert [r.getMessage() for r in caplog.records] == ["decoding 60/100 images ETA 0:04",
+    # shown at once (t = 1: 10 done in 1 s, 90 left), then t = 6 (60 in 6 s: 40 left at 10/s) and t = 12
+    # (90 in 12 s: 10 left, 1.33 s); not at t = 2 or 7, under 5 s after the last line
+    assert [r.getMessage() for r in caplog.records] == ["decoding 10/100 images ETA 0:09",
+                                                        "decoding 60/100 images ETA 0:04",
                                                         "decoding 90/100 images ETA 0:01"]
 
 
@@ -105,13 +107,14 @@ def test_cpu_sized_cuts_the_default_recipe_to_the_budget(caplog):
     default = resolve("smallnet-plus", None, {})
     with caplog.at_level(logging.INFO):
         full = cpu_sized(default, 50_000)
-    assert full.epochs == round(IMAGE_BUDGET / 50_000) and full.model_kwargs["widths"] == CPU_WIDTHS
+    assert full.epochs == max(1, round(IMAGE_BUDGET / 50_000)) and full.model_kwargs["widths"] == CPU_WIDTHS
     assert caplog.records[-1].getMessage().startswith(f"no GPU: CPU-sized run of smallnet-plus: smallnet at widths "
-                                                      f"32-64-128, {full.epochs} epochs instead of {default.epochs}")
+                                                      f"32-64-128, {full.epochs} epochs instead of {default.epochs} "
+                                                      f"({full.epochs * 50_000:,} training images)")
     assert cpu_sized(default, 2_000).epochs == min(default.epochs, round(IMAGE_BUDGET / 2_000))
     assert cpu_sized(default, 10**7).epochs == 1  # at least one epoch
-    simple = cpu_sized(TrainConfig(model="simple", epochs=30), 50_000)
-    assert simple.model_kwargs == {} and simple.epochs == 2
+    simple = cpu_sized(TrainConfig(model="simple", epochs=30), 5_000)
+    assert simple.model_kwargs == {} and simple.epochs == round(IMAGE_BUDGET / 5_000)
 
 
 class FakeTrainer:
@@ -141,3 +144,8 @@ def test_the_cpu_sized_run_is_announced_and_planned(tmp_path, monkeypatch, caplo
     assert t.config.epochs == min(40, round(IMAGE_BUDGET / 100)) and t.config.model_kwargs["widths"] == CPU_WIDTHS
     assert t.model.fc.in_features == CPU_WIDTHS[-1]
     assert sum("no GPU: CPU-sized run" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_record_presets_refuse_another_image_size(tmp_path, capsys):
+    assert main(["train", "--preset", "fast94", "--image-size", "64", "--out", str(tmp_path)]) == 2
+    assert "the fast94 preset trains on 32x32 images; drop --image-size 64" in capsys.readouterr().err

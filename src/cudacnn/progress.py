@@ -26,13 +26,15 @@ def format_duration(seconds: float) -> str:
 
 
 class PlainProgress:
-    """rich.Progress's add_task/update/advance/remove_task, printed as a log line at most every `every` seconds
-    per task: 'description completed/total fields..., ETA m:ss'."""
+    """rich.Progress's add_task/update/advance/remove_task, printed as a log line 'description completed/total
+    fields... ETA m:ss': the first update at once (an ETA within seconds of the start), then at most one line
+    every `every` seconds."""
 
     def __init__(self, every: float | None = None, clock=None):
         self.every = PLAIN_EVERY_S if every is None else every
         self.clock = clock or now
         self.tasks: dict[int, dict] = {}
+        self.shown = -float("inf")
 
     def __enter__(self) -> "PlainProgress":
         return self
@@ -43,8 +45,7 @@ class PlainProgress:
     def add_task(self, description: str, total: float | None = None, **fields) -> int:
         task = len(self.tasks)
         now = self.clock()
-        self.tasks[task] = dict(description=description, total=total, completed=0, fields=fields, start=now,
-                                shown=now)
+        self.tasks[task] = dict(description=description, total=total, completed=0, fields=fields, start=now)
         return task
 
     def update(self, task: int, completed: float | None = None, advance: float | None = None, **fields) -> None:
@@ -55,8 +56,8 @@ class PlainProgress:
             state["completed"] += advance
         state["fields"].update(fields)
         now = self.clock()
-        if now - state["shown"] >= self.every:
-            state["shown"] = now
+        if now - self.shown >= self.every:
+            self.shown = now
             log.info("%s", self.line(task, now))
 
     def advance(self, task: int, advance: float = 1) -> None:

@@ -141,6 +141,10 @@ def run_train(args) -> int:
     if config.preset in FAST_PRESETS:  # before any run folder, sweep or launch
         from cudacnn.train.record import check_record_config
 
+        if config.image_size != 32:  # its nets and whitening are built for CIFAR's 32x32 images
+            raise ConfigError(f"the {config.preset} preset trains on 32x32 images; drop --image-size "
+                              f"{config.image_size} or choose another preset")
+
         check_record_config(config)
     if args.gpus > 1 and not inside_launch:
         if config.runs > 1:  # independent runs, one per GPU

@@ -10,9 +10,9 @@ import logging
 from cudacnn.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
-# About 100,000 training images (2 epochs of CIFAR-10, 40 of the bundled sample) at the narrow SmallNet's
-# 400-1,000 images/s on two cores with bf16 autocast: two to four minutes.
-IMAGE_BUDGET = 100_000
+# About 50,000 training images (one epoch of CIFAR-10, 25 of the bundled sample): one to four minutes at the
+# narrow SmallNet's 200-800 images/s on two cores with bf16 autocast.
+IMAGE_BUDGET = 50_000
 CPU_WIDTHS = [32, 64, 128]
 
 
@@ -21,7 +21,7 @@ def cpu_sized(config: TrainConfig, train_images: int) -> TrainConfig:
     a quarter of its width; the change is logged in one line."""
     epochs = max(1, min(config.epochs, round(IMAGE_BUDGET / max(1, train_images))))
     changes = {"epochs": epochs}
-    what = f"{epochs} epochs instead of {config.epochs}"
+    what = f"{epochs} epochs" + (f" instead of {config.epochs}" if epochs != config.epochs else "")
     if config.model == "smallnet" and "widths" not in config.model_kwargs:
         changes["model_kwargs"] = {**config.model_kwargs, "widths": CPU_WIDTHS}
         what = f"smallnet at widths {'-'.join(map(str, CPU_WIDTHS))}, " + what
