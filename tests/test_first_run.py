@@ -149,3 +149,10 @@ def test_the_cpu_sized_run_is_announced_and_planned(tmp_path, monkeypatch, caplo
 def test_record_presets_refuse_another_image_size(tmp_path, capsys):
     assert main(["train", "--preset", "fast94", "--image-size", "64", "--out", str(tmp_path)]) == 2
     assert "the fast94 preset trains on 32x32 images; drop --image-size 64" in capsys.readouterr().err
+
+
+def test_image_size_out_of_range_is_one_line(tmp_path, capsys):
+    assert main(["train", "--image-size", "4", "--out", str(tmp_path)]) == 2
+    assert "image-size must be from 8 to 1024 pixels" in capsys.readouterr().err
+    assert main(["train", "--image-size", "16", "--crop-pad", "16", "--out", str(tmp_path)]) == 2
+    assert "crop-pad must be below 16, the image size" in capsys.readouterr().err
