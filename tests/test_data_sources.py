@@ -13,7 +13,7 @@ from cifar_archives import (CIFAR10_CLASSES, Exploit, cifar10_binary_files, cifa
                             write_folder, write_tar)
 from cudacnn.data import load_dataset, read_source
 from cudacnn.data.cifar import OFFICIAL, OfficialArchive
-from cudacnn.data.download import download
+from cudacnn.download import download
 from cudacnn.errors import DataError
 
 

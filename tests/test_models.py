@@ -176,7 +176,7 @@ def _published_weights(tmp_path, state, prefix=None):
     """The weights served at a file:// URL, named the torchvision way: <name>-<first 8 hex of SHA-256>.pth."""
     import hashlib
 
-    from cudacnn.data.download import Published
+    from cudacnn.download import Published
 
     served = tmp_path / "served.pth"
     torch.save(state, served)
@@ -238,7 +238,7 @@ def test_pretrained_download_with_a_wrong_hash_leaves_nothing(tmp_path, imagenet
 
 def test_pretrained_download_without_network_names_the_fix(tmp_path, monkeypatch, weights_home, capsys):
     from cudacnn.cli import main
-    from cudacnn.data.download import Published
+    from cudacnn.download import Published
     from cudacnn.models import weights
 
     unreachable = Published("resnet18-imagenet", "http://127.0.0.1:9/resnet18-f37072fd.pth", "resnet18-f37072fd.pth",

@@ -11,7 +11,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from cudacnn.data.dataset import Dataset, Split
-from cudacnn.data.download import Published
+from cudacnn.download import Published
 from cudacnn.errors import DataError
 
 IMAGE_BYTES = 3 * 32 * 32

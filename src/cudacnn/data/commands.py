@@ -9,7 +9,7 @@ from rich.table import Table
 
 from cudacnn.data.cifar import OFFICIAL
 from cudacnn.data.dataset import channel_stats
-from cudacnn.data.download import download
+from cudacnn.download import download
 from cudacnn.data.sources import default_data_dir, load_dataset
 
 

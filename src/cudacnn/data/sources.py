@@ -13,7 +13,7 @@ from cudacnn.data import cache
 from cudacnn.data.cifar import OFFICIAL, detect_official, read_binary, read_python
 from cudacnn.data.dataset import Dataset
 from cudacnn.data.dataset import Split
-from cudacnn.data.download import DownloadError, download
+from cudacnn.download import DownloadError, download
 from cudacnn.data.filetree import read_tree
 from cudacnn.data.image_folder import (RESIZE_POLICY, SIZE, SPLIT_SEED, TEST_FRACTION, find_class_root, find_root,
                                        fit_image, read_class_folders, read_image_folder)

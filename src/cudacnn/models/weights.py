@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from cudacnn.data.download import Published, digests_of, download
+from cudacnn.download import Published, digests_of, download
 
 
 def describe_mismatch(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
@@ -32,7 +32,8 @@ def describe_mismatch(own: dict[str, torch.Tensor], state: dict[str, torch.Tenso
 # torchvision's ImageNet ResNet-18 (IMAGENET1K_V1), at its official address. As torchvision does, the file name
 # carries the first 8 hex digits of the file's SHA-256, and a download must match them.
 IMAGENET_RESNET18 = Published("resnet18-imagenet", "https://download.pytorch.org/models/resnet18-f37072fd.pth",
-                              "resnet18-f37072fd.pth", sha256_prefix="f37072fd", flag="--pretrained")
+                              "resnet18-f37072fd.pth", sha256_prefix="f37072fd", flag="--pretrained",
+                              folder_env="CUDACNN_WEIGHTS_DIR")
 PRETRAINED = {"imagenet": IMAGENET_RESNET18}
 
 

@@ -32,6 +32,7 @@ class Published:
     md5: str | None = None
     sha256_prefix: str | None = None
     flag: str = "--data"  # where a user passes the file after downloading it by hand
+    folder_env: str = "CUDACNN_DATA_DIR"  # the setting that names the download folder
 
     def check(self, digests: dict[str, str]) -> str | None:
         """None when the digests match; else what was published, for the message."""
@@ -74,7 +75,7 @@ def download(archive: Published, folder: Path, url: str | None = None, quiet: bo
             if problem is not None:
                 raise DataError(f"the download of {url} has {problem}; the transfer was corrupted, run again")
     except OSError as exc:  # the folder, not the transfer (fetch reports its own errors)
-        raise DataError(f"cannot write to {folder} ({exc}); set CUDACNN_DATA_DIR to a writable folder") from exc
+        raise DataError(f"cannot write to {folder} ({exc}); set {archive.folder_env} to a writable folder") from exc
     return target
 
 
