@@ -42,10 +42,12 @@ class PlainProgress:
     def __exit__(self, *exc) -> None:
         pass
 
-    def add_task(self, description: str, total: float | None = None, **fields) -> int:
+    def add_task(self, description: str, total: float | None = None, eta_label: str = "ETA", **fields) -> int:
+        """`eta_label` names the ETA on the line (the trainer's is the epoch's, beside its run ETA field)."""
         task = len(self.tasks)
         now = self.clock()
-        self.tasks[task] = dict(description=description, total=total, completed=0, fields=fields, start=now)
+        self.tasks[task] = dict(description=description, total=total, completed=0, fields=fields, start=now,
+                                eta_label=eta_label)
         return task
 
     def update(self, task: int, completed: float | None = None, advance: float | None = None, **fields) -> None:
@@ -73,7 +75,7 @@ class PlainProgress:
         parts += [str(v) for v in state["fields"].values() if v != ""]
         elapsed = (now if now is not None else self.clock()) - state["start"]
         if total and done and elapsed > 0:
-            parts.append(f"ETA {format_duration(elapsed / done * (total - done))}")
+            parts.append(f"{state['eta_label']} {format_duration(elapsed / done * (total - done))}")
         return " ".join(parts)
 
 

@@ -223,7 +223,7 @@ class Trainer:
         model.train()
         self.train_loader.set_epoch(epoch)
         steps = len(self.train_loader)
-        task = progress.add_task(f"epoch {epoch + 1}/{c.epochs}", total=steps, stats="")
+        task = progress.add_task(f"epoch {epoch + 1}/{c.epochs}", total=steps, stats="", eta_label="epoch ETA")
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         seen, start = 0, time.perf_counter()
