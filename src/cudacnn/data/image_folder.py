@@ -171,12 +171,14 @@ def _chunks(items: list, n: int) -> list[list]:
 
 def decode_images(items: list[tuple[str, bytes | Path]], size: int = SIZE, workers: int | None = None,
                   quiet: bool = True, description: str = "decoding") -> np.ndarray:
-    """(N, size, size, 3) uint8 of the items, decoded on all cores (or CUDACNN_DECODE_WORKERS processes) when
+    """(N, size, size, 3) uint8 of the items, decoded on all cores (up to 32; or CUDACNN_DECODE_WORKERS) when
     there are many, with a progress bar (or, without a terminal, a line every few seconds) unless quiet. The
     first bad image raises DataError."""
     from cudacnn.progress import progress_bar
 
-    workers = workers or int(os.environ.get("CUDACNN_DECODE_WORKERS") or 0) or os.cpu_count() or 1
+    # all cores, up to 32: beyond that a pool's start-up and the main process collecting results cost more
+    # than the extra workers bring for a data set of this kind
+    workers = workers or int(os.environ.get("CUDACNN_DECODE_WORKERS") or 0) or min(32, os.cpu_count() or 1)
     out = np.empty((len(items), size, size, 3), np.uint8)
     # 32x32 JPEGs decode at ~10 µs each: small images pay for a pool only by the thousands; a large photo takes
     # milliseconds, so any image over the target size makes the pool worth it sooner
