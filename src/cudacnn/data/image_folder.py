@@ -176,8 +176,8 @@ def decode_images(items: list[tuple[str, bytes | Path]], size: int = SIZE, worke
     first bad image raises DataError."""
     from cudacnn.progress import progress_bar
 
-    # all cores, up to 32: beyond that a pool's start-up and the main process collecting results cost more
-    # than the extra workers bring for a data set of this kind
+    # all cores, up to 32 (a cap, not a measured optimum: each worker costs start-up time and memory, and one
+    # main process collects every result)
     workers = workers or int(os.environ.get("CUDACNN_DECODE_WORKERS") or 0) or min(32, os.cpu_count() or 1)
     out = np.empty((len(items), size, size, 3), np.uint8)
     # 32x32 JPEGs decode at ~10 µs each: small images pay for a pool only by the thousands; a large photo takes
