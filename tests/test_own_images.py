@@ -391,3 +391,28 @@ def test_train_without_data_offline_trains_on_the_sample_and_records_it(tmp_path
     assert trainer.dataset.name == "cifar10-sample" and trainer.config.data == "sample"
     trainer.fit()
     assert "data: sample" in (tmp_path / "runs" / "offline" / "config.yaml").read_text()
+
+
+_REAL_DECODE_CHUNK = image_folder._decode_chunk
+
+
+def counting_decode_chunk(items, size):
+    """_decode_chunk that leaves a file per chunk in $COUNT_DIR (a module-level function: workers unpickle it)."""
+    import os
+    import time
+
+    if items[0][0] != "bad.png":
+        time.sleep(0.05)  # margin: the queue takes seconds, the main process reacts in milliseconds
+    (Path(os.environ["COUNT_DIR"]) / items[0][0]).touch()
+    return _REAL_DECODE_CHUNK(items, size)
+
+
+def test_a_bad_image_stops_the_parallel_decode_early(tmp_path, monkeypatch):
+    """The error is raised once its chunk is back; the queued chunks are cancelled, not decoded first."""
+    monkeypatch.setenv("COUNT_DIR", str(tmp_path))
+    monkeypatch.setattr(image_folder, "_decode_chunk", counting_decode_chunk)
+    good = png_bytes(np.zeros((8, 8, 3), np.uint8))
+    items = [("bad.png", b"not an image")] + [(f"{i}.png", good) for i in range(1, 200 * 512)]
+    with pytest.raises(DataError, match="bad.png is not a readable image"):
+        decode_images(items, 8, workers=2)
+    assert 1 <= len(list(tmp_path.iterdir())) < 200  # of 200 chunks

@@ -180,20 +180,23 @@ def decode_images(items: list[tuple[str, bytes | Path]], size: int = SIZE, worke
     # main process collects every result)
     workers = workers or int(os.environ.get("CUDACNN_DECODE_WORKERS") or 0) or min(32, os.cpu_count() or 1)
     out = np.empty((len(items), size, size, 3), np.uint8)
-    # 32x32 JPEGs decode at ~10 µs each: small images pay for a pool only by the thousands; a large photo takes
-    # milliseconds, so any image over the target size makes the pool worth it sooner
+    # A 32x32 JPEG decodes in ~0.1 ms: such images pay for a pool only by the thousands. Photos (large files)
+    # take milliseconds each, and a folder's files are read by the workers too: a pool pays off sooner.
     large = any(isinstance(data, Path) or len(data) > 16_384 for _, data in items[:64])
     parallel = workers > 1 and len(items) >= (256 if large else 4000)
-    # small chunks keep every core busy and the bar moving; ~1-5 s of work each for 32x32 sources
+    # chunks of tens of milliseconds to a second of work: every core busy, the bar moving
     chunk = 64 if large else 512
     done = 0
     with progress_bar(description, len(items), unit="images", quiet=quiet) as bar:
         if parallel:
             with ProcessPoolExecutor(workers, initializer=_ignore_sigint) as pool:
-                # on Ctrl-C, map's iterator cancels the queued chunks itself, and the pool's exit waits only
-                # for the ones its workers hold
                 results = pool.map(partial(_decode_chunk, size=size), _chunks(items, chunk))
-                done = _collect(results, out, bar)
+                try:
+                    done = _collect(results, out, bar)
+                finally:
+                    # on a bad image or Ctrl-C, closing map's iterator cancels the queued chunks: the pool's
+                    # exit then waits only for the ones its workers hold
+                    results.close()
         else:
             done = _collect((_decode_chunk(part, size) for part in _chunks(items, chunk)), out, bar)
     assert done == len(items)
