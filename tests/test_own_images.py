@@ -179,7 +179,8 @@ def test_class_folders_are_split_by_a_recorded_stratified_split(tmp_path):
 
 def test_a_class_with_few_images_still_gets_a_test_image(tmp_path):
     files = mixed_tree(classes=("a", "b"), per_class=3)
-    ds = read_source(write_folder(tmp_path / "t", files))
+    ds = read_source(write_folder(tmp_path / "t", files) / "pics")  # the class folders at the top
+    assert ds.name == "pics"
     assert list(ds.test.class_counts(2)) == [1, 1] and list(ds.train.class_counts(2)) == [2, 2]
 
 

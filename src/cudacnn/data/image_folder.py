@@ -231,6 +231,14 @@ def _decode_classes(tree: Tree, by_class: dict[str, list[str]], classes: list[st
                  np.concatenate(labels) if labels else np.zeros(0, np.int64))
 
 
+def _dataset_name(root: str, source: str) -> str:
+    """The tree's root folder, else the folder or archive given (without its archive suffix)."""
+    name = posixpath.basename(root) or Path(source).name
+    for suffix in (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar"):
+        name = name.removesuffix(suffix)
+    return name or "images"
+
+
 def read_image_folder(tree: Tree, root: str, source: str, size: int = SIZE, quiet: bool = True) -> Dataset:
     """A <root>/{train,test}/<class>/<image> tree."""
     train_files = _list_split(tree, root, "train")
@@ -243,8 +251,7 @@ def read_image_folder(tree: Tree, root: str, source: str, size: int = SIZE, quie
     _check_nonempty(test_files, "test/", source)
     train = _decode_classes(tree, train_files, classes, size, quiet, "decoding train images")
     test = _decode_classes(tree, test_files, classes, size, quiet, "decoding test images")
-    name = posixpath.basename(root) if root else "images"
-    return Dataset(name or "images", classes, train, test, source=source)
+    return Dataset(_dataset_name(root, source), classes, train, test, source=source)
 
 
 def split_classes(by_class: dict[str, list[str]], classes: list[str]) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
@@ -274,7 +281,6 @@ def read_class_folders(tree: Tree, root: str, source: str, size: int = SIZE, qui
     train_files, test_files = split_classes(by_class, classes)
     train = _decode_classes(tree, train_files, classes, size, quiet, "decoding train images")
     test = _decode_classes(tree, test_files, classes, size, quiet, "decoding test images")
-    name = posixpath.basename(root) if root else "images"
     info = {"split": {"rule": "stratified", "test_fraction": TEST_FRACTION, "seed": SPLIT_SEED,
                       "test_files": [n for cls in classes for n in test_files[cls]]}}
-    return Dataset(name or "images", classes, train, test, source=source, info=info)
+    return Dataset(_dataset_name(root, source), classes, train, test, source=source, info=info)
