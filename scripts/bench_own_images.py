@@ -6,8 +6,8 @@ Generates (in a temporary folder, removed afterwards) a class-folder tree of N i
 header check, RGB conversion, shorter-side resize + centre crop, stacking) on all cores, and the same
 decoder on one core over a subset, and prints one markdown table line per size:
 
-    python scripts/bench_own_images.py                      # 20,000 images, sizes 32 and 64, all cores
-    python scripts/bench_own_images.py --images 2000 --sizes 32 --workers 2
+    python scripts/bench_own_images.py                      # 20,000 images, size 32, all cores
+    python scripts/bench_own_images.py --images 2000 --sizes 32 224 --workers 2
 
 The files were just written, so they come from the page cache: this measures decoding, not the disk."""
 
@@ -69,7 +69,7 @@ def generate(root: Path, n: int, workers: int) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=20_000)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[32], help="--image-size values, one line each")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes (default: all cores)")
     parser.add_argument("--serial-images", type=int, default=1000, help="subset timed on one core")
     parser.add_argument("--dir", type=Path, help="where to generate (default: a temporary folder)")
