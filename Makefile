@@ -25,7 +25,8 @@ $(VENV)/.dev: $(VENV)/.base
 venv: $(VENV)/.base
 dev: $(VENV)/.dev
 
-# Trains the default model on official CIFAR-10 (downloaded once), or on --data / CUDACNN_DATA.
+# Trains the default model on official CIFAR-10 (downloaded once), or on --data / CUDACNN_DATA; offline, on the
+# bundled sample (with a warning). Without a GPU the run is CPU-sized: a few minutes (e.g. ARGS="--epochs 40" for more).
 train: $(VENV)/.base
 	$(VENV)/bin/cudacnn train $(ARGS)
 

@@ -1,5 +1,6 @@
-"""Shared fixtures. The shared JPEG set lives in ../shared/data beside the checkout: tests that need it
-skip when it is absent (a user's fresh clone), but fail when CI=true, so CI always runs them."""
+"""Shared fixtures. The shared JPEG set lives in ../shared/data beside the checkout; where it is absent (a
+user's fresh clone), tests that need real images run on the bundled sample (2,500 of its images) instead,
+and under CI=true, where the shared set must be present, its absence fails them."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ if not torch.cuda.is_available():
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_JPEG = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+SAMPLE = REPO / "src" / "cudacnn" / "data" / "sample" / "cifar10-sample.tar.gz"
 
 
 @pytest.fixture
@@ -35,12 +37,19 @@ def triton_interpreter():
 
 @pytest.fixture(scope="session")
 def shared_jpeg_path() -> Path:
+    """The shared CIFAR-10 JPEG set, or on a fresh clone the bundled sample of it (same layout and classes)."""
     path = Path(os.environ.get("CUDACNN_SHARED_JPEG", SHARED_JPEG))
-    if not path.exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{path} is missing; CI must run the tests on the shared data set")
-        pytest.skip(f"{path} is absent (only the project's machines have the shared data set)")
-    return path
+    if path.exists():
+        return path
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{path} is missing; CI must run the tests on the shared data set")
+    return SAMPLE
+
+
+@pytest.fixture(scope="session")
+def full_shared_set(shared_jpeg_path) -> bool:
+    """Whether the real-image tests run on the full shared set (else on the sample)."""
+    return shared_jpeg_path != SAMPLE
 
 
 @pytest.fixture(scope="session")

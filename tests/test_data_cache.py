@@ -18,7 +18,7 @@ from cudacnn.errors import DataError
 def _count_reads(monkeypatch):
     calls = []
     real = sources.read_source
-    monkeypatch.setattr(sources, "read_source", lambda p: calls.append(p) or real(p))
+    monkeypatch.setattr(sources, "read_source", lambda p, *args: calls.append(p) or real(p, *args))
     return calls
 
 

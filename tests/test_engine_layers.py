@@ -263,12 +263,12 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_profile_prints_a_row_per_layer(capsys, monkeypatch):
-    """Timed by a fake clock (the profiler's `time.perf_counter` on the CPU) that only the conv layer moves:
+    """Timed by a fake clock (the device timer's `time.perf_counter` on the CPU) that only the conv layer moves:
     its forward by 1/256 s a call, its backward by 1 s in the warm-up step, then 1/128, 1/64 and 1/16 s in
     the three timed ones (binary fractions, so the milliseconds are exact)."""
     from types import SimpleNamespace
 
-    from cudacnn.engine import profiler
+    from cudacnn import timing
 
     model = _small_cnn()
     x = np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32)
@@ -287,7 +287,7 @@ def test_profile_prints_a_row_per_layer(capsys, monkeypatch):
         now[0] += backward_costs.pop(0)
         return slow_backward(*args, **kwargs)
 
-    monkeypatch.setattr(profiler, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: now[0]))
     monkeypatch.setattr(conv, "forward", conv_forward)
     monkeypatch.setattr(conv, "backward", conv_backward)
     monkeypatch.setattr(linear, "forward", lambda h: forwards.append(1) or counted_forward(h))

@@ -338,13 +338,31 @@ def test_predict_command(tiny_run, tmp_path, capsys):
     assert CLASSES[int(expected[0].argmax())] in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("size,mode,problem", [((64, 64), "RGB", "is 64x64, expected 32x32; resize it"),
-                                               ((32, 32), "L", "has mode L, expected RGB; convert it")])
-def test_predict_refuses_other_images(tiny_run, tmp_path, capsys, size, mode, problem):
-    path = tmp_path / "big.png"
-    Image.new(mode, size).save(path)
-    assert main(["predict", str(tiny_run["run"]), str(path)]) == 2
-    assert f"{path} {problem}" in capsys.readouterr().err
+def test_predict_takes_any_size_and_mode(tiny_run, tmp_path, capsys):
+    """A greyscale image predicts as its grey RGB; a large non-square photo (JPEG), an RGBA and a palette PNG
+    predict as the training decoder's 32x32 RGB of them, its centre square with the outer bands cut."""
+    from cudacnn.data.image_folder import fit_image
+
+    rng = np.random.default_rng(2)
+    grey = rng.integers(0, 256, (32, 32), dtype=np.uint8)
+    photo = rng.integers(0, 256, (300, 200, 3), dtype=np.uint8)
+    photo[:50] = photo[-50:] = 255  # bands outside the centre square: they must not matter
+    rgba = rng.integers(0, 256, (40, 40, 4), dtype=np.uint8)
+    paths = {"grey.png": Image.fromarray(grey, "L"), "photo.jpg": Image.fromarray(photo),
+             "rgba.png": Image.fromarray(rgba, "RGBA"), "palette.png": Image.fromarray(photo[:64, :48]).quantize(16)}
+    for name, image in paths.items():
+        image.save(tmp_path / name)
+    files = [str(tmp_path / name) for name in paths]
+    assert main(["predict", str(tiny_run["run"]), *files, "--json"]) == 0
+    got = np.array([[line["probabilities"][c] for c in CLASSES]
+                    for line in map(json.loads, capsys.readouterr().out.splitlines())])
+    with Image.open(tmp_path / "photo.jpg") as jpg:
+        jpg.draft("RGB", (32, 32))
+        photo_32 = fit_image(jpg.convert("RGB"), 32)
+    assert photo_32.shape == (32, 32, 3) and photo_32.mean() < 200  # noise, not the white bands
+    expected = [np.repeat(grey[..., None], 3, axis=2), photo_32, fit_image(Image.fromarray(rgba[..., :3]), 32),
+                fit_image(Image.open(tmp_path / "palette.png"), 32)]
+    np.testing.assert_allclose(got, reference_predictions(tiny_run, np.stack(expected)), atol=1e-5)
 
 
 @pytest.mark.parametrize("command", ["predict", "evaluate"])
@@ -381,9 +399,11 @@ def test_predict_names_a_folder_and_a_bomb(tiny_run, tmp_path, capsys, monkeypat
     assert f"{tmp_path} is a folder; predict takes image files" in capsys.readouterr().err
     path = tmp_path / "img.png"
     Image.new("RGB", (32, 32)).save(path)
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 256)
+    from cudacnn.data import image_folder
+
+    monkeypatch.setattr(image_folder, "MAX_PIXELS", 1000)
     assert main(["predict", str(tiny_run["run"]), str(path)]) == 2
-    assert f"{path} is not a readable image (Image size" in capsys.readouterr().err  # Pillow's bomb message
+    assert f"{path} is 32x32 (1,024 pixels), over the limit of 1,000 (a decompression bomb" in capsys.readouterr().err
 
 
 def test_report_command(tiny_run, tmp_path, capsys):

@@ -262,8 +262,7 @@ def test_bad_inputs_name_the_problem():
 
 # resnet18's blocks and widths with one block a stage (the first without a downsample, the others with one)
 ZOO = [("simple", {}), ("bn_dropout", {}), ("smallnet", {"widths": (8, 16, 16)}), ("resnet", {}),
-       ("fast94", {"widths": (8, 16, 16)}), ("fast96", {"widths": (8, 16, 16)}),
-       ("fast96", {"widths": (8, 16, 16), "residual": "after_gelu"})]
+       ("fast94", {"widths": (8, 16, 16)}), ("fast96", {"widths": (8, 16, 16)})]
 
 
 def fused_modules(model):

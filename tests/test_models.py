@@ -186,3 +186,101 @@ def test_models_table_describes_each_model_and_names_its_presets():
                 key, value = option.split("=")
                 assert str(config.get("model_kwargs", {}).get(key)) == value
     assert rows["resnet18 stem=imagenet"][1] == "resnet18-transfer"
+
+
+# -- `--pretrained imagenet`: torchvision's published file, downloaded once and checked like the CIFAR archives
+
+def _published_weights(tmp_path, state, prefix=None):
+    """The weights served at a file:// URL, named the torchvision way: <name>-<first 8 hex of SHA-256>.pth."""
+    import hashlib
+
+    from cudacnn.download import Published
+
+    served = tmp_path / "served.pth"
+    torch.save(state, served)
+    digest = hashlib.sha256(served.read_bytes()).hexdigest()[:8]
+    return served, Published("resnet18-imagenet", served.as_uri(), f"resnet18-{digest}.pth",
+                             sha256_prefix=prefix or digest, flag="--pretrained")
+
+
+@pytest.fixture
+def weights_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDACNN_WEIGHTS_DIR", str(tmp_path / "weights"))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    return tmp_path / "weights"
+
+
+def test_the_imagenet_weights_are_torchvisions_official_file():
+    from cudacnn.models.weights import PRETRAINED
+
+    published = PRETRAINED["imagenet"]
+    assert published.url == "https://download.pytorch.org/models/resnet18-f37072fd.pth"
+    assert published.filename == published.url.rsplit("/", 1)[1]
+    assert published.sha256_prefix == "f37072fd" and published.md5 is None
+
+
+def test_pretrained_imagenet_downloads_once_and_loads(tmp_path, imagenet_state, monkeypatch, weights_home):
+    from cudacnn.models import weights
+
+    served, published = _published_weights(tmp_path, imagenet_state)
+    monkeypatch.setitem(weights.PRETRAINED, "imagenet", published)
+    model = load_pretrained(create_model("resnet18", stem="imagenet"), "imagenet")
+    torch.testing.assert_close(model.state_dict()["layer2.0.conv1.weight"], imagenet_state["layer2.0.conv1.weight"])
+    assert [p.name for p in weights_home.iterdir()] == [published.filename]  # no partial file left
+    served.unlink()  # the second use reads the verified file, with no transfer
+    load_pretrained(create_model("resnet18", stem="imagenet"), "imagenet")
+
+
+def test_pretrained_imagenet_uses_torch_hubs_copy(tmp_path, imagenet_state, monkeypatch, weights_home):
+    from cudacnn.models import weights
+
+    served, published = _published_weights(tmp_path, imagenet_state)
+    monkeypatch.setitem(weights.PRETRAINED, "imagenet", published)
+    hub = tmp_path / "hub" / "checkpoints" / published.filename
+    hub.parent.mkdir(parents=True)
+    served.rename(hub)  # nothing to download from
+    assert weights.resolve_pretrained("imagenet") == hub
+    assert not weights_home.exists()
+
+
+def test_pretrained_download_with_a_wrong_hash_leaves_nothing(tmp_path, imagenet_state, monkeypatch, weights_home):
+    from cudacnn.errors import DataError
+    from cudacnn.models import weights
+
+    _, published = _published_weights(tmp_path, imagenet_state, prefix="00000000")
+    monkeypatch.setitem(weights.PRETRAINED, "imagenet", published)
+    with pytest.raises(DataError, match="has SHA-256 .*not the published 00000000.*corrupted"):
+        weights.resolve_pretrained("imagenet", quiet=True)
+    assert list(weights_home.iterdir()) == []
+
+
+def test_pretrained_download_without_network_names_the_fix(tmp_path, monkeypatch, weights_home, capsys):
+    from cudacnn.cli import main
+    from cudacnn.download import Published
+    from cudacnn.models import weights
+
+    unreachable = Published("resnet18-imagenet", "http://127.0.0.1:9/resnet18-f37072fd.pth", "resnet18-f37072fd.pth",
+                            sha256_prefix="f37072fd", flag="--pretrained")
+    monkeypatch.setitem(weights.PRETRAINED, "imagenet", unreachable)
+    code = main(["train", "--preset", "resnet18-transfer", "--pretrained", "imagenet", "--data", "sample",
+                 "--device", "cpu", "--out", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert code == 2 and "could not download http://127.0.0.1:9/resnet18-f37072fd.pth" in err
+    assert "pass the file with --pretrained" in err and not (weights_home / "resnet18-f37072fd.pth").exists()
+
+
+def test_pretrained_files_load_weights_only(tmp_path):
+    """A pickle that would run code when unpickled is refused (torch.load(weights_only=True))."""
+    marker = tmp_path / "ran"
+
+    class Exploit:
+        def __reduce__(self):
+            import os
+
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"conv1.weight": Exploit()}, path)
+    with pytest.raises(CheckpointError, match="not a readable weights-only"):
+        load_pretrained(create_model("resnet18", stem="imagenet"), path)
+    assert not marker.exists()

@@ -13,7 +13,7 @@ zoo's real shapes, and what they change end to end in `cudacnn train`.
 3. Optionally (--accuracy-seeds N): full trainings of the presets, N seeds each, torch vs triton kernels:
    the test accuracies should agree within seed noise.
 
-Every time is harness.time_fn / harness.Timer (CUDA events)."""
+Every time is harness.time_fn or cudacnn.timing.DeviceTimer (CUDA events)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cudacnn.bench.harness import Stats, Timer, time_fn
+from cudacnn.bench.harness import Stats, time_fn
+from cudacnn.timing import DeviceTimer
 from cudacnn.bench.report import measurement, result_row
 
 log = logging.getLogger(__name__)
@@ -186,7 +187,7 @@ def epoch_times(preset: str, kernels: str, compile: bool, dataset, full_train: i
         with make_progress(True) as progress:
             trainer._train_epoch(0, progress)
             for epoch in range(1, 1 + timed_epochs):
-                with Timer(trainer.device) as timer:
+                with DeviceTimer(trainer.device) as timer:
                     record = trainer._train_epoch(epoch, progress)
                 samples.append(timer.ms * full_train / len(trainer.train_loader.labels))
         fused = sum(type(m).__name__ in ("BatchNormAct", "ActivationPool") for m in trainer.model.modules())

@@ -1,4 +1,5 @@
-"""Data layer: any CIFAR-style source -> uint8 arrays (cached) -> GPU-resident augmented batches."""
+"""Data layer: any source (CIFAR archives, image folders of any image size) -> uint8 arrays of one size (cached)
+-> GPU-resident augmented batches."""
 
 from cudacnn.data.dataset import Dataset, Split, channel_stats
 from cudacnn.data.loader import CIFAR10_MEAN, CIFAR10_STD, Augment, GpuLoader

@@ -17,7 +17,7 @@ from cudacnn.atomic import atomic_output
 from cudacnn.data.dataset import Dataset, Split
 from cudacnn.errors import DataError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: images of any size (the fingerprint names the size and resize policy), `info` in meta
 log = logging.getLogger(__name__)
 
 
@@ -25,10 +25,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("CUDACNN_CACHE") or Path.home() / ".cache" / "cudacnn")
 
 
-def fingerprint(path: Path) -> str:
-    """Changes when the source's files change (path, size, modification time of every file)."""
+def fingerprint(path: Path, decoding: str = "") -> str:
+    """Changes when the source's files change (path, size, modification time of every file) or when `decoding`
+    (the image size, resize policy and split rule the arrays are made with) does."""
     path = path.resolve()
-    entries = [f"v{FORMAT_VERSION}", str(path)]
+    entries = [f"v{FORMAT_VERSION}", str(path), decoding]
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for file in files:
         stat = file.stat()
@@ -36,11 +37,12 @@ def fingerprint(path: Path) -> str:
     return hashlib.sha256("\n".join(entries).encode()).hexdigest()
 
 
-def cache_path(cache_dir: Path, source: Path, print_: str) -> Path:
-    """<name>-<hash of its location>-<fingerprint>.npz: one live cache per source location."""
+def cache_path(cache_dir: Path, source: Path, print_: str, image_size: int = 32) -> Path:
+    """<name>-<hash of its location>-s<image size>-<fingerprint>.npz: one live cache per source location and
+    image size (saving one drops the older caches of the same location and size only)."""
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", source.name)[:60]
     where = hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:8]
-    return cache_dir / f"{slug}-{where}-{print_[:16]}.npz"
+    return cache_dir / f"{slug}-{where}-s{image_size}-{print_[:16]}.npz"
 
 
 def load(path: Path, print_: str) -> Dataset | None:
@@ -53,7 +55,8 @@ def load(path: Path, print_: str) -> Dataset | None:
             if meta.get("fingerprint") != print_:
                 raise ValueError("fingerprint does not match the source")
             dataset = Dataset(meta["name"], meta["classes"], Split(f["train_x"], f["train_y"]),
-                              Split(f["test_x"], f["test_y"]), source=meta["source"], cache_path=path)
+                              Split(f["test_x"], f["test_y"]), source=meta["source"], cache_path=path,
+                              info=meta.get("info", {}))
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, json.JSONDecodeError) as exc:
         log.warning("warning: cache %s is unreadable (%s); rebuilding it", path, exc)
         _remove(path)
@@ -72,7 +75,7 @@ def _remove(path: Path) -> None:
 def save(dataset: Dataset, path: Path, print_: str) -> Path:
     """Write atomically: a temporary file in the same folder, renamed over the target when complete."""
     meta = json.dumps({"fingerprint": print_, "name": dataset.name, "classes": dataset.classes,
-                       "source": dataset.source, "version": FORMAT_VERSION})
+                       "source": dataset.source, "version": FORMAT_VERSION, "info": dataset.info})
     writing = False
     try:
         with atomic_output(path, suffix=".npz") as tmp:  # np.savez appends .npz to any other name

@@ -6,23 +6,22 @@ from __future__ import annotations
 import io
 import pickle
 import posixpath
-from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import numpy as np
 
 from cudacnn.data.dataset import Dataset, Split
+from cudacnn.download import Published
 from cudacnn.errors import DataError
 
 IMAGE_BYTES = 3 * 32 * 32
 
 
-@dataclass(frozen=True)
-class OfficialArchive:
-    name: str
-    url: str
-    md5: str
-    filename: str
+class OfficialArchive(Published):
+    """An official CIFAR archive, with its published MD5."""
+
+    def __init__(self, name: str, url: str, md5: str, filename: str):
+        super().__init__(name, url, filename, md5=md5)
 
 
 # The official addresses and published checksums.

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from cudacnn.data.cifar import OFFICIAL
 from cudacnn.data.dataset import channel_stats
-from cudacnn.data.download import download
+from cudacnn.download import download
 from cudacnn.data.sources import default_data_dir, load_dataset
 
 
@@ -17,8 +17,10 @@ def add_commands(subparsers) -> None:
     data = subparsers.add_parser("data", help="inspect and download data sources")
     sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     info = sub.add_parser("info", help="splits, per-class counts, channel mean/std and cache location")
-    info.add_argument("source", nargs="?", help="archive, folder or official name (default: CUDACNN_DATA or cifar10)")
+    info.add_argument("source", nargs="?", help="archive, folder, official name or 'sample' "
+                      "(default: CUDACNN_DATA or cifar10)")
     info.add_argument("--cache-dir", type=Path, help="where decoded caches live (default: CUDACNN_CACHE)")
+    info.add_argument("--image-size", type=int, default=32, help="side the images are brought to (default 32)")
     info.set_defaults(func=run_info)
     get = sub.add_parser("download", help="download and verify an official archive")
     get.add_argument("name", choices=sorted(OFFICIAL))
@@ -35,10 +37,15 @@ def add_commands(subparsers) -> None:
 
 
 def run_info(args) -> int:
-    dataset = load_dataset(args.source, cache_dir=args.cache_dir)
+    dataset = load_dataset(args.source, cache_dir=args.cache_dir, image_size=args.image_size)
     console = Console()
-    console.print(f"[bold]{dataset.name}[/] from {dataset.source}")
+    console.print(f"[bold]{dataset.name}[/] from {dataset.source}, {dataset.image_size}x{dataset.image_size} RGB")
     console.print(f"cache: {dataset.cache_path}")
+    split = dataset.info.get("split")
+    if split:
+        console.print(f"train/test: the folder's own classes split {1 - split['test_fraction']:.0%}/"
+                      f"{split['test_fraction']:.0%} per class (seeded, seed {split['seed']}); each run's data.json "
+                      "lists the test images")
     table = Table("class", "train", "test")
     train_counts = dataset.train.class_counts(dataset.num_classes)
     test_counts = dataset.test.class_counts(dataset.num_classes)

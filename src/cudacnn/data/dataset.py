@@ -10,7 +10,7 @@ import numpy as np
 
 @dataclass
 class Split:
-    """uint8 images (N, 32, 32, 3) in HWC order and int64 labels (N,)."""
+    """uint8 images (N, S, S, 3) in HWC order (S = 32 unless --image-size says otherwise) and int64 labels (N,)."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -42,10 +42,15 @@ class Dataset:
     test: Split
     source: str = ""
     cache_path: Path | None = field(default=None, compare=False)
+    info: dict = field(default_factory=dict)  # how the source was read, e.g. the train/test split it was given
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train.images.shape[1])
 
 
 def channel_stats(images: np.ndarray, chunk: int = 10_000) -> tuple[np.ndarray, np.ndarray]:

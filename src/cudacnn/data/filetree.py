@@ -17,13 +17,23 @@ def is_tar_path(path: Path) -> bool:
     return path.name.endswith(TAR_SUFFIXES)
 
 
+class FileReader:
+    """A folder's file: called, its bytes; `path` lets a worker process read it itself."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __call__(self) -> bytes:
+        return self.path.read_bytes()
+
+
 def read_tree(path: Path) -> Mapping[str, Callable[[], bytes]]:
     """Map each regular file's relative POSIX path to a function that returns its bytes."""
     if path.is_dir():
         files = {}
         for file in sorted(path.rglob("*")):
             if file.is_file():
-                files[file.relative_to(path).as_posix()] = file.read_bytes
+                files[file.relative_to(path).as_posix()] = FileReader(file)
         return files
     if path.is_file() and is_tar_path(path):
         return _read_tar(path)

@@ -30,7 +30,8 @@ def add_commands(subparsers) -> None:
     ev.add_argument("--cache-dir", type=Path, help="where decoded data caches live")
     ev.set_defaults(func=run_evaluate)
 
-    pr = subparsers.add_parser("predict", help="class and probabilities for 32x32 RGB image files")
+    pr = subparsers.add_parser("predict", help="class and probabilities for image files (any size or mode: "
+                               "resized and cropped to the model's input as in training)")
     pr.add_argument("checkpoint", help="checkpoint file, or a run folder")
     pr.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     pr.add_argument("--top", type=int, default=3, help="how many classes to show per image (default 3)")
@@ -86,6 +87,7 @@ def evaluation_name(checkpoint: Path, tta_level: int, data: str | None) -> str:
 def run_evaluate(args) -> int:
     from cudacnn.data import GpuLoader, load_dataset
     from cudacnn.evaluate.metrics import evaluate
+    from cudacnn.evaluate.predict import image_size_of
     from cudacnn.evaluate.report import environment, save_evaluation, write_report
     from cudacnn.train.checkpoint import model_from_checkpoint, run_checkpoint
 
@@ -99,7 +101,7 @@ def run_evaluate(args) -> int:
     chosen = run_checkpoint(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint)
     model, ckpt = model_from_checkpoint(chosen, device=device)
     source = args.data or data_source_of(ckpt.get("config", {}))
-    dataset = load_dataset(source, cache_dir=args.cache_dir)
+    dataset = load_dataset(source, cache_dir=args.cache_dir, image_size=image_size_of(ckpt))
     classes = list(ckpt["classes"])
     if list(dataset.classes) != classes:
         raise DataError(f"the data's classes {dataset.classes} differ from the checkpoint's {classes}; "
@@ -138,13 +140,16 @@ def print_evaluation(result, console: Console) -> None:
 def run_predict(args) -> int:
     import numpy as np
 
-    from cudacnn.evaluate.predict import predict_probabilities, read_image
+    from cudacnn.evaluate.predict import check_image_path, image_size_of, predict_probabilities, read_image
     from cudacnn.train.checkpoint import model_from_checkpoint
 
     if args.top < 1:
         raise ConfigError(f"--top must be at least 1, got {args.top}")
-    images = np.stack([read_image(p) for p in args.images])  # check every file before loading the model
+    for path in args.images:  # a missing file is reported before the model is loaded
+        check_image_path(path)
     model, ckpt = model_from_checkpoint(args.checkpoint, device=pick_device(args.device, default_cuda=False))
+    size = image_size_of(ckpt)
+    images = np.stack([read_image(p, size) for p in args.images])
     classes = list(ckpt["classes"])
     probs = predict_probabilities(model, images, ckpt["mean"], ckpt["std"])
     if args.json:

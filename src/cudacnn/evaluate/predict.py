@@ -1,5 +1,6 @@
-"""Classify image files with a trained model: the images must be 32x32 RGB, like the training data
-(resizing would silently change what the model sees, so we refuse instead)."""
+"""Classify image files with a trained model. Every image is brought to the model's input size exactly as the
+training images were (the data loader's decoder: header size check, RGB conversion, shorter side resized and
+the centre square cropped), so any image file of any size or mode can be given."""
 
 from __future__ import annotations
 
@@ -8,18 +9,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cudacnn.data.image_folder import decode_image
+from cudacnn.data.image_folder import SIZE, decode_image
 from cudacnn.errors import DataError
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """uint8 (32, 32, 3) HWC array of a 32x32 RGB image file."""
+def image_size_of(ckpt: dict) -> int:
+    """The input size a checkpoint's model was trained at (its run's --image-size; 32 before there was one)."""
+    return int((ckpt.get("config") or {}).get("image_size") or SIZE)
+
+
+def check_image_path(path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
-        raise DataError(f"{path} is a folder; predict takes image files: name them, e.g. {path}/*.png")
+        raise DataError(f"{path} is a folder; predict takes image files: name them, e.g. {path}/*.jpg")
     if not path.is_file():
         raise DataError(f"image {path} does not exist")
-    decoded = decode_image((str(path), path.read_bytes()))  # the data loader's decoder: the same checks
+    return path
+
+
+def read_image(path: str | Path, size: int = SIZE) -> np.ndarray:
+    """uint8 (size, size, 3) HWC array of an image file."""
+    path = check_image_path(path)
+    decoded = decode_image((str(path), path), size)  # the data loader's decoder: the same checks and resizing
     if isinstance(decoded, str):
         raise DataError(decoded)
     return decoded
@@ -35,7 +46,7 @@ def normalize(images: np.ndarray, mean, std) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_probabilities(model: torch.nn.Module, images: np.ndarray, mean, std) -> np.ndarray:
-    """(N, K) softmax probabilities for uint8 (N, 32, 32, 3) images."""
+    """(N, K) softmax probabilities for uint8 (N, S, S, 3) images."""
     param = next(model.parameters())
     was_training = model.training
     model.eval()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
+import torch
 import torch.nn as nn
 
 from cudacnn.errors import ConfigError
@@ -36,3 +38,24 @@ def create_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
         return _MODELS[name](num_classes=num_classes, **kwargs)
     except TypeError as exc:  # an option this family does not take
         raise ConfigError(f"model '{name}' does not accept these options {sorted(kwargs)}: {exc}") from exc
+
+
+def takes_option(name: str, option: str) -> bool:
+    """Whether model `name`'s factory has a parameter `option` (e.g. image_size, for nets whose head is sized
+    by the input)."""
+    return name in _MODELS and option in inspect.signature(_MODELS[name]).parameters
+
+
+@torch.no_grad()
+def check_input_size(model: nn.Module, name: str, image_size: int) -> None:
+    """A ConfigError naming the model and the size when `model` cannot run on image_size x image_size inputs."""
+    was_training = model.training
+    model.eval()  # BatchNorm in training mode needs more than one value per channel: no such limit here
+    try:
+        model(torch.zeros(1, 3, image_size, image_size))
+    except RuntimeError as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"model '{name}' cannot take {image_size}x{image_size} images ({detail}); "
+                          "choose another --image-size or model") from exc
+    finally:
+        model.train(was_training)

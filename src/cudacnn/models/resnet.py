@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from cudacnn.errors import CheckpointError, ConfigError
 from cudacnn.models.registry import register_model
-from cudacnn.models.weights import describe_mismatch
+from cudacnn.models.weights import describe_mismatch, resolve_pretrained
 
 STEMS = ("imagenet", "cifar")
 
@@ -95,8 +95,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     wrappers ({'state_dict': ...}, {'model': ...}) and DataParallel's 'module.' prefix."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"pretrained weights {path} do not exist; pass a local torchvision-format "
-                              "ResNet-18 file (e.g. resnet18-f37072fd.pth)")
+        raise CheckpointError(f"pretrained weights {path} do not exist; pass --pretrained imagenet (downloads "
+                              "torchvision's) or a local torchvision-format ResNet-18 file (e.g. resnet18-f37072fd.pth)")
     if path.suffix == ".safetensors":
         try:
             from safetensors.torch import load_file
@@ -119,8 +119,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_pretrained(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load ImageNet weights into every layer but the head; the model keeps its own freshly initialized
+    """Load ImageNet weights (a file, or 'imagenet': see resolve_pretrained) into every layer but the head; the model keeps its own freshly initialized
     N-way `fc`. Raises CheckpointError naming a few keys when the body does not match."""
+    path = resolve_pretrained(path)  # 'imagenet': torchvision's weights, downloaded once and verified
     state = {k: v for k, v in read_state_dict(path).items() if not k.startswith(HEAD_PREFIX)}
     own = {k: v for k, v in model.state_dict().items() if not k.startswith(HEAD_PREFIX)}
     # old torchvision files lack BN's num_batches_tracked counters; they carry no learned state

@@ -16,12 +16,15 @@ from cudacnn.train.presets import DEFAULT_PRESET, PRESETS
 
 log = logging.getLogger(__name__)
 HELP = {
-    "model": "model name (see `cudacnn models`)", "data": "archive, folder or official name "
-    "(default: CUDACNN_DATA, else official CIFAR-10, downloaded once)", "val_fraction": "validation share of "
+    "model": "model name (see `cudacnn models`)", "data": "archive or folder of images, official name (cifar10, "
+    "cifar100, ...) or 'sample' (default: CUDACNN_DATA, else official CIFAR-10, downloaded once; offline, the "
+    "bundled sample)", "image_size": "side in pixels every image is brought to: shorter side resized (bilinear), "
+    "then the centre square cropped", "val_fraction": "validation share of "
     "the training set", "amp": "none | bf16 | fp16", "kernels": "torch | triton | cuda", "flip":
     "none | random | alternate", "schedule": "none | onecycle | cosine", "optimizer": "sgd | adam | adamw",
     "early_stopping": "patience in epochs (0 = off)", "ema_decay": "EMA of weights (0 = off)",
-    "runs": "seeded repeats (seed, seed+1, ...)", "pretrained": "torchvision-format ImageNet weights file",
+    "runs": "seeded repeats (seed, seed+1, ...)", "pretrained": "'imagenet' (torchvision's ResNet-18 weights, "
+    "downloaded once and checked) or a torchvision-format weights file",
     "sync_bn": "data-parallel: SyncBatchNorm across GPUs", "max_per_gpu_batch": "data-parallel: at most this "
     "many samples per forward; larger per-GPU parts of the global batch use gradient accumulation (0 = off)",
     "compile_mode": f"with --compile: {' | '.join(COMPILE_MODES)} (reduce-overhead: CUDA graphs)",
@@ -210,4 +213,7 @@ def run_train(args) -> int:
         else:
             distributed.launch(args.gpus, ["-m", "cudacnn", *child_argv(args)])
         return 0
-    return fit_runs([dict(config=dataclasses.replace(config, seed=config.seed + i)) for i in range(config.runs)], args)
+    # no recipe chosen: on a CPU the trainer cuts the default one to a few minutes (see train/cpu_plan.py)
+    fit_to_cpu = not (args.preset or args.config or args.model or args.epochs or args.model_kwargs is not None)
+    return fit_runs([dict(config=dataclasses.replace(config, seed=config.seed + i), fit_to_cpu=fit_to_cpu)
+                     for i in range(config.runs)], args)

@@ -40,6 +40,7 @@ class TrainConfig:
     init_from: str | None = None         # a run folder or checkpoint whose weights start this run (no optimizer state)
     data: str | None = None              # source; default CUDACNN_DATA, else official CIFAR-10
     cache_dir: str | None = None
+    image_size: int = 32                 # images are brought to image_size x image_size (shorter side + centre crop)
     val_fraction: float = 0.1            # stratified validation split from the training set (0 = none)
     # optimisation
     epochs: int = 30
@@ -101,7 +102,8 @@ class TrainConfig:
             (0.0 <= self.label_smoothing < 1.0, "label-smoothing must be in [0, 1)"),
             (0.0 <= self.ema_decay < 1.0, "ema-decay must be in [0, 1)"),
             (self.crop_pad >= 0 and self.cutout >= 0, "crop-pad and cutout must be >= 0"),
-            (self.crop_pad < 32, "crop-pad must be below 32, the image size"),
+            (8 <= self.image_size <= 1024, "image-size must be from 8 to 1024 pixels"),
+            (self.crop_pad < self.image_size, f"crop-pad must be below {self.image_size}, the image size"),
             (0 <= self.seed < 2**32, "seed must be in [0, 2**32)"),
             (isinstance(self.model_kwargs, dict), "model-kwargs must be a JSON object, e.g. '{\"stem\": \"cifar\"}'"),
             (self.name is None or is_plain_name(self.name),

@@ -21,13 +21,16 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import Progress
 
 from cudacnn.atomic import write_text_atomic
 from cudacnn.data import Augment, Dataset, GpuLoader, channel_stats, load_dataset, split_validation
+from cudacnn.data.sources import SAMPLE, sample_path
 from cudacnn.errors import CheckpointError, ConfigError, CudacnnError, DiskFullError
 from cudacnn.evaluate.metrics import evaluate
 from cudacnn.models import create_model
+from cudacnn.models.registry import check_input_size, takes_option
+from cudacnn.progress import format_duration, make_progress
 from cudacnn.train import distributed, setup, sinks
 from cudacnn.train.callbacks import EarlyStopping
 from cudacnn.train.checkpoint import (check_compatible, load_checkpoint, run_checkpoint, save_checkpoint,
@@ -54,11 +57,12 @@ class RunResult:
 
 class Trainer:
     """`Trainer(config).fit()`; callbacks are called as cb(trainer, epoch_record) after each epoch (on every
-    rank). `dist_timeout_s`: under torchrun, a collective waiting longer than this fails (a dead or hung rank)."""
+    rank). `dist_timeout_s`: under torchrun, a collective waiting longer than this fails (a dead or hung rank).
+    `fit_to_cpu`: on a CPU, cut the run to a few minutes (cpu_plan.cpu_sized; for a recipe the user did not pick)."""
 
     def __init__(self, config: TrainConfig, run_dir: Path | None = None, resume: bool = False,
                  dataset: Dataset | None = None, callbacks: tuple[Callable, ...] = (), quiet: bool = False,
-                 dist_timeout_s: float = DIST_TIMEOUT_S):
+                 dist_timeout_s: float = DIST_TIMEOUT_S, fit_to_cpu: bool = False):
         self.config, self.callbacks, self.resume = config, callbacks, resume
         self.dist, self.device = distributed.init(config.device, dist_timeout_s)
         self.quiet = quiet or not self.dist.is_main
@@ -66,7 +70,15 @@ class Trainer:
         setup.seed_everything(config.seed, config.deterministic)
         setup.set_tf32(config.tf32)
         sinks.check_available(config.log_sinks)  # before the data loads or anything is written
-        self.dataset = dataset or load_dataset(config.data, cache_dir=config.cache_dir, quiet=quiet)
+        # with no source named, an offline machine falls back to the bundled sample (with a warning)
+        self.dataset = dataset or load_dataset(config.data, cache_dir=config.cache_dir, quiet=quiet,
+                                               image_size=config.image_size, fallback_to_sample=not resume)
+        if config.data is None and self.dataset.source == str(sample_path()):
+            self.config = config = replace(config, data=SAMPLE)  # what evaluate and resume will load
+        if fit_to_cpu and self.device.type == "cpu" and not self.dist.enabled:
+            from cudacnn.train.cpu_plan import cpu_sized
+
+            self.config = config = cpu_sized(config, len(self.dataset.train))
         self._build_data()
         self._build_model()
 
@@ -101,10 +113,15 @@ class Trainer:
 
     def _build_model(self) -> None:
         c = self.config
-        self.model = create_model(c.model, num_classes=self.dataset.num_classes, **c.model_kwargs)
+        kwargs = dict(c.model_kwargs)
+        if self.dataset.image_size != 32 and takes_option(c.model, "image_size"):  # a head sized by the input
+            kwargs.setdefault("image_size", self.dataset.image_size)
+        self.model = create_model(c.model, num_classes=self.dataset.num_classes, **kwargs)
+        if self.dataset.image_size != 32:
+            check_input_size(self.model, c.model, self.dataset.image_size)
         # the run's config (config.yaml, checkpoints) names the net's shape, defaults included, so that resuming
         # and loading rebuild this net even after the model's defaults change
-        self.config = c = replace(c, model_kwargs={**c.model_kwargs, **getattr(self.model, "arch", {})})
+        self.config = c = replace(c, model_kwargs={**kwargs, **getattr(self.model, "arch", {})})
         if c.pretrained:
             from cudacnn.models.resnet import load_pretrained
 
@@ -222,10 +239,11 @@ class Trainer:
         model.train()
         self.train_loader.set_epoch(epoch)
         steps = len(self.train_loader)
-        task = progress.add_task(f"epoch {epoch + 1}/{c.epochs}", total=steps, stats="")
+        task = progress.add_task(f"epoch {epoch + 1}/{c.epochs}", total=steps, stats="", eta_label="epoch ETA")
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         seen, start = 0, time.perf_counter()
+        shown = start - 1.0  # the first step is shown at once: an ETA within seconds of the start
         amp = c.amp != "none"
         world = self.dist.world_size
         batches = zip(self.train_loader, self.train_loader.step_sizes())
@@ -260,13 +278,17 @@ class Trainer:
                 self.scheduler.step()
             if self.ema:
                 self.ema.update_parameters(model)
-            if step % 25 == 24 or step == steps - 1:  # the only host syncs of the epoch
+            now = time.perf_counter()
+            if now - shown >= 1.0 or step == steps - 1:  # the only host syncs of the epoch: one a second
+                shown = now
                 mean_loss, accuracy, total = self._global_stats(loss_sum, correct, seen)
                 if not math.isfinite(mean_loss):
                     raise TrainingDiverged(self._diverged_message(epoch))
-                rate = total / (time.perf_counter() - start)
-                progress.update(task, completed=step + 1, stats=f"loss {mean_loss:.3f} "
-                                f"acc {accuracy:.3f} {rate:,.0f} img/s")
+                elapsed = time.perf_counter() - start
+                # the run's remaining training steps at this epoch's pace (evaluation not included)
+                left = elapsed / (step + 1) * (steps - step - 1 + steps * (c.epochs - epoch - 1))
+                progress.update(task, completed=step + 1, stats=f"loss {mean_loss:.3f} acc {accuracy:.3f} "
+                                f"{total / elapsed:,.0f} img/s, run ETA {format_duration(left)}")
         progress.remove_task(task)
         elapsed = time.perf_counter() - start
         mean_loss, accuracy, total = self._global_stats(loss_sum, correct, seen)
@@ -319,6 +341,7 @@ class Trainer:
                 log.info("resuming %s at epoch %d", self.run_dir, self.start_epoch + 1)
         elif self.dist.is_main:
             save_config(c, self.run_dir / "config.yaml")
+            self._write_data_info()
         if self.dist.is_main:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
         self.sinks = sinks.MetricSinks(self.run_dir, c.log_sinks if self.dist.is_main else [], self.start_epoch + 1)
@@ -370,6 +393,16 @@ class Trainer:
     def _disk_full(self, exc: DiskFullError) -> DiskFullError:
         """The same error, naming the command that continues: the last checkpoint written is whole."""
         return DiskFullError(exc.path, f"free space and resume with `cudacnn train --resume {self.run_dir}`")
+
+    def _write_data_info(self) -> None:
+        """data.json: what the run trained on, including how the source was read (e.g. the train/test split
+        drawn from a class-folder tree, with every test image's name)."""
+        from cudacnn.data.image_folder import RESIZE_POLICY
+
+        d = self.dataset
+        info = {"name": d.name, "source": d.source, "classes": d.classes, "image_size": d.image_size,
+                "resize": RESIZE_POLICY, "train_images": len(d.train), "test_images": len(d.test), **d.info}
+        write_text_atomic(self.run_dir / "data.json", json.dumps(info, indent=1))
 
     def _write_parallel_info(self) -> None:
         c, world = self.config, self.dist.world_size
@@ -459,11 +492,6 @@ def prune_best(folder: Path, kept: set[int]) -> None:
 
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-def make_progress(quiet: bool) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), disable=quiet, transient=True)
 
 
 def new_run_dir(config: TrainConfig) -> Path:
