@@ -19,6 +19,7 @@ from PIL import Image
 
 from cifar_archives import CIFAR10_CLASSES, cifar10_binary_files, cifar100_binary_files, png_bytes, write_folder, write_tar
 from cudacnn.cli import main
+from cudacnn.train.checkpoint import load_checkpoint
 from cudacnn.data import image_folder, load_dataset, read_source, sources
 from cudacnn.data.image_folder import decode_image, decode_images, fit_image
 from cudacnn.errors import ConfigError, DataError
@@ -294,7 +295,7 @@ def test_train_and_predict_at_another_image_size(tmp_path, capsys):
     assert "image_size: 24" in config
     data = json.loads((run / "data.json").read_text())
     assert data["image_size"] == 24 and data["split"]["seed"] == 0 and len(data["split"]["test_files"]) == 4
-    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
     assert ckpt["model_kwargs"]["image_size"] == 24
     photo = tmp_path / "photo.jpg"
     Image.fromarray(smooth_image(300, 500, seed=9)).save(photo)
