@@ -281,8 +281,12 @@ class Trainer:
             now = time.perf_counter()
             if now - shown >= 1.0 or step == steps - 1:  # the only host syncs of the epoch: one a second
                 shown = now
-                mean_loss, accuracy, total = self._global_stats(loss_sum, correct, seen)
-                if not math.isfinite(mean_loss):
+                # each rank's own clock decides when it shows progress, so only the last step, which every
+                # rank reaches together, may run a collective: in between, a rank shows its own figures
+                last_step = step == steps - 1
+                mean_loss, accuracy, total = (self._global_stats(loss_sum, correct, seen) if last_step
+                                              else self._local_stats(loss_sum, correct, seen))
+                if not math.isfinite(mean_loss) and (last_step or not self.dist.enabled):
                     raise TrainingDiverged(self._diverged_message(epoch))
                 elapsed = time.perf_counter() - start
                 # the run's remaining training steps at this epoch's pace (evaluation not included)
@@ -295,6 +299,10 @@ class Trainer:
         return {"epoch": epoch + 1, "train_loss": mean_loss, "train_acc": accuracy,
                 "lr": self.optimizer.param_groups[0]["lr"], "epoch_time_s": elapsed,
                 "images_per_s": total / elapsed}
+
+    def _local_stats(self, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> tuple[float, float, int]:
+        """(mean loss, accuracy, samples) of this rank, the samples scaled to the world; no collective."""
+        return loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1), seen * self.dist.world_size
 
     def _global_stats(self, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> tuple[float, float, int]:
         """(mean loss, accuracy, samples) over all ranks; one host sync."""
