@@ -363,10 +363,10 @@ def test_record_flops_match_the_published_count():
     from cudacnn.train.fast.recipe import resolve_config
 
     cifar = SimpleNamespace(num_classes=10, train=range(50000), test=range(10000))
-    fast94 = training_flops(resolve_config("fast94", {}), cifar, None)
+    fast94 = training_flops(resolve_config("fast94", {}), cifar)
     assert 0.28e15 < fast94 < 0.31e15
     # twice the epochs: twice the training FLOPs, the same evaluation
-    longer = training_flops(resolve_config("fast94", {"epochs": 16.0}), cifar, None)
+    longer = training_flops(resolve_config("fast94", {"epochs": 16.0}), cifar)
     evaluation = 2 * fast94 - longer
     assert 0 < evaluation < 0.1 * fast94  # 6 TTA views of 10,000 images, forward only
 

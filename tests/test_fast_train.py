@@ -52,7 +52,12 @@ def test_unknown_preset_and_option_and_bad_values_are_config_errors():
                          (dict(keep_fraction=1.5), r"keep_fraction must be in \(0, 1\]"),
                          (dict(tta_level=5), "tta_level must be one of"),
                          (dict(epochs=0.0), "epochs must be positive"),
-                         (dict(compile_mode="fastest"), "compile_mode must be one of")):
+                         (dict(compile_mode="fastest"), "compile_mode must be one of"),
+                         (dict(whiten_images=0), "whiten_images must be at least 1"),
+                         (dict(label_smoothing=1.5), r"label_smoothing must be in \[0, 1\)"),
+                         (dict(crop_pad=40), "crop_pad must be below 32"),
+                         (dict(muon_lr=0.0), "muon_lr, bias_lr and head_lr must be positive"),
+                         (dict(sgd_momentum=1.0), r"momentum must be in \[0, 1\)")):
         with pytest.raises(ConfigError, match=message):
             train_fast("fast94", tiny_dataset(), device="cpu", batch_size=32, **bad)
 

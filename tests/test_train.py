@@ -342,8 +342,20 @@ def test_set_changes_record_recipes_only(tmp_path, capsys):
     assert main(["train", "--preset", "fast94", "--set", "keep_fraction=2", *out]) == 2
     assert "keep_fraction must be in (0, 1]" in capsys.readouterr().err
     assert main(["train", "--preset", "keras-cnn", "--set", "epochs=2", *out]) == 2
-    assert "--set changes record recipes" in capsys.readouterr().err
+    assert "change the record presets (fast94, fast96) only" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_print_config_of_a_record_preset_is_its_recipe_and_reads_back(tmp_path, capsys):
+    argv = ["train", "--preset", "fast94", "--set", "epochs=7", "--device", "cpu", "--print-config"]
+    assert main(argv) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["recipe"]["epochs"] == 7.0 and printed["recipe"]["batch_size"] == 2000
+    assert printed["preset"] == "fast94" and "lr" not in printed and "batch_size" not in printed
+    saved = tmp_path / "config.yaml"  # what a record run writes as its config.yaml
+    saved.write_text(yaml.safe_dump(printed))
+    assert main(["train", "--config", str(saved), "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out) == printed
 
 
 def test_record_preset_refuses_settings_from_a_config_file_or_a_sweep_job(tmp_path, capsys):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import statistics
 import time
 
 import torch
@@ -16,13 +17,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cudacnn.atomic import write_text_atomic
 from cudacnn.bench.harness import environment
+from cudacnn.errors import ConfigError
 from cudacnn.tables import md_table
 from cudacnn.train.fast.config import RecordConfig
 
 log = logging.getLogger(__name__)
 
-# Dense fp16/bf16 tensor-core peaks (vendor datasheets, without sparsity), by a word in the device name
-DENSE_FP16_PEAK = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
+# Dense fp16/bf16 tensor-core peaks (vendor datasheets, without sparsity), by part of the device's name (the H100
+# PCIe card has a lower peak and is not listed)
+DENSE_FP16_PEAK = {"H100 80GB HBM3": 989.4e12, "H100 SXM": 989.4e12, "H200": 989.4e12, "A100": 312e12}
 
 
 def add_options(p) -> None:
@@ -48,12 +51,14 @@ def run(args) -> int:
     from cudacnn.train.sweep import summarize
 
     started = time.perf_counter()
+    if args.runs < 1:
+        raise ConfigError("--runs must be at least 1")
     overrides = parse_settings(args.set)
     cfg = resolve_config(args.preset, overrides)
     device = pick_device(args.device)
     compile = not args.no_compile
     dataset = load_dataset(args.data, cache_dir=args.cache_dir, quiet=True)
-    flops = training_flops(cfg, dataset, device)
+    flops = training_flops(cfg, dataset)
     peak = dense_fp16_peak(device)
     if compile and device.type == "cuda":
         t0 = time.perf_counter()
@@ -86,9 +91,10 @@ def run(args) -> int:
     return 0
 
 
-def training_flops(cfg: RecordConfig, dataset, device: torch.device) -> float:
-    """FLOPs of the whole timed run, counted by PyTorch's FlopCounterMode on one training step and one
-    evaluation forward (convolutions and matrix products; elementwise work is not counted)."""
+def training_flops(cfg: RecordConfig, dataset) -> float:
+    """FLOPs of the whole timed run, counted by PyTorch's FlopCounterMode on the net's forward and backward of
+    one training step and one evaluation forward (convolutions and matrix products; elementwise work and the
+    optimizers' own arithmetic are not counted)."""
     from cudacnn.evaluate.tta import TTA_VIEWS
     from cudacnn.models import create_model
 
@@ -112,8 +118,8 @@ def dense_fp16_peak(device: torch.device) -> float | None:
 
 
 def median_of(rows: list[dict], key: str) -> float | None:
-    values = sorted(r[key] for r in rows if r[key] is not None)
-    return values[len(values) // 2] if values else None
+    values = [r[key] for r in rows if r[key] is not None]
+    return statistics.median(values) if values else None
 
 
 def markdown(table: dict, rows: list[dict]) -> str:

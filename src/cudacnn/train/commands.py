@@ -158,10 +158,14 @@ def fit_runs(runs: list[dict], args) -> int:
 
 def print_config(config: TrainConfig) -> int:
     """The resolved settings, as the run's config.yaml will hold them (the model's own defaults are added when
-    the model is built)."""
+    the model is built; a record preset's are its run settings and its whole recipe)."""
     import yaml
 
-    print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+    from cudacnn.train.record import check_record_config, is_record, record_settings
+
+    check_record_config(config)
+    settings = record_settings(config) if is_record(config) else config.to_dict()
+    print(yaml.safe_dump(settings, sort_keys=False), end="")
     return 0
 
 

@@ -9,11 +9,13 @@ import logging
 import time
 from pathlib import Path
 
+import yaml
+
 from cudacnn.atomic import write_text_atomic
 from cudacnn.data import load_dataset
 from cudacnn.errors import ConfigError
 from cudacnn.train.checkpoint import save_checkpoint
-from cudacnn.train.config import TrainConfig, claim_run_dir, resolve, run_name, save_config
+from cudacnn.train.config import TrainConfig, claim_run_dir, resolve, run_name
 from cudacnn.train.fast.config import parse_settings
 from cudacnn.train.presets import RECORD_PRESETS
 from cudacnn.train.setup import pick_device
@@ -34,8 +36,8 @@ def check_record_config(config: TrainConfig) -> dict:
     from a flag, a config file or a sweep job: the recipe would silently ignore it."""
     if not is_record(config):
         if config.recipe:
-            raise ConfigError(f"--set changes record recipes ({', '.join(RECORD_PRESETS)}); "
-                              "set a trainer preset's values with their own flags")
+            raise ConfigError(f"recipe settings (--set, or a config file's recipe:) change the record presets "
+                              f"({', '.join(RECORD_PRESETS)}) only; set a trainer preset's values with their own flags")
         return {}
     preset = resolve(config.preset, None, {})
     ignored = sorted(f.name for f in dataclasses.fields(TrainConfig)
@@ -49,6 +51,16 @@ def check_record_config(config: TrainConfig) -> dict:
     overrides = parse_settings(config.recipe)
     resolve_config(config.preset, overrides)  # refuse bad values before anything is written
     return overrides
+
+
+def record_settings(config: TrainConfig) -> dict:
+    """What a record run is: its run settings and its whole resolved recipe (config.yaml, --print-config). The
+    trainer settings the recipe ignores are left out; `cudacnn train --config` reads this back as it is."""
+    from cudacnn.train.fast.recipe import resolve_config
+
+    recipe = dataclasses.asdict(resolve_config(config.preset, parse_settings(config.recipe)))
+    del recipe["model"]  # the preset's, not a setting
+    return {**{k: getattr(config, k) for k in RECORD_SETTINGS if k != "recipe"}, "recipe": recipe}
 
 
 def train_record_preset(config: TrainConfig, gpus: int, inside_launch: bool, quiet: bool = False) -> None:
@@ -76,7 +88,7 @@ def run_record(config: TrainConfig, quiet: bool = False) -> dict:
     dataset = load_dataset(config.data, cache_dir=config.cache_dir, quiet=quiet)
     root = claim_run_dir(Path(config.out) / run_name(config), resumable=False)  # seeded runs start over
     root.mkdir(parents=True, exist_ok=True)
-    save_config(config, root / "config.yaml")
+    write_text_atomic(root / "config.yaml", yaml.safe_dump(record_settings(config), sort_keys=False))
     warmup_start = time.time()
     if device.type == "cuda" and config.compile:  # compile once here, so each run's stamps cover the run alone
         warmup(config.preset, dataset, str(device), **overrides)

@@ -35,9 +35,17 @@ class RecordConfig:
     max_steps: int | None = None  # cut training short (smoke tests, the compile warm-up)
 
     def validate(self) -> "RecordConfig":
+        rates = (self.muon_lr, self.bias_lr, self.head_lr)
         checks = [
             (math.isfinite(self.epochs) and self.epochs > 0, "epochs must be positive"),
             (self.batch_size >= 1, "batch_size must be at least 1"),
+            (all(0 < r < math.inf for r in rates), "muon_lr, bias_lr and head_lr must be positive and finite"),
+            (0 <= self.muon_momentum < 1 and 0 <= self.sgd_momentum < 1, "muon_momentum and sgd_momentum must be in [0, 1)"),
+            (0 <= self.wd_per_example < math.inf, "wd_per_example must be >= 0 and finite"),
+            (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
+            (0 <= self.whiten_bias_epochs < math.inf, "whiten_bias_epochs must be >= 0 and finite"),
+            (self.whiten_images >= 1, "whiten_images must be at least 1"),
+            (self.crop_pad < 32, "crop_pad must be below 32, the image size"),
             (0.0 < self.keep_fraction <= 1.0, f"keep_fraction must be in (0, 1], got {self.keep_fraction}"),
             (self.tta_level in TTA_LEVELS, f"tta_level must be one of {TTA_LEVELS}, got {self.tta_level}"),
             (self.compile_mode in COMPILE_MODES, f"compile_mode must be one of {', '.join(COMPILE_MODES)}"),
@@ -68,7 +76,7 @@ FIELDS = {f.name: f.type for f in dataclasses.fields(RecordConfig) if f.name != 
 
 def parse_settings(items: list[str] | dict) -> dict:
     """`--set` values: ['epochs=7', 'cutout=0'] -> {'epochs': 7.0, 'cutout': 0}, typed as RecordConfig's
-    fields. A mapping (a config file's `set:`) is checked and typed the same way."""
+    fields. A mapping (a config file's `recipe:`) is checked and typed the same way."""
     pairs = items.items() if isinstance(items, dict) else [_split(item) for item in items]
     out = {}
     for key, value in pairs:

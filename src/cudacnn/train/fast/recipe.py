@@ -145,13 +145,14 @@ def train_fast(name: str, dataset: Dataset, *, seed: int = 0, device="cuda", com
     model.reset()
     train, test_images, test_labels = make_loaders(cfg, dataset, device, seed, random_labels=_warm)
     optimizers = make_optimizers(model, cfg, compile=compile)
+    hard = LastLossFilter(len(dataset.train), cfg.examples_per_step, device) if cfg.keep_fraction < 1 else None
 
     timer = DeviceTimer(device)
     timer.start()
     # a strided sample: image-folder sources store the training set sorted by class
     stride = max(1, len(train.images) // cfg.whiten_images)
     model.init_whiten(train.normalize(train.images[::stride][: cfg.whiten_images]))
-    history = train_steps(cfg, model, net, train, optimizers)
+    history = train_steps(cfg, model, net, train, optimizers, hard)
     timer.stop()
     timer.start()  # the evaluation is timed too, as its own span
     model.eval()
@@ -189,9 +190,10 @@ def make_loaders(cfg: RecordConfig, dataset: Dataset, device: torch.device, seed
     return train, test_images, test_labels
 
 
-def train_steps(cfg: RecordConfig, model: FastNet, net: nn.Module, train: GpuLoader, optimizers) -> list[dict]:
-    """Every training step of the run; returns one history row per epoch (loss and accuracy as device
-    tensors: reading them would wait on the device)."""
+def train_steps(cfg: RecordConfig, model: FastNet, net: nn.Module, train: GpuLoader, optimizers,
+                hard: LastLossFilter | None) -> list[dict]:
+    """Every training step of the run, each on the `hard` filter's part of its batch if there is one; returns
+    one history row per epoch (loss and accuracy as device tensors: reading them would wait on the device)."""
     device = next(model.parameters()).device
     sgd, muon = optimizers
     steps_per_epoch = len(train)
@@ -199,7 +201,6 @@ def train_steps(cfg: RecordConfig, model: FastNet, net: nn.Module, train: GpuLoa
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
     whiten_steps = max(1, math.ceil(cfg.whiten_bias_epochs * steps_per_epoch))
-    hard = LastLossFilter(len(train.labels), cfg.examples_per_step, device) if cfg.keep_fraction < 1 else None
     lookahead = Lookahead.of_model(model) if cfg.lookahead_every else None  # slow copy after the init
 
     history, step = [], 0
