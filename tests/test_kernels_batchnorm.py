@@ -218,6 +218,36 @@ def test_gradcheck_float64_through_the_ops():
         assert torch.autograd.gradcheck(f, (x, w, b, r))
 
 
+def test_gradcheck_float64_without_normalize_with_a_residual():
+    # without normalize, dx and d residual are the same values: the op must return them as two tensors
+    x, r = (torch.randn(2, 3, 4, 4, dtype=torch.float64, device=DEVICE, requires_grad=True) for _ in range(2))
+    for pool in (False, True):
+        def f(x, r):
+            return ops.batchnorm_act(x, None, None, r, activation="silu", pool=pool, normalize=False)
+        assert torch.autograd.gradcheck(f, (x, r))
+
+
+@pytest.mark.parametrize("path", ["triton", "reference"])
+@pytest.mark.parametrize("pool", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_without_normalize_residual_gradients_match_float64(request, monkeypatch, path, pool, channels_last):
+    if path == "triton":
+        request.getfixturevalue("kernels_only")
+    else:  # float32 on the plain-PyTorch fallback, as without a GPU or the interpreter
+        monkeypatch.setattr(B, "_triton_ok", lambda x: False)
+    x, r = (randn(2, 5, 6, 4, channels_last=channels_last).requires_grad_() for _ in range(2))
+    y = ops.batchnorm_act(x, None, None, r, activation="gelu", pool=pool, normalize=False)
+    x64, r64 = (t.detach().double().requires_grad_() for t in (x, r))
+    y64 = act_reference(x64 + r64, "gelu")
+    y64 = F.max_pool2d(y64, 2) if pool else y64
+    g = torch.randn_like(y64)
+    y.backward(g.float()), y64.backward(g)
+    close(y, y64, 1e-6)
+    close(x.grad, x64.grad, 1e-5)
+    close(r.grad, r64.grad, 1e-5)
+    assert x.grad.data_ptr() != r.grad.data_ptr()
+
+
 def test_opcheck_registrations():
     x = randn(2, 3, 4, 4, channels_last=True).requires_grad_()
     w, b, r = randn(3).requires_grad_(), randn(3).requires_grad_(), randn(2, 3, 4, 4, channels_last=True)
@@ -256,6 +286,10 @@ def test_bad_inputs_name_the_problem():
         bn(randn(2, 3, 2, 2), randn(2, 3, 2, 1))
     with pytest.raises(ValueError, match="unknown activation"):
         BatchNormAct(3, activation="swish")
+    w = randn(3).requires_grad_()
+    for backend in ("triton", "torch"):  # without normalize there is nothing for weight or bias to scale
+        with pytest.raises(ValueError, match="normalize=False takes no weight or bias"):
+            ops.batchnorm_act(randn(2, 3, 2, 2), w, None, activation="relu", backend=backend, normalize=False)
 
 
 # ---------------------------------------------------------------- swap_modules on the zoo

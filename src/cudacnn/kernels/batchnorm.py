@@ -146,7 +146,8 @@ def reference_backward(grad_y, x, weight, bias, residual, mean, rstd, training: 
         dx = dx * rstd.to(cd).view(per_channel)
         dw = (dz * xhat).sum(dims).to(weight.dtype) if weight is not None else None
         db = dz.sum(dims).to(bias.dtype) if bias is not None else None
-    return dx.to(x.dtype), dw, db, dz.to(residual.dtype) if residual is not None else None
+    # dres a copy: without normalize, dx is dz itself, and a custom op's outputs may not alias each other
+    return dx.to(x.dtype), dw, db, dz.to(residual.dtype, copy=True) if residual is not None else None
 
 
 # ---------------------------------------------------------------- Triton

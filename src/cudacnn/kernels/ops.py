@@ -297,6 +297,9 @@ def batchnorm_act(x: Tensor, weight: Tensor | None, bias: Tensor | None, residua
     in training (updating the running ones in place when given), the running ones otherwise. normalize=False
     leaves out the BatchNorm (act + residual + pool). Backends "triton" and "cuda" both run the Triton
     kernels (there is no CUDA C++ BatchNorm); "torch" the PyTorch modules' functions."""
+    if not normalize and (weight is not None or bias is not None):
+        raise ValueError("batchnorm_act with normalize=False takes no weight or bias (they scale and shift the "
+                         "normalized value); pass None for both, or normalize=True")
     if backend == "torch":
         if normalize:
             x = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
