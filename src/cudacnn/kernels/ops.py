@@ -147,8 +147,8 @@ def _(x, kind, backend):
 @torch.library.custom_op("cudacnn::activation_backward", mutates_args=())
 def _activation_backward(grad_y: Tensor, x: Tensor, kind: str, backend: str) -> Tensor:
     out = torch.empty_like(x)
-    if channels_last_4d(x):
-        grad_y = grad_y.contiguous(memory_format=torch.channels_last)
+    # grad_y in x's layout (a no-op when it already is): _nhwc views both the same way only then
+    grad_y = grad_y.contiguous(memory_format=torch.channels_last if channels_last_4d(x) else torch.contiguous_format)
     if _use_cuda(backend, x):
         _cuda.cuda_activation_backward(_nhwc(grad_y), _nhwc(x), kind, out=_nhwc(out))
     else:
