@@ -351,6 +351,20 @@ def test_swapped_zoo_model_matches_the_original(kernels_only, monkeypatch, name,
         close(swapped(x), model(x).double(), 1e-4)
 
 
+def test_swap_fuses_batchnorm_relu_and_pool_of_a_flat_sequential(kernels_only):
+    # after BN + ReLU fuse, the ReLU's slot is an nn.Identity: the pool must still reach back to the BN
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Identity(), nn.MaxPool2d(2)).to(DEVICE)
+    swapped = swap_modules(copy.deepcopy(model), "triton")
+    assert isinstance(swapped[1], BatchNormAct) and swapped[1].activation == "relu" and swapped[1].pool
+    assert isinstance(swapped[5], ActivationPool)
+    assert all(type(swapped[i]) is nn.Identity for i in (2, 3, 6, 7))
+    x = randn(2, 3, 8, 8)
+    close(swapped(x), model(x).double(), 1e-5)
+    close(swapped[1].running_var, model[1].running_var.double(), 1e-6)
+
+
 def test_swap_leaves_batchnorm_for_sync_batchnorm():
     from cudacnn.models import create_model
 
