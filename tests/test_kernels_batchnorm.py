@@ -218,6 +218,16 @@ def test_gradcheck_float64_through_the_ops():
         assert torch.autograd.gradcheck(f, (x, w, b, r))
 
 
+def test_inputs_are_checked_once_a_call(monkeypatch):
+    calls = []
+    check = B.check_inputs
+    monkeypatch.setattr(B, "check_inputs", lambda *args: calls.append(args) or check(*args))
+    x, r = randn(2, 3, 4, 4).requires_grad_(), randn(2, 3, 4, 4)
+    ops.batchnorm_act(x, None, None, r, torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE),
+                      activation="relu", pool=True).sum().backward()
+    assert len(calls) == 1
+
+
 def test_gradcheck_float64_without_normalize_with_a_residual():
     # without normalize, dx and d residual are the same values: the op must return them as two tensors
     x, r = (torch.randn(2, 3, 4, 4, dtype=torch.float64, device=DEVICE, requires_grad=True) for _ in range(2))
@@ -286,6 +296,8 @@ def test_bad_inputs_name_the_problem():
         bn(randn(2, 3, 2, 2), randn(2, 3, 2, 1))
     with pytest.raises(ValueError, match="unknown activation"):
         BatchNormAct(3, activation="swish")
+    with pytest.raises(ValueError, match="training=False needs running_mean and running_var"):
+        ops.batchnorm_act(randn(2, 3, 2, 2), None, None, training=False)
     w = randn(3).requires_grad_()
     for backend in ("triton", "torch"):  # without normalize there is nothing for weight or bias to scale
         with pytest.raises(ValueError, match="normalize=False takes no weight or bias"):

@@ -103,19 +103,6 @@ def reference_statistics(x, running_mean, running_var, momentum: float, eps: flo
     return mean, rstd
 
 
-def reference_forward(x, weight, bias, residual, running_mean, running_var, training: bool, normalize: bool,
-                      momentum: float, eps: float, activation: str, pool: bool):
-    """(y, mean, rstd) as the kernels compute them; updates the running statistics in training."""
-    if not normalize:
-        empty = x.new_empty((0,), dtype=torch.float32)
-        return _apply_reference(x, None, None, residual, None, None, activation, pool, False, x.dtype), empty, empty
-    if training:
-        mean, rstd = reference_statistics(x, running_mean, running_var, momentum, eps)
-    else:
-        mean, rstd = running_stats(running_mean, running_var, eps, x.dtype)
-    return _apply_reference(x, weight, bias, residual, mean, rstd, activation, pool, True, x.dtype), mean, rstd
-
-
 def reference_backward(grad_y, x, weight, bias, residual, mean, rstd, training: bool, normalize: bool,
                        activation: str, pool: bool):
     """(dx, dweight, dbias, dresidual), None where an input is None: BatchNorm's backward written out (autograd
@@ -500,8 +487,7 @@ def _triton_ok(x: torch.Tensor) -> bool:
 
 def statistics(x, running_mean, running_var, momentum: float, eps: float):
     """(mean, rstd) of x's channels over N, H, W (float32; float64 for float64 x); updates running_mean/var
-    in place when given."""
-    check_inputs(x, None, None, None, "none", False, True)
+    in place when given. x passed check_inputs (ops.batchnorm_act checks once, before any kernel)."""
     if not _triton_ok(x):
         return reference_statistics(x, running_mean, running_var, momentum, eps)
     return batch_stats(x, running_mean, running_var, momentum, eps)
@@ -509,8 +495,7 @@ def statistics(x, running_mean, running_var, momentum: float, eps: float):
 
 def apply(x, weight, bias, residual, mean, rstd, normalize: bool, activation: str, pool: bool) -> torch.Tensor:
     """y = maxpool?(act((x - mean) * rstd * weight + bias + residual)) in x's dtype and layout; without
-    normalize, y = maxpool?(act(x + residual))."""
-    check_inputs(x, weight, bias, residual, activation, pool, False)
+    normalize, y = maxpool?(act(x + residual)). The inputs passed check_inputs (as in statistics())."""
     if not _triton_ok(x) or x.numel() == 0:
         return _apply_reference(x, weight, bias, residual, mean, rstd, activation, pool, normalize, x.dtype)
     N, C, H, W = x.shape
@@ -527,20 +512,6 @@ def apply(x, weight, bias, residual, mean, rstd, normalize: bool, activation: st
             KIND=activation_code(activation), POOL=pool, FAST=_fast(y.dtype), BLOCK_P=block_p, BLOCK_C=block_c,
             num_warps=warps)
     return y
-
-
-def forward(x, weight, bias, residual, running_mean, running_var, training: bool, normalize: bool,
-            momentum: float, eps: float, activation: str, pool: bool):
-    """(y, mean, rstd): statistics() (training) or the running statistics (eval), then apply()."""
-    if not normalize:
-        mean = rstd = x.new_empty((0,), dtype=torch.float32)
-    elif training:
-        mean, rstd = statistics(x, running_mean, running_var, momentum, eps)
-    else:
-        if running_mean is None:
-            raise ValueError("eval-mode batchnorm_act needs running_mean and running_var")
-        mean, rstd = running_stats(running_mean, running_var, eps, x.dtype)
-    return apply(x, weight, bias, residual, mean, rstd, normalize, activation, pool), mean, rstd
 
 
 def running_stats(running_mean, running_var, eps: float, dtype: torch.dtype):
