@@ -207,6 +207,19 @@ def test_activation_pool_matches_relu_then_max_pool(kernels_only, shape):
     close(x.grad, x64.grad, 1e-6)
 
 
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+def test_backward_totals_sum_the_partials_and_write_the_affine_gradients(param_dtype):
+    # the backward's one launch between its passes: sums over the programs' partials, d weight and d bias
+    partial = randn(37, 2, 20)
+    weight, bias = randn(20, dtype=param_dtype), randn(20, dtype=param_dtype)
+    sums, dw, db = B.backward_totals(partial, weight, bias)
+    close(sums, partial.double().sum(0), 1e-6)
+    assert dw.dtype == db.dtype == param_dtype
+    assert torch.equal(dw, sums[1].to(param_dtype)) and torch.equal(db, sums[0].to(param_dtype))
+    sums_only, no_dw, no_db = B.backward_totals(partial, None, None)
+    assert no_dw is None and no_db is None and torch.equal(sums_only, sums)
+
+
 def test_gradcheck_float64_through_the_ops():
     # float64 takes the PyTorch reference inside the same custom ops: checks the autograd wiring
     x = torch.randn(2, 3, 4, 2, dtype=torch.float64, device=DEVICE, requires_grad=True)
@@ -448,6 +461,7 @@ def build(fn, consts, warps=8):
 
 build(B._stats_kernel, dict(BLOCK_M=64, BLOCK_C=64))
 build(B._finalize_kernel, dict(UPDATE=True, BLOCK_P=32, BLOCK_C=128), 4)
+build(B._backward_totals_kernel, dict(HAS_DW=True, HAS_DB=True, BLOCK_P=32, BLOCK_C=128), 4)
 for pool, kind, norm in ((False, 4, True), (True, 2, True), (True, 1, False)):
     flags = dict(NORM=norm, HAS_W=norm, HAS_B=norm, HAS_RES=not pool, KIND=kind, POOL=pool, FAST=True, BLOCK_C=64)
     build(B._apply_kernel, dict(flags, BLOCK_P=32))
