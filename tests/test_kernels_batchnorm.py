@@ -207,6 +207,19 @@ def test_activation_pool_matches_relu_then_max_pool(kernels_only, shape):
     close(x.grad, x64.grad, 1e-6)
 
 
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+def test_backward_totals_sum_the_partials_and_write_the_affine_gradients(param_dtype):
+    # the backward's one launch between its passes: sums over the programs' partials, d weight and d bias
+    partial = randn(37, 2, 20)
+    weight, bias = randn(20, dtype=param_dtype), randn(20, dtype=param_dtype)
+    sums, dw, db = B.backward_totals(partial, weight, bias)
+    close(sums, partial.double().sum(0), 1e-6)
+    assert dw.dtype == db.dtype == param_dtype
+    assert torch.equal(dw, sums[1].to(param_dtype)) and torch.equal(db, sums[0].to(param_dtype))
+    sums_only, no_dw, no_db = B.backward_totals(partial, None, None)
+    assert no_dw is None and no_db is None and torch.equal(sums_only, sums)
+
+
 def test_gradcheck_float64_through_the_ops():
     # float64 takes the PyTorch reference inside the same custom ops: checks the autograd wiring
     x = torch.randn(2, 3, 4, 2, dtype=torch.float64, device=DEVICE, requires_grad=True)
@@ -216,6 +229,46 @@ def test_gradcheck_float64_through_the_ops():
         def f(x, w, b, r):
             return ops.batchnorm_act(x, w, b, r, rm.clone(), rv.clone(), training, 0.1, 1e-5, "silu", True)
         assert torch.autograd.gradcheck(f, (x, w, b, r))
+
+
+def test_inputs_are_checked_once_a_call(monkeypatch):
+    calls = []
+    check = B.check_inputs
+    monkeypatch.setattr(B, "check_inputs", lambda *args: calls.append(args) or check(*args))
+    x, r = randn(2, 3, 4, 4).requires_grad_(), randn(2, 3, 4, 4)
+    ops.batchnorm_act(x, None, None, r, torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE),
+                      activation="relu", pool=True).sum().backward()
+    assert len(calls) == 1
+
+
+def test_gradcheck_float64_without_normalize_with_a_residual():
+    # without normalize, dx and d residual are the same values: the op must return them as two tensors
+    x, r = (torch.randn(2, 3, 4, 4, dtype=torch.float64, device=DEVICE, requires_grad=True) for _ in range(2))
+    for pool in (False, True):
+        def f(x, r):
+            return ops.batchnorm_act(x, None, None, r, activation="silu", pool=pool, normalize=False)
+        assert torch.autograd.gradcheck(f, (x, r))
+
+
+@pytest.mark.parametrize("path", ["triton", "reference"])
+@pytest.mark.parametrize("pool", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_without_normalize_residual_gradients_match_float64(request, monkeypatch, path, pool, channels_last):
+    if path == "triton":
+        request.getfixturevalue("kernels_only")
+    else:  # float32 on the plain-PyTorch fallback, as without a GPU or the interpreter
+        monkeypatch.setattr(B, "_triton_ok", lambda x: False)
+    x, r = (randn(2, 5, 6, 4, channels_last=channels_last).requires_grad_() for _ in range(2))
+    y = ops.batchnorm_act(x, None, None, r, activation="gelu", pool=pool, normalize=False)
+    x64, r64 = (t.detach().double().requires_grad_() for t in (x, r))
+    y64 = act_reference(x64 + r64, "gelu")
+    y64 = F.max_pool2d(y64, 2) if pool else y64
+    g = torch.randn_like(y64)
+    y.backward(g.float()), y64.backward(g)
+    close(y, y64, 1e-6)
+    close(x.grad, x64.grad, 1e-5)
+    close(r.grad, r64.grad, 1e-5)
+    assert x.grad.data_ptr() != r.grad.data_ptr()
 
 
 def test_opcheck_registrations():
@@ -256,6 +309,12 @@ def test_bad_inputs_name_the_problem():
         bn(randn(2, 3, 2, 2), randn(2, 3, 2, 1))
     with pytest.raises(ValueError, match="unknown activation"):
         BatchNormAct(3, activation="swish")
+    with pytest.raises(ValueError, match="training=False needs running_mean and running_var"):
+        ops.batchnorm_act(randn(2, 3, 2, 2), None, None, training=False)
+    w = randn(3).requires_grad_()
+    for backend in ("triton", "torch"):  # without normalize there is nothing for weight or bias to scale
+        with pytest.raises(ValueError, match="normalize=False takes no weight or bias"):
+            ops.batchnorm_act(randn(2, 3, 2, 2), w, None, activation="relu", backend=backend, normalize=False)
 
 
 # ---------------------------------------------------------------- swap_modules on the zoo
@@ -315,6 +374,20 @@ def test_swapped_zoo_model_matches_the_original(kernels_only, monkeypatch, name,
     model.eval(), swapped.eval()
     with torch.no_grad():
         close(swapped(x), model(x).double(), 1e-4)
+
+
+def test_swap_fuses_batchnorm_relu_and_pool_of_a_flat_sequential(kernels_only):
+    # after BN + ReLU fuse, the ReLU's slot is an nn.Identity: the pool must still reach back to the BN
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Identity(), nn.MaxPool2d(2)).to(DEVICE)
+    swapped = swap_modules(copy.deepcopy(model), "triton")
+    assert isinstance(swapped[1], BatchNormAct) and swapped[1].activation == "relu" and swapped[1].pool
+    assert isinstance(swapped[5], ActivationPool)
+    assert all(type(swapped[i]) is nn.Identity for i in (2, 3, 6, 7))
+    x = randn(2, 3, 8, 8)
+    close(swapped(x), model(x).double(), 1e-5)
+    close(swapped[1].running_var, model[1].running_var.double(), 1e-6)
 
 
 def test_swap_leaves_batchnorm_for_sync_batchnorm():
@@ -388,6 +461,7 @@ def build(fn, consts, warps=8):
 
 build(B._stats_kernel, dict(BLOCK_M=64, BLOCK_C=64))
 build(B._finalize_kernel, dict(UPDATE=True, BLOCK_P=32, BLOCK_C=128), 4)
+build(B._backward_totals_kernel, dict(HAS_DW=True, HAS_DB=True, BLOCK_P=32, BLOCK_C=128), 4)
 for pool, kind, norm in ((False, 4, True), (True, 2, True), (True, 1, False)):
     flags = dict(NORM=norm, HAS_W=norm, HAS_B=norm, HAS_RES=not pool, KIND=kind, POOL=pool, FAST=True, BLOCK_C=64)
     build(B._apply_kernel, dict(flags, BLOCK_P=32))

@@ -152,3 +152,11 @@ def test_activation_keeps_channels_last_without_copies(backend, monkeypatch):
     F.gelu(x64).backward(g.double())
     assert x.grad.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(x.grad.double(), x64.grad, atol=1e-6)
+    # the mirror cases: a gradient in the other layout than the input's (autograd hands over whatever the
+    # consumer made); the input's gradient keeps the input's layout
+    for x_format, g_format in ((torch.contiguous_format, torch.channels_last),
+                               (torch.channels_last, torch.contiguous_format)):
+        x = x64.detach().float().contiguous(memory_format=x_format).requires_grad_()
+        ops.activation(x, "gelu", backend).backward(g.float().contiguous(memory_format=g_format))
+        assert x.grad.is_contiguous(memory_format=x_format)
+        assert torch.allclose(x.grad.double(), x64.grad, atol=1e-6)

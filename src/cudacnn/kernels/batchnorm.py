@@ -13,8 +13,9 @@ partials, writes mean and 1/std and updates the running statistics in place; _ap
 the residual) again and writes only y (pooled when pooling). Nothing else is saved: backward recomputes
 the normalized value, the activation and the pool's argmax from x.
 Backward: _backward_kernel (PHASE 0) reads x and dy and writes per-program partial sums of dz and
-dz * xhat per channel (dz = gradient at the activation's input, routed through the pool's argmax); their
-sum gives d bias and d weight; PHASE 1 reads x and dy again and writes dx (and d residual = dz).
+dz * xhat per channel (dz = gradient at the activation's input, routed through the pool's argmax);
+_backward_totals_kernel sums them and writes d bias and d weight in the same launch; PHASE 1 reads x and dy
+again and writes dx (and d residual = dz).
 
 The pool takes the first maximum of each window (row-major), comparing the activations rounded to the
 output dtype, as PyTorch's max_pool2d does on the rounded tensor; forward and backward recompute z with
@@ -103,19 +104,6 @@ def reference_statistics(x, running_mean, running_var, momentum: float, eps: flo
     return mean, rstd
 
 
-def reference_forward(x, weight, bias, residual, running_mean, running_var, training: bool, normalize: bool,
-                      momentum: float, eps: float, activation: str, pool: bool):
-    """(y, mean, rstd) as the kernels compute them; updates the running statistics in training."""
-    if not normalize:
-        empty = x.new_empty((0,), dtype=torch.float32)
-        return _apply_reference(x, None, None, residual, None, None, activation, pool, False, x.dtype), empty, empty
-    if training:
-        mean, rstd = reference_statistics(x, running_mean, running_var, momentum, eps)
-    else:
-        mean, rstd = running_stats(running_mean, running_var, eps, x.dtype)
-    return _apply_reference(x, weight, bias, residual, mean, rstd, activation, pool, True, x.dtype), mean, rstd
-
-
 def reference_backward(grad_y, x, weight, bias, residual, mean, rstd, training: bool, normalize: bool,
                        activation: str, pool: bool):
     """(dx, dweight, dbias, dresidual), None where an input is None: BatchNorm's backward written out (autograd
@@ -146,7 +134,8 @@ def reference_backward(grad_y, x, weight, bias, residual, mean, rstd, training: 
         dx = dx * rstd.to(cd).view(per_channel)
         dw = (dz * xhat).sum(dims).to(weight.dtype) if weight is not None else None
         db = dz.sum(dims).to(bias.dtype) if bias is not None else None
-    return dx.to(x.dtype), dw, db, dz.to(residual.dtype) if residual is not None else None
+    # dres a copy: without normalize, dx is dz itself, and a custom op's outputs may not alias each other
+    return dx.to(x.dtype), dw, db, dz.to(residual.dtype, copy=True) if residual is not None else None
 
 
 # ---------------------------------------------------------------- Triton
@@ -431,6 +420,29 @@ def _backward_kernel(dy_ptr, x_ptr, res_ptr, dx_ptr, dres_ptr, mean_ptr, rstd_pt
         tl.store(sums_ptr + pid_p * 2 * C + C + c, acc_dzx, mask=c_ok)
 
 
+@triton.jit
+def _backward_totals_kernel(partial_ptr, sums_ptr, dw_ptr, db_ptr, programs, C, HAS_DW: tl.constexpr,
+                            HAS_DB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The totals of PHASE 0's partial sums (programs, 2, C): sums (2, C) float32 for PHASE 1, and in the same
+    launch d bias = sum dz and d weight = sum dz * xhat in the parameters' dtypes."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    dz = tl.zeros((BLOCK_C,), tl.float32)
+    dzx = tl.zeros((BLOCK_C,), tl.float32)
+    for p0 in range(0, programs, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        mask = (p < programs)[:, None] & c_ok[None, :]
+        offset = p[:, None] * (2 * C) + c[None, :]
+        dz += tl.sum(tl.load(partial_ptr + offset, mask=mask, other=0.0), axis=0)
+        dzx += tl.sum(tl.load(partial_ptr + offset + C, mask=mask, other=0.0), axis=0)
+    tl.store(sums_ptr + c, dz, mask=c_ok)
+    tl.store(sums_ptr + C + c, dzx, mask=c_ok)
+    if HAS_DW:
+        tl.store(dw_ptr + c, dzx.to(dw_ptr.dtype.element_ty), mask=c_ok)
+    if HAS_DB:
+        tl.store(db_ptr + c, dz.to(db_ptr.dtype.element_ty), mask=c_ok)
+
+
 def _strides(t: torch.Tensor | None, like: torch.Tensor) -> tuple[int, int, int, int]:
     return tuple((t if t is not None else like).stride())
 
@@ -499,8 +511,7 @@ def _triton_ok(x: torch.Tensor) -> bool:
 
 def statistics(x, running_mean, running_var, momentum: float, eps: float):
     """(mean, rstd) of x's channels over N, H, W (float32; float64 for float64 x); updates running_mean/var
-    in place when given."""
-    check_inputs(x, None, None, None, "none", False, True)
+    in place when given. x passed check_inputs (ops.batchnorm_act checks once, before any kernel)."""
     if not _triton_ok(x):
         return reference_statistics(x, running_mean, running_var, momentum, eps)
     return batch_stats(x, running_mean, running_var, momentum, eps)
@@ -508,8 +519,7 @@ def statistics(x, running_mean, running_var, momentum: float, eps: float):
 
 def apply(x, weight, bias, residual, mean, rstd, normalize: bool, activation: str, pool: bool) -> torch.Tensor:
     """y = maxpool?(act((x - mean) * rstd * weight + bias + residual)) in x's dtype and layout; without
-    normalize, y = maxpool?(act(x + residual))."""
-    check_inputs(x, weight, bias, residual, activation, pool, False)
+    normalize, y = maxpool?(act(x + residual)). The inputs passed check_inputs (as in statistics())."""
     if not _triton_ok(x) or x.numel() == 0:
         return _apply_reference(x, weight, bias, residual, mean, rstd, activation, pool, normalize, x.dtype)
     N, C, H, W = x.shape
@@ -526,20 +536,6 @@ def apply(x, weight, bias, residual, mean, rstd, normalize: bool, activation: st
             KIND=activation_code(activation), POOL=pool, FAST=_fast(y.dtype), BLOCK_P=block_p, BLOCK_C=block_c,
             num_warps=warps)
     return y
-
-
-def forward(x, weight, bias, residual, running_mean, running_var, training: bool, normalize: bool,
-            momentum: float, eps: float, activation: str, pool: bool):
-    """(y, mean, rstd): statistics() (training) or the running statistics (eval), then apply()."""
-    if not normalize:
-        mean = rstd = x.new_empty((0,), dtype=torch.float32)
-    elif training:
-        mean, rstd = statistics(x, running_mean, running_var, momentum, eps)
-    else:
-        if running_mean is None:
-            raise ValueError("eval-mode batchnorm_act needs running_mean and running_var")
-        mean, rstd = running_stats(running_mean, running_var, eps, x.dtype)
-    return apply(x, weight, bias, residual, mean, rstd, normalize, activation, pool), mean, rstd
 
 
 def running_stats(running_mean, running_var, eps: float, dtype: torch.dtype):
@@ -579,7 +575,7 @@ def backward(grad_y, x, weight, bias, residual, mean, rstd, training: bool, norm
     pointers = (grad_y, x, residual if residual is not None else x, dx, dres if dres is not None else dx, mean, rstd,
                 weight if weight is not None else x, bias if bias is not None else x)
     strides = (*x.stride(), *_strides(residual, x), *grad_y.stride())
-    sums = None
+    sums = dw = db = None
     if normalize and (training or needs_affine):
         blocks = triton.cdiv(P, block_p)
         units = triton.cdiv(blocks, min(blocks, _programs_per_channel_block(c_blocks, x.device))) * block_p
@@ -587,13 +583,29 @@ def backward(grad_y, x, weight, bias, residual, mean, rstd, training: bool, norm
         partial = torch.empty((programs, 2, C), dtype=torch.float32, device=x.device)
         _backward_kernel[(programs, c_blocks)](*pointers, partial, P, C, M, PH, PW, OH, OW, H, W, units, *strides,
                                                PHASE=0, **common)
-        sums = partial.sum(0)
+        sums, dw, db = backward_totals(partial, weight if needs_affine else None, bias if needs_affine else None)
     _backward_kernel[(triton.cdiv(P, block_p), c_blocks)](
         *pointers, sums if sums is not None else mean, P, C, M, PH, PW, OH, OW, H, W, block_p, *strides,
         PHASE=1, **common)
-    dw = db = None
-    if sums is not None and needs_affine:
-        # copies, not views of `sums`: a custom op's outputs may not alias each other
-        dw = sums[1].to(weight.dtype, copy=True) if weight is not None else None
-        db = sums[0].to(bias.dtype, copy=True) if bias is not None else None
     return dx, dw, db, dres
+
+
+def backward_totals(partial: torch.Tensor, weight, bias):
+    """(sums, dweight, dbias) from the backward's partial sums (programs, 2, C): sums (2, C) float32 (d bias's
+    row, then d weight's), dweight/dbias in weight's/bias's dtype, None for a None one. One launch for
+    float32 parameters (BatchNorm's usual ones); other dtypes are rounded by PyTorch afterwards, as the
+    interpreter's bfloat16 conversion truncates where PyTorch's and the GPU's round to nearest."""
+    programs, _, C = partial.shape
+    sums = torch.empty((2, C), dtype=torch.float32, device=partial.device)
+    dw = torch.empty_like(sums[1]) if weight is not None and weight.dtype == torch.float32 else None
+    db = torch.empty_like(sums[0]) if bias is not None and bias.dtype == torch.float32 else None
+    block_c = 16 if interpreting() else 128
+    _backward_totals_kernel[(triton.cdiv(C, block_c),)](
+        partial, sums, dw if dw is not None else sums, db if db is not None else sums, programs, C,
+        HAS_DW=dw is not None, HAS_DB=db is not None, BLOCK_P=16 if interpreting() else 32, BLOCK_C=block_c,
+        num_warps=4)
+    if weight is not None and dw is None:
+        dw = sums[1].to(weight.dtype)  # another dtype: a copy, so no output aliases `sums`
+    if bias is not None and db is None:
+        db = sums[0].to(bias.dtype)
+    return sums, dw, db

@@ -213,25 +213,28 @@ def _fuse_sequential(seq: nn.Sequential) -> None:
     """Inside an nn.Sequential: Linear + activation (GEMM epilogue), BatchNormAct + activation, then
     BatchNormAct / Activation + MaxPool2d(2), also when the first ends the previous child nn.Sequential (SmallNet
     pools after its stage's second conv block). A fused-away module becomes nn.Identity, so indices and
-    state_dict keys stay."""
-    names = list(seq._modules)
-    for first_name, second_name in zip(names, names[1:]):
-        tail, second = _tail(seq, first_name), seq._modules[second_name]
-        if tail is None:
-            continue
-        owner, key, first = tail
-        if isinstance(first, Linear) and first.activation == "none" and isinstance(second, Activation):
-            first.activation = second.kind
-        elif (isinstance(first, BatchNormAct) and first.activation == "none" and not first.pool
-              and isinstance(second, Activation)):
-            first.activation = second.kind
-        elif isinstance(first, BatchNormAct) and not first.pool and _is_pool2x2(second):
-            first.pool = True
-        elif isinstance(first, Activation) and _is_pool2x2(second):
-            setattr(owner, key, ActivationPool(first.kind, first.backend))
-        else:
-            continue
-        setattr(seq, second_name, nn.Identity())
+    state_dict keys stay; each module pairs with the last one before it that is not an nn.Identity, so
+    BatchNorm + ReLU + MaxPool2d fuse into one BatchNormAct."""
+    first_name = None  # the last child so far that is not an nn.Identity
+    for second_name, second in list(seq._modules.items()):
+        tail = _tail(seq, first_name) if first_name is not None else None
+        if tail is not None:
+            owner, key, first = tail
+            if isinstance(first, Linear) and first.activation == "none" and isinstance(second, Activation):
+                first.activation = second.kind
+            elif (isinstance(first, BatchNormAct) and first.activation == "none" and not first.pool
+                  and isinstance(second, Activation)):
+                first.activation = second.kind
+            elif isinstance(first, BatchNormAct) and not first.pool and _is_pool2x2(second):
+                first.pool = True
+            elif isinstance(first, Activation) and _is_pool2x2(second):
+                setattr(owner, key, ActivationPool(first.kind, first.backend))
+            else:
+                tail = None
+        if tail is not None:
+            setattr(seq, second_name, nn.Identity())
+        elif not isinstance(second, nn.Identity):
+            first_name = second_name
 
 
 def swap_modules(model: nn.Module, backend: str, fuse: bool = True, batchnorm: bool = True) -> nn.Module:

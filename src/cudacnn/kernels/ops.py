@@ -147,8 +147,8 @@ def _(x, kind, backend):
 @torch.library.custom_op("cudacnn::activation_backward", mutates_args=())
 def _activation_backward(grad_y: Tensor, x: Tensor, kind: str, backend: str) -> Tensor:
     out = torch.empty_like(x)
-    if channels_last_4d(x):
-        grad_y = grad_y.contiguous(memory_format=torch.channels_last)
+    # grad_y in x's layout (a no-op when it already is): _nhwc views both the same way only then
+    grad_y = grad_y.contiguous(memory_format=torch.channels_last if channels_last_4d(x) else torch.contiguous_format)
     if _use_cuda(backend, x):
         _cuda.cuda_activation_backward(_nhwc(grad_y), _nhwc(x), kind, out=_nhwc(out))
     else:
@@ -297,6 +297,9 @@ def batchnorm_act(x: Tensor, weight: Tensor | None, bias: Tensor | None, residua
     in training (updating the running ones in place when given), the running ones otherwise. normalize=False
     leaves out the BatchNorm (act + residual + pool). Backends "triton" and "cuda" both run the Triton
     kernels (there is no CUDA C++ BatchNorm); "torch" the PyTorch modules' functions."""
+    if not normalize and (weight is not None or bias is not None):
+        raise ValueError("batchnorm_act with normalize=False takes no weight or bias (they scale and shift the "
+                         "normalized value); pass None for both, or normalize=True")
     if backend == "torch":
         if normalize:
             x = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
