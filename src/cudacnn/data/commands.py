@@ -44,8 +44,8 @@ def run_info(args) -> int:
     split = dataset.info.get("split")
     if split:
         console.print(f"train/test: the folder's own classes split {1 - split['test_fraction']:.0%}/"
-                      f"{split['test_fraction']:.0%} per class (seeded, seed {split['seed']}); each run's data.json "
-                      "lists the test images")
+                      f"{split['test_fraction']:.0%} per class, each file by a hash of its path (adding images "
+                      "moves none); each run's data.json lists the test images")
     table = Table("class", "train", "test")
     train_counts = dataset.train.class_counts(dataset.num_classes)
     test_counts = dataset.test.class_counts(dataset.num_classes)
