@@ -191,6 +191,7 @@ def run_predict(args) -> int:
 
 def run_export(args) -> int:
     from cudacnn.evaluate.export import PARITY_TOLERANCE, export_onnx, export_safetensors
+    from cudacnn.evaluate.predict import image_size_of
     from cudacnn.train.checkpoint import model_from_checkpoint, stored_model_kwargs
 
     if not (args.onnx or args.safetensors):
@@ -199,15 +200,16 @@ def run_export(args) -> int:
         if path and (path.is_dir() or (path.parent.exists() and not path.parent.is_dir())):
             raise ConfigError(f"{flag} {path} cannot be written as a file; name a {ext} file in a folder")
     model, ckpt = model_from_checkpoint(args.checkpoint, device="cpu")
+    size = image_size_of(ckpt)
     metadata = {"model_name": ckpt["model_name"], "classes": list(ckpt["classes"]),
-                "mean": list(ckpt["mean"]), "std": list(ckpt["std"]),
-                "input": "float32 NCHW 32x32 RGB, (x/255 - mean) / std"}
+                "mean": list(ckpt["mean"]), "std": list(ckpt["std"]), "image_size": size,
+                "input": f"float32 NCHW {size}x{size} RGB, (x/255 - mean) / std"}
     if args.safetensors:
         count = export_safetensors(model, args.safetensors,
                                    {**metadata, "model_kwargs": stored_model_kwargs(ckpt), "epoch": ckpt["epoch"] + 1})
         print(f"wrote {args.safetensors}: {count} tensors, read back and checked")
     if args.onnx:
-        diff = export_onnx(model, args.onnx, metadata)
+        diff = export_onnx(model, args.onnx, metadata, image_size=size)
         print(f"wrote {args.onnx}; onnxruntime parity: max abs difference {diff:.2e} (bound {PARITY_TOLERANCE:g})")
     return 0
 
