@@ -19,7 +19,7 @@ from PIL import Image
 
 from cifar_archives import CIFAR10_CLASSES, cifar10_binary_files, cifar100_binary_files, png_bytes, write_folder, write_tar
 from cudacnn.cli import main
-from cudacnn.train.checkpoint import load_checkpoint
+from cudacnn.train.checkpoint import load_checkpoint, run_checkpoint
 from cudacnn.data import image_folder, load_dataset, read_source, sources
 from cudacnn.data.image_folder import decode_image, decode_images, fit_image
 from cudacnn.errors import ConfigError, DataError
@@ -324,7 +324,10 @@ def test_train_and_predict_at_another_image_size(tmp_path, capsys):
     line = json.loads(capsys.readouterr().out)
     assert set(line["probabilities"]) == {"a", "b"}
     assert main(["evaluate", str(run), "--device", "cpu", "--cache-dir", str(tmp_path / "c")]) == 0
-    assert json.loads((run / "eval.json").read_text())["num_samples"] == test_count
+    chosen = run_checkpoint(run)  # evaluate writes evals/<checkpoint>.json beside the training's eval.json
+    result = json.loads((run / "evals" / f"{chosen.stem}.json").read_text())
+    assert result["num_samples"] == test_count and result["epoch"] == load_checkpoint(chosen)["epoch"] + 1
+    assert result["checkpoint"] == str(chosen)
 
 
 def test_evaluate_refuses_a_test_set_other_than_the_recorded_one(tmp_path, capsys):
@@ -378,8 +381,12 @@ def test_the_sample_is_a_stratified_cifar10_subset():
 
 
 def test_the_sample_ships_as_package_data():
-    text = (REPO / "pyproject.toml").read_text()
-    assert '"cudacnn.data" = ["sample/cifar10-sample.tar.gz"' in text
+    from importlib.resources import as_file, files
+
+    resource = files("cudacnn.data").joinpath("sample", "cifar10-sample.tar.gz")
+    assert resource.is_file() and resource.read_bytes()[:2] == b"\x1f\x8b"  # a gzip file inside the package
+    with as_file(resource) as path:
+        assert path.resolve() == sources.sample_path()  # the file `--data sample` reads
 
 
 def test_the_sample_is_what_its_script_makes(shared_jpeg_path, full_shared_set, tmp_path):
