@@ -138,10 +138,13 @@ def test_only_an_unchosen_recipe_is_cpu_sized(tmp_path, monkeypatch, flags, size
 
 def test_the_cpu_sized_run_is_announced_and_planned(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(trainer_module.Trainer, "fit", lambda self: None)
+    preset = resolve("smallnet-plus", None, {"device": "cpu", "out": str(tmp_path)})
+    n_train = 5_000  # enough images that the budget cuts the preset's epochs
+    cut = round(IMAGE_BUDGET / n_train)
+    assert 1 <= cut < preset.epochs
     with caplog.at_level(logging.INFO):
-        t = trainer_module.Trainer(resolve("smallnet-plus", None, {"device": "cpu", "out": str(tmp_path)}),
-                                   dataset=dataset(n_train=50_000 // 500), quiet=True, fit_to_cpu=True)
-    assert t.config.epochs == min(40, round(IMAGE_BUDGET / 100)) and t.config.model_kwargs["widths"] == CPU_WIDTHS
+        t = trainer_module.Trainer(preset, dataset=dataset(n_train=n_train), quiet=True, fit_to_cpu=True)
+    assert t.config.epochs == cut and t.config.model_kwargs["widths"] == CPU_WIDTHS
     assert t.model.fc.in_features == CPU_WIDTHS[-1]
     assert sum("no GPU: CPU-sized run" in r.getMessage() for r in caplog.records) == 1
 
