@@ -51,10 +51,6 @@ def add_commands(subparsers) -> None:
     rp.set_defaults(func=run_report)
 
 
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
 def pick_device(name: str | None, default_cuda: bool = True) -> torch.device:
     """No --device: the GPU if there is one (or the CPU when `default_cuda` is off); else as the trainer."""
     if name is None:
@@ -134,7 +130,7 @@ def run_evaluate(args) -> int:
 
     out = args.out or run_folder_of(args.checkpoint)
     extra = {"checkpoint": str(chosen), "data": dataset.source or str(source),
-             "epoch": ckpt["epoch"] + 1, "model_name": ckpt.get("model_name"), "device": device_name(device),
+             "epoch": ckpt["epoch"] + 1, "model_name": ckpt.get("model_name"), "device": setup.device_name(device),
              "batch_size": args.batch_size, **environment()}
     paths = save_evaluation(result, out, extra, name=evaluation_name(chosen, args.tta, args.data))
     console = Console()
