@@ -292,6 +292,20 @@ def test_models_take_another_image_size(model):
     assert net(torch.zeros(2, 3, 48, 48)).shape == (2, 5)
 
 
+def test_the_input_size_check_computes_nothing():
+    from cudacnn.models import create_model
+    from cudacnn.models.registry import check_input_size
+
+    net = create_model("resnet18", num_classes=5)
+    seen = []
+    net.register_forward_pre_hook(lambda module, args: seen.append(args[0].device.type))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    check_input_size(net, "resnet18", 1024)  # a real forward here would be hundreds of GFLOPs
+    assert seen == ["meta"]
+    assert all(torch.equal(before[k], v) and v.device.type == "cpu" for k, v in net.state_dict().items())
+    assert net.training  # left as it was
+
+
 def test_a_size_a_model_cannot_take_is_one_line():
     from cudacnn.models import create_model
     from cudacnn.models.registry import check_input_size
