@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -165,3 +166,20 @@ def test_data_cache_lists_and_clears(tmp_path, capsys):
     assert err.count("\n") == 1 and "no cached source matches 'nothing'" in err
     assert main(["data", "cache", "--clear", *flags]) == 0  # a bare --clear: all
     assert cache.list_entries(cache_dir, data_dir) == []
+
+
+def test_clearing_sample_removes_the_samples_decoded_caches_only(tmp_path, capsys):
+    from cudacnn.cli import main
+    from cudacnn.data import cache
+    from cudacnn.data.sources import sample_path
+
+    cache_dir, data_dir = tmp_path / "cache", tmp_path / "downloads"
+    files, _ = image_folder_files(classes=("x", "y"))
+    load_dataset(write_tar(tmp_path / "a.tar.gz", files), cache_dir=cache_dir, quiet=True)
+    # a decoded cache of the sample, as `--data sample` writes it (its meta names the packaged archive)
+    np.savez(cache_dir / "cifar10-sample.tar.gz-0-s32-0.npz", meta=json.dumps({"source": str(sample_path())}))
+    flags = ["--cache-dir", str(cache_dir), "--dir", str(data_dir)]
+    assert main(["data", "cache", "--clear", "sample", *flags]) == 0
+    assert "removed" in capsys.readouterr().out and not (cache_dir / "cifar10-sample.tar.gz-0-s32-0.npz").exists()
+    assert [Path(e.source).name for e in cache.list_entries(cache_dir, data_dir)] == ["a.tar.gz"]
+    assert sample_path().is_file()

@@ -234,6 +234,72 @@ def test_download_unreachable_leaves_nothing(tmp_path):
     assert list((tmp_path / "data").iterdir()) == []
 
 
+def test_a_full_disk_during_a_download_is_the_disk_full_line_and_no_fallback(tmp_path, monkeypatch):
+    import builtins
+    import errno
+
+    from cudacnn import download as download_module
+    from cudacnn.errors import DiskFullError
+
+    tar, md5, _ = _archive(tmp_path)
+    monkeypatch.delenv("CUDACNN_DATA", raising=False)
+    monkeypatch.setitem(OFFICIAL, "cifar10", OfficialArchive("cifar10", tar.as_uri(), md5, "cifar-10-binary.tar.gz"))
+
+    class FullDisk:
+        """The download's temporary file on a disk that fills up at the first block."""
+
+        def __init__(self, path, mode):
+            self.file = builtins.open(path, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, block):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(download_module, "open", FullDisk, raising=False)
+    target = tmp_path / "data" / "cifar-10-binary.tar.gz"
+    with pytest.raises(DiskFullError, match=f"no space left on device writing {target}; free space"):
+        load_dataset(None, cache_dir=tmp_path / "c", data_dir=tmp_path / "data", quiet=True, fallback_to_sample=True)
+    assert list((tmp_path / "data").iterdir()) == []  # nothing half-written
+
+
+def test_a_connection_lost_mid_transfer_is_a_download_error(tmp_path, monkeypatch):
+    import io
+    import urllib.request
+
+    from cudacnn.download import DownloadError
+
+    class Dropped(io.BytesIO):
+        headers = {"Content-Length": "100"}
+
+        def read(self, size=-1):
+            raise ConnectionResetError(104, "Connection reset by peer")
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: Dropped())
+    archive = OfficialArchive("cifar10", "http://example.invalid/c.tar.gz", "0" * 32, "c.tar.gz")
+    with pytest.raises(DownloadError, match=r"could not download .*Connection reset by peer.*check your connection"):
+        download(archive, tmp_path / "data", quiet=True)
+    assert list((tmp_path / "data").iterdir()) == []
+
+
+def test_an_unreadable_existing_download_is_one_line(tmp_path, monkeypatch):
+    from cudacnn import download as download_module
+
+    (tmp_path / "c.tar.gz").write_bytes(b"x")
+    archive = OfficialArchive("cifar10", "file:///unused", "0" * 32, "c.tar.gz")
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(download_module, "digests_of", unreadable)  # root reads any file: deny it here
+    with pytest.raises(DataError, match=r"c.tar.gz cannot be read \(Permission denied\); fix its permissions"):
+        download(archive, tmp_path, quiet=True)
+
+
 def test_existing_file_with_wrong_checksum_is_reported(tmp_path):
     (tmp_path / "c.tar.gz").write_bytes(b"not it")
     archive = OfficialArchive("cifar10", "file:///unused", "0" * 32, "c.tar.gz")

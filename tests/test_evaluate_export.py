@@ -62,7 +62,7 @@ def test_export_to_a_path_that_cannot_be_a_file(checkpoint, tmp_path, capsys):
 
 
 def test_failed_parity_writes_nothing(checkpoint, tmp_path, monkeypatch):
-    monkeypatch.setattr(export, "check_parity", lambda model, path: 0.5)
+    monkeypatch.setattr(export, "check_parity", lambda model, path, size: 0.5)
     target = tmp_path / "model.onnx"
     with pytest.raises(CudacnnError, match=r"parity check failed: max abs difference 0.5 > 0.001"):
         export.export_onnx(checkpoint[1], target)
@@ -88,6 +88,42 @@ def test_safetensors_export_rebuilds_the_model(checkpoint, tmp_path, capsys):
     assert [p.name for p in target.parent.iterdir()] == ["model.safetensors"]
     assert main(["export", str(path)]) == 2
     assert "export needs --onnx FILE and/or --safetensors FILE" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # trains a tiny run and exports it to ONNX
+def test_a_run_trained_at_another_image_size_exports_at_that_size(tmp_path, capsys):
+    import onnx
+    import onnxruntime as ort
+    from safetensors import safe_open
+
+    from cifar_archives import png_bytes, write_folder
+    from cudacnn.train.checkpoint import model_from_checkpoint
+
+    rng = np.random.default_rng(0)
+    files = {f"pics/{c}/{i}.png": png_bytes(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8))
+             for c in ("a", "b") for i in range(5)}
+    root = write_folder(tmp_path / "t", files)
+    assert main(["train", "--data", str(root), "--model", "smallnet", "--model-kwargs", '{"widths": [4, 8, 8]}',
+                 "--image-size", "24", "--epochs", "1", "--batch-size", "8", "--device", "cpu", "--amp", "none",
+                 "--val-fraction", "0", "--out", str(tmp_path / "runs"), "--name", "r", "--cache-dir",
+                 str(tmp_path / "c"), "--quiet"]) == 0
+    run = tmp_path / "runs" / "r"
+    onnx_path, st_path = tmp_path / "m.onnx", tmp_path / "m.safetensors"
+    assert main(["export", str(run), "--onnx", str(onnx_path), "--safetensors", str(st_path)]) == 0
+    proto = onnx.load(str(onnx_path))
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims[1:]] == [3, 24, 24]
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["input"].startswith("float32 NCHW 24x24 RGB") and json.loads(meta["image_size"]) == 24
+    with safe_open(str(st_path), "pt") as f:
+        st_meta = f.metadata()
+    assert st_meta["input"] == meta["input"] and st_meta["image_size"] == "24"
+    model, _ = model_from_checkpoint(run, device="cpu")
+    x = torch.randn(3, 3, 24, 24)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model.eval()(x).numpy(), atol=1e-4, rtol=1e-4)
 
 
 def test_a_missing_exporter_names_the_install_command(checkpoint, tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ import types
 
 import numpy as np
 import pytest
+import torch
 
 from cudacnn import progress
 from cudacnn.cli import main
@@ -138,10 +139,13 @@ def test_only_an_unchosen_recipe_is_cpu_sized(tmp_path, monkeypatch, flags, size
 
 def test_the_cpu_sized_run_is_announced_and_planned(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(trainer_module.Trainer, "fit", lambda self: None)
+    preset = resolve("smallnet-plus", None, {"device": "cpu", "out": str(tmp_path)})
+    n_train = 5_000  # enough images that the budget cuts the preset's epochs
+    cut = round(IMAGE_BUDGET / n_train)
+    assert 1 <= cut < preset.epochs
     with caplog.at_level(logging.INFO):
-        t = trainer_module.Trainer(resolve("smallnet-plus", None, {"device": "cpu", "out": str(tmp_path)}),
-                                   dataset=dataset(n_train=50_000 // 500), quiet=True, fit_to_cpu=True)
-    assert t.config.epochs == min(40, round(IMAGE_BUDGET / 100)) and t.config.model_kwargs["widths"] == CPU_WIDTHS
+        t = trainer_module.Trainer(preset, dataset=dataset(n_train=n_train), quiet=True, fit_to_cpu=True)
+    assert t.config.epochs == cut and t.config.model_kwargs["widths"] == CPU_WIDTHS
     assert t.model.fc.in_features == CPU_WIDTHS[-1]
     assert sum("no GPU: CPU-sized run" in r.getMessage() for r in caplog.records) == 1
 
@@ -156,3 +160,22 @@ def test_image_size_out_of_range_is_one_line(tmp_path, capsys):
     assert "image-size must be from 8 to 1024 pixels" in capsys.readouterr().err
     assert main(["train", "--image-size", "16", "--crop-pad", "16", "--out", str(tmp_path)]) == 2
     assert "crop-pad must be below 16, the image size" in capsys.readouterr().err
+
+
+def test_the_config_checks_the_image_size_against_the_data_layers_bounds(monkeypatch):
+    from cudacnn.data import sources
+    from cudacnn.errors import ConfigError
+
+    TrainConfig(image_size=sources.MAX_IMAGE_SIZE).validate()
+    monkeypatch.setattr(sources, "MAX_IMAGE_SIZE", 64)  # one pair of bounds: the config follows the data layer's
+    with pytest.raises(ConfigError, match="image-size must be from 8 to 64 pixels"):
+        TrainConfig(image_size=96).validate()
+
+
+def test_evaluate_and_train_record_the_device_by_one_function():
+    from cudacnn.evaluate import commands as evaluate_commands
+    from cudacnn.train import setup
+
+    assert trainer_module.device_name is setup.device_name
+    assert not hasattr(evaluate_commands, "device_name")  # it uses setup's
+    assert setup.device_name(torch.device("cpu")) == "cpu"

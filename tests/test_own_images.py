@@ -19,7 +19,7 @@ from PIL import Image
 
 from cifar_archives import CIFAR10_CLASSES, cifar10_binary_files, cifar100_binary_files, png_bytes, write_folder, write_tar
 from cudacnn.cli import main
-from cudacnn.train.checkpoint import load_checkpoint
+from cudacnn.train.checkpoint import load_checkpoint, run_checkpoint
 from cudacnn.data import image_folder, load_dataset, read_source, sources
 from cudacnn.data.image_folder import decode_image, decode_images, fit_image
 from cudacnn.errors import ConfigError, DataError
@@ -156,26 +156,44 @@ def mixed_tree(classes=("ant", "bee", "cat"), per_class=10, seed=0) -> dict[str,
     return files
 
 
-def test_class_folders_are_split_by_a_recorded_stratified_split(tmp_path):
+def test_class_folders_are_split_by_a_recorded_hash_of_each_path(tmp_path):
     files = mixed_tree(per_class=10)
     files["pics/cat/notes.txt"] = b"not an image"
     folder, tar = write_folder(tmp_path / "tree", files), write_tar(tmp_path / "tree.tar.gz", files)
     ds = read_source(folder, image_size=24)
     assert ds.name == "pics" and ds.classes == ["ant", "bee", "cat"]
-    assert (ds.train.class_counts(3) == 8).all() and (ds.test.class_counts(3) == 2).all()  # 20% of each class
     split = ds.info["split"]
-    assert (split["rule"], split["test_fraction"], split["seed"]) == ("stratified", 0.2, 0)
-    assert len(split["test_files"]) == 6 and len(set(split["test_files"])) == 6
+    assert split["test_fraction"] == 0.2 and "sha256" in split["rule"]
+    # the rule, computed here from its description: sha256 of the path below the class root, as a fraction
+    def fraction(name):
+        return int.from_bytes(hashlib.sha256(name.removeprefix("pics/").encode()).digest()[:8], "big") / 2 ** 64
+    images = [n for n in files if not n.endswith(".txt")]
+    expected = {n for n in images if fraction(n) < 0.2}
+    for cls in ds.classes:  # a class with no file under the fraction gives its lowest one to test
+        members = [n for n in images if n.split("/")[1] == cls]
+        if not expected & set(members):
+            expected.add(min(members, key=fraction))
+    assert set(split["test_files"]) == expected and len(split["test_files"]) == len(expected)
+    assert len(ds.test) == len(expected) and len(ds.train) == 30 - len(expected)
+    assert (ds.test.class_counts(3) >= 1).all()
     # each recorded test file is the test image at its place, decoded on its own
     for k, name in enumerate(split["test_files"]):
         np.testing.assert_array_equal(ds.test.images[k], decode_image((name, files[name]), 24))
         assert ds.classes[ds.test.labels[k]] == name.split("/")[1]
-    train_names = sorted(set(n for n in files if n.split("/")[1] in ds.classes and not n.endswith(".txt"))
-                         - set(split["test_files"]))
-    assert len(train_names) == 24
     again = read_source(tar, image_size=24)  # the same split from the archive, and on every read
     assert again.info == ds.info
     np.testing.assert_array_equal(again.train.images, ds.train.images)
+
+
+def test_adding_images_moves_no_existing_image_between_train_and_test(tmp_path):
+    files = mixed_tree(per_class=30)
+    before = read_source(write_folder(tmp_path / "a", files), image_size=8).info["split"]["test_files"]
+    more = dict(files)
+    for i in range(30, 33):  # one more image in the first class changes every later class's seeded draw
+        more[f"pics/ant/{i:03d}.png"] = files["pics/ant/000.png"]
+    after = read_source(write_folder(tmp_path / "b", more), image_size=8).info["split"]["test_files"]
+    assert set(before) <= set(after)  # nothing left test
+    assert set(after) - set(before) <= set(more) - set(files)  # only new files joined it
 
 
 def test_a_class_with_few_images_still_gets_a_test_image(tmp_path):
@@ -274,6 +292,20 @@ def test_models_take_another_image_size(model):
     assert net(torch.zeros(2, 3, 48, 48)).shape == (2, 5)
 
 
+def test_the_input_size_check_computes_nothing():
+    from cudacnn.models import create_model
+    from cudacnn.models.registry import check_input_size
+
+    net = create_model("resnet18", num_classes=5)
+    seen = []
+    net.register_forward_pre_hook(lambda module, args: seen.append(args[0].device.type))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    check_input_size(net, "resnet18", 1024)  # a real forward here would be hundreds of GFLOPs
+    assert seen == ["meta"]
+    assert all(torch.equal(before[k], v) and v.device.type == "cpu" for k, v in net.state_dict().items())
+    assert net.training  # left as it was
+
+
 def test_a_size_a_model_cannot_take_is_one_line():
     from cudacnn.models import create_model
     from cudacnn.models.registry import check_input_size
@@ -294,7 +326,9 @@ def test_train_and_predict_at_another_image_size(tmp_path, capsys):
     config = (run / "config.yaml").read_text()
     assert "image_size: 24" in config
     data = json.loads((run / "data.json").read_text())
-    assert data["image_size"] == 24 and data["split"]["seed"] == 0 and len(data["split"]["test_files"]) == 4
+    assert data["image_size"] == 24 and "sha256" in data["split"]["rule"]
+    test_count = len(data["split"]["test_files"])
+    assert test_count == data["test_images"] >= 2
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
     assert ckpt["model_kwargs"]["image_size"] == 24
     photo = tmp_path / "photo.jpg"
@@ -304,7 +338,30 @@ def test_train_and_predict_at_another_image_size(tmp_path, capsys):
     line = json.loads(capsys.readouterr().out)
     assert set(line["probabilities"]) == {"a", "b"}
     assert main(["evaluate", str(run), "--device", "cpu", "--cache-dir", str(tmp_path / "c")]) == 0
-    assert json.loads((run / "eval.json").read_text())["num_samples"] == 4
+    chosen = run_checkpoint(run)  # evaluate writes evals/<checkpoint>.json beside the training's eval.json
+    result = json.loads((run / "evals" / f"{chosen.stem}.json").read_text())
+    assert result["num_samples"] == test_count and result["epoch"] == load_checkpoint(chosen)["epoch"] + 1
+    assert result["checkpoint"] == str(chosen)
+
+
+def test_evaluate_refuses_a_test_set_other_than_the_recorded_one(tmp_path, capsys):
+    files = mixed_tree(classes=("a", "b"), per_class=6)
+    root = write_folder(tmp_path / "t", files)
+    cache = str(tmp_path / "c")
+    assert main(["train", "--data", str(root), "--model", "smallnet", "--model-kwargs", '{"widths": [4, 8, 8]}',
+                 "--image-size", "16", "--epochs", "1", "--batch-size", "8", "--device", "cpu", "--amp", "none",
+                 "--val-fraction", "0", "--out", str(tmp_path / "runs"), "--name", "r", "--cache-dir", cache,
+                 "--quiet"]) == 0
+    run = tmp_path / "runs" / "r"
+    assert main(["evaluate", str(run), "--device", "cpu", "--cache-dir", cache]) == 0  # the same files: accepted
+    # a new image whose path hashes into the test share: the folder's test set is no longer the run's
+    name = next(f"a/new{i}.png" for i in range(1000) if image_folder.split_fraction(f"a/new{i}.png") < 0.2)
+    (root / "pics" / name).write_bytes(files["pics/a/000.png"])
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--device", "cpu", "--cache-dir", cache]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the test images of") and "1 new" in err and err.count("\n") == 1
+    assert not (run / "evals").exists() or len(list((run / "evals").glob("*.json"))) == 1
 
 
 # ------------------------------------------------------------------ CIFAR-100, end to end
@@ -338,8 +395,12 @@ def test_the_sample_is_a_stratified_cifar10_subset():
 
 
 def test_the_sample_ships_as_package_data():
-    text = (REPO / "pyproject.toml").read_text()
-    assert '"cudacnn.data" = ["sample/cifar10-sample.tar.gz"' in text
+    from importlib.resources import as_file, files
+
+    resource = files("cudacnn.data").joinpath("sample", "cifar10-sample.tar.gz")
+    assert resource.is_file() and resource.read_bytes()[:2] == b"\x1f\x8b"  # a gzip file inside the package
+    with as_file(resource) as path:
+        assert path.resolve() == sources.sample_path()  # the file `--data sample` reads
 
 
 def test_the_sample_is_what_its_script_makes(shared_jpeg_path, full_shared_set, tmp_path):

@@ -4,6 +4,8 @@ temporary file, verify its checksum, then rename it into place. A file already t
 from __future__ import annotations
 
 import hashlib
+import http.client
+import ssl
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -15,6 +17,10 @@ from cudacnn.atomic import atomic_output
 from cudacnn.errors import DataError
 
 CHUNK = 1 << 20
+# What a failed transfer raises: from urlopen (URLError wraps a refused or unknown address) and from reading the
+# response (a reset, a timeout, a broken TLS or HTTP stream). Not OSError at large: a write that fails (a full
+# disk) is about this machine, and atomic_output reports it.
+NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, ssl.SSLError)
 
 
 class DownloadError(DataError):
@@ -42,10 +48,6 @@ class Published:
             return f"SHA-256 {digests['sha256'][:16]}..., not the published {self.sha256_prefix}..."
         return None
 
-    @property
-    def checksum_name(self) -> str:
-        return "MD5" if self.md5 else "SHA-256"
-
 
 def digests_of(path: Path) -> dict[str, str]:
     md5, sha256 = hashlib.md5(), hashlib.sha256()
@@ -56,16 +58,17 @@ def digests_of(path: Path) -> dict[str, str]:
     return {"md5": md5.hexdigest(), "sha256": sha256.hexdigest()}
 
 
-def md5_of(path: Path) -> str:
-    return digests_of(path)["md5"]
-
-
 def download(archive: Published, folder: Path, url: str | None = None, quiet: bool = False) -> Path:
     """Return the verified file in `folder`, downloading it first if it is not there yet."""
     url = url or archive.url
     target = folder / archive.filename
     if target.exists():
-        problem = archive.check(digests_of(target))
+        try:
+            digests = digests_of(target)
+        except OSError as exc:
+            raise DataError(f"{target} cannot be read ({exc.strerror or exc}); fix its permissions, or delete it "
+                            "to download it again") from exc
+        problem = archive.check(digests)
         if problem is None:
             return target
         raise DataError(f"{target} has {problem}; delete it and run again to download a fresh copy")
@@ -80,20 +83,31 @@ def download(archive: Published, folder: Path, url: str | None = None, quiet: bo
 
 
 def fetch(url: str, path: Path, description: str, quiet: bool, flag: str = "--data") -> dict[str, str]:
-    """Stream `url` into `path` with a progress bar; return the MD5 and SHA-256 of what arrived."""
+    """Stream `url` into `path` with a progress bar; return the MD5 and SHA-256 of what arrived. Only network
+    errors become DownloadError; an error writing `path` goes to the caller as it is."""
+    def failed(exc: Exception) -> DownloadError:
+        return DownloadError(f"could not download {url} ({exc}); check your connection, or download it yourself "
+                             f"and pass the file with {flag}")
+
     md5, sha256 = hashlib.md5(), hashlib.sha256()
     try:
-        with open(path, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                          TransferSpeedColumn(), disable=quiet, transient=True) as progress:
-                task = progress.add_task(description, total=total)
-                for block in iter(lambda: response.read(CHUNK), b""):
-                    out.write(block)
-                    md5.update(block)
-                    sha256.update(block)
-                    progress.advance(task, len(block))
-    except (urllib.error.URLError, OSError, TimeoutError) as exc:
-        raise DownloadError(f"could not download {url} ({exc}); check your connection, or download it yourself "
-                            f"and pass the file with {flag}") from exc
+        response = urllib.request.urlopen(url, timeout=60)
+    except NETWORK_ERRORS as exc:
+        raise failed(exc) from exc
+    with response, open(path, "wb") as out:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                      TransferSpeedColumn(), disable=quiet, transient=True) as progress:
+            task = progress.add_task(description, total=total)
+            while True:
+                try:
+                    block = response.read(CHUNK)
+                except NETWORK_ERRORS as exc:
+                    raise failed(exc) from exc
+                if not block:
+                    break
+                out.write(block)
+                md5.update(block)
+                sha256.update(block)
+                progress.advance(task, len(block))
     return {"md5": md5.hexdigest(), "sha256": sha256.hexdigest()}

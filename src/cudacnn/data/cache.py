@@ -107,11 +107,15 @@ class CacheEntry:
     modified: float  # st_mtime
 
     def names(self) -> set[str]:
-        """What `--clear NAME` matches: the file name, the source path or its file name, an official name."""
-        names = {self.path.name, self.source, Path(self.source).name}
+        """What `--clear NAME` matches: the file name, the source path or its file name, an official name, and
+        `sample` for the decoded caches of the bundled sample (the sample itself is package data, never cleared)."""
         from cudacnn.data.cifar import OFFICIAL
+        from cudacnn.data.sources import SAMPLE, sample_path
 
+        names = {self.path.name, self.source, Path(self.source).name}
         names |= {key for key, archive in OFFICIAL.items() if archive.filename in names}
+        if self.kind == "decoded" and self.source == str(sample_path()):
+            names.add(SAMPLE)
         return names
 
 

@@ -29,7 +29,8 @@ def add_commands(subparsers) -> None:
     cached = sub.add_parser("cache", help="list the cached sources (decoded .npz caches and downloaded archives): "
                             "source, size, date; --clear deletes them")
     cached.add_argument("--clear", nargs="?", const="all", metavar="NAME|all",
-                        help="delete the caches of one source (its file name, source path or official name), "
+                        help="delete the caches of one source (its file name, source path, official name, or sample: "
+                             "its decoded caches), "
                              "or all of them (the default with a bare --clear)")
     cached.add_argument("--cache-dir", type=Path, help="where decoded caches live (default: CUDACNN_CACHE)")
     cached.add_argument("--dir", type=Path, help="where downloads live (default: CUDACNN_DATA_DIR)")
@@ -44,8 +45,8 @@ def run_info(args) -> int:
     split = dataset.info.get("split")
     if split:
         console.print(f"train/test: the folder's own classes split {1 - split['test_fraction']:.0%}/"
-                      f"{split['test_fraction']:.0%} per class (seeded, seed {split['seed']}); each run's data.json "
-                      "lists the test images")
+                      f"{split['test_fraction']:.0%} per class, each file by a hash of its path (adding images "
+                      "moves none); each run's data.json lists the test images")
     table = Table("class", "train", "test")
     train_counts = dataset.train.class_counts(dataset.num_classes)
     test_counts = dataset.test.class_counts(dataset.num_classes)

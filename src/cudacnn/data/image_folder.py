@@ -1,14 +1,15 @@
 """Image-folder trees, of any image size and mode:
 
     <root>/{train,test}/<class>/<image>   the given split, or
-    <root>/<class>/<image>                one class-folder tree, split into train/test by a seeded
-                                          stratified split (recorded with the dataset; see split_classes)
+    <root>/<class>/<image>                one class-folder tree, split into train/test by a hash of each
+                                          file's path (recorded with the dataset; see split_classes)
 
 Class order = sorted folder names. Every image becomes an RGB uint8 array of size x size (see fit_image for the
 resize policy); the size is read from the header and checked before any pixel is decoded."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import posixpath
@@ -24,7 +25,6 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cudacnn.data.dataset import Dataset, Split
-from cudacnn.data.split import stratified_split
 from cudacnn.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -35,10 +35,11 @@ MAX_PIXELS = 64_000_000
 # How an image of another size or shape becomes size x size (part of the cache fingerprint: change it when the
 # policy changes). The same policy as torchvision's eval transform Resize(size) + CenterCrop(size).
 RESIZE_POLICY = "shorter-side-bilinear-antialias+center-crop"
-# A class-folder tree with no train/test split gives this share of every class to the test split, drawn with
-# this seed: fixed, so that the test set never changes between runs (or training seeds) on the same folder.
+# A class-folder tree with no train/test split gives about this share of every class to the test split, each
+# file by a hash of its path (split_classes): the test set never changes between runs on the same folder, and
+# adding images never moves the ones already there.
 TEST_FRACTION = 0.2
-SPLIT_SEED = 0
+SPLIT_RULE = "sha256 of the path below the class root, as a fraction in [0, 1): under test_fraction is test"
 HIGH_DEPTH_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
 Tree = Mapping[str, Callable[[], bytes]]
 log = logging.getLogger(__name__)
@@ -254,16 +255,30 @@ def read_image_folder(tree: Tree, root: str, source: str, size: int = SIZE, quie
     return Dataset(_dataset_name(root, source), classes, train, test, source=source)
 
 
-def split_classes(by_class: dict[str, list[str]], classes: list[str]) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-    """The seeded stratified train/test split of a class-folder tree: TEST_FRACTION of each class (at least one
-    image of any class with two or more) goes to test, drawn with SPLIT_SEED from its sorted file names."""
-    names = [name for cls in classes for name in by_class[cls]]
-    labels = np.concatenate([np.full(len(by_class[cls]), i) for i, cls in enumerate(classes)])
-    train_idx, test_idx = stratified_split(labels, TEST_FRACTION, SPLIT_SEED, min_per_class=1)
-    train, test = {cls: [] for cls in classes}, {cls: [] for cls in classes}
-    for part, indices in ((train, train_idx), (test, test_idx)):
-        for i in indices:
-            part[classes[labels[i]]].append(names[i])
+def split_fraction(relative_name: str) -> float:
+    """Where a file falls in [0, 1): the first 8 bytes of the sha256 of its path below the class root. The file's
+    own name alone decides, so adding or removing other files never moves it between train and test."""
+    digest = hashlib.sha256(relative_name.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0 ** 64
+
+
+def split_classes(by_class: dict[str, list[str]], classes: list[str],
+                  root: str = "") -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """The hashed train/test split of a class-folder tree: a file whose split_fraction (of its name below `root`,
+    e.g. "cat/001.png") is under TEST_FRACTION goes to test. A class of two or more files with none there gives
+    its lowest-fraction file to test; one whose files all fall there keeps its highest for training."""
+    prefix = root + "/" if root else ""
+    train, test = {}, {}
+    for cls in classes:
+        fraction = {name: split_fraction(name.removeprefix(prefix)) for name in by_class[cls]}
+        chosen = {name for name, f in fraction.items() if f < TEST_FRACTION}
+        ranked = sorted(fraction, key=fraction.get)
+        if len(ranked) >= 2 and not chosen:
+            chosen = {ranked[0]}
+        if len(ranked) >= 2 and len(chosen) == len(ranked):
+            chosen.discard(ranked[-1])
+        test[cls] = [name for name in by_class[cls] if name in chosen]
+        train[cls] = [name for name in by_class[cls] if name not in chosen]
     return train, test
 
 
@@ -278,9 +293,9 @@ def read_class_folders(tree: Tree, root: str, source: str, size: int = SIZE, qui
     if outside:
         log.warning("warning: %s: %d images lie outside the class folders of %s and are not used", source, outside,
                     root or "the top level")
-    train_files, test_files = split_classes(by_class, classes)
+    train_files, test_files = split_classes(by_class, classes, root)
     train = _decode_classes(tree, train_files, classes, size, quiet, "decoding train images")
     test = _decode_classes(tree, test_files, classes, size, quiet, "decoding test images")
-    info = {"split": {"rule": "stratified", "test_fraction": TEST_FRACTION, "seed": SPLIT_SEED,
+    info = {"split": {"rule": SPLIT_RULE, "test_fraction": TEST_FRACTION,
                       "test_files": [n for cls in classes for n in test_files[cls]]}}
     return Dataset(_dataset_name(root, source), classes, train, test, source=source, info=info)

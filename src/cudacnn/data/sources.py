@@ -15,7 +15,7 @@ from cudacnn.data.dataset import Dataset
 from cudacnn.data.dataset import Split
 from cudacnn.download import DownloadError, download
 from cudacnn.data.filetree import read_tree
-from cudacnn.data.image_folder import (RESIZE_POLICY, SIZE, SPLIT_SEED, TEST_FRACTION, find_class_root, find_root,
+from cudacnn.data.image_folder import (RESIZE_POLICY, SIZE, SPLIT_RULE, TEST_FRACTION, find_class_root, find_root,
                                        fit_image, read_class_folders, read_image_folder)
 from cudacnn.errors import DataError
 
@@ -69,7 +69,7 @@ def resolve_source(source: str | os.PathLike | None, data_dir: Path | None = Non
 
 def decoding_key(image_size: int) -> str:
     """What, besides the source's files, the decoded arrays depend on (part of the cache fingerprint)."""
-    return f"size={image_size};resize={RESIZE_POLICY};split={TEST_FRACTION},seed={SPLIT_SEED}"
+    return f"size={image_size};resize={RESIZE_POLICY};split={TEST_FRACTION},{SPLIT_RULE}"
 
 
 def resize_split(split: Split, size: int) -> Split:

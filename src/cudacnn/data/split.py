@@ -7,10 +7,8 @@ import numpy as np
 from cudacnn.data.dataset import Split
 
 
-def stratified_split(labels: np.ndarray, fraction: float, seed: int = 0,
-                     min_per_class: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (train, val): every class gives round(fraction * its count) images to validation, and at least
-    `min_per_class` of any class that keeps one more than that for training."""
+def stratified_split(labels: np.ndarray, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val): every class gives round(fraction * its count) images to validation."""
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"validation fraction must be in [0, 1), got {fraction}")
     rng = np.random.default_rng(seed)
@@ -18,8 +16,6 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int = 0,
     for cls in np.unique(labels):
         members = np.flatnonzero(labels == cls)
         take = int(round(fraction * len(members)))
-        if len(members) > min_per_class and fraction > 0:
-            take = max(take, min_per_class)
         val_parts.append(rng.permutation(members)[:take])
     val = np.sort(np.concatenate(val_parts)) if val_parts else np.zeros(0, np.int64)
     train = np.setdiff1d(np.arange(len(labels)), val, assume_unique=True)

@@ -51,10 +51,6 @@ def add_commands(subparsers) -> None:
     rp.set_defaults(func=run_report)
 
 
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
 def pick_device(name: str | None, default_cuda: bool = True) -> torch.device:
     """No --device: the GPU if there is one (or the CPU when `default_cuda` is off); else as the trainer."""
     if name is None:
@@ -84,6 +80,27 @@ def evaluation_name(checkpoint: Path, tta_level: int, data: str | None) -> str:
     return name
 
 
+def check_test_files(run_dir: Path, dataset) -> None:
+    """Refuse a test set that is not the one the run recorded in its data.json (a class-folder tree whose files
+    changed since, or a run split by an earlier rule): its accuracy would not be the run's."""
+    path = run_dir / "data.json"
+    if not path.is_file():
+        return
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path} cannot be read ({exc}); restore it or delete it to evaluate without the check")
+    if recorded.get("source") != dataset.source:
+        return  # another source, named with --data on purpose
+    before = (recorded.get("split") or {}).get("test_files")
+    now = (dataset.info.get("split") or {}).get("test_files")
+    if before is not None and now is not None and before != now:
+        gone, new = len(set(before) - set(now)), len(set(now) - set(before))
+        raise DataError(f"the test images of {dataset.source} ({len(now)}) differ from the {len(before)} in {path} "
+                        f"({gone} missing, {new} new, or a different split rule); evaluate on the files the run "
+                        "was tested on, or train a new run on the folder as it is now")
+
+
 def run_evaluate(args) -> int:
     from cudacnn.data import GpuLoader, load_dataset
     from cudacnn.evaluate.metrics import evaluate
@@ -106,13 +123,14 @@ def run_evaluate(args) -> int:
     if list(dataset.classes) != classes:
         raise DataError(f"the data's classes {dataset.classes} differ from the checkpoint's {classes}; "
                         "evaluate on the data set the model was trained on (--data)")
+    check_test_files(run_folder_of(args.checkpoint), dataset)
     loader = GpuLoader(dataset.test, args.batch_size, device, mean=ckpt["mean"], std=ckpt["std"],
                        dtype=torch.float32)
     result = evaluate(model, loader, len(classes), device=device, tta_level=args.tta, classes=classes)
 
     out = args.out or run_folder_of(args.checkpoint)
     extra = {"checkpoint": str(chosen), "data": dataset.source or str(source),
-             "epoch": ckpt["epoch"] + 1, "model_name": ckpt.get("model_name"), "device": device_name(device),
+             "epoch": ckpt["epoch"] + 1, "model_name": ckpt.get("model_name"), "device": setup.device_name(device),
              "batch_size": args.batch_size, **environment()}
     paths = save_evaluation(result, out, extra, name=evaluation_name(chosen, args.tta, args.data))
     console = Console()
@@ -169,6 +187,7 @@ def run_predict(args) -> int:
 
 def run_export(args) -> int:
     from cudacnn.evaluate.export import PARITY_TOLERANCE, export_onnx, export_safetensors
+    from cudacnn.evaluate.predict import image_size_of
     from cudacnn.train.checkpoint import model_from_checkpoint, stored_model_kwargs
 
     if not (args.onnx or args.safetensors):
@@ -177,15 +196,16 @@ def run_export(args) -> int:
         if path and (path.is_dir() or (path.parent.exists() and not path.parent.is_dir())):
             raise ConfigError(f"{flag} {path} cannot be written as a file; name a {ext} file in a folder")
     model, ckpt = model_from_checkpoint(args.checkpoint, device="cpu")
+    size = image_size_of(ckpt)
     metadata = {"model_name": ckpt["model_name"], "classes": list(ckpt["classes"]),
-                "mean": list(ckpt["mean"]), "std": list(ckpt["std"]),
-                "input": "float32 NCHW 32x32 RGB, (x/255 - mean) / std"}
+                "mean": list(ckpt["mean"]), "std": list(ckpt["std"]), "image_size": size,
+                "input": f"float32 NCHW {size}x{size} RGB, (x/255 - mean) / std"}
     if args.safetensors:
         count = export_safetensors(model, args.safetensors,
                                    {**metadata, "model_kwargs": stored_model_kwargs(ckpt), "epoch": ckpt["epoch"] + 1})
         print(f"wrote {args.safetensors}: {count} tensors, read back and checked")
     if args.onnx:
-        diff = export_onnx(model, args.onnx, metadata)
+        diff = export_onnx(model, args.onnx, metadata, image_size=size)
         print(f"wrote {args.onnx}; onnxruntime parity: max abs difference {diff:.2e} (bound {PARITY_TOLERANCE:g})")
     return 0
 

@@ -40,8 +40,10 @@ def quiet_exporter():
             logger.setLevel(level)
 
 
-def check_parity(model: torch.nn.Module, onnx_path: Path, batch_sizes=(1, 4), seed: int = 0) -> float:
-    """Largest |torch - onnxruntime| over random inputs of several batch sizes (tests the dynamic axis)."""
+def check_parity(model: torch.nn.Module, onnx_path: Path, image_size: int = 32, batch_sizes=(1, 4),
+                 seed: int = 0) -> float:
+    """Largest |torch - onnxruntime| over random image_size x image_size inputs of several batch sizes (tests the
+    dynamic axis)."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -50,7 +52,7 @@ def check_parity(model: torch.nn.Module, onnx_path: Path, batch_sizes=(1, 4), se
     worst = 0.0
     with torch.no_grad():
         for batch in batch_sizes:
-            x = torch.randn(batch, 3, 32, 32, generator=gen)
+            x = torch.randn(batch, 3, image_size, image_size, generator=gen)
             expected = model(x).numpy()
             got = session.run(None, {name: x.numpy()})[0]
             worst = max(worst, float(np.abs(expected - got).max()))
@@ -67,9 +69,10 @@ def add_metadata(path: Path, metadata: dict[str, str]) -> None:
     onnx.save(proto, str(path))
 
 
-def export_onnx(model: torch.nn.Module, path: str | Path, metadata: dict | None = None,
+def export_onnx(model: torch.nn.Module, path: str | Path, metadata: dict | None = None, image_size: int = 32,
                 tolerance: float = PARITY_TOLERANCE) -> float:
-    """Export a CPU float32 eval-mode copy of `model` to `path`; returns the parity max abs difference.
+    """Export a CPU float32 eval-mode copy of `model`, taking image_size x image_size images (the size it was
+    trained at), to `path`; returns the parity max abs difference.
     The file appears only after the check passes (written beside `path`, then renamed)."""
     try:
         import onnx  # noqa: F401
@@ -78,7 +81,7 @@ def export_onnx(model: torch.nn.Module, path: str | Path, metadata: dict | None 
         raise CudacnnError(f"ONNX export needs {exc.name}, a dependency of cudacnn missing here; "
                            "install it with: pip install onnx onnxruntime onnxscript") from exc
     model = copy.deepcopy(model).to("cpu", torch.float32).eval()
-    example = torch.randn(2, 3, 32, 32)
+    example = torch.randn(2, 3, image_size, image_size)
     with atomic_output(path, ".onnx") as tmp:
         with quiet_exporter():
             program = torch.onnx.export(model, (example,), dynamo=True, verbose=False,
@@ -87,7 +90,7 @@ def export_onnx(model: torch.nn.Module, path: str | Path, metadata: dict | None 
             program.save(str(tmp))
         if metadata:
             add_metadata(tmp, {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
-        diff = check_parity(model, tmp)
+        diff = check_parity(model, tmp, image_size)
         if not diff <= tolerance:  # also catches NaN
             raise CudacnnError(f"ONNX parity check failed: max abs difference {diff:.3g} > {tolerance:g} between "
                                f"PyTorch and onnxruntime; {path} was not written")

@@ -83,6 +83,8 @@ class TrainConfig:
     recipe: dict = field(default_factory=dict)  # record presets: recipe settings (--set KEY=VALUE)
 
     def validate(self) -> "TrainConfig":
+        from cudacnn.data.sources import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE  # here: the CLI starts without the data stack
+
         checks = [
             (self.optimizer in ("sgd", "adam", "adamw"), "optimizer must be sgd, adam or adamw"),
             (self.schedule in ("none", "onecycle", "cosine"), "schedule must be none, onecycle or cosine"),
@@ -102,7 +104,8 @@ class TrainConfig:
             (0.0 <= self.label_smoothing < 1.0, "label-smoothing must be in [0, 1)"),
             (0.0 <= self.ema_decay < 1.0, "ema-decay must be in [0, 1)"),
             (self.crop_pad >= 0 and self.cutout >= 0, "crop-pad and cutout must be >= 0"),
-            (8 <= self.image_size <= 1024, "image-size must be from 8 to 1024 pixels"),
+            (MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE,
+             f"image-size must be from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} pixels"),
             (self.crop_pad < self.image_size, f"crop-pad must be below {self.image_size}, the image size"),
             (0 <= self.seed < 2**32, "seed must be in [0, 2**32)"),
             (isinstance(self.model_kwargs, dict), "model-kwargs must be a JSON object, e.g. '{\"stem\": \"cifar\"}'"),

@@ -18,7 +18,7 @@ CPU_WIDTHS = [32, 64, 128]
 
 def cpu_sized(config: TrainConfig, train_images: int) -> TrainConfig:
     """`config` cut to IMAGE_BUDGET training images (at least one epoch, at most its own count), SmallNet at
-    a quarter of its width; the change is logged in one line."""
+    half its width (about a quarter of the compute); the change is logged in one line."""
     epochs = max(1, min(config.epochs, round(IMAGE_BUDGET / max(1, train_images))))
     changes = {"epochs": epochs}
     what = f"{epochs} epochs" + (f" instead of {config.epochs}" if epochs != config.epochs else "")

@@ -37,6 +37,7 @@ from cudacnn.train.checkpoint import (check_compatible, load_checkpoint, run_che
                                      stored_model_kwargs)
 from cudacnn.train.config import (DIST_TIMEOUT_S, TrainConfig, claim_run_dir, from_dict, load_config_file, run_name,
                                   save_config)
+from cudacnn.train.setup import device_name
 
 log = logging.getLogger(__name__)
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -496,10 +497,6 @@ def prune_best(folder: Path, kept: set[int]) -> None:
         epoch = path.stem.removeprefix("best-e")
         if epoch.isdigit() and int(epoch) not in kept:
             path.unlink(missing_ok=True)
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def new_run_dir(config: TrainConfig) -> Path:
