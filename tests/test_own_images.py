@@ -362,6 +362,13 @@ def test_evaluate_refuses_a_test_set_other_than_the_recorded_one(tmp_path, capsy
     err = capsys.readouterr().err
     assert err.startswith("error: the test images of") and "1 new" in err and err.count("\n") == 1
     assert not (run / "evals").exists() or len(list((run / "evals").glob("*.json"))) == 1
+    # a resume would train on images the run tested on: refused the same way, before anything is written
+    from cudacnn.train.trainer import Trainer, resume_config
+
+    before = sorted(p.name for p in run.rglob("*"))
+    with pytest.raises(DataError, match="1 new, or a different split rule.; resume on the files the run was tested"):
+        Trainer(resume_config(run, {"cache_dir": cache}), run_dir=run, resume=True, quiet=True).fit()
+    assert sorted(p.name for p in run.rglob("*")) == before
 
 
 # ------------------------------------------------------------------ CIFAR-100, end to end

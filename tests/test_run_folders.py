@@ -311,7 +311,7 @@ def test_missing_tensorboard_is_one_line_before_anything_is_written(archive, tmp
     assert "log takes a comma-separated list of tensorboard, csv" in capsys.readouterr().err
 
 
-def test_init_from_takes_the_weights_not_the_optimizer(archive, finished_run, tmp_path, capsys):
+def test_init_from_takes_the_weights_not_the_optimizer(archive, finished_run, tmp_path, capsys, caplog):
     import dataclasses
 
     from cudacnn.data import load_dataset
@@ -329,6 +329,11 @@ def test_init_from_takes_the_weights_not_the_optimizer(archive, finished_run, tm
     fresh = Trainer(dataclasses.replace(config, init_from=None, name="fresh"), dataset=dataset, quiet=True)
     assert any(not torch.equal(v, source[k]) for k, v in fresh.model.state_dict().items())  # not by chance
     assert trainer.fit().epochs_done == 1
+    # the same number of classes under other names: fine-tuning is allowed, with a warning naming both
+    renamed = dataclasses.replace(dataset, classes=[f"other{i}" for i in range(dataset.num_classes)])
+    with caplog.at_level("WARNING", logger="cudacnn.train.trainer"):
+        Trainer(dataclasses.replace(config, name="renamed"), dataset=renamed, quiet=True)
+    assert "this data's are other0" in caplog.text
     # another model's weights, a damaged file: one line each, before any run folder
     flags = train_args(archive, tmp_path, "other", "--init-from", str(finished_run))
     flags[flags.index("simple")] = "bn_dropout"

@@ -80,27 +80,6 @@ def evaluation_name(checkpoint: Path, tta_level: int, data: str | None) -> str:
     return name
 
 
-def check_test_files(run_dir: Path, dataset) -> None:
-    """Refuse a test set that is not the one the run recorded in its data.json (a class-folder tree whose files
-    changed since, or a run split by an earlier rule): its accuracy would not be the run's."""
-    path = run_dir / "data.json"
-    if not path.is_file():
-        return
-    try:
-        recorded = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path} cannot be read ({exc}); restore it or delete it to evaluate without the check")
-    if recorded.get("source") != dataset.source:
-        return  # another source, named with --data on purpose
-    before = (recorded.get("split") or {}).get("test_files")
-    now = (dataset.info.get("split") or {}).get("test_files")
-    if before is not None and now is not None and before != now:
-        gone, new = len(set(before) - set(now)), len(set(now) - set(before))
-        raise DataError(f"the test images of {dataset.source} ({len(now)}) differ from the {len(before)} in {path} "
-                        f"({gone} missing, {new} new, or a different split rule); evaluate on the files the run "
-                        "was tested on, or train a new run on the folder as it is now")
-
-
 def run_evaluate(args) -> int:
     from cudacnn.data import GpuLoader, load_dataset
     from cudacnn.evaluate.metrics import evaluate
@@ -123,6 +102,8 @@ def run_evaluate(args) -> int:
     if list(dataset.classes) != classes:
         raise DataError(f"the data's classes {dataset.classes} differ from the checkpoint's {classes}; "
                         "evaluate on the data set the model was trained on (--data)")
+    from cudacnn.data.split import check_test_files
+
     check_test_files(run_folder_of(args.checkpoint), dataset)
     loader = GpuLoader(dataset.test, args.batch_size, device, mean=ckpt["mean"], std=ckpt["std"],
                        dtype=torch.float32)

@@ -176,6 +176,10 @@ class Trainer:
         check_compatible(self.model, ckpt["model"], f"--init-from {source} (model '{ckpt['model_name']}', "
                          f"{len(ckpt['classes'])} classes)")
         self.model.load_state_dict(ckpt["model"])
+        if list(ckpt["classes"]) != list(self.dataset.classes):  # allowed: fine-tuning to other labels of one count
+            log.warning("--init-from %s was trained on the classes %s; this data's are %s: its head starts from "
+                        "the other classes' weights", source, ", ".join(map(str, ckpt["classes"])),
+                        ", ".join(map(str, self.dataset.classes)))
         if not self.quiet:
             log.info("starting from the weights of %s (epoch %d)", source, ckpt["epoch"] + 1)
 
@@ -339,6 +343,9 @@ class Trainer:
         ckpt_dir = self.run_dir / "checkpoints"
         last = ckpt_dir / "last.pt"
         if self.resume:
+            from cudacnn.data.split import check_test_files
+
+            check_test_files(self.run_dir, self.dataset, purpose="resume on")
             # Rank 0 reads the checkpoint and sends it to all: other hosts need no copy of the run folder.
             where = self.device if not self.dist.enabled else "cpu"
             ckpt = distributed.main_computes(lambda: load_checkpoint(last, map_location=where) if last.exists() else None)
