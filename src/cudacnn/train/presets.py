@@ -26,7 +26,7 @@ PRESETS: dict[str, dict] = {
     },
     "resnet18-transfer": {
         "about": "ResNet-18 (ImageNet stem, images upsampled to 128x128): Adam 1e-3, batch 128, 10 epochs; "
-                 "--pretrained FILE loads torchvision ImageNet weights",
+                 "--pretrained imagenet downloads torchvision's ImageNet weights (or --pretrained FILE)",
         "config": dict(model="resnet18", model_kwargs={"stem": "imagenet", "input_size": 128}, optimizer="adam", lr=1e-3,
                        weight_decay=0.0, batch_size=128, epochs=10, schedule="none", amp="bf16",
                        flip="random", crop_pad=4, val_fraction=0.0),
