@@ -287,7 +287,7 @@ def test_cli_trains_from_an_archive(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
-def test_record_preset_runs_seeds_and_summarizes(tmp_path, monkeypatch, dataset):
+def test_record_preset_runs_seeds_and_summarizes(tmp_path, monkeypatch, dataset, caplog):
     from cudacnn.train import record
     from cudacnn.train.fast import recipe
 
@@ -304,8 +304,10 @@ def test_record_preset_runs_seeds_and_summarizes(tmp_path, monkeypatch, dataset)
     # the recipe cut to two steps by --set, so it runs on the CPU
     config = resolve("fast94", None, {"device": "cpu", "out": str(tmp_path), "name": "rec", "runs": 2, "seed": 5,
                                       "compile": False, "recipe": {"epochs": 1, "max_steps": 2, "batch_size": 64}})
-    summary = record.run_record(config, quiet=True)
+    with caplog.at_level("INFO", logger="cudacnn.train.record"):
+        summary = record.run_record(config)
     assert seeds == [5, 6] and summary["runs"] == 2
+    assert f"fast94: 2 run(s) on cpu, seeds 5-6, into {tmp_path / 'rec'}" in caplog.text  # said at the start
     assert settings == [dict(epochs=1.0, max_steps=2, batch_size=64)] * 2
     accs = [row["test_acc"] for row in summary["rows"]]
     assert summary["acc_min"] == min(accs) and summary["acc_mean"] == pytest.approx(sum(accs) / 2)

@@ -18,7 +18,7 @@ from cudacnn.train.checkpoint import save_checkpoint
 from cudacnn.train.config import TrainConfig, claim_run_dir, resolve, run_name
 from cudacnn.train.fast.config import parse_settings
 from cudacnn.train.presets import RECORD_PRESETS
-from cudacnn.train.setup import pick_device
+from cudacnn.train.setup import device_name, pick_device
 from cudacnn.train.sweep import summarize
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,9 @@ def run_record(config: TrainConfig, quiet: bool = False) -> dict:
     device = pick_device(config.device)
     dataset = load_dataset(config.data, cache_dir=config.cache_dir, quiet=quiet)
     root = claim_run_dir(Path(config.out) / run_name(config), resumable=False)  # seeded runs start over
+    if not quiet:
+        log.info("%s: %d run(s) on %s, seeds %d-%d, into %s", config.preset, config.runs, device_name(device),
+                 config.seed, config.seed + config.runs - 1, root)
     root.mkdir(parents=True, exist_ok=True)
     write_text_atomic(root / "config.yaml", yaml.safe_dump(record_settings(config), sort_keys=False))
     warmup_start = time.time()
