@@ -514,11 +514,24 @@ def test_cnn_kernels_bench_rows_on_the_cpu(monkeypatch):
     # fall back to their references (a warning), which is fine for the code path
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     dataset = Dataset("synthetic", [str(i) for i in range(10)], synthetic_split(600), synthetic_split(100, seed=1))
-    rows = cnn_kernels.train_rows(dataset, ("bn-dropout-plus",), (False,), train_images=300, device="cpu")
+    rows = cnn_kernels.train_rows(dataset, ("bn-dropout-plus",), ("eager",), train_images=300, device="cpu")
     (row,) = rows
     assert set(row["measurements"]) == {"--kernels torch", "--kernels triton"}
     assert row["info"]["triton_fused_modules"] == 4 and row["info"]["torch_fused_modules"] == 0
     assert row["measurements"]["--kernels torch"]["repeats"] == 2
+    # a compiled row names its mode and trains with it (the Trainer's config, captured before it runs)
+    from cudacnn.train import config as config_module
+
+    seen, real_resolve = [], config_module.resolve
+
+    def recording(*args):
+        seen.append(real_resolve(*args))
+        raise KeyboardInterrupt  # the config is all this part checks
+
+    monkeypatch.setattr(config_module, "resolve", recording)
+    with pytest.raises(KeyboardInterrupt):
+        cnn_kernels.epoch_times("bn-dropout-plus", "triton", "reduce-overhead", dataset, 600, None, device="cpu")
+    assert (seen[0].compile, seen[0].compile_mode, seen[0].kernels) == (True, "reduce-overhead", "triton")
 
 
 def test_bench_cnn_kernels_without_a_gpu_says_why(tmp_path, capsys):

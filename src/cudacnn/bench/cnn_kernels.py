@@ -172,16 +172,17 @@ def _subset(dataset, n: int | None, seed: int = 0):
     return dataclasses.replace(dataset, train=dataset.train.subset(index))
 
 
-def epoch_times(preset: str, kernels: str, compile: bool, dataset, full_train: int, data: str | None,
+def epoch_times(preset: str, kernels: str, mode: str, dataset, full_train: int, data: str | None,
                 timed_epochs: int = 2, device: str = "cuda") -> tuple[Stats, dict]:
-    """Epoch times (ms, scaled to `full_train` images) of `cudacnn train --preset P --kernels K [--compile]`,
-    after one warm-up epoch."""
+    """Epoch times (ms, scaled to `full_train` images) of `cudacnn train --preset P --kernels K`, eager (`mode`
+    "eager") or with `--compile --compile-mode MODE` ("reduce-overhead": CUDA graphs), after one warm-up epoch."""
     from cudacnn.train.config import resolve
     from cudacnn.train.trainer import Trainer, make_progress
 
     with tempfile.TemporaryDirectory(prefix="cudacnn-cnn-kernels-") as scratch:
-        config = resolve(preset, None, dict(kernels=kernels, compile=compile, data=data, out=scratch,
-                                            epochs=1 + timed_epochs, device=device))
+        compiled = dict(compile=True, compile_mode=mode) if mode != "eager" else dict(compile=False)
+        config = resolve(preset, None, dict(kernels=kernels, data=data, out=scratch, epochs=1 + timed_epochs,
+                                            device=device, **compiled))
         trainer = Trainer(config, run_dir=Path(scratch), dataset=dataset, quiet=True)
         samples = []
         with make_progress(True) as progress:
@@ -198,21 +199,23 @@ def epoch_times(preset: str, kernels: str, compile: bool, dataset, full_train: i
     return Stats.of(samples), info
 
 
-def train_rows(dataset, presets=PRESETS, compile_modes=(False, True), train_images: int = 10240,
+def train_rows(dataset, presets=PRESETS, modes=("eager", "default"), train_images: int = 10240,
                data: str | None = None, device: str = "cuda", on_rows=None) -> list[dict]:
+    """Per preset and mode ("eager", or a torch.compile mode), the epoch time with our kernels and PyTorch's."""
     short = _subset(dataset, train_images)
     rows = []
     for preset in presets:
-        for compile in compile_modes:
+        for mode in modes:
             runs, infos = {}, {}
+            label = "eager" if mode == "eager" else f"compiled ({mode})"
             for kernels in ("torch", "triton"):
-                stats, info = epoch_times(preset, kernels, compile, short, len(dataset.train), data, device=device)
+                stats, info = epoch_times(preset, kernels, mode, short, len(dataset.train), data, device=device)
                 runs[f"--kernels {kernels}"], infos[kernels] = measurement(stats), info
-                log.info("%s %s --kernels %s: %.3f s / epoch (%s)", preset, "compiled" if compile else "eager",
-                         kernels, stats.median_ms / 1e3, info)
-            rows.append(result_row(f"{preset} epoch, {'compiled' if compile else 'eager'}: torch vs triton kernels",
+                log.info("%s %s --kernels %s: %.3f s / epoch (%s)", preset, label, kernels, stats.median_ms / 1e3,
+                         info)
+            rows.append(result_row(f"{preset} epoch, {label}: torch vs triton kernels",
                                    f"cudacnn train --preset {preset} epoch ({len(short.train)} images timed, "
-                                   f"scaled to {len(dataset.train)})", runs, compile=compile, **{
+                                   f"scaled to {len(dataset.train)})", runs, compile=mode, **{
                                        f"{k}_{key}": v for k, info in infos.items() for key, v in info.items()}))
             if on_rows:
                 on_rows(rows[-1:])
@@ -256,6 +259,8 @@ def add_options(p) -> None:
     p.add_argument("--no-ops", action="store_true", help="skip the per-op rows")
     p.add_argument("--no-epochs", action="store_true", help="skip the end-to-end epoch rows")
     p.add_argument("--no-compile", action="store_true", help="no torch.compile rows (ops and epochs)")
+    p.add_argument("--compile-modes", default="default", help="comma-separated torch.compile modes of the "
+                   "compiled epoch rows (reduce-overhead: CUDA graphs, which take the launches off the host)")
     p.add_argument("--op", help="only the per-op cases whose label contains this text")
     p.add_argument("--presets", default=",".join(PRESETS), help="comma-separated presets to time end to end")
     p.add_argument("--train-images", type=int, default=10240,
