@@ -66,7 +66,7 @@ def test_a_flipped_byte_anywhere_in_the_tensors_is_refused(finished_run, tmp_pat
 
 
 def test_truncated_text_garbage_onnx_and_foreign_files_get_one_line(finished_run, tmp_path):
-    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnx")
     from onnx import TensorProto, helper
 
     data = (finished_run / "checkpoints" / "last.pt").read_bytes()
