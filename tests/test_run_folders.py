@@ -276,7 +276,7 @@ def test_the_start_line_names_seed_and_device(archive, tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         assert main(train_args(archive, tmp_path, "seed", "--seed", "7", "--epochs", "1", quiet=False)) == 0
     start = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("training simple"))
-    assert "on cpu (cpu), seed 7;" in start
+    assert "on cpu, seed 7;" in start
 
 
 def test_metrics_to_csv_and_tensorboard(archive, tmp_path):

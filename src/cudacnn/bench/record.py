@@ -97,6 +97,7 @@ def training_flops(cfg: RecordConfig, dataset) -> float:
     optimizers' own arithmetic are not counted)."""
     from cudacnn.evaluate.tta import TTA_VIEWS
     from cudacnn.models import create_model
+    from cudacnn.models.commands import count_flops
 
     # on the meta device: shapes only, no arithmetic
     model = create_model(cfg.model, num_classes=dataset.num_classes).to("meta")
@@ -104,10 +105,8 @@ def training_flops(cfg: RecordConfig, dataset) -> float:
     labels = torch.zeros(len(images), dtype=torch.long, device="meta")
     with FlopCounterMode(display=False) as step:
         F.cross_entropy(model(images), labels, reduction="sum").backward()
-    with FlopCounterMode(display=False) as forward, torch.no_grad():
-        model(images[:1])
     steps = min(math.ceil(cfg.epochs * (len(dataset.train) // cfg.batch_size)), cfg.max_steps or math.inf)
-    return steps * step.get_total_flops() + TTA_VIEWS[cfg.tta_level] * len(dataset.test) * forward.get_total_flops()
+    return steps * step.get_total_flops() + TTA_VIEWS[cfg.tta_level] * len(dataset.test) * count_flops(model)
 
 
 def dense_fp16_peak(device: torch.device) -> float | None:

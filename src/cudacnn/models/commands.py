@@ -28,12 +28,13 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def count_flops(model: torch.nn.Module, image_size: int = 32) -> int:
-    """FLOPs of one forward pass on a 1x3xSxS input (convs and matmuls, 2 FLOPs per multiply-add)."""
+    """FLOPs of one forward pass on a 1x3xSxS input (convs and matmuls, 2 FLOPs per multiply-add); a model on
+    the meta device is counted from shapes alone."""
     from torch.utils.flop_counter import FlopCounterMode  # heavy: only `cudacnn models` needs it
     was_training = model.training
     model.eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, 3, image_size, image_size))
+        model(torch.zeros(1, 3, image_size, image_size, device=next(model.parameters()).device))
     model.train(was_training)
     return counter.get_total_flops()
 

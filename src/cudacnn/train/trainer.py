@@ -368,7 +368,8 @@ class Trainer:
                      self.dataset.name, len(self.train_loader.labels),
                      len(self.val_split) if self.val_split else 0, len(self.dataset.test),
                      f"{self.dist.world_size} x {device_name(self.device)}" if self.dist.enabled
-                     else f"{device_name(self.device)} ({self.device})", c.seed, self.run_dir)
+                     else device_name(self.device) + (f" ({self.device})" if self.device.type == "cuda" else ""),
+                     c.seed, self.run_dir)
         epoch = self.start_epoch
         try:
             with make_progress(self.quiet) as progress:
