@@ -13,7 +13,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from cudacnn.atomic import write_text_atomic
 from cudacnn.bench.harness import environment
@@ -95,6 +94,8 @@ def training_flops(cfg: RecordConfig, dataset) -> float:
     """FLOPs of the whole timed run, counted by PyTorch's FlopCounterMode on the net's forward and backward of
     one training step and one evaluation forward (convolutions and matrix products; elementwise work and the
     optimizers' own arithmetic are not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode  # heavy: kept off the CLI's start-up
+
     from cudacnn.evaluate.tta import TTA_VIEWS
     from cudacnn.models import create_model
     from cudacnn.models.commands import count_flops
