@@ -356,23 +356,29 @@ def test_pipeline_target_needs_30x_and_no_accuracy_loss(monkeypatch, pipeline_ms
 
 
 def test_record_flops_match_the_published_count():
-    """airbench94_muon's training is published as 0.29 PFLOPs; fast94 trains the same net for the same steps."""
+    """airbench94_muon's training is published as 0.29 PFLOPs; fast94's net trained for its steps (2,000 a batch,
+    8 epochs) counts the same."""
     from types import SimpleNamespace
 
     from cudacnn.bench.record import training_flops
     from cudacnn.train.fast.recipe import resolve_config
 
     cifar = SimpleNamespace(num_classes=10, train=range(50000), test=range(10000))
-    fast94 = training_flops(resolve_config("fast94", {}), cifar)
+    airbench = dict(batch_size=2000, epochs=8.0, tta_level=2, tta_fraction=1.0)
+    fast94 = training_flops(resolve_config("fast94", airbench), cifar)
     assert 0.28e15 < fast94 < 0.31e15
     # twice the epochs: twice the training FLOPs, the same evaluation
-    longer = training_flops(resolve_config("fast94", {"epochs": 16.0}), cifar)
+    longer = training_flops(resolve_config("fast94", {**airbench, "epochs": 16.0}), cifar)
     evaluation = 2 * fast94 - longer
     # 6 TTA views of 10,000 images, forward only, each as `cudacnn models` counts a forward
     from cudacnn.models import create_model
     from cudacnn.models.commands import count_flops
 
-    assert evaluation == 6 * 10000 * count_flops(create_model("fast94"))
+    forward = count_flops(create_model("fast94"))
+    assert evaluation == 6 * 10000 * forward
+    # selective TTA: a plain pass over all 10,000, the 6 views over the least confident quarter
+    selective = training_flops(resolve_config("fast94", {**airbench, "tta_fraction": 0.25}), cifar)
+    assert fast94 - selective == (6 - 2.5) * 10000 * forward
 
 
 @pytest.mark.slow

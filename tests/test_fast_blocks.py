@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from cudacnn.data import Augment, GpuLoader, Split
 from cudacnn.models import create_model
 from cudacnn.train.fast.lookahead import Lookahead
-from cudacnn.train.fast.muon import Muon, newton_schulz
+from cudacnn.train.fast.muon import Muon, newton_schulz, newton_schulz_stacked
 from cudacnn.train.fast.whitening import patches, whitening_filters
 
 
@@ -53,6 +53,18 @@ def test_newton_schulz_sets_singular_values_near_one(shape):
     assert torch.nn.functional.cosine_similarity((u @ vh).flatten(), x.flatten(), dim=0) > 0.9
 
 
+def test_stacked_newton_schulz_is_each_matrix_own():
+    """Padding every matrix to the largest (tall ones turned wide) must not change any matrix's result."""
+    g = torch.Generator().manual_seed(3)
+    mats = [torch.randn(8, 36, generator=g), torch.randn(16, 72, generator=g) * 10, torch.randn(30, 6, generator=g),
+            torch.randn(16, 144, generator=g) * torch.logspace(-1, 1, 144)]
+    stacked = newton_schulz_stacked(mats, steps=3)
+    for m, out in zip(mats, stacked):
+        assert out.shape == m.shape
+        torch.testing.assert_close(out, newton_schulz(m, steps=3), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(stacked[0], newton_schulz(mats[0], steps=5), atol=1e-3)  # the step count is used
+
+
 def test_muon_step_renormalizes_and_moves_against_gradient():
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(8, 4, 3, 3) * 5)
@@ -68,7 +80,8 @@ def test_muon_step_renormalizes_and_moves_against_gradient():
 
 @pytest.mark.slow
 def test_compiled_muon_matches_eager_over_steps():
-    """The compiled per-filter update is the same optimizer: momentum, Nesterov, renormalization, lr schedule."""
+    """The compiled update of all filter banks is the same optimizer: momentum, Nesterov, renormalization, lr
+    schedule."""
     torch.manual_seed(0)
     start = [torch.randn(8, 4, 3, 3) * 3, torch.randn(6, 8, 3, 3)]
     grads = [[torch.randn_like(w) for w in start] for _ in range(3)]
@@ -84,7 +97,7 @@ def test_compiled_muon_matches_eager_over_steps():
                 p.grad = g.clone()
             opt.step()
         finals.append([p.detach() for p in params])
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # one per filter shape, over 3 lrs
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one for all banks, over 3 lrs
     for eager, compiled, first in zip(*finals, start):
         assert (eager - first).abs().max() > 0.05  # it moved
         torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
@@ -115,6 +128,22 @@ def test_lookahead_tracks_model_floats_in_place():
         net.head.weight.add_(1.0)
     la.update(decay=1.0)
     assert torch.equal(net.head.weight, la.slow[[t.data_ptr() for t in la.fast].index(net.head.weight.data_ptr())])
+
+
+def test_color_jitter_shifts_then_scales_each_image_within_its_ranges():
+    from cudacnn.data.augment import color_jitter
+
+    x = torch.randn(200, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    out = color_jitter(x, 0.2, 0.1, torch.Generator().manual_seed(1))
+    # out = (x + shift) * scale per image: recover scale and shift by least squares
+    xf, of = x.flatten(1), out.flatten(1)
+    xc, oc = xf - xf.mean(1, keepdim=True), of - of.mean(1, keepdim=True)
+    scale = (xc * oc).sum(1) / (xc * xc).sum(1)
+    shift = of.mean(1) / scale - xf.mean(1)
+    torch.testing.assert_close(of, (xf + shift[:, None]) * scale[:, None], atol=1e-5, rtol=1e-5)
+    assert scale.min() >= 0.9 - 1e-5 and scale.max() <= 1.1 + 1e-5 and scale.std() > 0.03
+    assert shift.abs().max() <= 0.2 + 1e-5 and shift.std() > 0.05
+    assert torch.equal(color_jitter(x, 0.0, 0.0, torch.Generator()), x)
 
 
 def test_alternating_flip_schedule():
@@ -152,7 +181,7 @@ def test_fast96_is_the_measured_recipe():
     """The shape and length measured in benchmarks/fast.md."""
     from cudacnn.train.fast.recipe import resolve_config
 
-    assert create_model("fast96").arch == {"widths": [128, 512, 512]}
+    assert create_model("fast96").arch == {"widths": [128, 512, 512], "activation": "gelu"}
     cfg = resolve_config("fast96", {})
     assert (cfg.epochs, cfg.muon_lr, cfg.crop_pad, cfg.cutout, cfg.lookahead_every, cfg.keep_fraction,
             cfg.compile_mode) == (32.0, 0.2, 4, 12, 5, 0.75, "reduce-overhead")

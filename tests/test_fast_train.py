@@ -57,7 +57,11 @@ def test_unknown_preset_and_option_and_bad_values_are_config_errors():
                          (dict(label_smoothing=1.5), r"label_smoothing must be in \[0, 1\)"),
                          (dict(crop_pad=40), "crop_pad must be below 32"),
                          (dict(muon_lr=0.0), "muon_lr, bias_lr and head_lr must be positive"),
-                         (dict(sgd_momentum=1.0), r"momentum must be in \[0, 1\)")):
+                         (dict(sgd_momentum=1.0), r"momentum must be in \[0, 1\)"),
+                         (dict(ns_steps=0), "ns_steps must be at least 1"),
+                         (dict(activation="relu"), "activation must be one of gelu, silu"),
+                         (dict(contrast=1.0), r"contrast in \[0, 1\)"),
+                         (dict(tta_fraction=0.0), r"tta_fraction must be in \(0, 1\]")):
         with pytest.raises(ConfigError, match=message):
             train_fast("fast94", tiny_dataset(), device="cpu", batch_size=32, **bad)
 
@@ -118,6 +122,20 @@ def test_compiled_fp16_net_has_finite_gradients():
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert net.head.weight.grad.abs().sum() > 0
 
+def test_train_loss_is_the_summed_cross_entropy_and_the_hits():
+    torch.manual_seed(0)
+    net = FastNet(widths=(8, 8, 16), activation="silu")
+    images, labels = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 3, 4, 5])
+    loss, losses, correct = recipe.TrainLoss(net, label_smoothing=0.1)(images, labels)
+    logits = net(images)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1,
+                                                                       reduction="sum"))
+    torch.testing.assert_close(losses.sum(), loss.detach())
+    assert correct.item() == (logits.argmax(1) == labels).sum().item()
+    assert loss.requires_grad and not losses.requires_grad
+    loss.backward()
+    assert net.head.weight.grad.abs().sum() > 0
+
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_train_fast_compiled_on_gpu():
@@ -129,7 +147,8 @@ def test_train_fast_compiled_on_gpu():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("overrides", [{}, {"keep_fraction": 0.5}], ids=["plain", "filtered"])
+@pytest.mark.parametrize("overrides", [{}, {"keep_fraction": 0.5}, {"tta_fraction": 0.25, "activation": "silu"}],
+                         ids=["plain", "filtered", "selective-tta"])
 def test_timed_path_never_waits_on_the_host(monkeypatch, overrides):
     """Between the whitening init and the timer's last stop (training and the TTA evaluation), any implicit
     device->host sync raises."""

@@ -59,3 +59,20 @@ def test_nonlinear_model_averages_logits_not_inputs():
 def test_rejects_unknown_level():
     with pytest.raises(ValueError, match="TTA level"):
         predict_tta(pixels, torch.zeros(1, 3, 4, 4), level=4)
+
+
+def test_fraction_spends_the_views_on_the_least_confident():
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    x = torch.randn(20, 3, 6, 6)
+    with torch.no_grad():
+        plain, full = predict_tta(net, x, level=0), predict_tta(net, x, level=2)
+        got = predict_tta(net, x, level=2, batch_size=3, fraction=0.25)
+    unsure = plain.softmax(1).amax(1).argsort()[:5]  # the 5 least confident by the plain logits
+    sure = torch.ones(20, dtype=torch.bool)
+    sure[unsure] = False
+    torch.testing.assert_close(got[unsure], full[unsure])
+    torch.testing.assert_close(got[sure], plain[sure])
+    assert not torch.allclose(full[sure], plain[sure])  # the views would have changed the others too
+    with pytest.raises(ValueError, match="fraction"):
+        predict_tta(net, x, level=2, fraction=0.0)

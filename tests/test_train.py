@@ -166,7 +166,7 @@ def test_checkpoints_store_the_shape_and_refuse_other_versions(tmp_path, dataset
     config = tiny_config(tmp_path, model="fast96", model_kwargs={"widths": [8, 8, 16]}, epochs=1, name="f96")
     run = Trainer(config, dataset=dataset, quiet=True).fit().run_dir
     model, ckpt = model_from_checkpoint(run)
-    shape = {"widths": [8, 8, 16]}
+    shape = {"widths": [8, 8, 16], "activation": "gelu"}  # the defaults are stored too
     assert ckpt["model_kwargs"] == shape and ckpt["config"]["model_kwargs"] == shape
     assert yaml.safe_load((run / "config.yaml").read_text())["model_kwargs"] == shape  # what a resume rebuilds
     assert model.head.in_features == 16
@@ -314,7 +314,8 @@ def test_record_preset_runs_seeds_and_summarizes(tmp_path, monkeypatch, dataset,
     model, ckpt = model_from_checkpoint(tmp_path / "rec" / "run1" / "checkpoints" / "last.pt")
     assert ckpt["model_name"] == "fast94" and ckpt["config"]["seed"] == 6
     assert ckpt["config"]["recipe"]["max_steps"] == 2 and ckpt["config"]["recipe"]["muon_lr"] == 0.24
-    assert model.head.in_features == 256 and ckpt["model_kwargs"] == {"widths": [64, 256, 256]}
+    assert model.head.in_features == 256 and ckpt["model_kwargs"]["widths"] == [64, 256, 256]
+    assert ckpt["model_kwargs"]["activation"] == ckpt["config"]["recipe"]["activation"]  # the net trained
     # the normalization the recipe trained with (fixed CIFAR-10 statistics), not this data set's own
     from cudacnn.data import CIFAR10_MEAN, CIFAR10_STD, channel_stats
     assert tuple(ckpt["mean"]) == CIFAR10_MEAN and tuple(ckpt["std"]) == CIFAR10_STD

@@ -101,13 +101,16 @@ def training_flops(cfg: RecordConfig, dataset) -> float:
     from cudacnn.models.commands import count_flops
 
     # on the meta device: shapes only, no arithmetic
-    model = create_model(cfg.model, num_classes=dataset.num_classes).to("meta")
+    model = create_model(cfg.model, num_classes=dataset.num_classes, activation=cfg.activation).to("meta")
     images = torch.empty(cfg.examples_per_step, 3, 32, 32, device="meta")
     labels = torch.zeros(len(images), dtype=torch.long, device="meta")
     with FlopCounterMode(display=False) as step:
         F.cross_entropy(model(images), labels, reduction="sum").backward()
     steps = min(math.ceil(cfg.epochs * (len(dataset.train) // cfg.batch_size)), cfg.max_steps or math.inf)
-    return steps * step.get_total_flops() + TTA_VIEWS[cfg.tta_level] * len(dataset.test) * count_flops(model)
+    views = TTA_VIEWS[cfg.tta_level]
+    # selective TTA: one plain pass over every test image, the views over the least confident fraction
+    per_image = views if cfg.tta_fraction == 1 or views == 1 else 1 + cfg.tta_fraction * views
+    return steps * step.get_total_flops() + per_image * len(dataset.test) * count_flops(model)
 
 
 def dense_fp16_peak(device: torch.device) -> float | None:

@@ -64,3 +64,15 @@ def cutout(images: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tenso
     top, left = cy - size // 2, cx - size // 2
     inside = (ys >= top) & (ys < top + size) & (xs >= left) & (xs < left + size)
     return images.masked_fill(inside[:, None], 0)
+
+
+def color_jitter(images: torch.Tensor, brightness: float, contrast: float, gen: torch.Generator) -> torch.Tensor:
+    """Per image, add a brightness shift drawn from [-brightness, brightness] and then scale by a contrast
+    factor drawn from [1 - contrast, 1 + contrast], on normalized float images (so the shift is in units of
+    the data set's standard deviation and the contrast scales about its mean), as the Hiverge record does."""
+    if brightness <= 0 and contrast <= 0:
+        return images
+    n = images.shape[0]
+    shift = (torch.rand(n, 1, 1, 1, device=images.device, generator=gen) * 2 - 1) * brightness
+    scale = (torch.rand(n, 1, 1, 1, device=images.device, generator=gen) * 2 - 1) * contrast + 1
+    return (images + shift) * scale

@@ -25,14 +25,16 @@ class Augment:
     pad_mode: str = "reflect"  # 'reflect' or 'constant'
     flip: str = "none"         # 'none', 'random' or 'alternate' (airbench's per-epoch alternation)
     cutout: int = 0            # side of the zeroed square (0 = off)
+    brightness: float = 0.0    # per-image brightness shift, in data-set standard deviations (0 = off)
+    contrast: float = 0.0      # per-image contrast factor within 1 +- this (0 = off)
 
     def __post_init__(self) -> None:
         if self.flip not in FLIP_MODES:
             raise ValueError(f"flip must be one of {FLIP_MODES}, got {self.flip!r}")
         if self.pad_mode not in ("reflect", "constant"):
             raise ValueError(f"pad_mode must be 'reflect' or 'constant', got {self.pad_mode!r}")
-        if self.crop_pad < 0 or self.cutout < 0:
-            raise ValueError("crop_pad and cutout must be >= 0")
+        if self.crop_pad < 0 or self.cutout < 0 or self.brightness < 0 or not 0 <= self.contrast < 1:
+            raise ValueError("crop_pad, cutout and brightness must be >= 0, contrast in [0, 1)")
 
 
 class GpuLoader:
@@ -97,13 +99,16 @@ class GpuLoader:
             images = augment.alternating_flip(images, self.flip_base[idx], self.epoch)
         images = augment.random_crop(images, aug.crop_pad, gen, aug.pad_mode)
         images = augment.cutout(images, aug.cutout, gen)
-        images = self.normalize(images)
-        return images, self.labels[idx]
+        jitter = (lambda x: augment.color_jitter(x, aug.brightness, aug.contrast, gen))
+        return self.normalize(images, jitter), self.labels[idx]
 
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+    def normalize(self, images: torch.Tensor, then=None) -> torch.Tensor:
+        """uint8 -> normalized float in the loader's dtype and layout; `then` runs on the float32 values first."""
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        out = ((images.float() - self.mean) / self.std).to(self.dtype)
-        return out.contiguous(memory_format=memory_format)
+        out = (images.float() - self.mean) / self.std
+        if then is not None:
+            out = then(out)
+        return out.to(self.dtype).contiguous(memory_format=memory_format)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, labels, _ in self.indexed_batches():

@@ -6,6 +6,8 @@ level 2: level 1 on the image (weight 1/2) plus level 1 on the image shifted one
          pixel down-right (weight 1/4 each; the shifts read a 1-pixel reflect padding).
 level 3: level 2 with all four 1-pixel diagonal shifts (up-left, down-right, up-right, down-left; weight 1/8
          each): 10 forward passes instead of 6.
+predict_tta's `fraction` < 1 spends the views only where they can matter (the Hiverge record's scheme): one
+plain pass over every image, then the level's views for the least confident `fraction` of them.
 """
 
 from __future__ import annotations
@@ -44,11 +46,24 @@ def tta_logits(model, images: torch.Tensor, level: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_tta(model, images: torch.Tensor, level: int = 0, batch_size: int = 2000) -> torch.Tensor:
-    """Logits (float32, N x classes) for normalized NCHW `images`, evaluated in batches of `batch_size`.
-    The caller puts the model in eval mode; nothing here synchronizes with the host."""
+def predict_tta(model, images: torch.Tensor, level: int = 0, batch_size: int = 2000,
+                fraction: float = 1.0) -> torch.Tensor:
+    """Logits (float32, N x classes) for normalized NCHW `images`, evaluated in batches of `batch_size`;
+    with `fraction` < 1, TTA logits for only the least confident fraction of images and plain logits for
+    the rest. The caller puts the model in eval mode; nothing here synchronizes with the host."""
     if level not in TTA_LEVELS:
         raise ValueError(f"TTA level must be one of {TTA_LEVELS}, got {level!r}")
-    outs = [tta_logits(model, images[i:i + batch_size], level).float()
-            for i in range(0, len(images), batch_size)]
-    return torch.cat(outs)
+    if not 0 < fraction <= 1:
+        raise ValueError(f"TTA fraction must be in (0, 1], got {fraction!r}")
+
+    def batched(x: torch.Tensor, level: int) -> torch.Tensor:
+        return torch.cat([tta_logits(model, x[i:i + batch_size], level).float()
+                          for i in range(0, len(x), batch_size)])
+
+    if fraction == 1 or level == 0:
+        return batched(images, level)
+    logits = batched(images, 0)
+    confidence = logits.softmax(1).amax(1)
+    unsure = confidence.topk(max(1, round(fraction * len(images))), largest=False, sorted=False).indices
+    logits[unsure] = batched(images[unsure], level)
+    return logits

@@ -180,7 +180,7 @@ def _swappable_bn(module: nn.Module) -> bool:
 
 def _fuse_zoo_blocks(model: nn.Module, backend: str) -> None:
     """The zoo's blocks whose forward is code, not an nn.Sequential: ResNet's BasicBlock and stem, and the
-    fast nets' ConvGroup (whose forward hands GELU and the residual to a norm that has activation 'gelu')."""
+    fast nets' ConvGroup (whose forward hands its activation and the residual to a norm that has that activation)."""
     from cudacnn.models.fast import ConvGroup
     from cudacnn.models.resnet import BasicBlock, ResNet
 
@@ -191,7 +191,7 @@ def _fuse_zoo_blocks(model: nn.Module, backend: str) -> None:
         elif isinstance(module, ConvGroup):
             for i, norm in enumerate(module.norms):
                 if _swappable_bn(norm):
-                    module.norms[i] = BatchNormAct.from_torch(norm, "gelu", backend=backend)
+                    module.norms[i] = BatchNormAct.from_torch(norm, module.activation, backend=backend)
         for name, child in list(module.named_children()):
             if isinstance(child, BasicBlock):
                 setattr(module, name, FusedBasicBlock(child, backend))

@@ -6,7 +6,8 @@ fast96: widths 128/512/512 (airbench96's) and a third conv per group, with a res
 last two that is added before the last GELU (as airbench96's later record version: 0.06-0.11 points above
 adding it after the GELU, as the PyPI airbench96 does).
 BatchNorm scales are frozen at 1 (only the biases learn); convs start as identities on their first
-channels (dirac init), so the deep net starts close to a shallow one.
+channels (dirac init), so the deep net starts close to a shallow one. The conv groups' activation is GELU or
+SiLU (the Hiverge record's choice); the whitening layer's is GELU in both.
 """
 
 from __future__ import annotations
@@ -37,44 +38,50 @@ class Conv(nn.Conv2d):
         nn.init.dirac_(w[: w.size(1)])  # identity on the first cin outputs
 
 
-class ConvGroup(nn.Module):
-    """conv -> pool -> BN -> GELU, then depth-1 more conv -> BN -> GELU; from depth 3 on, a residual
-    connection adds the group's first activation to the last GELU's input."""
+ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu}
 
-    def __init__(self, cin: int, cout: int, depth: int = 2, bn_momentum: float = 0.4):
+
+class ConvGroup(nn.Module):
+    """conv -> pool -> BN -> act, then depth-1 more conv -> BN -> act; from depth 3 on, a residual
+    connection adds the group's first activation to the last activation's input."""
+
+    def __init__(self, cin: int, cout: int, depth: int = 2, bn_momentum: float = 0.4, activation: str = "gelu"):
         super().__init__()
+        self.activation = activation
         self.residual = depth >= 3
         self.convs = nn.ModuleList([Conv(cin, cout)] + [Conv(cout, cout) for _ in range(depth - 1)])
         self.norms = nn.ModuleList([BatchNorm(cout, bn_momentum) for _ in range(depth)])
 
-    @staticmethod
-    def norm_gelu(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """gelu(norm(x) + residual). A norm whose `activation` is "gelu" (kernels.BatchNormAct, put in by
-        kernels.swap_modules) applies the add and the GELU itself, in one fused kernel."""
-        if getattr(norm, "activation", None) == "gelu":
+    def norm_act(self, norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """act(norm(x) + residual). A norm with this group's `activation` (kernels.BatchNormAct, put in by
+        kernels.swap_modules) applies the add and the activation itself, in one fused kernel."""
+        if getattr(norm, "activation", None) == self.activation:
             return norm(x, residual)
         x = norm(x)
-        return F.gelu(x if residual is None else x + residual)
+        return ACTIVATIONS[self.activation](x if residual is None else x + residual)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm_gelu(self.norms[0], F.max_pool2d(self.convs[0](x), 2))
+        x = self.norm_act(self.norms[0], F.max_pool2d(self.convs[0](x), 2))
         first = x
         for conv, norm in zip(self.convs[1:-1], self.norms[1:-1]):
-            x = self.norm_gelu(norm, conv(x))
-        return self.norm_gelu(self.norms[-1], self.convs[-1](x), first if self.residual else None)
+            x = self.norm_act(norm, conv(x))
+        return self.norm_act(self.norms[-1], self.convs[-1](x), first if self.residual else None)
 
 
 class FastNet(nn.Module):
     def __init__(self, widths=(64, 256, 256), depth: int = 2, num_classes: int = 10,
-                 whiten_kernel: int = 2, bn_momentum: float = 0.4, logit_scale: float | None = None):
+                 whiten_kernel: int = 2, bn_momentum: float = 0.4, logit_scale: float | None = None,
+                 activation: str = "gelu"):
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
         # the keywords that rebuild this net, stored with its runs and checkpoints (a list: it goes into YAML)
-        self.arch = dict(widths=list(widths))
+        self.arch = dict(widths=list(widths), activation=activation)
         whiten_width = 2 * 3 * whiten_kernel**2  # each eigen-direction and its negation
         self.whiten = nn.Conv2d(3, whiten_width, kernel_size=whiten_kernel, padding=0, bias=True)
         self.whiten.weight.requires_grad_(False)
         chans = [whiten_width, *widths]
-        self.groups = nn.Sequential(*[ConvGroup(chans[i], chans[i + 1], depth, bn_momentum)
+        self.groups = nn.Sequential(*[ConvGroup(chans[i], chans[i + 1], depth, bn_momentum, activation)
                                       for i in range(len(widths))])
         self.head = nn.Linear(widths[-1], num_classes, bias=False)
         # 1/width keeps the first logits tiny, matching the head lr tuned for a summed loss (airbench94_muon)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from cudacnn.errors import ConfigError
 from cudacnn.evaluate.tta import TTA_LEVELS
+from cudacnn.models.fast import ACTIVATIONS
 from cudacnn.train.config import COMPILE_MODES
 
 
@@ -19,16 +20,21 @@ class RecordConfig:
     batch_size: int
     muon_lr: float            # Muon on the conv filters
     muon_momentum: float
+    ns_steps: int             # Newton-Schulz iterations of Muon's orthogonalization
     bias_lr: float            # SGD-Nesterov on BatchNorm and whitening biases (summed loss)
     head_lr: float            # ... and on the linear head
     sgd_momentum: float
     wd_per_example: float     # decoupled from the lr: each step decays by wd_per_example * examples in the step
     label_smoothing: float
+    activation: str           # the conv groups' activation: gelu | silu
     whiten_bias_epochs: float  # the whitening bias learns only this long
     whiten_images: int        # training images whose 2x2 patches set the whitening filters
     crop_pad: int             # random crops from images padded by this much
     cutout: int               # side of the square cut out of each image (0 = off)
+    brightness: float         # per-image brightness shift within +- this, in data-set stds (0 = off)
+    contrast: float           # per-image contrast factor within 1 +- this (0 = off)
     tta_level: int            # test-time augmentation of the final evaluation (TTA_LEVELS)
+    tta_fraction: float       # < 1: the TTA views only for this least confident fraction of test images
     lookahead_every: int      # 0 = off; else sync every k steps, decay 0.95^k * (step/total)^3
     keep_fraction: float      # < 1: train on the hardest part of each batch, ranked by last loss (filtering.py)
     compile_mode: str         # torch.compile mode; reduce-overhead captures CUDA graphs
@@ -46,6 +52,10 @@ class RecordConfig:
             (0 <= self.whiten_bias_epochs < math.inf, "whiten_bias_epochs must be >= 0 and finite"),
             (self.whiten_images >= 1, "whiten_images must be at least 1"),
             (self.crop_pad < 32, "crop_pad must be below 32, the image size"),
+            (self.ns_steps >= 1, "ns_steps must be at least 1"),
+            (self.activation in ACTIVATIONS, f"activation must be one of {', '.join(ACTIVATIONS)}"),
+            (0 <= self.brightness < math.inf and 0 <= self.contrast < 1, "brightness must be >= 0, contrast in [0, 1)"),
+            (0.0 < self.tta_fraction <= 1.0, f"tta_fraction must be in (0, 1], got {self.tta_fraction}"),
             (0.0 < self.keep_fraction <= 1.0, f"keep_fraction must be in (0, 1], got {self.keep_fraction}"),
             (self.tta_level in TTA_LEVELS, f"tta_level must be one of {TTA_LEVELS}, got {self.tta_level}"),
             (self.compile_mode in COMPILE_MODES, f"compile_mode must be one of {', '.join(COMPILE_MODES)}"),

@@ -15,18 +15,23 @@ CONFIG = RecordConfig(
     # ---- optimizers: the summed loss sets the gradient scale, hence the small bias lr
     muon_lr=0.24,
     muon_momentum=0.6,
+    ns_steps=5,
     bias_lr=0.053,
     head_lr=0.67,
     sgd_momentum=0.85,
     wd_per_example=2e-6,
     label_smoothing=0.2,
+    activation="gelu",
     # ---- whitening: filters from 5000 images' patches; its bias learns for the first 3 epochs only
     whiten_bias_epochs=3.0,
     whiten_images=5000,
     # ---- augmentation and evaluation
     crop_pad=2,
     cutout=0,
+    brightness=0.0,
+    contrast=0.0,
     tta_level=2,
+    tta_fraction=1.0,
     lookahead_every=0,
     keep_fraction=1.0,
     # ---- speed: 200 steps are short enough for kernel launches to matter, so CUDA graphs

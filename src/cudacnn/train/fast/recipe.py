@@ -51,7 +51,29 @@ def resolve_config(name: str, overrides: dict) -> RecordConfig:
 # ---------------------------------------------------------------- one compiled net per preset, device, classes
 # and compile mode, re-initialised in place for every run
 
-_PREPARED: dict[tuple, tuple[FastNet, nn.Module]] = {}
+class TrainLoss(nn.Module):
+    """The training forward and its loss as one graph (one compiled, CUDA-graphed call a step, as the Hiverge
+    record compiles them): the summed loss backward starts from, each example's loss (for the hard-example
+    filter) and the number of correct predictions."""
+
+    def __init__(self, model: nn.Module, label_smoothing: float):
+        super().__init__()
+        self.model, self.label_smoothing = model, label_smoothing
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor):
+        logits = self.model(images)
+        losses = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing, reduction="none")
+        return losses.sum(), losses.detach(), (logits.detach().argmax(1) == labels).sum()
+
+
+@dataclass
+class Prepared:
+    model: FastNet       # the weights
+    net: nn.Module       # the model's forward, compiled when compiling (evaluation)
+    train_loss: nn.Module  # TrainLoss, compiled when compiling (training)
+
+
+_PREPARED: dict[tuple, Prepared] = {}
 
 
 def training_dtype(device: torch.device) -> torch.dtype:
@@ -61,24 +83,26 @@ def training_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
-def prepared_model(cfg: RecordConfig, device, num_classes: int, compile: bool) -> tuple[FastNet, nn.Module]:
-    """(model, callable): the callable is the compiled model when `compile`, else the model itself."""
+def prepared_model(cfg: RecordConfig, device, num_classes: int, compile: bool) -> Prepared:
     device = torch.device(device)
     mode = cfg.compile_mode if device.type == "cuda" else "default"  # CUDA graphs need a GPU
-    key = (cfg.model, str(device), num_classes, compile, mode)
+    key = (cfg.model, cfg.activation, cfg.label_smoothing, str(device), num_classes, compile, mode)
     if key not in _PREPARED:
         if compile:  # both presets' static graphs (each batch size, train and eval) share FastNet.forward's
             allow_static_graphs()  # code object: more than dynamo's default 8
-        model = create_model(cfg.model, num_classes=num_classes).to(device, memory_format=torch.channels_last)
-        model.to_training_dtype(training_dtype(device))
+        model = create_model(cfg.model, num_classes=num_classes, activation=cfg.activation)
+        model = model.to(device, memory_format=torch.channels_last).to_training_dtype(training_dtype(device))
+        train_loss = TrainLoss(model, cfg.label_smoothing)
         # static shapes: every batch here is full-size, and a shape-generic graph would be slower
-        _PREPARED[key] = (model, torch.compile(model, dynamic=False, mode=mode) if compile else model)
+        compiled = (lambda m: torch.compile(m, dynamic=False, mode=mode)) if compile else (lambda m: m)
+        _PREPARED[key] = Prepared(model, compiled(model), compiled(train_loss))
     return _PREPARED[key]
 
 
-# The fields the compiled graphs depend on (static shapes, compile mode, and Muon's momentum, a constant inside
-# its compiled update): one warm-up per value.
-GRAPH_FIELDS = ("batch_size", "compile_mode", "keep_fraction", "muon_momentum")
+# The fields the compiled graphs depend on (static shapes, compile mode, the net's activation, and constants
+# inside the graphs: label smoothing, Muon's momentum and step count): one warm-up per value.
+GRAPH_FIELDS = ("batch_size", "compile_mode", "keep_fraction", "muon_momentum", "ns_steps", "activation",
+                "label_smoothing", "tta_fraction")
 _WARMED: set[tuple] = set()  # warm-up keys done in this process
 
 
@@ -109,7 +133,8 @@ def make_optimizers(model: FastNet, cfg: RecordConfig, compile: bool = False) ->
     on_gpu = next(model.parameters()).device.type == "cuda"
     sgd = torch.optim.SGD(groups, momentum=cfg.sgd_momentum, nesterov=True, fused=on_gpu)
     filters = [p for p in model.parameters() if p.ndim == 4 and p.requires_grad]
-    muon = Muon(filters, lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=True, compiled=compile and on_gpu)
+    muon = Muon(filters, lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=True, ns_steps=cfg.ns_steps,
+                compiled=compile and on_gpu)
     for opt in (sgd, muon):
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
@@ -140,7 +165,8 @@ def train_fast(name: str, dataset: Dataset, *, seed: int = 0, device="cuda", com
         torch.backends.cudnn.benchmark = True
         if compile and not _warm:
             warmup(name, dataset, device, compile, **{k: getattr(cfg, k) for k in GRAPH_FIELDS})
-    model, net = prepared_model(cfg, device, dataset.num_classes, compile)
+    prepared = prepared_model(cfg, device, dataset.num_classes, compile)
+    model, net = prepared.model, prepared.net
     torch.manual_seed(seed)
     model.reset()
     train, test_images, test_labels = make_loaders(cfg, dataset, device, seed, random_labels=_warm)
@@ -152,11 +178,12 @@ def train_fast(name: str, dataset: Dataset, *, seed: int = 0, device="cuda", com
     # a strided sample: image-folder sources store the training set sorted by class
     stride = max(1, len(train.images) // cfg.whiten_images)
     model.init_whiten(train.normalize(train.images[::stride][: cfg.whiten_images]))
-    history = train_steps(cfg, model, net, train, optimizers, hard)
+    history = train_steps(cfg, model, prepared.train_loss, train, optimizers, hard)
     timer.stop()
     timer.start()  # the evaluation is timed too, as its own span
     model.eval()
-    tta_acc = accuracy(predict_tta(channels_last_input(net), test_images, cfg.tta_level), test_labels)
+    tta_acc = accuracy(predict_tta(channels_last_input(net), test_images, cfg.tta_level, fraction=cfg.tta_fraction),
+                       test_labels)
     timer.stop()
 
     plain_acc = accuracy(predict_tta(channels_last_input(net), test_images, 0), test_labels)
@@ -179,7 +206,8 @@ def make_loaders(cfg: RecordConfig, dataset: Dataset, device: torch.device, seed
     into timed runs."""
     dtype = training_dtype(device)
     norm = dict(mean=CIFAR10_MEAN, std=CIFAR10_STD)
-    augment = Augment(crop_pad=cfg.crop_pad, flip="alternate", cutout=cfg.cutout)
+    augment = Augment(crop_pad=cfg.crop_pad, flip="alternate", cutout=cfg.cutout, brightness=cfg.brightness,
+                      contrast=cfg.contrast)
     train = GpuLoader(dataset.train, cfg.batch_size, device, augment=augment, shuffle=True, drop_last=True,
                       dtype=dtype, seed=seed, **norm)
     if len(train) == 0:
@@ -190,7 +218,7 @@ def make_loaders(cfg: RecordConfig, dataset: Dataset, device: torch.device, seed
     return train, test_images, test_labels
 
 
-def train_steps(cfg: RecordConfig, model: FastNet, net: nn.Module, train: GpuLoader, optimizers,
+def train_steps(cfg: RecordConfig, model: FastNet, train_loss: nn.Module, train: GpuLoader, optimizers,
                 hard: LastLossFilter | None) -> list[dict]:
     """Every training step of the run, each on the `hard` filter's part of its batch if there is one; returns
     one history row per epoch (loss and accuracy as device tensors: reading them would wait on the device)."""
@@ -216,13 +244,9 @@ def train_steps(cfg: RecordConfig, model: FastNet, net: nn.Module, train: GpuLoa
             if hard:
                 keep = hard.select(indices)
                 images, labels, indices = images[keep], labels[keep], indices[keep]
-            outputs = net(images)
+            loss, losses, step_correct = train_loss(images, labels)
             if hard:
-                losses = F.cross_entropy(outputs, labels, label_smoothing=cfg.label_smoothing, reduction="none")
                 hard.record(indices, losses)
-                loss = losses.sum()
-            else:
-                loss = F.cross_entropy(outputs, labels, label_smoothing=cfg.label_smoothing, reduction="sum")
             loss.backward()
             for opt in (sgd, muon):
                 opt.step()
@@ -232,7 +256,7 @@ def train_steps(cfg: RecordConfig, model: FastNet, net: nn.Module, train: GpuLoa
                 # no averaging early on, growing to an EMA over the last few hundred steps
                 lookahead.update(decay=(0.95 ** cfg.lookahead_every) * (step / total_steps) ** 3)
             loss_sum += loss.detach().float()
-            correct += (outputs.detach().argmax(1) == labels).sum()
+            correct += step_correct
             seen += len(labels)
         history.append(dict(epoch=epoch + 1, step=step, lr_scale=1 - step / total_steps,
                             train_loss=loss_sum / max(seen, 1), train_acc=correct / max(seen, 1)))

@@ -1,0 +1,68 @@
+"""Record-recipe variants side by side in one process: each variant (a set of `--set` overrides of a preset)
+runs the same seeds; prints a row per run and a summary per variant (mean TTA accuracy, median time, and both
+as differences / ratios to the first variant). The numbers that go into benchmarks/fast.md come from
+`cudacnn bench record`; this is for choosing what to measure there.
+
+    PYTHONPATH=src python3 dev/record_variants.py --preset fast94 --runs 10 --data .data/cifar10-jpeg.tar.gz \
+        --variant "" --variant "activation=silu,ns_steps=3" [--budget-s 400] [--json $OUT/variants.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from cudacnn.data import load_dataset
+from cudacnn.tables import md_table
+from cudacnn.train.fast.config import parse_settings
+from cudacnn.train.fast.recipe import train_fast, warmup
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="fast94")
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--data", required=True)
+    p.add_argument("--variant", action="append", default=[], help="comma-separated KEY=VALUE overrides")
+    p.add_argument("--budget-s", type=float, default=float("inf"), help="start no new variant after this long")
+    p.add_argument("--json")
+    args = p.parse_args()
+    started = time.perf_counter()
+    dataset = load_dataset(args.data, quiet=True)
+    print(f"{torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
+    results = []
+    for spec in args.variant or [""]:
+        if time.perf_counter() - started > args.budget_s:
+            print(f"budget reached: {spec!r} not run", flush=True)
+            continue
+        overrides = parse_settings([s for s in spec.split(",") if s])
+        t0 = time.perf_counter()
+        warmup(args.preset, dataset, "cuda", **overrides)
+        print(f"[{spec or 'preset'}] warm-up {time.perf_counter() - t0:.0f} s", flush=True)
+        runs = []
+        for seed in range(args.runs):
+            r = train_fast(args.preset, dataset, seed=seed, device="cuda", log=lambda *_: None, **overrides)
+            runs.append((r.test_acc, r.train_time_s, r.eval_time_s))
+            print(f"[{spec or 'preset'}] seed {seed}: acc {r.test_acc:.4f} time {r.train_time_s:.3f} s "
+                  f"(eval {r.eval_time_s:.3f})", flush=True)
+        accs, times = [a for a, _, _ in runs], [t for _, t, _ in runs]
+        results.append(dict(variant=spec or "preset", runs=len(runs), acc_mean=statistics.fmean(accs),
+                            acc_std=statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                            time_median=statistics.median(times), eval_median=statistics.median(e for *_, e in runs)))
+    base = results[0]
+    print(md_table(["variant", "runs", "TTA acc", "std", "median s", "eval s", "acc vs first", "time vs first"],
+                   [[r["variant"], r["runs"], f"{r['acc_mean']:.4f}", f"{r['acc_std']:.4f}", f"{r['time_median']:.3f}",
+                     f"{r['eval_median']:.3f}", f"{100 * (r['acc_mean'] - base['acc_mean']):+.2f} pt",
+                     f"{r['time_median'] / base['time_median']:.3f}x"] for r in results]), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+
+if __name__ == "__main__":
+    main()
