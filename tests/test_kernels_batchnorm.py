@@ -207,17 +207,127 @@ def test_activation_pool_matches_relu_then_max_pool(kernels_only, shape):
     close(x.grad, x64.grad, 1e-6)
 
 
+@pytest.fixture
+def many_programs(monkeypatch):
+    """7 reduction programs a channel block (the interpreter's default is 3): with 256-row tiles, (5, 20, 15,
+    17) has 5 programs in each of 2 channel blocks, the last one short, merged 2 at a time (BLOCK_F) in 3 steps."""
+    monkeypatch.setattr(B, "_programs_per_channel_block", lambda c_blocks, device: 7)
+    for config in (B._stats_config, B._backward_config):
+        config.cache_clear()
+    yield
+    for config in (B._stats_config, B._backward_config):
+        config.cache_clear()
+
+
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
-def test_backward_totals_sum_the_partials_and_write_the_affine_gradients(param_dtype):
-    # the backward's one launch between its passes: sums over the programs' partials, d weight and d bias
-    partial = randn(37, 2, 20)
-    weight, bias = randn(20, dtype=param_dtype), randn(20, dtype=param_dtype)
-    sums, dw, db = B.backward_totals(partial, weight, bias)
-    close(sums, partial.double().sum(0), 1e-6)
-    assert dw.dtype == db.dtype == param_dtype
-    assert torch.equal(dw, sums[1].to(param_dtype)) and torch.equal(db, sums[0].to(param_dtype))
-    sums_only, no_dw, no_db = B.backward_totals(partial, None, None)
-    assert no_dw is None and no_db is None and torch.equal(sums_only, sums)
+@pytest.mark.parametrize("direct", [True, False])
+def test_last_programs_merge_many_partials_like_float64(kernels_only, many_programs, monkeypatch, param_dtype,
+                                                        direct):
+    # the statistics' and the backward's last program of each channel block merges every program's partials
+    # in the same launch; the counters they use are zero again afterwards (the eager path's shared ones, or
+    # the fresh ones of the ops' path)
+    monkeypatch.setattr(ops, "DIRECT_EAGER", direct)
+    torch.manual_seed(1)
+    shape = (5, 20, 15, 17)
+    assert B._stats_config(5, 20, 15, 17, torch.device(DEVICE), True)[0] == (5, 2)
+    x = (100.0 + 3 * randn(*shape, channels_last=True)).requires_grad_()
+    bn = nn.BatchNorm2d(20, momentum=0.3, device=DEVICE).to(param_dtype)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.5, 0.5)
+    ref = copy.deepcopy(bn).double()
+    y = BatchNormAct.from_torch(bn, "silu")(x)
+    x64 = x.detach().double().requires_grad_()
+    y64 = F.silu(ref(x64))
+    g = torch.randn_like(y64)
+    y.backward(g.float()), y64.backward(g)
+    close(y, y64, 1e-5)
+    close(x.grad, x64.grad, 1e-5)
+    assert bn.weight.grad.dtype == param_dtype
+    tol = 1e-5 if param_dtype == torch.float32 else 1e-2
+    close(bn.weight.grad, ref.weight.grad, tol)
+    close(bn.bias.grad, ref.bias.grad, tol)
+    close(bn.running_mean, ref.running_mean, 1e-6 if param_dtype == torch.float32 else 1e-2)
+    close(bn.running_var, ref.running_var, 1e-5 if param_dtype == torch.float32 else 1e-2)
+    if direct:
+        assert not B._COUNTERS[x.device].any()
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The names of the kernels launched, in order (every launch goes through B._launch)."""
+    names = []
+    launch = B._launch
+
+    def counting(kernel, grid, wrap):
+        names.append(kernel.fn.__name__)
+        return launch(kernel, grid, wrap)
+
+    monkeypatch.setattr(B, "_launch", counting)
+    return names
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_two_launches_forward_and_two_backward(kernels_only, launches, monkeypatch, direct):
+    monkeypatch.setattr(ops, "DIRECT_EAGER", direct)
+    x = randn(2, 20, 6, 6, channels_last=True).requires_grad_()
+    res = randn(2, 20, 6, 6, channels_last=True).requires_grad_()
+    bn = BatchNormAct(20, activation="gelu").to(DEVICE)
+    y = bn(x, res)
+    assert launches == ["_stats_kernel", "_apply_kernel"]
+    launches.clear()
+    y.backward(torch.randn_like(y))
+    assert launches == ["_backward_kernel", "_backward_kernel"]  # reduction (+ its totals), then dx and dres
+    # eval: the running statistics, so no statistics launch; a backward without affine gradients needs no
+    # reduction either
+    launches.clear()
+    bn.eval().requires_grad_(False)
+    y = bn(x, res)
+    y.backward(torch.randn_like(y))
+    assert launches == ["_apply_kernel", "_backward_kernel"]
+    launches.clear()
+    y = ActivationPool("relu").to(DEVICE)(x)
+    y.backward(torch.randn_like(y))
+    assert launches == ["_apply_kernel", "_backward_kernel"]
+
+
+def test_eager_calls_skip_the_dispatcher_and_traced_calls_use_the_ops(kernels_only, monkeypatch):
+    # eager: one autograd.Function around the launchers; under a dispatch mode (fake tensors, FlopCounterMode)
+    # or tracing, the registered ops, which such modes must see
+    from torch.utils.flop_counter import FlopCounterMode
+
+    calls = []
+    for name in ("_batchnorm_stats", "_batchnorm_act", "_batchnorm_act_backward"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *args, _real=real, _name=name: calls.append(_name) or _real(*args))
+    x = randn(2, 6, 4, 4, channels_last=True).requires_grad_()
+    bn = BatchNormAct(6, activation="relu", pool=True).to(DEVICE)
+    y_direct = bn(x)
+    y_direct.sum().backward()
+    assert calls == []
+    grad_direct = x.grad
+    x.grad = None
+    with FlopCounterMode(display=False):
+        y_ops = bn(x)
+        y_ops.sum().backward()
+    assert calls == ["_batchnorm_stats", "_batchnorm_act", "_batchnorm_act_backward"]
+    close(y_ops, y_direct.double(), 1e-6)
+    close(x.grad, grad_direct.double(), 1e-6)
+
+
+def test_launch_configurations_are_computed_once_a_shape(kernels_only, monkeypatch):
+    x = randn(3, 12, 5, 7, channels_last=True).requires_grad_()
+    bn = BatchNormAct(12, activation="silu", pool=True).to(DEVICE)
+    bn(x).sum().backward()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a launch configuration was computed again for a shape already seen")
+
+    for name in ("_tiles", "_programs_per_channel_block", "_multiprocessors", "_reduction_split"):
+        monkeypatch.setattr(B, name, refuse)
+    monkeypatch.setattr(B.triton, "cdiv", refuse)  # a constexpr_function: microseconds a call
+    hits = B._stats_config.cache_info().hits
+    bn(x).sum().backward()
+    assert B._stats_config.cache_info().hits == hits + 1
 
 
 def test_gradcheck_float64_through_the_ops():
@@ -452,21 +562,22 @@ def build(fn, consts, warps=8):
         elif name in ("sC", "sxC", "srC", "syC", "sdC"):  # NHWC: Triton specializes a stride of 1
             signature[name], constexprs[(i,)] = "constexpr", 1
         elif name.endswith("_ptr"):
-            signature[name] = "*bf16" if name[:-4] in ("x", "res", "y", "dy", "dx", "dres") else "*fp32"
+            kind = {"counter": "*i32", "x": "*bf16", "res": "*bf16", "y": "*bf16", "dy": "*bf16", "dx": "*bf16",
+                    "dres": "*bf16"}
+            signature[name] = kind.get(name[:-4], "*fp32")
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = "fp32" if name in ("momentum", "eps") else "i32"
     triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
                    target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 
-build(B._stats_kernel, dict(BLOCK_M=64, BLOCK_C=64))
-build(B._finalize_kernel, dict(UPDATE=True, BLOCK_P=32, BLOCK_C=128), 4)
-build(B._backward_totals_kernel, dict(HAS_DW=True, HAS_DB=True, BLOCK_P=32, BLOCK_C=128), 4)
+build(B._stats_kernel, dict(UPDATE=True, BLOCK_M=64, BLOCK_C=64, BLOCK_F=32))
 for pool, kind, norm in ((False, 4, True), (True, 2, True), (True, 1, False)):
     flags = dict(NORM=norm, HAS_W=norm, HAS_B=norm, HAS_RES=not pool, KIND=kind, POOL=pool, FAST=True, BLOCK_C=64)
     build(B._apply_kernel, dict(flags, BLOCK_P=32))
     for phase in (0, 1):
-        build(B._backward_kernel, dict(flags, PHASE=phase, TRAINING=norm, BLOCK_P=16))
+        build(B._backward_kernel, dict(flags, PHASE=phase, TRAINING=norm, HAS_DW=norm, HAS_DB=norm, BLOCK_P=16,
+                                       BLOCK_F=32))
 print("compiled")
 """
 

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import activations as _act
 from . import batchnorm as _bn
@@ -224,9 +225,11 @@ def cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0,
 
 
 # ---------------------------------------------------------------- fused BatchNorm + residual + activation + pool
-# Two ops: batchnorm_stats mutates the running statistics (torch.library allows no autograd formula on a
-# mutating op) and returns the batch's (mean, rstd), constants for autograd; batchnorm_act is functional and its
-# backward adds the batch statistics' gradient terms itself (training=True).
+# Three ops: batchnorm_stats mutates the running statistics (torch.library allows no autograd formula on a
+# mutating op) and returns the batch's (mean, rstd), constants for autograd; batchnorm_act is functional and
+# its backward, batchnorm_act_backward, adds the batch statistics' gradient terms itself (training=True).
+# Eager calls skip the dispatcher: batchnorm_act() runs the launchers through one autograd.Function, whose
+# host cost is a fraction of a custom op's (see _direct).
 
 @torch.library.custom_op("cudacnn::batchnorm_stats", mutates_args=("running_mean", "running_var"))
 def _batchnorm_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float,
@@ -289,6 +292,52 @@ def _batchnorm_act_grad(ctx, grad_y):
 _batchnorm_act.register_autograd(_batchnorm_act_grad, setup_context=_batchnorm_act_setup)
 
 
+# Eager calls go through _BatchNormAct (False: through the ops, as traced calls do; tests run both)
+DIRECT_EAGER = True
+
+
+def _direct(x: Tensor) -> bool:
+    """Whether this call may skip the dispatcher: eager, on a plain tensor, with no dispatch mode (fake
+    tensors, FlopCounterMode) or functorch transform that must see the op."""
+    return (DIRECT_EAGER and not torch.compiler.is_compiling() and type(x) is Tensor
+            and _get_current_dispatch_mode() is None and not torch._C._are_functorch_transforms_active())
+
+
+def _forward(x, weight, bias, residual, running_mean, running_var, training, momentum, eps, activation, pool,
+             normalize):
+    """(y, mean, rstd): the eager forward, the shared counters of the device (no allocation, no fill)."""
+    if not normalize:
+        mean = rstd = _empty(x)
+    elif training:
+        mean, rstd = _bn.statistics(x, running_mean, running_var, momentum, eps, shared_counters=True)
+    else:
+        mean, rstd = _bn.running_stats(running_mean, running_var, eps, x.dtype)
+    return _bn.apply(x, weight, bias, residual, mean, rstd, normalize, activation, pool), mean, rstd
+
+
+class _BatchNormAct(torch.autograd.Function):
+    """The eager path: the ops' launchers and autograd formula, without the dispatcher."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, running_mean, running_var, training, momentum, eps, activation,
+                pool, normalize):
+        y, mean, rstd = _forward(x, weight, bias, residual, running_mean, running_var, training, momentum, eps,
+                                 activation, pool, normalize)
+        ctx.save_for_backward(x, weight, bias, residual, mean, rstd)
+        ctx.config = (training and normalize, normalize, activation, pool)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, bias, residual, mean, rstd = ctx.saved_tensors
+        training, normalize, activation, pool = ctx.config
+        needs_x, needs_w, needs_b, needs_res = ctx.needs_input_grad[:4]
+        dx, dw, db, dres = _bn.backward(grad_y, x, weight, bias, residual, mean, rstd, training, normalize,
+                                        activation, pool, needs_w or needs_b, shared_counters=True)
+        return (dx if needs_x else None, dw if needs_w else None, db if needs_b else None,
+                dres if needs_res else None, None, None, None, None, None, None, None, None)
+
+
 def batchnorm_act(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None = None,
                   running_mean: Tensor | None = None, running_var: Tensor | None = None, training: bool = True,
                   momentum: float = 0.1, eps: float = 1e-5, activation: str = "none", pool: bool = False,
@@ -308,13 +357,21 @@ def batchnorm_act(x: Tensor, weight: Tensor | None, bias: Tensor | None, residua
         x = _act.reference_forward(x, activation) if activation != "none" else x
         return F.max_pool2d(x, 2) if pool else x
     _bn.check_inputs(x, weight, bias, residual, activation, pool, training and normalize)  # before any kernel
+    if normalize and not training and (running_mean is None or running_var is None):
+        raise ValueError("batchnorm_act with training=False needs running_mean and running_var")
+    momentum, eps = float(momentum), float(eps)
+    if _direct(x):
+        if torch.is_grad_enabled() and (x.requires_grad or any(
+                t is not None and t.requires_grad for t in (weight, bias, residual))):
+            return _BatchNormAct.apply(x, weight, bias, residual, running_mean, running_var, training, momentum,
+                                       eps, activation, pool, normalize)
+        return _forward(x, weight, bias, residual, running_mean, running_var, training, momentum, eps,
+                        activation, pool, normalize)[0]
     if not normalize:
         mean = rstd = x.new_empty((0,), dtype=torch.float32)
         training = False
     elif training:
-        mean, rstd = _batchnorm_stats(x.detach(), running_mean, running_var, float(momentum), float(eps))
+        mean, rstd = _batchnorm_stats(x.detach(), running_mean, running_var, momentum, eps)
     else:
-        if running_mean is None or running_var is None:
-            raise ValueError("batchnorm_act with training=False needs running_mean and running_var")
         mean, rstd = _bn.running_stats(running_mean, running_var, eps, x.dtype)
     return _batchnorm_act(x, weight, bias, residual, mean, rstd, training, normalize, activation, pool)
