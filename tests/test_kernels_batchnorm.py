@@ -330,8 +330,11 @@ def test_launch_configurations_are_computed_once_a_shape(kernels_only, monkeypat
     assert B._stats_config.cache_info().hits == hits + 1
 
 
-def test_gradcheck_float64_through_the_ops():
-    # float64 takes the PyTorch reference inside the same custom ops: checks the autograd wiring
+@pytest.mark.parametrize("direct", [True, False])
+def test_gradcheck_float64_through_the_ops(monkeypatch, direct):
+    # float64 takes the PyTorch reference inside the same launchers: checks the autograd wiring of the eager
+    # autograd.Function (direct) and of the registered ops
+    monkeypatch.setattr(ops, "DIRECT_EAGER", direct)
     x = torch.randn(2, 3, 4, 2, dtype=torch.float64, device=DEVICE, requires_grad=True)
     w, b, r = (torch.randn(*s, dtype=torch.float64, device=DEVICE, requires_grad=True) for s in ((3,), (3,), x.shape))
     rm, rv = torch.zeros(3, dtype=torch.float64, device=DEVICE), torch.ones(3, dtype=torch.float64, device=DEVICE)
@@ -395,20 +398,101 @@ def test_opcheck_registrations():
                           (g, x.detach(), w.detach(), b.detach(), r, mean, rstd, True, True, "gelu", True, True))
 
 
-def test_torch_compile_matches_eager_and_updates_running_stats():
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_matches_eager_and_updates_running_stats(kernels_only, launches, backend):
+    # the compiled graph runs the same launches (on the CPU through the interpreted twins of the triton_ops)
     torch.manual_seed(7)
     x = randn(2, 6, 4, 4, channels_last=True)
     res = randn(2, 6, 4, 4, channels_last=True)
     eager = BatchNormAct(6, activation="relu", pool=True).to(DEVICE)
     compiled_module = copy.deepcopy(eager)
-    compiled = torch.compile(compiled_module, fullgraph=True, backend="aot_eager")
+    torch._dynamo.reset()
+    compiled = torch.compile(compiled_module, fullgraph=True, backend=backend)
     xs = [x.clone().requires_grad_() for _ in range(2)]
-    y_eager, y_compiled = eager(xs[0], res), compiled(xs[1], res)
-    y_eager.sum().backward(), y_compiled.sum().backward()
+    ress = [res.clone().requires_grad_() for _ in range(2)]
+    y_eager = eager(xs[0], ress[0])
+    y_eager.sum().backward()
+    launches.clear()
+    y_compiled = compiled(xs[1], ress[1])
+    assert launches == ["_stats_kernel", "_apply_kernel"]
+    y_compiled.sum().backward()
+    assert launches[2:] == ["_backward_kernel", "_backward_kernel"]
     close(y_compiled, y_eager.double(), 1e-6)
-    close(xs[1].grad, xs[0].grad.double(), 1e-6)
-    close(compiled_module.running_var, eager.running_var.double(), 1e-6)
+    for ours, ref in ((xs[1].grad, xs[0].grad), (ress[1].grad, ress[0].grad),
+                      (compiled_module.weight.grad, eager.weight.grad), (compiled_module.bias.grad, eager.bias.grad),
+                      (compiled_module.running_mean, eager.running_mean),
+                      (compiled_module.running_var, eager.running_var)):
+        close(ours, ref.double(), 1e-6)
     assert not torch.equal(eager.running_var, torch.ones(6, device=DEVICE))
+
+
+TRACE_FOR_A_GPU = r"""
+import json
+import torch
+import triton
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch._subclasses.functional_tensor import dispatch_functionalize
+from torch.fx.experimental.proxy_tensor import make_fx
+from triton.backends.compiler import GPUTarget
+from cudacnn.kernels import batchnorm as B, ops
+
+class Driver:  # what Inductor's analysis of the kernels asks the driver: the target it compiles for
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+triton.runtime.driver.set_active(Driver())
+B._multiprocessors = lambda device: 132  # an H100's
+mode = FakeTensorMode()
+
+def fake(*shape, dtype=torch.float32):
+    t = torch.empty(*shape, dtype=dtype, device="meta")
+    t = t.contiguous(memory_format=torch.channels_last) if len(shape) == 4 else t
+    return FakeTensor(mode, t, torch.device("cuda", 0))
+
+def kernels(fn, *args):
+    with mode:
+        graph = make_fx(dispatch_functionalize(fn))(*args)
+    return [(kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__, sorted(n.kwargs["tensors_to_clone"]))
+            for n in graph.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
+
+x, res, dy = fake(8, 64, 16, 16, dtype=torch.bfloat16), fake(8, 64, 16, 16, dtype=torch.bfloat16), fake(8, 64, 8, 8, dtype=torch.bfloat16)
+w, b, rm, rv, mean, rstd = (fake(64) for _ in range(6))
+forward = kernels(lambda x, w, b, rm, rv: ops.batchnorm_act(x, w, b, None, rm, rv, True, 0.1, 1e-5, "relu", True),
+                  x, w, b, rm, rv)
+backward = kernels(lambda dy, x, w, b, res, mean, rstd: torch.ops.cudacnn.batchnorm_act_backward(
+    dy, x, w, b, res, mean, rstd, True, True, "relu", True, True), dy, x, w, b, res, mean, rstd)
+print(json.dumps({"forward": forward, "backward": backward}))
+"""
+
+
+def test_triton_ops_trace_into_their_kernels_for_inductor():
+    """What torch.compile hands Inductor for a GPU: the triton_ops decomposed into their two kernels each way,
+    as triton_kernel_wrapper nodes, each cloning (functionalizing) only the tensors it writes: Inductor's
+    analysis of the kernels' Triton IR found their stores. Fake CUDA tensors on the CPU, compiled Triton (not
+    the interpreter), in a subprocess."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(B.__file__).parents[2]), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", TRACE_FOR_A_GPU], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    traced = json.loads(done.stdout.strip().splitlines()[-1])
+    assert traced["forward"] == [
+        ["_stats_kernel", ["counter_ptr", "mean_ptr", "partial_ptr", "rm_ptr", "rstd_ptr", "rv_ptr"]],
+        ["_apply_kernel", ["y_ptr"]]]
+    assert traced["backward"] == [
+        ["_backward_kernel", ["counter_ptr", "db_ptr", "dw_ptr", "sums_ptr"]],
+        ["_backward_kernel", ["dres_ptr", "dx_ptr"]]]
 
 
 def test_bad_inputs_name_the_problem():

@@ -1,5 +1,6 @@
 """torch.library custom ops over the kernels, so they run in eager mode, under autograd and inside
-torch.compile (fake implementations give shapes; no graph breaks).
+torch.compile (fake implementations give shapes; no graph breaks). The fused BatchNorm ops are triton_ops,
+whose kernels torch.compile sees (see their section).
 
 backend "triton": the Triton kernels. backend "cuda": the CUDA C++ GEMM (forward, bf16/fp16) and
 activations, the Triton kernels elsewhere (GEMM backward, cross-entropy, BatchNorm). Without a GPU both fall
@@ -228,49 +229,96 @@ def cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0,
 # Three ops: batchnorm_stats mutates the running statistics (torch.library allows no autograd formula on a
 # mutating op) and returns the batch's (mean, rstd), constants for autograd; batchnorm_act is functional and
 # its backward, batchnorm_act_backward, adds the batch statistics' gradient terms itself (training=True).
+# They are triton_ops: torch.compile traces their bodies, so Inductor sees the Triton kernels (and CUDA
+# graphs capture them) instead of an opaque call. Triton's interpreter cannot be traced that way (wrap_triton
+# hands its kernels back unwrapped, and they would run on fake tensors), so on the CPU the bodies call an
+# opaque custom op, the *_interpreted twin, that runs the same launchers.
 # Eager calls skip the dispatcher: batchnorm_act() runs the launchers through one autograd.Function, whose
 # host cost is a fraction of a custom op's (see _direct).
 
-@torch.library.custom_op("cudacnn::batchnorm_stats", mutates_args=("running_mean", "running_var"))
-def _batchnorm_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float,
-                     eps: float) -> tuple[Tensor, Tensor]:
-    return _bn.statistics(x, running_mean, running_var, momentum, eps)
+def _interpreted(x: Tensor) -> bool:
+    return x.device.type == "cpu" and _bn._triton_ok(x)
 
 
-@_batchnorm_stats.register_fake
-def _(x, running_mean, running_var, momentum, eps):
+def _stats_fake(x, running_mean, running_var, momentum, eps):
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     return x.new_empty((x.shape[1],), dtype=dtype), x.new_empty((x.shape[1],), dtype=dtype)
 
 
-@torch.library.custom_op("cudacnn::batchnorm_act", mutates_args=())
-def _batchnorm_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
-                   mean: Tensor, rstd: Tensor, training: bool, normalize: bool, activation: str,
-                   pool: bool) -> Tensor:
-    return _bn.apply(x, weight, bias, residual, mean, rstd, normalize, activation, pool)
-
-
-@_batchnorm_act.register_fake
-def _(x, weight, bias, residual, mean, rstd, training, normalize, activation, pool):
-    return _bn.output_like(x, pool)
-
-
-@torch.library.custom_op("cudacnn::batchnorm_act_backward", mutates_args=())
-def _batchnorm_act_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                            residual: Optional[Tensor], mean: Tensor, rstd: Tensor, training: bool, normalize: bool,
-                            activation: str, pool: bool, needs_affine: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    dx, dw, db, dres = _bn.backward(grad_y, x, weight, bias, residual, mean, rstd, training, normalize, activation,
-                                    pool, needs_affine)
-    return tuple(t if t is not None else _empty(x) for t in (dx, dw, db, dres))
-
-
-@_batchnorm_act_backward.register_fake
-def _(grad_y, x, weight, bias, residual, mean, rstd, training, normalize, activation, pool, needs_affine):
+def _backward_fake(grad_y, x, weight, bias, residual, mean, rstd, training, normalize, activation, pool,
+                   needs_affine):
     def grad_of(t, wanted=True):
         return torch.empty_like(t) if t is not None and wanted else x.new_empty((0,))
 
     affine = needs_affine and normalize
     return torch.empty_like(x), grad_of(weight, affine), grad_of(bias, affine), grad_of(residual)
+
+
+def _backward_outputs(dx, dw, db, dres, x):
+    return tuple(t if t is not None else _empty(x) for t in (dx, dw, db, dres))
+
+
+@torch.library.custom_op("cudacnn::batchnorm_stats_interpreted", mutates_args=("running_mean", "running_var"))
+def _batchnorm_stats_interpreted(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                                 momentum: float, eps: float) -> tuple[Tensor, Tensor]:
+    return _bn.statistics(x, running_mean, running_var, momentum, eps)
+
+
+_batchnorm_stats_interpreted.register_fake(_stats_fake)
+
+
+@torch.library.triton_op("cudacnn::batchnorm_stats", mutates_args=("running_mean", "running_var"))
+def _batchnorm_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float,
+                     eps: float) -> tuple[Tensor, Tensor]:
+    if _interpreted(x):
+        return _batchnorm_stats_interpreted(x, running_mean, running_var, momentum, eps)
+    return _bn.statistics(x, running_mean, running_var, momentum, eps, wrap=torch.library.wrap_triton)
+
+
+@torch.library.custom_op("cudacnn::batchnorm_act_interpreted", mutates_args=())
+def _batchnorm_act_interpreted(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                               residual: Optional[Tensor], mean: Tensor, rstd: Tensor, training: bool,
+                               normalize: bool, activation: str, pool: bool) -> Tensor:
+    return _bn.apply(x, weight, bias, residual, mean, rstd, normalize, activation, pool)
+
+
+@_batchnorm_act_interpreted.register_fake
+def _(x, weight, bias, residual, mean, rstd, training, normalize, activation, pool):
+    return _bn.output_like(x, pool)
+
+
+@torch.library.triton_op("cudacnn::batchnorm_act", mutates_args=())
+def _batchnorm_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
+                   mean: Tensor, rstd: Tensor, training: bool, normalize: bool, activation: str,
+                   pool: bool) -> Tensor:
+    if _interpreted(x):
+        return _batchnorm_act_interpreted(x, weight, bias, residual, mean, rstd, training, normalize, activation,
+                                          pool)
+    return _bn.apply(x, weight, bias, residual, mean, rstd, normalize, activation, pool,
+                     wrap=torch.library.wrap_triton)
+
+
+@torch.library.custom_op("cudacnn::batchnorm_act_backward_interpreted", mutates_args=())
+def _batchnorm_act_backward_interpreted(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                                        residual: Optional[Tensor], mean: Tensor, rstd: Tensor, training: bool,
+                                        normalize: bool, activation: str, pool: bool,
+                                        needs_affine: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _backward_outputs(*_bn.backward(grad_y, x, weight, bias, residual, mean, rstd, training, normalize,
+                                           activation, pool, needs_affine), x)
+
+
+_batchnorm_act_backward_interpreted.register_fake(_backward_fake)
+
+
+@torch.library.triton_op("cudacnn::batchnorm_act_backward", mutates_args=())
+def _batchnorm_act_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                            residual: Optional[Tensor], mean: Tensor, rstd: Tensor, training: bool, normalize: bool,
+                            activation: str, pool: bool, needs_affine: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if _interpreted(x):
+        return _batchnorm_act_backward_interpreted(grad_y, x, weight, bias, residual, mean, rstd, training, normalize,
+                                                   activation, pool, needs_affine)
+    return _backward_outputs(*_bn.backward(grad_y, x, weight, bias, residual, mean, rstd, training, normalize,
+                                           activation, pool, needs_affine, wrap=torch.library.wrap_triton), x)
 
 
 def _batchnorm_act_setup(ctx, inputs, output):
