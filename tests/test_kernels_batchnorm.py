@@ -459,7 +459,8 @@ def kernels(fn, *args):
     return [(kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__, sorted(n.kwargs["tensors_to_clone"]))
             for n in graph.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
 
-x, res, dy = fake(8, 64, 16, 16, dtype=torch.bfloat16), fake(8, 64, 16, 16, dtype=torch.bfloat16), fake(8, 64, 8, 8, dtype=torch.bfloat16)
+x, res = fake(8, 64, 16, 16, dtype=torch.bfloat16), fake(8, 64, 16, 16, dtype=torch.bfloat16)
+dy = fake(8, 64, 8, 8, dtype=torch.bfloat16)
 w, b, rm, rv, mean, rstd = (fake(64) for _ in range(6))
 forward = kernels(lambda x, w, b, rm, rv: ops.batchnorm_act(x, w, b, None, rm, rv, True, 0.1, 1e-5, "relu", True),
                   x, w, b, rm, rv)
@@ -699,7 +700,10 @@ def test_cnn_kernels_bench_rows_on_the_cpu(monkeypatch):
     assert saved == rows
     assert [r["name"] for r in rows] == ["device copy bf16"] + [name for label, *_ in cases for name in (
         f"{label} forward", f"{label} forward+backward", label)]
+    # no CUDA graphs on the CPU: the graph columns are left out, not faked
     assert all(set(r["measurements"]) == {"eager PyTorch", "ours"} for r in rows if "measurements" in r)
+    assert not any("graph" in key for r in rows for key in (*r, *r.get("info", {})))
+    assert cnn_kernels.graph_time_fn(lambda: None, "cpu") is None
     assert rows[3]["fwd+bwd of copy"] == rows[2]["info"]["of_copy_bandwidth"]
     assert rows[3]["fwd+bwd GB/s"] == rows[2]["info"]["ours_gbps"]
     # forward reads x and the residual and writes y, backward reads x, the residual and dy and writes dx and
@@ -764,6 +768,26 @@ def test_gpu_zoo_shapes_match_float64(dtype, shape, activation, residual, pool):
     for a, b in zip(ours, refs):
         close(a, b, tol)
     close(bn.running_var, ref_bn.running_var, 1e-4)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_cnn_kernels_bench_times_ours_and_eager_under_cuda_graphs():
+    from cudacnn.bench import cnn_kernels
+
+    hits = torch.zeros((), device=DEVICE)
+    stats = cnn_kernels.graph_time_fn(lambda: hits.add_(1), DEVICE, calls=20, warmup=3, repeats=10)
+    torch.cuda.synchronize()
+    assert hits.item() == 3 + 20 * (1 + 10)  # warm-up calls, then the graph replayed once untimed and 10 times
+    assert stats.repeats == 10 and 0 < stats.min_ms <= stats.median_ms
+    case = [("small BN+add+ReLU+pool", (8, 64, 16, 16), "relu", True, True, True)]
+    rows = cnn_kernels.op_rows(compile=False, warmup=2, repeats=3, cases=case, copy_elements=1 << 20)
+    for row in rows[1:3]:
+        assert list(row["measurements"]) == ["eager PyTorch", "eager PyTorch (CUDA graph)", "ours (CUDA graph)", "ours"]
+        graph = row["measurements"]["ours (CUDA graph)"]["median_ms"]
+        fraction = row["info"]["bytes"] / (graph * 1e-3) / 1e9 / rows[0]["gbps"]  # minimal bytes / graph time
+        assert row["info"]["graph_of_copy_bandwidth"] == pytest.approx(fraction, abs=2e-3)
+    assert {"fwd graph of copy", "fwd+bwd graph of copy", "fwd+bwd graph vs eager PyTorch"} <= set(rows[3])
 
 
 @pytest.mark.gpu
