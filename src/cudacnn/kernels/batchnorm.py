@@ -569,8 +569,9 @@ _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 def _counters(device: torch.device, n: int, shared: bool) -> torch.Tensor:
     """n zeroed int32 counters for the last-program merges. shared: the device's one buffer (the kernels leave
-    it zeroed, and launches on one stream run in turn), so eager calls allocate and fill nothing; otherwise
-    a fresh zeroed one (a traced call: its graph owns it)."""
+    it zeroed, and launches on one stream run in turn), so eager calls allocate and fill nothing; two streams
+    running these kernels on one device at once would race on it, which no trainer here does. Otherwise a
+    fresh zeroed one (a traced call: its graph owns it, and a CUDA graph replays its fill)."""
     if not shared:
         return torch.zeros(n, dtype=torch.int32, device=device)
     counters = _COUNTERS.get(device)
