@@ -207,21 +207,134 @@ def test_activation_pool_matches_relu_then_max_pool(kernels_only, shape):
     close(x.grad, x64.grad, 1e-6)
 
 
+@pytest.fixture
+def many_programs(monkeypatch):
+    """7 reduction programs a channel block (the interpreter's default is 3): with 256-row tiles, (5, 20, 15,
+    17) has 5 programs in each of 2 channel blocks, the last one short, merged 2 at a time (BLOCK_F) in 3 steps."""
+    monkeypatch.setattr(B, "_programs_per_channel_block", lambda c_blocks, device: 7)
+    for config in (B._stats_config, B._backward_config):
+        config.cache_clear()
+    yield
+    for config in (B._stats_config, B._backward_config):
+        config.cache_clear()
+
+
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
-def test_backward_totals_sum_the_partials_and_write_the_affine_gradients(param_dtype):
-    # the backward's one launch between its passes: sums over the programs' partials, d weight and d bias
-    partial = randn(37, 2, 20)
-    weight, bias = randn(20, dtype=param_dtype), randn(20, dtype=param_dtype)
-    sums, dw, db = B.backward_totals(partial, weight, bias)
-    close(sums, partial.double().sum(0), 1e-6)
-    assert dw.dtype == db.dtype == param_dtype
-    assert torch.equal(dw, sums[1].to(param_dtype)) and torch.equal(db, sums[0].to(param_dtype))
-    sums_only, no_dw, no_db = B.backward_totals(partial, None, None)
-    assert no_dw is None and no_db is None and torch.equal(sums_only, sums)
+@pytest.mark.parametrize("direct", [True, False])
+def test_last_programs_merge_many_partials_like_float64(kernels_only, many_programs, monkeypatch, param_dtype,
+                                                        direct):
+    # the statistics' and the backward's last program of each channel block merges every program's partials
+    # in the same launch; the counters they use are zero again afterwards (the eager path's shared ones, or
+    # the fresh ones of the ops' path)
+    monkeypatch.setattr(ops, "DIRECT_EAGER", direct)
+    torch.manual_seed(1)
+    shape = (5, 20, 15, 17)
+    assert B._stats_config(5, 20, 15, 17, torch.device(DEVICE), True)[0] == (5, 2)
+    x = (100.0 + 3 * randn(*shape, channels_last=True)).requires_grad_()
+    bn = nn.BatchNorm2d(20, momentum=0.3, device=DEVICE).to(param_dtype)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.5, 0.5)
+    ref = copy.deepcopy(bn).double()
+    y = BatchNormAct.from_torch(bn, "silu")(x)
+    x64 = x.detach().double().requires_grad_()
+    y64 = F.silu(ref(x64))
+    g = torch.randn_like(y64)
+    y.backward(g.float()), y64.backward(g)
+    close(y, y64, 1e-5)
+    close(x.grad, x64.grad, 1e-5)
+    assert bn.weight.grad.dtype == param_dtype
+    tol = 1e-5 if param_dtype == torch.float32 else 1e-2
+    close(bn.weight.grad, ref.weight.grad, tol)
+    close(bn.bias.grad, ref.bias.grad, tol)
+    close(bn.running_mean, ref.running_mean, 1e-6 if param_dtype == torch.float32 else 1e-2)
+    close(bn.running_var, ref.running_var, 1e-5 if param_dtype == torch.float32 else 1e-2)
+    if direct:
+        assert not B._COUNTERS[x.device].any()
 
 
-def test_gradcheck_float64_through_the_ops():
-    # float64 takes the PyTorch reference inside the same custom ops: checks the autograd wiring
+@pytest.fixture
+def launches(monkeypatch):
+    """The names of the kernels launched, in order (every launch goes through B._launch)."""
+    names = []
+    launch = B._launch
+
+    def counting(kernel, grid, wrap):
+        names.append(kernel.fn.__name__)
+        return launch(kernel, grid, wrap)
+
+    monkeypatch.setattr(B, "_launch", counting)
+    return names
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_two_launches_forward_and_two_backward(kernels_only, launches, monkeypatch, direct):
+    monkeypatch.setattr(ops, "DIRECT_EAGER", direct)
+    x = randn(2, 20, 6, 6, channels_last=True).requires_grad_()
+    res = randn(2, 20, 6, 6, channels_last=True).requires_grad_()
+    bn = BatchNormAct(20, activation="gelu").to(DEVICE)
+    y = bn(x, res)
+    assert launches == ["_stats_kernel", "_apply_kernel"]
+    launches.clear()
+    y.backward(torch.randn_like(y))
+    assert launches == ["_backward_kernel", "_backward_kernel"]  # reduction (+ its totals), then dx and dres
+    # eval: the running statistics, so no statistics launch; a backward without affine gradients needs no
+    # reduction either
+    launches.clear()
+    bn.eval().requires_grad_(False)
+    y = bn(x, res)
+    y.backward(torch.randn_like(y))
+    assert launches == ["_apply_kernel", "_backward_kernel"]
+    launches.clear()
+    y = ActivationPool("relu").to(DEVICE)(x)
+    y.backward(torch.randn_like(y))
+    assert launches == ["_apply_kernel", "_backward_kernel"]
+
+
+def test_eager_calls_skip_the_dispatcher_and_traced_calls_use_the_ops(kernels_only, monkeypatch):
+    # eager: one autograd.Function around the launchers; under a dispatch mode (fake tensors, FlopCounterMode)
+    # or tracing, the registered ops, which such modes must see
+    from torch.utils.flop_counter import FlopCounterMode
+
+    calls = []
+    for name in ("_batchnorm_stats", "_batchnorm_act", "_batchnorm_act_backward"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *args, _real=real, _name=name: calls.append(_name) or _real(*args))
+    x = randn(2, 6, 4, 4, channels_last=True).requires_grad_()
+    bn = BatchNormAct(6, activation="relu", pool=True).to(DEVICE)
+    y_direct = bn(x)
+    y_direct.sum().backward()
+    assert calls == []
+    grad_direct = x.grad
+    x.grad = None
+    with FlopCounterMode(display=False):
+        y_ops = bn(x)
+        y_ops.sum().backward()
+    assert calls == ["_batchnorm_stats", "_batchnorm_act", "_batchnorm_act_backward"]
+    close(y_ops, y_direct.double(), 1e-6)
+    close(x.grad, grad_direct.double(), 1e-6)
+
+
+def test_launch_configurations_are_computed_once_a_shape(kernels_only, monkeypatch):
+    x = randn(3, 12, 5, 7, channels_last=True).requires_grad_()
+    bn = BatchNormAct(12, activation="silu", pool=True).to(DEVICE)
+    bn(x).sum().backward()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a launch configuration was computed again for a shape already seen")
+
+    for name in ("_tiles", "_programs_per_channel_block", "_multiprocessors", "_reduction_split"):
+        monkeypatch.setattr(B, name, refuse)
+    monkeypatch.setattr(B.triton, "cdiv", refuse)  # a constexpr_function: microseconds a call
+    hits = B._stats_config.cache_info().hits
+    bn(x).sum().backward()
+    assert B._stats_config.cache_info().hits == hits + 1
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_gradcheck_float64_through_the_ops(monkeypatch, direct):
+    # float64 takes the PyTorch reference inside the same launchers: checks the autograd wiring of the eager
+    # autograd.Function (direct) and of the registered ops
+    monkeypatch.setattr(ops, "DIRECT_EAGER", direct)
     x = torch.randn(2, 3, 4, 2, dtype=torch.float64, device=DEVICE, requires_grad=True)
     w, b, r = (torch.randn(*s, dtype=torch.float64, device=DEVICE, requires_grad=True) for s in ((3,), (3,), x.shape))
     rm, rv = torch.zeros(3, dtype=torch.float64, device=DEVICE), torch.ones(3, dtype=torch.float64, device=DEVICE)
@@ -285,20 +398,102 @@ def test_opcheck_registrations():
                           (g, x.detach(), w.detach(), b.detach(), r, mean, rstd, True, True, "gelu", True, True))
 
 
-def test_torch_compile_matches_eager_and_updates_running_stats():
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_matches_eager_and_updates_running_stats(kernels_only, launches, backend):
+    # the compiled graph runs the same launches (on the CPU through the interpreted twins of the triton_ops)
     torch.manual_seed(7)
     x = randn(2, 6, 4, 4, channels_last=True)
     res = randn(2, 6, 4, 4, channels_last=True)
     eager = BatchNormAct(6, activation="relu", pool=True).to(DEVICE)
     compiled_module = copy.deepcopy(eager)
-    compiled = torch.compile(compiled_module, fullgraph=True, backend="aot_eager")
+    torch._dynamo.reset()
+    compiled = torch.compile(compiled_module, fullgraph=True, backend=backend)
     xs = [x.clone().requires_grad_() for _ in range(2)]
-    y_eager, y_compiled = eager(xs[0], res), compiled(xs[1], res)
-    y_eager.sum().backward(), y_compiled.sum().backward()
+    ress = [res.clone().requires_grad_() for _ in range(2)]
+    y_eager = eager(xs[0], ress[0])
+    y_eager.sum().backward()
+    launches.clear()
+    y_compiled = compiled(xs[1], ress[1])
+    assert launches == ["_stats_kernel", "_apply_kernel"]
+    y_compiled.sum().backward()
+    assert launches[2:] == ["_backward_kernel", "_backward_kernel"]
     close(y_compiled, y_eager.double(), 1e-6)
-    close(xs[1].grad, xs[0].grad.double(), 1e-6)
-    close(compiled_module.running_var, eager.running_var.double(), 1e-6)
+    for ours, ref in ((xs[1].grad, xs[0].grad), (ress[1].grad, ress[0].grad),
+                      (compiled_module.weight.grad, eager.weight.grad), (compiled_module.bias.grad, eager.bias.grad),
+                      (compiled_module.running_mean, eager.running_mean),
+                      (compiled_module.running_var, eager.running_var)):
+        close(ours, ref.double(), 1e-6)
     assert not torch.equal(eager.running_var, torch.ones(6, device=DEVICE))
+
+
+TRACE_FOR_A_GPU = r"""
+import json
+import torch
+import triton
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch._subclasses.functional_tensor import dispatch_functionalize
+from torch.fx.experimental.proxy_tensor import make_fx
+from triton.backends.compiler import GPUTarget
+from cudacnn.kernels import batchnorm as B, ops
+
+class Driver:  # what Inductor's analysis of the kernels asks the driver: the target it compiles for
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+triton.runtime.driver.set_active(Driver())
+B._multiprocessors = lambda device: 132  # an H100's
+mode = FakeTensorMode()
+
+def fake(*shape, dtype=torch.float32):
+    t = torch.empty(*shape, dtype=dtype, device="meta")
+    t = t.contiguous(memory_format=torch.channels_last) if len(shape) == 4 else t
+    return FakeTensor(mode, t, torch.device("cuda", 0))
+
+def kernels(fn, *args):
+    with mode:
+        graph = make_fx(dispatch_functionalize(fn))(*args)
+    return [(kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__, sorted(n.kwargs["tensors_to_clone"]))
+            for n in graph.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
+
+x, res = fake(8, 64, 16, 16, dtype=torch.bfloat16), fake(8, 64, 16, 16, dtype=torch.bfloat16)
+dy = fake(8, 64, 8, 8, dtype=torch.bfloat16)
+w, b, rm, rv, mean, rstd = (fake(64) for _ in range(6))
+forward = kernels(lambda x, w, b, rm, rv: ops.batchnorm_act(x, w, b, None, rm, rv, True, 0.1, 1e-5, "relu", True),
+                  x, w, b, rm, rv)
+backward = kernels(lambda dy, x, w, b, res, mean, rstd: torch.ops.cudacnn.batchnorm_act_backward(
+    dy, x, w, b, res, mean, rstd, True, True, "relu", True, True), dy, x, w, b, res, mean, rstd)
+print(json.dumps({"forward": forward, "backward": backward}))
+"""
+
+
+def test_triton_ops_trace_into_their_kernels_for_inductor():
+    """What torch.compile hands Inductor for a GPU: the triton_ops decomposed into their two kernels each way,
+    as triton_kernel_wrapper nodes, each cloning (functionalizing) only the tensors it writes: Inductor's
+    analysis of the kernels' Triton IR found their stores. Fake CUDA tensors on the CPU, compiled Triton (not
+    the interpreter), in a subprocess."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(B.__file__).parents[2]), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", TRACE_FOR_A_GPU], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    traced = json.loads(done.stdout.strip().splitlines()[-1])
+    assert traced["forward"] == [
+        ["_stats_kernel", ["counter_ptr", "mean_ptr", "partial_ptr", "rm_ptr", "rstd_ptr", "rv_ptr"]],
+        ["_apply_kernel", ["y_ptr"]]]
+    assert traced["backward"] == [
+        ["_backward_kernel", ["counter_ptr", "db_ptr", "dw_ptr", "sums_ptr"]],
+        ["_backward_kernel", ["dres_ptr", "dx_ptr"]]]
 
 
 def test_bad_inputs_name_the_problem():
@@ -452,21 +647,22 @@ def build(fn, consts, warps=8):
         elif name in ("sC", "sxC", "srC", "syC", "sdC"):  # NHWC: Triton specializes a stride of 1
             signature[name], constexprs[(i,)] = "constexpr", 1
         elif name.endswith("_ptr"):
-            signature[name] = "*bf16" if name[:-4] in ("x", "res", "y", "dy", "dx", "dres") else "*fp32"
+            kind = {"counter": "*i32", "x": "*bf16", "res": "*bf16", "y": "*bf16", "dy": "*bf16", "dx": "*bf16",
+                    "dres": "*bf16"}
+            signature[name] = kind.get(name[:-4], "*fp32")
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = "fp32" if name in ("momentum", "eps") else "i32"
     triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
                    target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 
-build(B._stats_kernel, dict(BLOCK_M=64, BLOCK_C=64))
-build(B._finalize_kernel, dict(UPDATE=True, BLOCK_P=32, BLOCK_C=128), 4)
-build(B._backward_totals_kernel, dict(HAS_DW=True, HAS_DB=True, BLOCK_P=32, BLOCK_C=128), 4)
+build(B._stats_kernel, dict(UPDATE=True, BLOCK_M=64, BLOCK_C=64, BLOCK_F=32))
 for pool, kind, norm in ((False, 4, True), (True, 2, True), (True, 1, False)):
     flags = dict(NORM=norm, HAS_W=norm, HAS_B=norm, HAS_RES=not pool, KIND=kind, POOL=pool, FAST=True, BLOCK_C=64)
     build(B._apply_kernel, dict(flags, BLOCK_P=32))
     for phase in (0, 1):
-        build(B._backward_kernel, dict(flags, PHASE=phase, TRAINING=norm, BLOCK_P=16))
+        build(B._backward_kernel, dict(flags, PHASE=phase, TRAINING=norm, HAS_DW=norm, HAS_DB=norm, BLOCK_P=16,
+                                       BLOCK_F=32))
 print("compiled")
 """
 
@@ -504,7 +700,10 @@ def test_cnn_kernels_bench_rows_on_the_cpu(monkeypatch):
     assert saved == rows
     assert [r["name"] for r in rows] == ["device copy bf16"] + [name for label, *_ in cases for name in (
         f"{label} forward", f"{label} forward+backward", label)]
+    # no CUDA graphs on the CPU: the graph columns are left out, not faked
     assert all(set(r["measurements"]) == {"eager PyTorch", "ours"} for r in rows if "measurements" in r)
+    assert not any("graph" in key for r in rows for key in (*r, *r.get("info", {})))
+    assert cnn_kernels.graph_time_fn(lambda: None, "cpu") is None
     assert rows[3]["fwd+bwd of copy"] == rows[2]["info"]["of_copy_bandwidth"]
     assert rows[3]["fwd+bwd GB/s"] == rows[2]["info"]["ours_gbps"]
     # forward reads x and the residual and writes y, backward reads x, the residual and dy and writes dx and
@@ -569,6 +768,26 @@ def test_gpu_zoo_shapes_match_float64(dtype, shape, activation, residual, pool):
     for a, b in zip(ours, refs):
         close(a, b, tol)
     close(bn.running_var, ref_bn.running_var, 1e-4)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_cnn_kernels_bench_times_ours_and_eager_under_cuda_graphs():
+    from cudacnn.bench import cnn_kernels
+
+    hits = torch.zeros((), device=DEVICE)
+    stats = cnn_kernels.graph_time_fn(lambda: hits.add_(1), DEVICE, calls=20, warmup=3, repeats=10)
+    torch.cuda.synchronize()
+    assert hits.item() == 3 + 20 * (1 + 10)  # warm-up calls, then the graph replayed once untimed and 10 times
+    assert stats.repeats == 10 and 0 < stats.min_ms <= stats.median_ms
+    case = [("small BN+add+ReLU+pool", (8, 64, 16, 16), "relu", True, True, True)]
+    rows = cnn_kernels.op_rows(compile=False, warmup=2, repeats=3, cases=case, copy_elements=1 << 20)
+    for row in rows[1:3]:
+        assert list(row["measurements"]) == ["eager PyTorch", "eager PyTorch (CUDA graph)", "ours (CUDA graph)", "ours"]
+        graph = row["measurements"]["ours (CUDA graph)"]["median_ms"]
+        fraction = row["info"]["bytes"] / (graph * 1e-3) / 1e9 / rows[0]["gbps"]  # minimal bytes / graph time
+        assert row["info"]["graph_of_copy_bandwidth"] == pytest.approx(fraction, abs=2e-3)
+    assert {"fwd graph of copy", "fwd+bwd graph of copy", "fwd+bwd graph vs eager PyTorch"} <= set(rows[3])
 
 
 @pytest.mark.gpu

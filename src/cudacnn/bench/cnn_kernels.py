@@ -5,7 +5,10 @@ zoo's real shapes, and what they change end to end in `cudacnn train`.
    forward and forward + backward of ours (kernels.BatchNormAct / ActivationPool) against eager PyTorch
    (cuDNN BatchNorm, then the activation, the add and F.max_pool2d) and against torch.compile of that same
    reference. Bandwidth counts each tensor read or written once (forward: x, residual, y; backward: x, dy,
-   residual, dx, d residual), as a fraction of a measured device-to-device copy.
+   residual, dx, d residual), as a fraction of a measured device-to-device copy. The times come twice: each
+   call launched from Python (what eager training pays, host time included where the GPU waits for it),
+   and under a CUDA graph (ours and eager PyTorch, 20 calls captured in one graph and replayed: device
+   time, no host), whose bandwidth is what the kernels themselves reach.
 2. End to end: the epoch time of the presets with --kernels torch and --kernels triton, eager and compiled:
    the Trainer of `cudacnn train` (its _train_epoch, the code path of every epoch), on a seeded subset of
    the training set, one warm-up epoch (compilation, cuDNN autotuning) and then timed epochs, scaled to the
@@ -50,6 +53,7 @@ OP_CASES = [
     ("fast96 g2 last BN+add+GELU", (2000, 512, 8, 8), "gelu", True, False, True),
 ]
 PRESETS = ("smallnet-plus", "resnet18-cifar", "bn-dropout-plus")
+GRAPHED = ("eager PyTorch", "ours")  # the variants also timed under a CUDA graph (on a GPU)
 
 
 def copy_bandwidth_gbps(device="cuda", dtype=torch.bfloat16, n: int = 1 << 27) -> float:
@@ -58,6 +62,29 @@ def copy_bandwidth_gbps(device="cuda", dtype=torch.bfloat16, n: int = 1 << 27) -
     y = torch.empty_like(x)
     stats = time_fn(lambda: y.copy_(x), device, warmup=3, repeats=20)
     return 2 * x.numel() * x.element_size() / (stats.median_ms * 1e-3) / 1e9
+
+
+def graph_time_fn(fn, device, *, calls: int = 20, warmup: int = 3, repeats: int = 10) -> Stats | None:
+    """Device time of one fn() with the host out of the way: `calls` calls captured in one CUDA graph (after
+    warm-up calls on a side stream, as torch.cuda.graph wants), the graph replayed `repeats` times between CUDA
+    events; ms per call. None off a CUDA device (CPU runs of the benchmark skip it)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    stats = time_fn(graph.replay, device, warmup=1, repeats=repeats)
+    del graph
+    return Stats(*(getattr(stats, f) / calls for f in ("median_ms", "q1_ms", "q3_ms", "min_ms", "max_ms")),
+                 stats.repeats)
 
 
 def reference_fn(bn: nn.BatchNorm2d | None, activation: str, pool: bool):
@@ -99,7 +126,7 @@ def _op_rows(label, shape, activation, residual, pool, normalize, copy_gbps, com
     xg = x.detach().requires_grad_()
     rg = res.detach().requires_grad_() if res is not None else None
     dy = torch.randn_like(ours(x, res) if normalize else ours(x))
-    fwd, both = {}, {}
+    fwd, both, fwd_graph, both_graph = {}, {}, {}, {}
     for name, (fn, weights) in variants.items():
         call = (lambda fn=fn: fn(x, res)) if normalize else (lambda fn=fn: fn(x))
         inputs = [t for t in (xg, rg) if t is not None] + [p for p in weights if p.requires_grad]
@@ -111,30 +138,53 @@ def _op_rows(label, shape, activation, residual, pool, normalize, copy_gbps, com
         with torch.no_grad():
             fwd[name] = time_fn(call, device, warmup=warmup, repeats=repeats)
         both[name] = time_fn(step, device, warmup=warmup, repeats=repeats)
+        if name in GRAPHED:
+            with torch.no_grad():
+                fwd_graph[name] = graph_time_fn(call, device, warmup=warmup)
+            both_graph[name] = graph_time_fn(step, device, warmup=warmup)
     elem = x.element_size()
     big, small = x.numel() * elem, dy.numel() * elem
     fwd_bytes = big * (2 if residual else 1) + small
     bwd_bytes = big * (2 if residual else 1) + small + big * (2 if residual else 1)  # x (res), dy; dx (dres)
     rows = []
     summary = {"name": label, "group": "ours: bandwidth (fraction of a device copy) and speedups"}
-    for direction, stats, nbytes in (("forward", fwd, fwd_bytes), ("forward+backward", both, fwd_bytes + bwd_bytes)):
+    for direction, stats, graphed, nbytes in (("forward", fwd, fwd_graph, fwd_bytes),
+                                              ("forward+backward", both, both_graph, fwd_bytes + bwd_bytes)):
         gbps = nbytes / (stats["ours"].median_ms * 1e-3) / 1e9
         info = dict(shape=list(shape), dtype="bf16", layout="channels_last", activation=activation,
                     residual=residual, pool=pool, batchnorm=normalize, bytes=nbytes, ours_gbps=round(gbps, 1),
                     of_copy_bandwidth=round(gbps / copy_gbps, 3))
         for name, s in stats.items():
             info[f"vs {name}"] = round(s.median_ms / stats["ours"].median_ms, 3)
-        rows.append(result_row(f"{label} {direction}", "fused BN + act (+ add) (+ pool), bf16 channels_last",
-                               {k: measurement(v) for k, v in stats.items()}, **info))
         short = "fwd" if direction == "forward" else "fwd+bwd"
+        graph = {name: s for name, s in graphed.items() if s is not None}
+        measurements = {k: measurement(v) for k, v in stats.items() if k != "ours"}
+        measurements.update({f"{k} (CUDA graph)": measurement(v) for k, v in graph.items()})
+        measurements["ours"] = measurement(stats["ours"])  # last: result_row's speedup is eager / ours
         summary[f"{short} GB/s"] = round(gbps, 1)
         summary[f"{short} of copy"] = round(gbps / copy_gbps, 3)
         for name, s in stats.items():
             if name != "ours":
                 summary[f"{short} vs {name}"] = round(s.median_ms / stats["ours"].median_ms, 3)
-        log.info("%-40s %-17s ours %.3f ms (%.0f GB/s, %.2f of copy); eager %.3f ms%s", label, direction,
+        graph_note = ""
+        if graph:
+            graph_gbps = nbytes / (graph["ours"].median_ms * 1e-3) / 1e9
+            extra = {"ours_graph_gbps": round(graph_gbps, 1),
+                     "graph_of_copy_bandwidth": round(graph_gbps / copy_gbps, 3),
+                     "graph_vs eager PyTorch": round(graph["eager PyTorch"].median_ms / graph["ours"].median_ms, 3)}
+            info.update(extra)
+            summary.update({f"{short} graph ms ours": round(graph["ours"].median_ms, 4),
+                            f"{short} graph ms eager": round(graph["eager PyTorch"].median_ms, 4),
+                            f"{short} graph vs eager PyTorch": extra["graph_vs eager PyTorch"],
+                            f"{short} graph of copy": extra["graph_of_copy_bandwidth"]})
+            graph_note = (f"; CUDA graph: ours {graph['ours'].median_ms:.3f} ms ({extra['graph_of_copy_bandwidth']:.2f}"
+                          f" of copy), eager {graph['eager PyTorch'].median_ms:.3f} ms")
+        rows.append(result_row(f"{label} {direction}", "fused BN + act (+ add) (+ pool), bf16 channels_last",
+                               measurements, **info))
+        log.info("%-40s %-17s ours %.3f ms (%.0f GB/s, %.2f of copy); eager %.3f ms%s%s", label, direction,
                  stats["ours"].median_ms, gbps, gbps / copy_gbps, stats["eager PyTorch"].median_ms,
-                 f"; compiled {stats['torch.compile'].median_ms:.3f} ms" if "torch.compile" in stats else "")
+                 f"; compiled {stats['torch.compile'].median_ms:.3f} ms" if "torch.compile" in stats else "",
+                 graph_note)
     return rows + [summary]
 
 

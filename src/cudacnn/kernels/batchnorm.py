@@ -7,15 +7,18 @@ x is any 4-D layout (strides are arguments); NHWC (channels_last) is the fast on
 of BLOCK_P positions x BLOCK_C channels, channels the contiguous axis. Math is float32 whatever the
 storage dtype.
 
-Forward, training: _stats_kernel reads x once, each program merging its tiles' (mean, M2) with Chan's
-formula (no E[x^2] - mean^2 cancellation) into one partial per channel; _finalize_kernel combines the
-partials, writes mean and 1/std and updates the running statistics in place; _apply_kernel reads x (and
-the residual) again and writes only y (pooled when pooling). Nothing else is saved: backward recomputes
-the normalized value, the activation and the pool's argmax from x.
-Backward: _backward_kernel (PHASE 0) reads x and dy and writes per-program partial sums of dz and
-dz * xhat per channel (dz = gradient at the activation's input, routed through the pool's argmax);
-_backward_totals_kernel sums them and writes d bias and d weight in the same launch; PHASE 1 reads x and dy
-again and writes dx (and d residual = dz).
+Forward, training, two launches: _stats_kernel reads x once, each program merging its tiles' (mean, M2)
+with Chan's formula (no E[x^2] - mean^2 cancellation) into one partial per channel; the last program of a
+channel block to finish (an atomic counter) merges the partials the same way, writes mean and 1/std and
+updates the running statistics in place. _apply_kernel reads x (and the residual) again and writes only y
+(pooled when pooling). Nothing else is saved: backward recomputes the normalized value, the activation and
+the pool's argmax from x.
+Backward, two launches: _backward_kernel PHASE 0 reads x and dy and writes per-program partial sums of dz
+and dz * xhat per channel (dz = gradient at the activation's input, routed through the pool's argmax); its
+last program of a channel block sums them and writes d bias and d weight; PHASE 1 reads x and dy again and
+writes dx (and d residual = dz).
+The counters start at zero and the last program sets its counter back to zero, so one zeroed buffer serves
+every launch on a stream (ops.py's eager path keeps one a device; a traced call allocates it zeroed).
 
 The pool takes the first maximum of each window (row-major), comparing the activations rounded to the
 output dtype, as PyTorch's max_pool2d does on the rounded tensor; forward and backward recompute z with
@@ -151,10 +154,24 @@ def _rows(m, HW, W, sN, sH, sW):
 
 
 @triton.jit
-def _stats_kernel(x_ptr, mean_part_ptr, m2_part_ptr, M, C, HW, W, sN, sC, sH, sW, rows_per_prog,
-                  BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+def _last_program(counter_ptr, pid_c):
+    """Whether this program is the last of its channel block (the grid's axis 1) to get here: it has seen the
+    others' partials. The barrier puts all this program's stores before the release; the acquire side reads
+    the partials through L2 (cache_modifier .cg), where the other SMs' stores are."""
+    tl.debug_barrier()
+    done = tl.atomic_add(counter_ptr + pid_c, 1, sem="acq_rel")
+    return done == tl.num_programs(0) - 1
+
+
+@triton.jit
+def _stats_kernel(x_ptr, partial_ptr, counter_ptr, mean_ptr, rstd_ptr, rm_ptr, rv_ptr, M, C, HW, W,
+                  sN, sC, sH, sW, rows_per_prog, momentum, eps, UPDATE: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr):
+    """Program (i, j): rows [i * rows_per_prog, ...) of channel block j; its (mean, M2) go to partial (programs,
+    2, C). The last program of block j merges them all (BLOCK_F programs' partials at a time)."""
     pid_m = tl.program_id(0)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pid_c = tl.program_id(1)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     c_off = c.to(tl.int64) * sC
     start = pid_m * rows_per_prog
@@ -175,43 +192,41 @@ def _stats_kernel(x_ptr, mean_part_ptr, m2_part_ptr, M, C, HW, W, sN, sC, sH, sW
         total = seen + count
         mean += delta * (count / total)
         m2 += tl.sum(d * d, axis=0) + delta * delta * (seen * count / total)
-    tl.store(mean_part_ptr + pid_m * C + c, mean, mask=c_ok)
-    tl.store(m2_part_ptr + pid_m * C + c, m2, mask=c_ok)
-
-
-@triton.jit
-def _finalize_kernel(mean_part_ptr, m2_part_ptr, mean_ptr, rstd_ptr, rm_ptr, rv_ptr, P, C, M, rows_per_prog,
-                     momentum, eps, UPDATE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < C
-    total = tl.zeros((BLOCK_C,), tl.float32)
-    for p0 in range(0, P, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        p_ok = p < P
-        count = tl.where(p_ok, tl.minimum(M - p * rows_per_prog, rows_per_prog), 0).to(tl.float32)
-        mu = tl.load(mean_part_ptr + p[:, None] * C + c[None, :], mask=p_ok[:, None] & c_ok[None, :], other=0.0)
-        total += tl.sum(count[:, None] * mu, axis=0)
-    mean = total / M
-    m2 = tl.zeros((BLOCK_C,), tl.float32)
-    for p0 in range(0, P, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        p_ok = p < P
-        count = tl.where(p_ok, tl.minimum(M - p * rows_per_prog, rows_per_prog), 0).to(tl.float32)
-        mask = p_ok[:, None] & c_ok[None, :]
-        mu = tl.load(mean_part_ptr + p[:, None] * C + c[None, :], mask=mask, other=0.0)
-        part = tl.load(m2_part_ptr + p[:, None] * C + c[None, :], mask=mask, other=0.0)
-        d = mu - mean[None, :]
-        m2 += tl.sum(part + count[:, None] * d * d, axis=0)
-    var = m2 / M
-    tl.store(mean_ptr + c, mean, mask=c_ok)
-    tl.store(rstd_ptr + c, 1.0 / tl.sqrt(var + eps), mask=c_ok)
-    if UPDATE:
-        rm = tl.load(rm_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-        rv = tl.load(rv_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-        rm = rm * (1.0 - momentum) + momentum * mean
-        rv = rv * (1.0 - momentum) + momentum * (m2 / (M - 1))  # PyTorch's running_var is unbiased
-        tl.store(rm_ptr + c, rm.to(rm_ptr.dtype.element_ty), mask=c_ok)
-        tl.store(rv_ptr + c, rv.to(rv_ptr.dtype.element_ty), mask=c_ok)
+    tl.store(partial_ptr + pid_m * 2 * C + c, mean, mask=c_ok)
+    tl.store(partial_ptr + pid_m * 2 * C + C + c, m2, mask=c_ok)
+    if _last_program(counter_ptr, pid_c):
+        programs = tl.num_programs(0)
+        mean = tl.zeros((BLOCK_C,), tl.float32)
+        m2 = tl.zeros((BLOCK_C,), tl.float32)
+        for p0 in range(0, programs, BLOCK_F):
+            # BLOCK_F programs' partials: their own (mean, M2), then merged into the total with Chan's formula
+            p = p0 + tl.arange(0, BLOCK_F)
+            p_ok = p < programs
+            count = tl.where(p_ok, tl.minimum(M - p * rows_per_prog, rows_per_prog), 0).to(tl.float32)
+            mask = p_ok[:, None] & c_ok[None, :]
+            offset = p[:, None] * (2 * C) + c[None, :]
+            mu = tl.load(partial_ptr + offset, mask=mask, other=0.0, cache_modifier=".cg")
+            part = tl.load(partial_ptr + offset + C, mask=mask, other=0.0, cache_modifier=".cg")
+            seen = (p0 * rows_per_prog).to(tl.float32)  # every earlier program had rows_per_prog rows
+            n = tl.minimum(M - p0 * rows_per_prog, BLOCK_F * rows_per_prog).to(tl.float32)
+            chunk_mean = tl.sum(count[:, None] * mu, axis=0) / n
+            d = tl.where(mask, mu - chunk_mean[None, :], 0.0)
+            chunk_m2 = tl.sum(part + count[:, None] * d * d, axis=0)
+            delta = chunk_mean - mean
+            total = seen + n
+            mean += delta * (n / total)
+            m2 += chunk_m2 + delta * delta * (seen * n / total)
+        var = m2 / M
+        tl.store(mean_ptr + c, mean, mask=c_ok)
+        tl.store(rstd_ptr + c, 1.0 / tl.sqrt(var + eps), mask=c_ok)
+        if UPDATE:
+            rm = tl.load(rm_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+            rv = tl.load(rv_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+            rm = rm * (1.0 - momentum) + momentum * mean
+            rv = rv * (1.0 - momentum) + momentum * (m2 / (M - 1))  # PyTorch's running_var is unbiased
+            tl.store(rm_ptr + c, rm.to(rm_ptr.dtype.element_ty), mask=c_ok)
+            tl.store(rv_ptr + c, rv.to(rv_ptr.dtype.element_ty), mask=c_ok)
+        tl.store(counter_ptr + pid_c, 0)  # zero again for the next launch
 
 
 @triton.jit
@@ -315,19 +330,23 @@ def _backward_element(x_ptr, res_ptr, dx_ptr, dres_ptr, x_off, r_off, mask, dz, 
 
 
 @triton.jit
-def _backward_kernel(dy_ptr, x_ptr, res_ptr, dx_ptr, dres_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, sums_ptr,
-                     P, C, M, PH, PW, OH, OW, H, W, units_per_prog,
+def _backward_kernel(dy_ptr, x_ptr, res_ptr, dx_ptr, dres_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, sums_ptr, counter_ptr,
+                     dw_ptr, db_ptr, P, C, M, PH, PW, OH, OW, H, W, units_per_prog,
                      sxN, sxC, sxH, sxW, srN, srC, srH, srW, sdN, sdC, sdH, sdW,
                      PHASE: tl.constexpr, TRAINING: tl.constexpr, NORM: tl.constexpr, HAS_W: tl.constexpr,
-                     HAS_B: tl.constexpr, HAS_RES: tl.constexpr, KIND: tl.constexpr, POOL: tl.constexpr,
-                     FAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                     HAS_B: tl.constexpr, HAS_RES: tl.constexpr, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr,
+                     KIND: tl.constexpr, POOL: tl.constexpr, FAST: tl.constexpr, BLOCK_P: tl.constexpr,
+                     BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr):
     """Units are input positions, or with POOL the ceil(H/2) x ceil(W/2) pool windows (PH x PW), so that
     every input element is visited once; the (OH, OW) real windows get dy, rows/columns left over by an
-    odd H/W get dz = 0 (their dx still has the batch-statistics terms). PHASE 0 (units_per_prog units a
-    program) writes the partial sums (2, C) of program i at sums_ptr + 2 * C * i; PHASE 1 (one tile a
-    program) reads their totals at sums_ptr and writes dx and dres. dy's strides: sd*."""
+    odd H/W get dz = 0 (their dx still has the batch-statistics terms). sums is (1 + programs, 2, C) float32:
+    PHASE 0 (units_per_prog units a program) writes program i's partial sums of dz and dz * xhat at row
+    1 + i, and its last program of a channel block their totals at row 0, d bias = sum dz and d weight =
+    sum dz * xhat (HAS_DB, HAS_DW: in the parameters' dtypes); PHASE 1 (one tile a program) reads row 0 and
+    writes dx and dres. dy's strides: sd*."""
     pid_p = tl.program_id(0)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pid_c = tl.program_id(1)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     mean, rstd, wgt, bias = _channel_params(mean_ptr, rstd_ptr, w_ptr, b_ptr, c, c_ok, NORM, HAS_W, HAS_B,
                                             BLOCK_C)
@@ -416,35 +435,37 @@ def _backward_kernel(dy_ptr, x_ptr, res_ptr, dx_ptr, dres_ptr, mean_ptr, rstd_pt
                 x_ptr, res_ptr, dx_ptr, dres_ptr, x_off, r_off, mask, dy * _act_grad(z, KIND, FAST), xhat,
                 mean_dz, mean_dzx, rstd, wgt, acc_dz, acc_dzx, PHASE, TRAINING, NORM, HAS_RES)
     if PHASE == 0:
-        tl.store(sums_ptr + pid_p * 2 * C + c, acc_dz, mask=c_ok)
-        tl.store(sums_ptr + pid_p * 2 * C + C + c, acc_dzx, mask=c_ok)
-
-
-@triton.jit
-def _backward_totals_kernel(partial_ptr, sums_ptr, dw_ptr, db_ptr, programs, C, HAS_DW: tl.constexpr,
-                            HAS_DB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The totals of PHASE 0's partial sums (programs, 2, C): sums (2, C) float32 for PHASE 1, and in the same
-    launch d bias = sum dz and d weight = sum dz * xhat in the parameters' dtypes."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < C
-    dz = tl.zeros((BLOCK_C,), tl.float32)
-    dzx = tl.zeros((BLOCK_C,), tl.float32)
-    for p0 in range(0, programs, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        mask = (p < programs)[:, None] & c_ok[None, :]
-        offset = p[:, None] * (2 * C) + c[None, :]
-        dz += tl.sum(tl.load(partial_ptr + offset, mask=mask, other=0.0), axis=0)
-        dzx += tl.sum(tl.load(partial_ptr + offset + C, mask=mask, other=0.0), axis=0)
-    tl.store(sums_ptr + c, dz, mask=c_ok)
-    tl.store(sums_ptr + C + c, dzx, mask=c_ok)
-    if HAS_DW:
-        tl.store(dw_ptr + c, dzx.to(dw_ptr.dtype.element_ty), mask=c_ok)
-    if HAS_DB:
-        tl.store(db_ptr + c, dz.to(db_ptr.dtype.element_ty), mask=c_ok)
+        tl.store(sums_ptr + (pid_p + 1) * 2 * C + c, acc_dz, mask=c_ok)
+        tl.store(sums_ptr + (pid_p + 1) * 2 * C + C + c, acc_dzx, mask=c_ok)
+        if _last_program(counter_ptr, pid_c):
+            programs = tl.num_programs(0)
+            dz = tl.zeros((BLOCK_C,), tl.float32)
+            dzx = tl.zeros((BLOCK_C,), tl.float32)
+            for p0 in range(0, programs, BLOCK_F):
+                p = p0 + tl.arange(0, BLOCK_F)
+                mask = (p < programs)[:, None] & c_ok[None, :]
+                offset = (p + 1)[:, None] * (2 * C) + c[None, :]
+                dz += tl.sum(tl.load(sums_ptr + offset, mask=mask, other=0.0, cache_modifier=".cg"), axis=0)
+                dzx += tl.sum(tl.load(sums_ptr + offset + C, mask=mask, other=0.0, cache_modifier=".cg"), axis=0)
+            tl.store(sums_ptr + c, dz, mask=c_ok)
+            tl.store(sums_ptr + C + c, dzx, mask=c_ok)
+            if HAS_DW:
+                tl.store(dw_ptr + c, dzx.to(dw_ptr.dtype.element_ty), mask=c_ok)
+            if HAS_DB:
+                tl.store(db_ptr + c, dz.to(db_ptr.dtype.element_ty), mask=c_ok)
+            tl.store(counter_ptr + pid_c, 0)  # zero again for the next launch
 
 
 def _strides(t: torch.Tensor | None, like: torch.Tensor) -> tuple[int, int, int, int]:
     return tuple((t if t is not None else like).stride())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # triton.cdiv is a constexpr_function, microseconds a call on the host
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
 
 
 # Elements a tile (a pool window counts once) by (pool, backward), with 8 warps. Chosen from ptxas's register
@@ -454,17 +475,23 @@ def _strides(t: torch.Tensor | None, like: torch.Tensor) -> tuple[int, int, int,
 _TILE_ELEMENTS = {(False, False): 4096, (False, True): 2048, (True, False): 2048, (True, True): 1024}
 
 
-def _tiles(C: int, pool: bool, backward: bool = False) -> tuple[int, int, int]:
+def _tiles(C: int, pool: bool, backward: bool, interpreted: bool) -> tuple[int, int, int]:
     """(BLOCK_P, BLOCK_C, num_warps): channels are NHWC's contiguous axis, so up to 64 of them (128 bytes in
     16 bits) make each position's load one wide transaction."""
-    if interpreting():  # the interpreter's cost is per program: about 4K-element tiles (C = 20 spans two)
-        block_c = min(triton.next_power_of_2(C), 16 if C <= 32 else 128)
+    if interpreted:  # the interpreter's cost is per program: about 4K-element tiles (C = 20 spans two)
+        block_c = min(_pow2(C), 16 if C <= 32 else 128)
         return max(4096 // block_c, 32), block_c, 4
-    block_c = min(triton.next_power_of_2(C), 64)
+    block_c = min(_pow2(C), 64)
     return _TILE_ELEMENTS[pool, backward] // block_c, block_c, 8
 
 
-@functools.lru_cache(maxsize=None)
+def _merge_rows(block_c: int, interpreted: bool) -> int:
+    """BLOCK_F, the partials the last program merges at a step: a 2K-element tile on the GPU (the main loops'
+    size, so the merge adds no registers); 2 in the interpreter, so that tests merge in several steps."""
+    return 2 if interpreted else max(2048 // block_c, 16)
+
+
+@functools.cache
 def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
@@ -472,36 +499,105 @@ def _multiprocessors(device: torch.device) -> int:
 def _programs_per_channel_block(c_blocks: int, device: torch.device) -> int:
     """Reduction programs a channel block: about 4 waves of the GPU in all."""
     if device.type != "cuda":
-        return 2  # the interpreter: few programs, each merging several tiles (both levels of the reduction run)
+        return 3  # the interpreter: few programs, each merging several tiles (both levels of the reduction run)
     return max(1, 4 * _multiprocessors(device) // c_blocks)
+
+
+def _reduction_split(units: int, block: int, c_blocks: int, device: torch.device) -> tuple[int, int]:
+    """(units a program, programs a channel block) of a reduction over `units` rows in tiles of `block`."""
+    blocks = _cdiv(units, block)
+    per_program = _cdiv(blocks, min(blocks, _programs_per_channel_block(c_blocks, device))) * block
+    return per_program, _cdiv(units, per_program)
+
+
+# Launch configurations by shape and flags, computed once: the per-call host work is a dictionary lookup.
+
+@functools.cache
+def _stats_config(N: int, C: int, H: int, W: int, device: torch.device, update: bool):
+    """(grid, rows a program, sizes, meta) of _stats_kernel."""
+    interpreted = device.type != "cuda"
+    block_m, block_c, warps = _tiles(C, False, False, interpreted)
+    c_blocks = _cdiv(C, block_c)
+    M = N * H * W
+    rows, programs = _reduction_split(M, block_m, c_blocks, device)
+    meta = dict(UPDATE=update, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_F=_merge_rows(block_c, interpreted),
+                num_warps=warps)
+    return (programs, c_blocks), rows, (M, C, H * W, W), meta
+
+
+@functools.cache
+def _apply_config(N: int, C: int, H: int, W: int, device: torch.device, pool: bool, normalize: bool, has_w: bool,
+                  has_b: bool, has_res: bool, activation: str, fast: bool):
+    """(grid, sizes, meta) of _apply_kernel; grid[0] is 0 for an empty output."""
+    PH, PW = (H // 2, W // 2) if pool else (H, W)
+    P = N * PH * PW
+    block_p, block_c, warps = _tiles(C, pool, False, device.type != "cuda")
+    meta = dict(NORM=normalize, HAS_W=has_w, HAS_B=has_b, HAS_RES=has_res, KIND=activation_code(activation),
+                POOL=pool, FAST=fast, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
+    return (_cdiv(P, block_p), _cdiv(C, block_c)), (P, C, PH, PW, H, W), meta
+
+
+@functools.cache
+def _backward_config(N: int, C: int, H: int, W: int, device: torch.device, pool: bool, training: bool,
+                     normalize: bool, has_w: bool, has_b: bool, has_res: bool, activation: str, fast: bool,
+                     has_dw: bool, has_db: bool):
+    """(reduction grid, units a reduction program, apply grid, sizes, PHASE 0 meta, PHASE 1 meta)."""
+    interpreted = device.type != "cuda"
+    if pool:
+        PH, PW, OH, OW = (H + 1) // 2, (W + 1) // 2, H // 2, W // 2
+    else:
+        PH, PW, OH, OW = H, W, H, W
+    P = N * PH * PW
+    block_p, block_c, warps = _tiles(C, pool, True, interpreted)
+    c_blocks = _cdiv(C, block_c)
+    units, programs = _reduction_split(P, block_p, c_blocks, device)
+    meta = dict(TRAINING=training, NORM=normalize, HAS_W=has_w, HAS_B=has_b, HAS_RES=has_res, HAS_DW=has_dw,
+                HAS_DB=has_db, KIND=activation_code(activation), POOL=pool, FAST=fast, BLOCK_P=block_p,
+                BLOCK_C=block_c, BLOCK_F=_merge_rows(block_c, interpreted), num_warps=warps)
+    return ((programs, c_blocks), units, (_cdiv(P, block_p), c_blocks), (P, C, N * H * W, PH, PW, OH, OW, H, W),
+            dict(meta, PHASE=0), dict(meta, PHASE=1))
+
+
+def _launch(kernel, grid, wrap):
+    """kernel[grid]: through wrap (torch.library.wrap_triton) when a triton_op's body runs it, so that tracing
+    records the kernel; directly otherwise. Every launch goes through here (tests count them)."""
+    return (wrap(kernel) if wrap is not None else kernel)[grid]
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _counters(device: torch.device, n: int, shared: bool) -> torch.Tensor:
+    """n zeroed int32 counters for the last-program merges. shared: the device's one buffer (the kernels leave
+    it zeroed, and launches on one stream run in turn), so eager calls allocate and fill nothing; two streams
+    running these kernels on one device at once would race on it, which no trainer here does. Otherwise a
+    fresh zeroed one (a traced call: its graph owns it, and a CUDA graph replays its fill)."""
+    if not shared:
+        return torch.zeros(n, dtype=torch.int32, device=device)
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < n:
+        counters = _COUNTERS[device] = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
+    return counters
 
 
 def _fast(dtype: torch.dtype) -> bool:
     return dtype != torch.float32  # 16-bit outputs take the cheaper GELU (see activations._normal_cdf_fast)
 
 
-def batch_stats(x: torch.Tensor, running_mean, running_var, momentum: float, eps: float):
-    """(mean, rstd) float32 of x's channels over N, H, W; updates the running statistics when given."""
+def batch_stats(x: torch.Tensor, running_mean, running_var, momentum: float, eps: float,
+                shared_counters: bool = False, wrap=None):
+    """(mean, rstd) float32 of x's channels over N, H, W; updates the running statistics when given. One
+    launch."""
     N, C, H, W = x.shape
-    M = N * H * W
-    block_p, block_c, warps = _tiles(C, False)
-    c_blocks = triton.cdiv(C, block_c)
-    blocks = triton.cdiv(M, block_p)
-    rows_per_prog = triton.cdiv(blocks, min(blocks, _programs_per_channel_block(c_blocks, x.device))) * block_p
-    programs = triton.cdiv(M, rows_per_prog)
-    mean_part = torch.empty((programs, C), dtype=torch.float32, device=x.device)
-    m2_part = torch.empty_like(mean_part)
-    sN, sC, sH, sW = x.stride()
-    _stats_kernel[(programs, c_blocks)](x, mean_part, m2_part, M, C, H * W, W, sN, sC, sH, sW, rows_per_prog,
-                                        BLOCK_M=block_p, BLOCK_C=block_c, num_warps=warps)
-    mean = torch.empty(C, dtype=torch.float32, device=x.device)
-    rstd = torch.empty_like(mean)
     update = running_mean is not None
-    fin_c = 16 if interpreting() else 128
-    _finalize_kernel[(triton.cdiv(C, fin_c),)](
-        mean_part, m2_part, mean, rstd, running_mean if update else mean, running_var if update else rstd,
-        programs, C, M, rows_per_prog, float(momentum), float(eps), UPDATE=update,
-        BLOCK_P=16 if interpreting() else 32, BLOCK_C=fin_c, num_warps=4)
+    grid, rows, sizes, meta = _stats_config(N, C, H, W, x.device, update)
+    partial = torch.empty((grid[0], 2, C), dtype=torch.float32, device=x.device)
+    mean = torch.empty(C, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(C, dtype=torch.float32, device=x.device)
+    _launch(_stats_kernel, grid, wrap)(
+        x, partial, _counters(x.device, grid[1], shared_counters), mean, rstd,
+        running_mean if update else x, running_var if update else x, *sizes, *x.stride(), rows, float(momentum),
+        float(eps), **meta)
     return mean, rstd
 
 
@@ -509,32 +605,29 @@ def _triton_ok(x: torch.Tensor) -> bool:
     return use_triton(x) and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
 
 
-def statistics(x, running_mean, running_var, momentum: float, eps: float):
+def statistics(x, running_mean, running_var, momentum: float, eps: float, shared_counters: bool = False,
+               wrap=None):
     """(mean, rstd) of x's channels over N, H, W (float32; float64 for float64 x); updates running_mean/var
     in place when given. x passed check_inputs (ops.batchnorm_act checks once, before any kernel)."""
     if not _triton_ok(x):
         return reference_statistics(x, running_mean, running_var, momentum, eps)
-    return batch_stats(x, running_mean, running_var, momentum, eps)
+    return batch_stats(x, running_mean, running_var, momentum, eps, shared_counters, wrap)
 
 
-def apply(x, weight, bias, residual, mean, rstd, normalize: bool, activation: str, pool: bool) -> torch.Tensor:
+def apply(x, weight, bias, residual, mean, rstd, normalize: bool, activation: str, pool: bool,
+          wrap=None) -> torch.Tensor:
     """y = maxpool?(act((x - mean) * rstd * weight + bias + residual)) in x's dtype and layout; without
     normalize, y = maxpool?(act(x + residual)). The inputs passed check_inputs (as in statistics())."""
     if not _triton_ok(x) or x.numel() == 0:
         return _apply_reference(x, weight, bias, residual, mean, rstd, activation, pool, normalize, x.dtype)
     N, C, H, W = x.shape
     y = output_like(x, pool)
-    _, _, PH, PW = y.shape
-    P = N * PH * PW
-    if P:
-        block_p, block_c, warps = _tiles(C, pool)
-        _apply_kernel[(triton.cdiv(P, block_p), triton.cdiv(C, block_c))](
-            x, residual if residual is not None else x, y, mean, rstd,
-            weight if weight is not None else x, bias if bias is not None else x,
-            P, C, PH, PW, H, W, *x.stride(), *_strides(residual, x), *y.stride(),
-            NORM=normalize, HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None,
-            KIND=activation_code(activation), POOL=pool, FAST=_fast(y.dtype), BLOCK_P=block_p, BLOCK_C=block_c,
-            num_warps=warps)
+    grid, sizes, meta = _apply_config(N, C, H, W, x.device, pool, normalize, weight is not None, bias is not None,
+                                      residual is not None, activation, _fast(x.dtype))
+    if grid[0]:
+        _launch(_apply_kernel, grid, wrap)(
+            x, residual if residual is not None else x, y, mean, rstd, weight if weight is not None else x,
+            bias if bias is not None else x, *sizes, *x.stride(), *_strides(residual, x), *y.stride(), **meta)
     return y
 
 
@@ -545,9 +638,9 @@ def running_stats(running_mean, running_var, eps: float, dtype: torch.dtype):
 
 
 def backward(grad_y, x, weight, bias, residual, mean, rstd, training: bool, normalize: bool, activation: str,
-             pool: bool, needs_affine: bool = True):
+             pool: bool, needs_affine: bool = True, shared_counters: bool = False, wrap=None):
     """(dx, dweight, dbias, dresidual), None for an absent input (and for dweight/dbias without needs_affine).
-    mean/rstd are forward's outputs."""
+    mean/rstd are forward's outputs. Two launches with batch statistics or affine gradients, else one."""
     if not normalize:
         training = False
     grad_y = grad_y.to(x.dtype)  # y's dtype: the pool's argmax is recomputed from values rounded to it
@@ -559,53 +652,33 @@ def backward(grad_y, x, weight, bias, residual, mean, rstd, training: bool, norm
                                               activation, pool)
         return dx, dw if needs_affine else None, db if needs_affine else None, dres
     N, C, H, W = x.shape
-    M = N * H * W
-    if pool:
-        PH, PW, OH, OW = (H + 1) // 2, (W + 1) // 2, H // 2, W // 2
-    else:
-        PH, PW, OH, OW = H, W, H, W
-    P = N * PH * PW
-    block_p, block_c, warps = _tiles(C, pool, backward=True)
-    c_blocks = triton.cdiv(C, block_c)
+    affine = normalize and needs_affine
+    # d weight / d bias straight from the kernel when float32 (BatchNorm's usual parameters); other dtypes
+    # are rounded by PyTorch afterwards, as the interpreter's bfloat16 conversion truncates where PyTorch's
+    # and the GPU's round to nearest
+    has_dw = affine and weight is not None and weight.dtype == torch.float32
+    has_db = affine and bias is not None and bias.dtype == torch.float32
+    reduce_grid, units, apply_grid, sizes, meta0, meta1 = _backward_config(
+        N, C, H, W, x.device, pool, training, normalize, weight is not None, bias is not None,
+        residual is not None, activation, _fast(x.dtype), has_dw, has_db)
     dx = torch.empty_like(x)
     dres = torch.empty_like(residual) if residual is not None else None
-    common = dict(TRAINING=training, NORM=normalize, HAS_W=weight is not None, HAS_B=bias is not None,
-                  HAS_RES=residual is not None, KIND=activation_code(activation), POOL=pool,
-                  FAST=_fast(grad_y.dtype), BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
-    pointers = (grad_y, x, residual if residual is not None else x, dx, dres if dres is not None else dx, mean, rstd,
+    pointers = (grad_y, x, residual if residual is not None else x, dx, dres if dres is not None else x, mean, rstd,
                 weight if weight is not None else x, bias if bias is not None else x)
     strides = (*x.stride(), *_strides(residual, x), *grad_y.stride())
-    sums = dw = db = None
+    sums = x  # read by PHASE 1 only in training, which has PHASE 0
+    dw = db = None
     if normalize and (training or needs_affine):
-        blocks = triton.cdiv(P, block_p)
-        units = triton.cdiv(blocks, min(blocks, _programs_per_channel_block(c_blocks, x.device))) * block_p
-        programs = triton.cdiv(P, units)
-        partial = torch.empty((programs, 2, C), dtype=torch.float32, device=x.device)
-        _backward_kernel[(programs, c_blocks)](*pointers, partial, P, C, M, PH, PW, OH, OW, H, W, units, *strides,
-                                               PHASE=0, **common)
-        sums, dw, db = backward_totals(partial, weight if needs_affine else None, bias if needs_affine else None)
-    _backward_kernel[(triton.cdiv(P, block_p), c_blocks)](
-        *pointers, sums if sums is not None else mean, P, C, M, PH, PW, OH, OW, H, W, block_p, *strides,
-        PHASE=1, **common)
+        sums = torch.empty((1 + reduce_grid[0], 2, C), dtype=torch.float32, device=x.device)
+        dw = torch.empty(C, dtype=torch.float32, device=x.device) if has_dw else None
+        db = torch.empty(C, dtype=torch.float32, device=x.device) if has_db else None
+        _launch(_backward_kernel, reduce_grid, wrap)(
+            *pointers, sums, _counters(x.device, reduce_grid[1], shared_counters), dw if has_dw else x,
+            db if has_db else x, *sizes, units, *strides, **meta0)
+        if affine and weight is not None and not has_dw:
+            dw = sums[0, 1].to(weight.dtype)  # another dtype: a copy, so no output aliases `sums`
+        if affine and bias is not None and not has_db:
+            db = sums[0, 0].to(bias.dtype)
+    _launch(_backward_kernel, apply_grid, wrap)(*pointers, sums, x, x, x, *sizes, meta1["BLOCK_P"], *strides,
+                                                **meta1)
     return dx, dw, db, dres
-
-
-def backward_totals(partial: torch.Tensor, weight, bias):
-    """(sums, dweight, dbias) from the backward's partial sums (programs, 2, C): sums (2, C) float32 (d bias's
-    row, then d weight's), dweight/dbias in weight's/bias's dtype, None for a None one. One launch for
-    float32 parameters (BatchNorm's usual ones); other dtypes are rounded by PyTorch afterwards, as the
-    interpreter's bfloat16 conversion truncates where PyTorch's and the GPU's round to nearest."""
-    programs, _, C = partial.shape
-    sums = torch.empty((2, C), dtype=torch.float32, device=partial.device)
-    dw = torch.empty_like(sums[1]) if weight is not None and weight.dtype == torch.float32 else None
-    db = torch.empty_like(sums[0]) if bias is not None and bias.dtype == torch.float32 else None
-    block_c = 16 if interpreting() else 128
-    _backward_totals_kernel[(triton.cdiv(C, block_c),)](
-        partial, sums, dw if dw is not None else sums, db if db is not None else sums, programs, C,
-        HAS_DW=dw is not None, HAS_DB=db is not None, BLOCK_P=16 if interpreting() else 32, BLOCK_C=block_c,
-        num_warps=4)
-    if weight is not None and dw is None:
-        dw = sums[1].to(weight.dtype)  # another dtype: a copy, so no output aliases `sums`
-    if bias is not None and db is None:
-        db = sums[0].to(bias.dtype)
-    return sums, dw, db

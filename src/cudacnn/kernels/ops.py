@@ -1,5 +1,6 @@
 """torch.library custom ops over the kernels, so they run in eager mode, under autograd and inside
-torch.compile (fake implementations give shapes; no graph breaks).
+torch.compile (fake implementations give shapes; no graph breaks). The fused BatchNorm ops are triton_ops,
+whose kernels torch.compile sees (see their section).
 
 backend "triton": the Triton kernels. backend "cuda": the CUDA C++ GEMM (forward, bf16/fp16) and
 activations, the Triton kernels elsewhere (GEMM backward, cross-entropy, BatchNorm). Without a GPU both fall
@@ -13,6 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import activations as _act
 from . import batchnorm as _bn
@@ -224,50 +226,99 @@ def cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0,
 
 
 # ---------------------------------------------------------------- fused BatchNorm + residual + activation + pool
-# Two ops: batchnorm_stats mutates the running statistics (torch.library allows no autograd formula on a
-# mutating op) and returns the batch's (mean, rstd), constants for autograd; batchnorm_act is functional and its
-# backward adds the batch statistics' gradient terms itself (training=True).
+# Three ops: batchnorm_stats mutates the running statistics (torch.library allows no autograd formula on a
+# mutating op) and returns the batch's (mean, rstd), constants for autograd; batchnorm_act is functional and
+# its backward, batchnorm_act_backward, adds the batch statistics' gradient terms itself (training=True).
+# They are triton_ops: torch.compile traces their bodies, so Inductor sees the Triton kernels (and CUDA
+# graphs capture them) instead of an opaque call. Triton's interpreter cannot be traced that way (wrap_triton
+# hands its kernels back unwrapped, and they would run on fake tensors), so on the CPU the bodies call an
+# opaque custom op, the *_interpreted twin, that runs the same launchers.
+# Eager calls skip the dispatcher: batchnorm_act() runs the launchers through one autograd.Function, whose
+# host cost is a fraction of a custom op's (see _direct).
 
-@torch.library.custom_op("cudacnn::batchnorm_stats", mutates_args=("running_mean", "running_var"))
-def _batchnorm_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float,
-                     eps: float) -> tuple[Tensor, Tensor]:
-    return _bn.statistics(x, running_mean, running_var, momentum, eps)
+def _interpreted(x: Tensor) -> bool:
+    return x.device.type == "cpu" and _bn._triton_ok(x)
 
 
-@_batchnorm_stats.register_fake
-def _(x, running_mean, running_var, momentum, eps):
+def _stats_fake(x, running_mean, running_var, momentum, eps):
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     return x.new_empty((x.shape[1],), dtype=dtype), x.new_empty((x.shape[1],), dtype=dtype)
 
 
-@torch.library.custom_op("cudacnn::batchnorm_act", mutates_args=())
-def _batchnorm_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
-                   mean: Tensor, rstd: Tensor, training: bool, normalize: bool, activation: str,
-                   pool: bool) -> Tensor:
-    return _bn.apply(x, weight, bias, residual, mean, rstd, normalize, activation, pool)
-
-
-@_batchnorm_act.register_fake
-def _(x, weight, bias, residual, mean, rstd, training, normalize, activation, pool):
-    return _bn.output_like(x, pool)
-
-
-@torch.library.custom_op("cudacnn::batchnorm_act_backward", mutates_args=())
-def _batchnorm_act_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                            residual: Optional[Tensor], mean: Tensor, rstd: Tensor, training: bool, normalize: bool,
-                            activation: str, pool: bool, needs_affine: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    dx, dw, db, dres = _bn.backward(grad_y, x, weight, bias, residual, mean, rstd, training, normalize, activation,
-                                    pool, needs_affine)
-    return tuple(t if t is not None else _empty(x) for t in (dx, dw, db, dres))
-
-
-@_batchnorm_act_backward.register_fake
-def _(grad_y, x, weight, bias, residual, mean, rstd, training, normalize, activation, pool, needs_affine):
+def _backward_fake(grad_y, x, weight, bias, residual, mean, rstd, training, normalize, activation, pool,
+                   needs_affine):
     def grad_of(t, wanted=True):
         return torch.empty_like(t) if t is not None and wanted else x.new_empty((0,))
 
     affine = needs_affine and normalize
     return torch.empty_like(x), grad_of(weight, affine), grad_of(bias, affine), grad_of(residual)
+
+
+def _backward_outputs(dx, dw, db, dres, x):
+    return tuple(t if t is not None else _empty(x) for t in (dx, dw, db, dres))
+
+
+@torch.library.custom_op("cudacnn::batchnorm_stats_interpreted", mutates_args=("running_mean", "running_var"))
+def _batchnorm_stats_interpreted(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                                 momentum: float, eps: float) -> tuple[Tensor, Tensor]:
+    return _bn.statistics(x, running_mean, running_var, momentum, eps)
+
+
+_batchnorm_stats_interpreted.register_fake(_stats_fake)
+
+
+@torch.library.triton_op("cudacnn::batchnorm_stats", mutates_args=("running_mean", "running_var"))
+def _batchnorm_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float,
+                     eps: float) -> tuple[Tensor, Tensor]:
+    if _interpreted(x):
+        return _batchnorm_stats_interpreted(x, running_mean, running_var, momentum, eps)
+    return _bn.statistics(x, running_mean, running_var, momentum, eps, wrap=torch.library.wrap_triton)
+
+
+@torch.library.custom_op("cudacnn::batchnorm_act_interpreted", mutates_args=())
+def _batchnorm_act_interpreted(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                               residual: Optional[Tensor], mean: Tensor, rstd: Tensor, training: bool,
+                               normalize: bool, activation: str, pool: bool) -> Tensor:
+    return _bn.apply(x, weight, bias, residual, mean, rstd, normalize, activation, pool)
+
+
+@_batchnorm_act_interpreted.register_fake
+def _(x, weight, bias, residual, mean, rstd, training, normalize, activation, pool):
+    return _bn.output_like(x, pool)
+
+
+@torch.library.triton_op("cudacnn::batchnorm_act", mutates_args=())
+def _batchnorm_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
+                   mean: Tensor, rstd: Tensor, training: bool, normalize: bool, activation: str,
+                   pool: bool) -> Tensor:
+    if _interpreted(x):
+        return _batchnorm_act_interpreted(x, weight, bias, residual, mean, rstd, training, normalize, activation,
+                                          pool)
+    return _bn.apply(x, weight, bias, residual, mean, rstd, normalize, activation, pool,
+                     wrap=torch.library.wrap_triton)
+
+
+@torch.library.custom_op("cudacnn::batchnorm_act_backward_interpreted", mutates_args=())
+def _batchnorm_act_backward_interpreted(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                                        residual: Optional[Tensor], mean: Tensor, rstd: Tensor, training: bool,
+                                        normalize: bool, activation: str, pool: bool,
+                                        needs_affine: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _backward_outputs(*_bn.backward(grad_y, x, weight, bias, residual, mean, rstd, training, normalize,
+                                           activation, pool, needs_affine), x)
+
+
+_batchnorm_act_backward_interpreted.register_fake(_backward_fake)
+
+
+@torch.library.triton_op("cudacnn::batchnorm_act_backward", mutates_args=())
+def _batchnorm_act_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                            residual: Optional[Tensor], mean: Tensor, rstd: Tensor, training: bool, normalize: bool,
+                            activation: str, pool: bool, needs_affine: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if _interpreted(x):
+        return _batchnorm_act_backward_interpreted(grad_y, x, weight, bias, residual, mean, rstd, training, normalize,
+                                                   activation, pool, needs_affine)
+    return _backward_outputs(*_bn.backward(grad_y, x, weight, bias, residual, mean, rstd, training, normalize,
+                                           activation, pool, needs_affine, wrap=torch.library.wrap_triton), x)
 
 
 def _batchnorm_act_setup(ctx, inputs, output):
@@ -289,6 +340,52 @@ def _batchnorm_act_grad(ctx, grad_y):
 _batchnorm_act.register_autograd(_batchnorm_act_grad, setup_context=_batchnorm_act_setup)
 
 
+# Eager calls go through _BatchNormAct (False: through the ops, as traced calls do; tests run both)
+DIRECT_EAGER = True
+
+
+def _direct(x: Tensor) -> bool:
+    """Whether this call may skip the dispatcher: eager, on a plain tensor, with no dispatch mode (fake
+    tensors, FlopCounterMode) or functorch transform that must see the op."""
+    return (DIRECT_EAGER and not torch.compiler.is_compiling() and type(x) is Tensor
+            and _get_current_dispatch_mode() is None and not torch._C._are_functorch_transforms_active())
+
+
+def _forward(x, weight, bias, residual, running_mean, running_var, training, momentum, eps, activation, pool,
+             normalize):
+    """(y, mean, rstd): the eager forward, the shared counters of the device (no allocation, no fill)."""
+    if not normalize:
+        mean = rstd = _empty(x)
+    elif training:
+        mean, rstd = _bn.statistics(x, running_mean, running_var, momentum, eps, shared_counters=True)
+    else:
+        mean, rstd = _bn.running_stats(running_mean, running_var, eps, x.dtype)
+    return _bn.apply(x, weight, bias, residual, mean, rstd, normalize, activation, pool), mean, rstd
+
+
+class _BatchNormAct(torch.autograd.Function):
+    """The eager path: the ops' launchers and autograd formula, without the dispatcher."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, running_mean, running_var, training, momentum, eps, activation,
+                pool, normalize):
+        y, mean, rstd = _forward(x, weight, bias, residual, running_mean, running_var, training, momentum, eps,
+                                 activation, pool, normalize)
+        ctx.save_for_backward(x, weight, bias, residual, mean, rstd)
+        ctx.config = (training and normalize, normalize, activation, pool)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, bias, residual, mean, rstd = ctx.saved_tensors
+        training, normalize, activation, pool = ctx.config
+        needs_x, needs_w, needs_b, needs_res = ctx.needs_input_grad[:4]
+        dx, dw, db, dres = _bn.backward(grad_y, x, weight, bias, residual, mean, rstd, training, normalize,
+                                        activation, pool, needs_w or needs_b, shared_counters=True)
+        return (dx if needs_x else None, dw if needs_w else None, db if needs_b else None,
+                dres if needs_res else None, None, None, None, None, None, None, None, None)
+
+
 def batchnorm_act(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None = None,
                   running_mean: Tensor | None = None, running_var: Tensor | None = None, training: bool = True,
                   momentum: float = 0.1, eps: float = 1e-5, activation: str = "none", pool: bool = False,
@@ -308,13 +405,21 @@ def batchnorm_act(x: Tensor, weight: Tensor | None, bias: Tensor | None, residua
         x = _act.reference_forward(x, activation) if activation != "none" else x
         return F.max_pool2d(x, 2) if pool else x
     _bn.check_inputs(x, weight, bias, residual, activation, pool, training and normalize)  # before any kernel
+    if normalize and not training and (running_mean is None or running_var is None):
+        raise ValueError("batchnorm_act with training=False needs running_mean and running_var")
+    momentum, eps = float(momentum), float(eps)
+    if _direct(x):
+        if torch.is_grad_enabled() and (x.requires_grad or any(
+                t is not None and t.requires_grad for t in (weight, bias, residual))):
+            return _BatchNormAct.apply(x, weight, bias, residual, running_mean, running_var, training, momentum,
+                                       eps, activation, pool, normalize)
+        return _forward(x, weight, bias, residual, running_mean, running_var, training, momentum, eps,
+                        activation, pool, normalize)[0]
     if not normalize:
         mean = rstd = x.new_empty((0,), dtype=torch.float32)
         training = False
     elif training:
-        mean, rstd = _batchnorm_stats(x.detach(), running_mean, running_var, float(momentum), float(eps))
+        mean, rstd = _batchnorm_stats(x.detach(), running_mean, running_var, momentum, eps)
     else:
-        if running_mean is None or running_var is None:
-            raise ValueError("batchnorm_act with training=False needs running_mean and running_var")
         mean, rstd = _bn.running_stats(running_mean, running_var, eps, x.dtype)
     return _batchnorm_act(x, weight, bias, residual, mean, rstd, training, normalize, activation, pool)
