@@ -487,7 +487,7 @@ def input_grad(grad_y, x, weight, scale, shift, stride: int, activation: str, al
     if not prologue:
         return dx, None, None
     sums = part.sum(0)
-    return dx, sums[0].to(scale.dtype), sums[1].to(shift.dtype)
+    return dx, sums[0].to(scale.dtype, copy=True), sums[1].to(shift.dtype, copy=True)  # no aliasing outputs
 
 
 def _splits(M: int, tiles: int, device: torch.device) -> int:
