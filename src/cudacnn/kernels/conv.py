@@ -205,7 +205,7 @@ def _channel_partials(part_ptr, v0, v1, pid_m, P, offs_n, N, BLOCK_M: tl.constex
     tl.store(part_ptr + row.to(tl.int64) * 2 * N + N + offs_n, v1, mask=n_ok)
     for i in tl.static_range(1, BLOCK_M // STAT_BLOCK):
         zero = tl.zeros_like(v0)
-        ok = n_ok & (row + i < P)
+        ok = n_ok & (offs_n * 0 + row + i < P)
         tl.store(part_ptr + (row + i).to(tl.int64) * 2 * N + offs_n, zero, mask=ok)
         tl.store(part_ptr + (row + i).to(tl.int64) * 2 * N + N + offs_n, zero, mask=ok)
 
@@ -397,6 +397,11 @@ def _fixed_config() -> dict:
     return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_stages=3, num_warps=4)
 
 
+def _partials(shape, dtype, device) -> torch.Tensor:
+    """Buffer for per-program partial sums; the kernels write every element."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _stat_block() -> int:
     return _fixed_config()["BLOCK_M"] if not autotuning() else STAT_BLOCK
 
@@ -453,7 +458,7 @@ def forward(x, weight, scale, shift, stride: int, padding: int, activation: str,
     stat_block = _stat_block()
     P = triton.cdiv(M, stat_block)
     cd = _compute_dtype(x)
-    part = torch.empty((P, 2, K) if stats else (1,), dtype=cd, device=x.device)
+    part = _partials((P, 2, K) if stats else (1,), cd, x.device)
     prologue = scale is not None
     args = (xs, _weight_rows(weight, 1), y, scale if prologue else x, shift if prologue else x, part,
             M, C, H, W, K, P, *_nhwc_strides(xs))
@@ -478,7 +483,7 @@ def input_grad(grad_y, x, weight, scale, shift, stride: int, activation: str, al
     prologue = scale is not None
     stat_block = _stat_block()
     P = triton.cdiv(M, stat_block)
-    part = torch.empty((P, 2, C) if prologue else (1,), dtype=_compute_dtype(x), device=x.device)
+    part = _partials((P, 2, C) if prologue else (1,), _compute_dtype(x), x.device)
     args = (dy, _weight_rows(weight, 0), dxs, xs, scale if prologue else x, shift if prologue else x, part,
             M, C, H, W, K, P, *_nhwc_strides(dxs), *_nhwc_strides(xs))
     meta = dict(R=R, PROLOGUE=prologue, STAT_BLOCK=stat_block, **_common_meta(x, activation, allow_tf32))
@@ -509,7 +514,7 @@ def weight_grad(grad_y, x, weight, scale, shift, stride: int, activation: str, a
     splits = _splits(M, triton.cdiv(K, 64) * R * R * triton.cdiv(C, 64), x.device)
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), 64) * 64  # a multiple of every BLOCK_K
     splits = triton.cdiv(M, rows_per_split)
-    part = torch.empty((splits, K, R * R * C), dtype=_compute_dtype(x), device=x.device)
+    part = _partials((splits, K, R * R * C), _compute_dtype(x), x.device)
     prologue = scale is not None
     args = (dy, xs, scale if prologue else x, shift if prologue else x, part, M, C, H, W, K, rows_per_split,
             *_nhwc_strides(xs))

@@ -344,7 +344,8 @@ def _conv2d_fused(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Opt
 
 @_conv2d_fused.register_fake
 def _(x, weight, scale, shift, stride, padding, activation, stats, allow_tf32):
-    y = x.new_empty(_conv.output_shape(x.shape, weight.shape, stride, padding), memory_format=torch.channels_last)
+    y = torch.empty(_conv.output_shape(x.shape, weight.shape, stride, padding), dtype=x.dtype, device=x.device,
+                    memory_format=torch.channels_last)
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     return y, (x.new_empty((2, weight.shape[0]), dtype=dtype) if stats else x.new_empty((0,)))
 
