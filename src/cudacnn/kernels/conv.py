@@ -210,7 +210,13 @@ def _channel_partials(part_ptr, v0, v1, pid_m, P, offs_n, N, BLOCK_M: tl.constex
         tl.store(part_ptr + (row + i).to(tl.int64) * 2 * N + N + offs_n, zero, mask=ok)
 
 
-@triton.jit
+# Integers whose divisibility by 16 does not change the code (sizes of the position axis): not specialized,
+# so the zoo's many spatial sizes share one compiled kernel per tile config (compiling is most of a first
+# call's time). Channel counts and strides stay specialized: they decide vector widths.
+_ANY_SIZE = ["M", "H", "W", "P"]
+
+
+@triton.jit(do_not_specialize=_ANY_SIZE)
 def _conv_fwd_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, shift_ptr, part_ptr, M, C, H, W, K, P, sxN, sxH, sxW,
                      R: tl.constexpr, PROLOGUE: tl.constexpr, KIND: tl.constexpr, FAST: tl.constexpr,
                      STATS: tl.constexpr, STAT_BLOCK: tl.constexpr, UPCAST: tl.constexpr,
@@ -248,7 +254,7 @@ def _conv_fwd_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, shift_ptr, part_ptr, M, C, 
                           STAT_BLOCK)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_ANY_SIZE)
 def _conv_dgrad_kernel(dy_ptr, w_ptr, dx_ptr, x_ptr, scale_ptr, shift_ptr, part_ptr, M, C, H, W, K, P,
                        sdN, sdH, sdW, sxN, sxH, sxW,
                        R: tl.constexpr, PROLOGUE: tl.constexpr, KIND: tl.constexpr, FAST: tl.constexpr,
@@ -294,7 +300,7 @@ def _conv_dgrad_kernel(dy_ptr, w_ptr, dx_ptr, x_ptr, scale_ptr, shift_ptr, part_
     tl.store(dx_ptr + dx_off[:, None] + offs_n[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_ANY_SIZE[:3])
 def _conv_wgrad_kernel(dy_ptr, x_ptr, scale_ptr, shift_ptr, part_ptr, M, C, H, W, K, rows_per_split,
                        sxN, sxH, sxW,
                        R: tl.constexpr, PROLOGUE: tl.constexpr, KIND: tl.constexpr, FAST: tl.constexpr,
