@@ -1,4 +1,5 @@
-"""Time the implicit-GEMM convolution (src/cudacnn/kernels/conv.py) against cuDNN at the zoo's 3x3 shapes,
+"""Time the implicit-GEMM convolution (src/cudacnn/kernels/conv.py) against cuDNN at the zoo's 3x3 shapes
+(--extra: also resnet18's 1x1 stride-2 shortcuts),
 fp16 channels_last: forward, input gradient (dgrad) and weight gradient (wgrad) one by one, then the fused
 case: BatchNorm apply + activation as the conv's prologue and the next BatchNorm's statistics as its
 epilogue (ops.conv2d_fused) against eager PyTorch doing the same as separate ops (addcmul, activation,
@@ -29,6 +30,8 @@ SHAPES = [("fast94", 2000, 24, 64, 31), ("fast94", 2000, 64, 64, 15), ("fast94",
           ("fast94", 2000, 256, 256, 7), ("fast94", 2000, 256, 256, 3),
           ("resnet18-cifar", 512, 64, 64, 32), ("resnet18-cifar", 512, 128, 128, 16),
           ("resnet18-cifar", 512, 256, 256, 8), ("resnet18-cifar", 512, 512, 512, 4)]
+# --extra: resnet18-cifar's 1x1 stride-2 shortcuts (model, batch, cin, cout, input size, kernel, stride)
+EXTRA_SHAPES = [("resnet18-cifar", 512, 64, 128, 32, 1, 2), ("resnet18-cifar", 512, 128, 256, 16, 1, 2)]
 ACTIVATION = {"fast94": "gelu", "resnet18-cifar": "relu"}  # what each model's BatchNorm is followed by
 
 
@@ -37,14 +40,16 @@ def parse(argv):
     parser.add_argument("--out", help="JSON file for the results (rewritten after every shape)")
     parser.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16")
     parser.add_argument("--only", default="", help="run only shapes whose label contains this text")
+    parser.add_argument("--extra", action="store_true", help="also the 1x1 stride-2 shortcut shapes")
     parser.add_argument("--no-autotune", action="store_true", help="the fixed tile (CUDACNN_CONV_AUTOTUNE=0)")
     parser.add_argument("--budget-s", type=float, default=200.0, help="skip the shapes left after this many seconds")
     parser.add_argument("--dry-run", action="store_true", help="toy sizes on the CPU through Triton's interpreter")
     return parser.parse_args(argv)
 
 
-def label(model, n, c, k, hw):
-    return f"{model} N={n} {c}->{k} @{hw}x{hw}"
+def label(model, n, c, k, hw, r=3, stride=1):
+    kind = "" if r == 3 else f" {r}x{r}/{stride}"
+    return f"{model} N={n} {c}->{k} @{hw}x{hw}{kind}"
 
 
 def write_json(path, payload):
@@ -99,10 +104,12 @@ def main(argv=None) -> int:
           f"autotune {'on' if env['autotune'] else 'off'}", file=sys.stderr)
     rows, skipped = [], []
     started = time.perf_counter()
-    shapes = SHAPES if not args.dry_run else [(m, 2, max(c // 8, 3), max(k // 8, 4), min(hw, 7))
-                                               for m, n, c, k, hw in SHAPES[:2] + SHAPES[5:6]]
-    for model, n, c, k, hw in shapes:
-        name = label(model, n, c, k, hw)
+    shapes = [s + (3, 1) for s in SHAPES] + (EXTRA_SHAPES if args.extra else [])
+    if args.dry_run:
+        shapes = [(m, 2, max(c // 8, 3), max(k // 8, 4), min(hw, 7), r, st) for m, n, c, k, hw, r, st in shapes[:2]
+                  + shapes[5:6] + shapes[9:10]]
+    for model, n, c, k, hw, r, stride in shapes:
+        name = label(model, n, c, k, hw, r, stride)
         if args.only not in name:
             continue
         if time.perf_counter() - started > args.budget_s:
@@ -110,20 +117,20 @@ def main(argv=None) -> int:
             continue
         torch.manual_seed(0)
         x = torch.randn(n, c, hw, hw, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
-        w = (torch.randn(k, c, 3, 3, device=device) / (9 * c) ** 0.5).to(dtype)
-        dy = torch.randn(n, k, hw, hw, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
-        flops = 2 * n * hw * hw * k * c * 9
-        none = (None, None, 1, "none")
+        w = (torch.randn(k, c, r, r, device=device) / (r * r * c) ** 0.5).to(dtype)
+        pad, out = (r - 1) // 2, (hw - 1) // stride + 1
+        dy = torch.randn(n, k, out, out, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        flops = 2 * n * out * out * k * c * r * r
+        none = (None, None, stride, "none")
+        geometry = ([stride] * 2, [pad] * 2, [1, 1], False, [0, 0], 1)
         passes = {
-            "fwd": (lambda: conv.forward(x, w, None, None, 1, 1, "none", False)[0],
-                    lambda: F.conv2d(x, w, padding=1), conv._fwd_tuned),
+            "fwd": (lambda: conv.forward(x, w, None, None, stride, pad, "none", False)[0],
+                    lambda: F.conv2d(x, w, stride=stride, padding=pad), conv._fwd_tuned),
             "dgrad": (lambda: conv.input_grad(dy, x, w, *none)[0],
-                      lambda: torch.ops.aten.convolution_backward(dy, x, w, None, [1, 1], [1, 1], [1, 1], False,
-                                                                  [0, 0], 1, [True, False, False])[0],
+                      lambda: torch.ops.aten.convolution_backward(dy, x, w, None, *geometry, [True, False, False])[0],
                       conv._dgrad_tuned),
             "wgrad": (lambda: conv.weight_grad(dy, x, w, *none),
-                      lambda: torch.ops.aten.convolution_backward(dy, x, w, None, [1, 1], [1, 1], [1, 1], False,
-                                                                  [0, 0], 1, [False, True, False])[1],
+                      lambda: torch.ops.aten.convolution_backward(dy, x, w, None, *geometry, [False, True, False])[1],
                       conv._wgrad_tuned)}
         for pass_name, (ours, cudnn, kernel) in passes.items():
             err = rel_err(ours(), cudnn())  # the first call autotunes
@@ -141,12 +148,12 @@ def main(argv=None) -> int:
         act_fn = {"gelu": F.gelu, "relu": F.relu}[act]
 
         def fused(x, w, scale, shift):
-            y, sums = ops.conv2d_fused(x, w, scale, shift, activation=act, stats=True)
+            y, sums = ops.conv2d_fused(x, w, scale, shift, stride, pad, activation=act, stats=True)
             return y, sums
 
         def eager(x, w, scale, shift):
             a = act_fn(torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1)))
-            y = F.conv2d(a, w, padding=1)
+            y = F.conv2d(a, w, stride=stride, padding=pad)
             var, mean = torch.var_mean(y, dim=(0, 2, 3), correction=0)
             return y, torch.stack([mean, var])  # the statistics BatchNorm takes (ours: sums, the same work)
 
