@@ -1,9 +1,8 @@
 """Time the implicit-GEMM convolution (src/cudacnn/kernels/conv.py) against cuDNN at the zoo's 3x3 shapes
-(--extra: also resnet18's 1x1 stride-2 shortcuts),
-fp16 channels_last: forward, input gradient (dgrad) and weight gradient (wgrad) one by one, then the fused
-case: BatchNorm apply + activation as the conv's prologue and the next BatchNorm's statistics as its
-epilogue (ops.conv2d_fused) against eager PyTorch doing the same as separate ops (addcmul, activation,
-F.conv2d, var_mean), forward and forward+backward.
+(--extra: also resnet18's 1x1 stride-2 shortcuts), fp16 channels_last: forward, input gradient (dgrad) and
+weight gradient (wgrad) one by one, then the fused case: BatchNorm apply + activation as the conv's
+prologue and the next BatchNorm's statistics as its epilogue (ops.conv2d_fused) against eager PyTorch doing
+the same as separate ops (addcmul, activation, F.conv2d, var_mean), forward and forward+backward.
 
     PYTHONPATH=src python3 dev/conv_bench.py --out $OUT/conv.json
 
@@ -42,7 +41,7 @@ def parse(argv):
     parser.add_argument("--only", default="", help="run only shapes whose label contains this text")
     parser.add_argument("--extra", action="store_true", help="also the 1x1 stride-2 shortcut shapes")
     parser.add_argument("--no-autotune", action="store_true", help="the fixed tile (CUDACNN_CONV_AUTOTUNE=0)")
-    parser.add_argument("--budget-s", type=float, default=200.0, help="skip the shapes left after this many seconds")
+    parser.add_argument("--budget-s", type=float, default=180.0, help="skip the shapes left after this many seconds")
     parser.add_argument("--dry-run", action="store_true", help="toy sizes on the CPU through Triton's interpreter")
     return parser.parse_args(argv)
 

@@ -86,6 +86,23 @@ def test_forward_and_gradients_match_float64(kernels_only, shape, dtype, activat
     assert x.grad.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_mean_rstd_from_the_sums_is_batchnorms():
+    """The statistics a following BatchNorm takes, and their gradient back through the op, match
+    F.batch_norm's on y (float64: the kernels under the interpreter, cuDNN on a GPU)."""
+    torch.manual_seed(5)
+    x = nhwc(2, 4, 6, 5, dtype=torch.float64)
+    w = torch.randn(3, 4, 3, 3, device=DEVICE, dtype=torch.float64)
+    x1, x2 = leaves(x, x)
+    y, sums = ops.conv2d_fused(x1, w, stats=True)
+    mean, rstd = Cv.mean_rstd(sums, y.numel() // y.shape[1], 1e-5)
+    z = (y - mean.view(1, -1, 1, 1)) * rstd.view(1, -1, 1, 1)
+    z_ref = F.batch_norm(F.conv2d(x2, w, padding=1), None, None, training=True, eps=1e-5)
+    close(z, z_ref.detach(), 1e-10)
+    g = torch.randn_like(z_ref)
+    (z * g).sum().backward(), (z_ref * g).sum().backward()
+    close(x1.grad, x2.grad, 1e-9)
+
+
 def test_padding_is_zero_after_the_prologue(kernels_only):
     """x = 0 with shift 1 and relu: every in-image tap reads act(0 * s + 1) = 1, every padding tap 0, so with
     all-ones weights y counts each position's in-image taps (4 in a corner, 6 on an edge, 9 inside). A

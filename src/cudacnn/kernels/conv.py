@@ -131,6 +131,16 @@ def reference_forward(x, weight, scale, shift, stride: int, padding: int, activa
     return y, (reference_stats(y) if stats else None)
 
 
+def mean_rstd(sums: torch.Tensor, count: int, eps: float):
+    """(mean, 1 / sqrt(var + eps)) per channel from the epilogue's sums over `count` values a channel (the
+    biased variance, as BatchNorm normalizes with). Plain PyTorch, so autograd carries a loss's gradient back
+    into sums (and through conv2d_fused into y). var = E[y^2] - mean^2 loses digits only where |mean| is
+    many standard deviations, which BatchNorm's inputs are not."""
+    mean = sums[0] / count
+    var = (sums[1] / count - mean * mean).clamp_min(0)
+    return mean, torch.rsqrt(var + eps)
+
+
 def stats_gradient(grad_y, grad_sums, y):
     """grad_y plus the gradient that reaches y through sums = (sum y, sum y^2): g0 + 2 y g1 per channel."""
     if grad_sums is None:
