@@ -98,7 +98,8 @@ def main(argv=None) -> int:
     env = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
            "torch": torch.__version__, "triton": triton.__version__, "dtype": args.dtype,
            "autotune": conv.autotuning(), "date": datetime.date.today().isoformat(),
-           "command": "PYTHONPATH=src python3 dev/conv_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+           "command": "PYTHONPATH=src python3 dev/conv_bench.py "
+                      + " ".join(argv if argv is not None else sys.argv[1:])}
     print(f"# conv bench: {env['device']}, torch {env['torch']}, triton {env['triton']}, {args.dtype}, "
           f"autotune {'on' if env['autotune'] else 'off'}", file=sys.stderr)
     rows, skipped = [], []
@@ -180,8 +181,9 @@ def main(argv=None) -> int:
 
         fwd_bwd(fused, fused_inputs)()  # autotune the prologue variants of all three kernels
         fwd_bwd(eager, eager_inputs)()
-        for pass_name, ours, ref in (("fused fwd", forward_only(fused, fused_inputs), forward_only(eager, eager_inputs)),
-                                     ("fused fwd+bwd", fwd_bwd(fused, fused_inputs), fwd_bwd(eager, eager_inputs))):
+        for pass_name, ours, ref in (
+                ("fused fwd", forward_only(fused, fused_inputs), forward_only(eager, eager_inputs)),
+                ("fused fwd+bwd", fwd_bwd(fused, fused_inputs), fwd_bwd(eager, eager_inputs))):
             t_ours, t_ref = bench(ours), bench(ref)
             pass_flops = flops * (3 if "bwd" in pass_name else 1)
             rows.append(dict(shape=name, model=model, pass_=f"{pass_name} ({act})", baseline="eager",
@@ -190,7 +192,6 @@ def main(argv=None) -> int:
                              max_rel_err=err if pass_name == "fused fwd" else None,
                              config=tuned(conv._fwd_tuned) if pass_name == "fused fwd" else ""))
             print(f"{name} {pass_name}: ours {t_ours:.3f} ms, eager {t_ref:.3f} ms", file=sys.stderr)
-        del x, w, dy, fused_inputs, eager_inputs, y_f, y_e, sums
         if device == "cuda":
             torch.cuda.empty_cache()
         if args.out:
@@ -200,7 +201,8 @@ def main(argv=None) -> int:
              "max rel err | tile |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         err = f"{r['max_rel_err']:.1e}" if r["max_rel_err"] is not None else ""
-        table.append(f"| {r['shape']} | {r['pass_']} vs {r['baseline']} | {r['ours_ms']:.3f} | {r['baseline_ms']:.3f} | "
+        table.append(f"| {r['shape']} | {r['pass_']} vs {r['baseline']} | {r['ours_ms']:.3f} | "
+                     f"{r['baseline_ms']:.3f} | "
                      f"{r['ours_tflops']:.1f} | {r['baseline_tflops']:.1f} | {r['speedup']:.2f}x | {err} | "
                      f"{r['config']} |")
     print("\n".join(table))

@@ -322,7 +322,7 @@ def batchnorm_act(x: Tensor, weight: Tensor | None, bias: Tensor | None, residua
     return _batchnorm_act(x, weight, bias, residual, mean, rstd, training, normalize, activation, pool)
 
 
-# ---------------------------------------------------------------- convolution + BatchNorm prologue / statistics epilogue
+# ---------------------------------------------------------------- convolution + BatchNorm prologue / stats epilogue
 # y = conv(act(x * scale + shift), w) and, with stats, sums = (sum y, sum y^2) per output channel. sums is a
 # differentiable output: a BatchNorm whose statistics come from it passes their gradient back through y.
 # conv.dispatch picks the Triton kernels or cuDNN (F.conv2d) per call; y is channels_last either way.
