@@ -2,7 +2,9 @@
 
 Functional:  gemm, gemm_backward, activation_forward, activation_backward, softmax_cross_entropy
 Autograd / torch.compile ops:  ops.linear, ops.activation, ops.cross_entropy, ops.batchnorm_act
-    (torch.library custom ops; batchnorm_act = BatchNorm + residual add + activation + 2x2 max-pool)
+    (torch.library custom ops; batchnorm_act = BatchNorm + residual add + activation + 2x2 max-pool),
+    ops.conv2d_fused (implicit-GEMM NHWC convolution with a BatchNorm-apply prologue and a statistics
+    epilogue, conv.py; not used by swap_modules yet)
 Modules:  Linear, Activation, BatchNormAct, ActivationPool, FusedBasicBlock, CrossEntropyLoss,
     swap_modules(model, backend), cross_entropy_loss(backend, ...)
 Backends:  "torch" (unchanged PyTorch), "triton", "cuda" (CUDA C++ GEMM forward + activations; Triton

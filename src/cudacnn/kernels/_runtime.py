@@ -31,7 +31,7 @@ except ImportError:  # triton is an optional extra: keep the module importable, 
 # Modules whose kernels are decorated with triton.jit at import: triton picks compiled or interpreted
 # kernels at decoration time, so a module imported before TRITON_INTERPRET=1 was set is reloaded once.
 KERNEL_MODULES = ("cudacnn.kernels.activations", "cudacnn.kernels.gemm", "cudacnn.kernels.cross_entropy",
-                  "cudacnn.kernels.batchnorm")
+                  "cudacnn.kernels.batchnorm", "cudacnn.kernels.conv")
 
 _warned_fallback = False
 

@@ -4,8 +4,9 @@ whose kernels torch.compile sees (see their section).
 
 backend "triton": the Triton kernels. backend "cuda": the CUDA C++ GEMM (forward, bf16/fp16) and
 activations, the Triton kernels elsewhere (GEMM backward, cross-entropy, BatchNorm). Without a GPU both fall
-back to the PyTorch references with one warning (see _runtime.use_triton). Convolutions are not here: they
-stay PyTorch's (cuDNN); batchnorm_act fuses what follows them."""
+back to the PyTorch references with one warning (see _runtime.use_triton). conv2d_fused is a convolution
+with the BatchNorm work around it fused in (kernels/conv.py); the zoo's models do not use it yet: their
+convolutions stay PyTorch's (cuDNN), and batchnorm_act fuses what follows them."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import activations as _act
 from . import batchnorm as _bn
+from . import conv as _conv
 from . import cross_entropy as _ce
 from . import cuda_ext as _cuda
 from .gemm import gemm as _gemm_fn
@@ -423,3 +425,111 @@ def batchnorm_act(x: Tensor, weight: Tensor | None, bias: Tensor | None, residua
     else:
         mean, rstd = _bn.running_stats(running_mean, running_var, eps, x.dtype)
     return _batchnorm_act(x, weight, bias, residual, mean, rstd, training, normalize, activation, pool)
+
+
+# ---------------------------------------------------------------- convolution + BatchNorm prologue / stats epilogue
+# y = conv(act(x * scale + shift), w) and, with stats, sums = (sum y, sum y^2) per output channel. sums is a
+# differentiable output: a BatchNorm whose statistics come from it passes their gradient back through y.
+# conv.dispatch picks the Triton kernels or cuDNN (F.conv2d) per call; y is channels_last either way.
+
+def _channels_last(t: Tensor) -> Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+@torch.library.custom_op("cudacnn::conv2d_fused", mutates_args=())
+def _conv2d_fused(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], stride: int,
+                  padding: int, activation: str, stats: bool, allow_tf32: bool) -> tuple[Tensor, Tensor]:
+    if _conv.dispatch(x, weight, stride, padding) == "triton":
+        y, sums = _conv.forward(x, weight, scale, shift, stride, padding, activation, stats, allow_tf32)
+    else:
+        y, sums = _conv.reference_forward(x, weight, scale, shift, stride, padding, activation, stats)
+        y = _channels_last(y)
+    return y, (sums if stats else _empty(x))
+
+
+@_conv2d_fused.register_fake
+def _(x, weight, scale, shift, stride, padding, activation, stats, allow_tf32):
+    y = torch.empty(_conv.output_shape(x.shape, weight.shape, stride, padding), dtype=x.dtype, device=x.device,
+                    memory_format=torch.channels_last)
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return y, (x.new_empty((2, weight.shape[0]), dtype=dtype) if stats else x.new_empty((0,)))
+
+
+@torch.library.custom_op("cudacnn::conv2d_fused_backward", mutates_args=())
+def _conv2d_fused_backward(grad_y: Tensor, grad_sums: Optional[Tensor], y: Tensor, x: Tensor, weight: Tensor,
+                           scale: Optional[Tensor], shift: Optional[Tensor], stride: int, padding: int,
+                           activation: str, allow_tf32: bool, needs_x: bool, needs_w: bool,
+                           needs_affine: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dw, dscale, dshift), empty where not needed; grad_sums (2, K) or None, y the forward's output
+    (read only with grad_sums)."""
+    g = _conv.stats_gradient(grad_y.to(x.dtype), grad_sums, y)
+    prologue = scale is not None
+    dx = dw = dscale = dshift = None
+    if _conv.dispatch(x, weight, stride, padding) == "triton":
+        if needs_x or (prologue and needs_affine):
+            dx, dscale, dshift = _conv.input_grad(g, x, weight, scale, shift, stride, activation, allow_tf32)
+        if needs_w:
+            dw = _conv.weight_grad(g, x, weight, scale, shift, stride, activation, allow_tf32)
+    else:
+        dx, dw, dscale, dshift = _conv.reference_backward(g, x, weight, scale, shift, stride, padding, activation,
+                                                          needs_x, needs_w)
+        dx = _channels_last(dx) if dx is not None else None
+        dw = torch.empty_like(weight).copy_(dw) if dw is not None else None
+    affine = prologue and needs_affine
+    return (dx if needs_x else _empty(x), dw if needs_w else _empty(x), dscale if affine else _empty(x),
+            dshift if affine else _empty(x))
+
+
+@_conv2d_fused_backward.register_fake
+def _(grad_y, grad_sums, y, x, weight, scale, shift, stride, padding, activation, allow_tf32, needs_x, needs_w,
+      needs_affine):
+    affine = scale is not None and needs_affine
+    return (torch.empty_like(x, memory_format=torch.channels_last) if needs_x else x.new_empty((0,)),
+            torch.empty_like(weight) if needs_w else x.new_empty((0,)),
+            torch.empty_like(scale) if affine else x.new_empty((0,)),
+            torch.empty_like(shift) if affine else x.new_empty((0,)))
+
+
+def _conv2d_fused_setup(ctx, inputs, output):
+    x, weight, scale, shift, stride, padding, activation, stats, allow_tf32 = inputs
+    y, _ = output
+    ctx.save_for_backward(x, weight, scale, shift, y if stats else None)
+    ctx.config = (stride, padding, activation, allow_tf32)
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zero tensors to add
+
+
+def _conv2d_fused_grad(ctx, grad_y, grad_sums):
+    x, weight, scale, shift, y = ctx.saved_tensors
+    stride, padding, activation, allow_tf32 = ctx.config
+    needs_x, needs_w, needs_scale, needs_shift = ctx.needs_input_grad[:4]
+    if grad_y is None:  # only the statistics reach the loss
+        grad_y = torch.zeros(_conv.output_shape(x.shape, weight.shape, stride, padding), dtype=x.dtype,
+                             device=x.device).contiguous(memory_format=torch.channels_last)
+    if y is None:
+        grad_sums = None
+    dx, dw, dscale, dshift = _conv2d_fused_backward(grad_y, grad_sums, y if y is not None else grad_y, x, weight,
+                                                    scale, shift, stride, padding, activation, allow_tf32, needs_x,
+                                                    needs_w, needs_scale or needs_shift)
+    return (dx if needs_x else None, dw if needs_w else None, dscale if needs_scale else None,
+            dshift if needs_shift else None, None, None, None, None, None)
+
+
+_conv2d_fused.register_autograd(_conv2d_fused_grad, setup_context=_conv2d_fused_setup)
+
+
+def conv2d_fused(x: Tensor, weight: Tensor, scale: Tensor | None = None, shift: Tensor | None = None,
+                 stride: int = 1, padding: int | None = None, activation: str = "none", stats: bool = False,
+                 backend: str = "triton", allow_tf32: bool | None = None) -> tuple[Tensor, Tensor | None]:
+    """(y, sums): y = conv2d(act(x * scale + shift), weight) without bias (scale, shift per input channel;
+    both None: no prologue), and with stats, sums (2, K) = per-channel sum and sum of squares of y (float32),
+    else None. padding None: (R - 1) // 2. backend "triton": the custom op (Triton kernels where
+    conv.dispatch says so, else cuDNN); "torch": the PyTorch reference. allow_tf32 None: as F.conv2d
+    (torch.backends.cudnn.allow_tf32)."""
+    padding = (weight.shape[-1] - 1) // 2 if padding is None else padding
+    _conv.check_inputs(x, weight, scale, shift, stride, padding, activation)
+    if backend == "torch":
+        return _conv.reference_forward(x, weight, scale, shift, stride, padding, activation, stats)
+    if allow_tf32 is None:
+        allow_tf32 = torch.backends.cudnn.allow_tf32
+    y, sums = _conv2d_fused(x, weight, scale, shift, int(stride), int(padding), activation, stats, bool(allow_tf32))
+    return y, (sums if stats else None)
