@@ -364,7 +364,7 @@ def test_record_flops_match_the_published_count():
     from cudacnn.train.fast.recipe import resolve_config
 
     cifar = SimpleNamespace(num_classes=10, train=range(50000), test=range(10000))
-    airbench = dict(batch_size=2000, epochs=8.0, tta_level=2, tta_fraction=1.0)
+    airbench = dict(batch_size=2000, epochs=8.0, keep_fraction=1.0, tta_level=2, tta_fraction=1.0)
     fast94 = training_flops(resolve_config("fast94", airbench), cifar)
     assert 0.28e15 < fast94 < 0.31e15
     # twice the epochs: twice the training FLOPs, the same evaluation

@@ -89,13 +89,15 @@ def test_warmup_runs_once_per_graph_shaping_setting(monkeypatch):
     data = tiny_dataset()
     recipe.warmup("fast94", data, "cpu")
     recipe.warmup("fast94", data, "cpu", epochs=3.0, cutout=4)  # no graph field changed: nothing to compile
-    recipe.warmup("fast94", data, "cpu", batch_size=2000)  # the preset's own value: the same key
+    recipe.warmup("fast94", data, "cpu", batch_size=1536)  # the preset's own value: the same key
     recipe.warmup("fast94", data, "cpu", batch_size=500)
     recipe.warmup("fast94", data, "cpu", muon_momentum=0.7)  # a constant in Muon's compiled update
+    recipe.warmup("fast94", data, "cpu", activation="gelu")  # another net
+    recipe.warmup("fast94", data, "cpu", tta_fraction=1.0)  # other evaluation batch shapes
     recipe.warmup("fast94", data, "cpu", compile=False)
     recipe.warmup("fast96", data, "cpu")
     recipe.warmup("fast96", data, "cpu", keep_fraction=0.5)  # another step size
-    assert calls == [None, 500, None, None, None, None]
+    assert calls == [None, 500, None, None, None, None, None, None]
 
 
 def test_recipe_settings_are_typed_and_checked():
@@ -217,7 +219,8 @@ def test_last_loss_run_trains_on_the_examples_it_ranks_hardest(monkeypatch):
     unseen_counts = []
     for step, outputs in zip(steps, main_outputs):
         assert len(step["kept"]) == 16 and len(set(step["kept"].tolist())) == 16
-        expected = torch.nn.functional.cross_entropy(outputs, labels[step["kept"]], label_smoothing=0.2,
+        smoothing = recipe.resolve_config("fast94", {}).label_smoothing
+        expected = torch.nn.functional.cross_entropy(outputs, labels[step["kept"]], label_smoothing=smoothing,
                                                      reduction="none")
         torch.testing.assert_close(step["losses"], expected.detach())
         before, kept = step["before"], step["kept"]

@@ -313,7 +313,10 @@ def test_record_preset_runs_seeds_and_summarizes(tmp_path, monkeypatch, dataset,
     assert summary["acc_min"] == min(accs) and summary["acc_mean"] == pytest.approx(sum(accs) / 2)
     model, ckpt = model_from_checkpoint(tmp_path / "rec" / "run1" / "checkpoints" / "last.pt")
     assert ckpt["model_name"] == "fast94" and ckpt["config"]["seed"] == 6
-    assert ckpt["config"]["recipe"]["max_steps"] == 2 and ckpt["config"]["recipe"]["muon_lr"] == 0.24
+    from cudacnn.train.presets import PRESETS
+
+    recipe = ckpt["config"]["recipe"]
+    assert recipe["max_steps"] == 2 and recipe["muon_lr"] == PRESETS["fast94"]["record"].muon_lr  # the whole recipe
     assert model.head.in_features == 256 and ckpt["model_kwargs"]["widths"] == [64, 256, 256]
     assert ckpt["model_kwargs"]["activation"] == ckpt["config"]["recipe"]["activation"]  # the net trained
     # the normalization the recipe trained with (fixed CIFAR-10 statistics), not this data set's own
@@ -353,7 +356,7 @@ def test_print_config_of_a_record_preset_is_its_recipe_and_reads_back(tmp_path, 
     argv = ["train", "--preset", "fast94", "--set", "epochs=7", "--device", "cpu", "--print-config"]
     assert main(argv) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["recipe"]["epochs"] == 7.0 and printed["recipe"]["batch_size"] == 2000
+    assert printed["recipe"]["epochs"] == 7.0 and printed["recipe"]["batch_size"] == 1536
     assert printed["preset"] == "fast94" and "lr" not in printed and "batch_size" not in printed
     saved = tmp_path / "config.yaml"  # what a record run writes as its config.yaml
     saved.write_text(yaml.safe_dump(printed))
