@@ -5,6 +5,8 @@ and under CI=true, where the shared set must be present, its absence fails them.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,21 @@ def triton_interpreter():
         if os.environ.get("CI") == "true":
             pytest.fail(reason)
         pytest.skip(reason)
+
+
+@pytest.fixture
+def run_compiled_triton():
+    """Run a Python script in a subprocess with Triton's compiler instead of its interpreter (this checkout's
+    package first on the path): what the interpreter lets pass, such as type or layout errors in a kernel,
+    shows there. Returns the finished process."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
+
+    def run(script: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -470,22 +470,14 @@ print(json.dumps({"forward": forward, "backward": backward}))
 """
 
 
-def test_triton_ops_trace_into_their_kernels_for_inductor():
+def test_triton_ops_trace_into_their_kernels_for_inductor(run_compiled_triton):
     """What torch.compile hands Inductor for a GPU: the triton_ops decomposed into their two kernels each way,
     as triton_kernel_wrapper nodes, each cloning (functionalizing) only the tensors it writes: Inductor's
     analysis of the kernels' Triton IR found their stores. Fake CUDA tensors on the CPU, compiled Triton (not
     the interpreter), in a subprocess."""
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(B.__file__).parents[2]), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-c", TRACE_FOR_A_GPU], env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = run_compiled_triton(TRACE_FOR_A_GPU)
     assert done.returncode == 0, done.stderr[-3000:]
     traced = json.loads(done.stdout.strip().splitlines()[-1])
     assert traced["forward"] == [
@@ -667,19 +659,10 @@ print("compiled")
 """
 
 
-def test_kernels_compile_for_an_h100():
+def test_kernels_compile_for_an_h100(run_compiled_triton):
     """The interpreter runs Python, not Triton's compiler: compile every kernel (a sample of variants) for
     sm_90, as a GPU run would, so type or layout errors the interpreter lets pass show here."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(B.__file__).parents[2]), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_H100], env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = run_compiled_triton(COMPILE_FOR_H100)
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
 
 

@@ -284,19 +284,10 @@ print("compiled")
 """
 
 
-def test_kernels_compile_for_an_h100():
+def test_kernels_compile_for_an_h100(run_compiled_triton):
     """The interpreter runs Python, not Triton's compiler: compile the three kernels (a sample of variants and
     tile configs) for sm_90 as a GPU run would, so type or layout errors the interpreter lets pass show here."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(Cv.__file__).parents[2]), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_H100], env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = run_compiled_triton(COMPILE_FOR_H100)
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
 
 

@@ -4,6 +4,7 @@ batches. The same code runs on the CPU."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -99,7 +100,7 @@ class GpuLoader:
             images = augment.alternating_flip(images, self.flip_base[idx], self.epoch)
         images = augment.random_crop(images, aug.crop_pad, gen, aug.pad_mode)
         images = augment.cutout(images, aug.cutout, gen)
-        jitter = (lambda x: augment.color_jitter(x, aug.brightness, aug.contrast, gen))
+        jitter = functools.partial(augment.color_jitter, brightness=aug.brightness, contrast=aug.contrast, gen=gen)
         return self.normalize(images, jitter), self.labels[idx]
 
     def normalize(self, images: torch.Tensor, then=None) -> torch.Tensor:

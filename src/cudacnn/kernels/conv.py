@@ -450,6 +450,13 @@ def _stride1_view(x: torch.Tensor, stride: int) -> torch.Tensor:
     return x if stride == 1 else x[:, :, ::stride, ::stride]
 
 
+def _gemm_rows(x: torch.Tensor, stride: int) -> tuple[torch.Tensor, int, int, int]:
+    """(the positions read, as _stride1_view, their height and width, and the GEMM's row count N*H*W)."""
+    xs = _stride1_view(x, stride)
+    h, w = xs.shape[2:]
+    return xs, h, w, x.shape[0] * h * w
+
+
 def _nhwc_strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(2), t.stride(3)
 
@@ -467,9 +474,7 @@ def forward(x, weight, scale, shift, stride: int, padding: int, activation: str,
     dispatch(...) == "triton" and check_inputs."""
     N, C, _, _ = x.shape
     K, _, R, _ = weight.shape
-    xs = _stride1_view(x, stride)
-    H, W = xs.shape[2:]
-    M = N * H * W
+    xs, H, W, M = _gemm_rows(x, stride)
     y = torch.empty((N, K, H, W), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     stat_block = _stat_block()
     P = triton.cdiv(M, stat_block)
@@ -487,12 +492,10 @@ def forward(x, weight, scale, shift, stride: int, padding: int, activation: str,
 def input_grad(grad_y, x, weight, scale, shift, stride: int, activation: str, allow_tf32: bool = False):
     """(dx, dscale, dshift) by the dgrad kernel; dscale/dshift None without a prologue. grad_y already holds
     the statistics' part (stats_gradient)."""
-    N, C, _, _ = x.shape
+    C = x.shape[1]
     K, _, R, _ = weight.shape
     dy = grad_y.contiguous(memory_format=torch.channels_last)
-    xs = _stride1_view(x, stride)
-    H, W = xs.shape[2:]
-    M = N * H * W
+    xs, H, W, M = _gemm_rows(x, stride)
     dx = torch.empty_like(x, memory_format=torch.channels_last) if stride == 1 else \
         torch.zeros_like(x, memory_format=torch.channels_last)  # positions a strided 1x1 conv skips: zero
     dxs = _stride1_view(dx, stride)
@@ -521,12 +524,10 @@ def _splits(M: int, tiles: int, device: torch.device) -> int:
 
 def weight_grad(grad_y, x, weight, scale, shift, stride: int, activation: str, allow_tf32: bool = False):
     """dw (weight's shape, dtype and layout) by the wgrad kernel."""
-    N, C, _, _ = x.shape
+    C = x.shape[1]
     K, _, R, _ = weight.shape
     dy = grad_y.contiguous(memory_format=torch.channels_last)
-    xs = _stride1_view(x, stride)
-    H, W = xs.shape[2:]
-    M = N * H * W
+    xs, H, W, M = _gemm_rows(x, stride)
     splits = _splits(M, triton.cdiv(K, 64) * R * R * triton.cdiv(C, 64), x.device)
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), 64) * 64  # a multiple of every BLOCK_K
     splits = triton.cdiv(M, rows_per_split)

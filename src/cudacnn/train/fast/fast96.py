@@ -6,7 +6,7 @@ Training: airbench94_muon's optimizers (Muon on the conv filters, SGD-Nesterov o
 a linear lr decay to zero, label smoothing, alternating flips, 4-pixel crops and cutout, Lookahead; TTA over
 mirrors and 1-pixel shifts at the end. Three Newton-Schulz steps and TTA on a quarter of the test set (fast94's
 speed settings) measured about 0.2 points lower here at 24 and 26 epochs (against earlier runs on another
-H100), so this recipe keeps five and full TTA.
+H100; benchmarks/fast.md), so this recipe keeps five and full TTA.
 """
 
 from cudacnn.train.fast.config import RecordConfig
