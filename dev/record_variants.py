@@ -4,7 +4,11 @@ as differences / ratios to the first variant). The numbers that go into benchmar
 `cudacnn bench record`; this is for choosing what to measure there.
 
     PYTHONPATH=src python3 dev/record_variants.py --preset fast94 --runs 10 --data .data/cifar10-jpeg.tar.gz \
-        --variant "" --variant "activation=silu,ns_steps=3" [--budget-s 400] [--json $OUT/variants.json]
+        --variant "" --variant "activation=silu,ns_steps=3" [--budget-s 400] [--json $OUT/variants.json] \
+        [--profile $OUT/profile.txt]
+
+`--profile` runs the first variant once more, right after its runs, under torch.profiler (its warm-up reused),
+and writes its kernels sorted by GPU time, with the sum of kernel time beside the run's device time: the gap is time the GPU waited.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ def main() -> None:
     p.add_argument("--variant", action="append", default=[], help="comma-separated KEY=VALUE overrides")
     p.add_argument("--budget-s", type=float, default=float("inf"), help="start no new variant after this long")
     p.add_argument("--json")
+    p.add_argument("--profile", help="write one profiled run of the first variant here")
     args = p.parse_args()
     started = time.perf_counter()
     dataset = load_dataset(args.data, quiet=True)
@@ -53,6 +58,8 @@ def main() -> None:
         results.append(dict(variant=spec or "preset", runs=len(runs), acc_mean=statistics.fmean(accs),
                             acc_std=statistics.stdev(accs) if len(accs) > 1 else 0.0,
                             time_median=statistics.median(times), eval_median=statistics.median(e for *_, e in runs)))
+        if args.profile and len(results) == 1:
+            profile_run(args.preset, dataset, overrides, args.profile)
     base = results[0]
     print(md_table(["variant", "runs", "TTA acc", "std", "median s", "eval s", "acc vs first", "time vs first"],
                    [[r["variant"], r["runs"], f"{r['acc_mean']:.4f}", f"{r['acc_std']:.4f}", f"{r['time_median']:.3f}",
@@ -61,6 +68,19 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
+
+
+def profile_run(preset: str, dataset, overrides: dict, path: str) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        r = train_fast(preset, dataset, seed=0, device="cuda", log=lambda *_: None, **overrides)
+    events = prof.key_averages()
+    kernel_s = sum(e.device_time_total for e in events if e.device_type.name == "CUDA") / 1e6
+    with open(path, "w") as f:
+        f.write(f"{preset} {overrides}: device time {r.train_time_s:.3f} s (profiled), kernels {kernel_s:.3f} s\n")
+        f.write(events.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70))
+    print(f"profile: {r.train_time_s:.3f} s device time, {kernel_s:.3f} s of kernels -> {path}", flush=True)
 
 
 

@@ -364,9 +364,15 @@ def test_record_flops_match_the_published_count():
     from cudacnn.train.fast.recipe import resolve_config
 
     cifar = SimpleNamespace(num_classes=10, train=range(50000), test=range(10000))
-    airbench = dict(batch_size=2000, epochs=8.0, keep_fraction=1.0, tta_level=2, tta_fraction=1.0)
+    # the whitening bias learning throughout: every step's backward as airbench94_muon's
+    airbench = dict(batch_size=2000, epochs=8.0, keep_fraction=1.0, tta_level=2, tta_fraction=1.0,
+                    whiten_bias_epochs=16.0)
     fast94 = training_flops(resolve_config("fast94", airbench), cifar)
     assert 0.28e15 < fast94 < 0.31e15
+    # the bias learning for 3 of the 200 steps: the other 197 skip the first group conv's input gradient
+    # (2,000 images, 31 x 31 outputs, 24 -> 64 channels, 3 x 3)
+    frozen = training_flops(resolve_config("fast94", {**airbench, "whiten_bias_epochs": 0.1}), cifar)
+    assert fast94 - frozen == 197 * 2 * 2000 * 31 * 31 * 64 * 24 * 9
     # twice the epochs: twice the training FLOPs, the same evaluation
     longer = training_flops(resolve_config("fast94", {**airbench, "epochs": 16.0}), cifar)
     evaluation = 2 * fast94 - longer

@@ -202,6 +202,35 @@ def test_residual_is_added_before_the_last_gelu():
         assert not torch.allclose(group(x), F.gelu(last) + first)
 
 
+def test_global_pool_is_adaptive_max_pool_forward_and_backward():
+    from cudacnn.models.fast import global_max_pool
+
+    x = torch.randn(4, 8, 3, 3, dtype=torch.float64, requires_grad=True)
+    y = x.detach().clone().requires_grad_()
+    g = torch.randn(4, 8, dtype=torch.float64)
+    (global_max_pool(x) * g).sum().backward()
+    (F.adaptive_max_pool2d(y, 1).flatten(1) * g).sum().backward()
+    torch.testing.assert_close(global_max_pool(x), F.adaptive_max_pool2d(y, 1).flatten(1))
+    torch.testing.assert_close(x.grad, y.grad)
+    assert (x.grad != 0).sum() == 4 * 8  # the whole gradient goes to each map's max
+
+
+def test_detached_whitening_bias_leaves_every_other_gradient_unchanged():
+    torch.manual_seed(0)
+    net = create_model("fast94", widths=(8, 16, 16)).double()
+    images, labels = torch.randn(6, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (6,))
+    grads = []
+    for bias_grad in (True, False):
+        net.zero_grad(set_to_none=True)
+        F.cross_entropy(net(images, whiten_bias_grad=bias_grad), labels).backward()
+        grads.append({n: p.grad for n, p in net.named_parameters() if p.requires_grad})
+    learning, frozen = grads
+    assert learning["whiten.bias"].abs().sum() > 0 and frozen["whiten.bias"] is None
+    assert learning.keys() == frozen.keys()
+    for name in learning.keys() - {"whiten.bias"}:
+        torch.testing.assert_close(frozen[name], learning[name], msg=name)
+
+
 def test_last_loss_filter_ranks_by_each_examples_last_recorded_loss():
     from cudacnn.train.fast.filtering import LastLossFilter
 

@@ -81,6 +81,25 @@ def test_schedule_decays_linearly_and_the_whitening_bias_freezes(monkeypatch):
     assert [h["lr_scale"] for h in result.history] == [0.5, 0.0]
 
 
+def test_whitening_bias_gets_gradients_only_while_it_learns(monkeypatch):
+    """Steps after the whitening bias's span run the net with the bias detached; the compile warm-up runs both
+    kinds of step three times, so both graphs exist (and are CUDA-graph recorded) before a timed run."""
+    flags, forward = [], FastNet.forward
+
+    def recording(self, x, whiten_bias_grad=True):
+        if self.training:
+            flags.append(whiten_bias_grad)
+        return forward(self, x, whiten_bias_grad)
+
+    monkeypatch.setattr(FastNet, "forward", recording)
+    settings = dict(device="cpu", compile=False, log=lambda *_: None, batch_size=16, whiten_images=64)
+    train_fast("fast94", tiny_dataset(), epochs=1.0, whiten_bias_epochs=0.5, **settings)
+    assert flags == [True, True, False, False]  # 4 steps an epoch, the bias learns for 2
+    flags.clear()
+    train_fast("fast94", tiny_dataset(), _warm=True, max_steps=2 * recipe.WARM_STEPS, **settings)
+    assert flags == [True] * recipe.WARM_STEPS + [False] * recipe.WARM_STEPS
+
+
 def test_warmup_runs_once_per_graph_shaping_setting(monkeypatch):
 
     monkeypatch.setattr(recipe, "_WARMED", set())
@@ -206,8 +225,8 @@ def test_last_loss_run_trains_on_the_examples_it_ranks_hardest(monkeypatch):
     monkeypatch.setattr(recipe, "LastLossFilter", Recording)
     main_forward = FastNet.forward
 
-    def recording_forward(self, x):
-        main_outputs.append(main_forward(self, x))
+    def recording_forward(self, x, whiten_bias_grad=True):
+        main_outputs.append(main_forward(self, x, whiten_bias_grad))
         return main_outputs[-1]
 
     monkeypatch.setattr(FastNet, "forward", recording_forward)

@@ -104,13 +104,19 @@ def training_flops(cfg: RecordConfig, dataset) -> float:
     model = create_model(cfg.model, num_classes=dataset.num_classes, activation=cfg.activation).to("meta")
     images = torch.empty(cfg.examples_per_step, 3, 32, 32, device="meta")
     labels = torch.zeros(len(images), dtype=torch.long, device="meta")
-    with FlopCounterMode(display=False) as step:
-        F.cross_entropy(model(images), labels, reduction="sum").backward()
-    steps = min(math.ceil(cfg.epochs * (len(dataset.train) // cfg.batch_size)), cfg.max_steps or math.inf)
+    step_flops = {}
+    for bias_grad in (True, False):  # once the whitening bias stops learning, backward skips the first conv's dx
+        with FlopCounterMode(display=False) as counter:
+            F.cross_entropy(model(images, whiten_bias_grad=bias_grad), labels, reduction="sum").backward()
+        step_flops[bias_grad] = counter.get_total_flops()
+    steps_per_epoch = len(dataset.train) // cfg.batch_size
+    steps = min(math.ceil(cfg.epochs * steps_per_epoch), cfg.max_steps or math.inf)
+    learning = min(steps, max(1, math.ceil(cfg.whiten_bias_epochs * steps_per_epoch)))
     views = TTA_VIEWS[cfg.tta_level]
     # selective TTA: one plain pass over every test image, the views over the least confident fraction
     per_image = views if cfg.tta_fraction == 1 or views == 1 else 1 + cfg.tta_fraction * views
-    return steps * step.get_total_flops() + per_image * len(dataset.test) * count_flops(model)
+    return (learning * step_flops[True] + (steps - learning) * step_flops[False]
+            + per_image * len(dataset.test) * count_flops(model))
 
 
 def dense_fp16_peak(device: torch.device) -> float | None:

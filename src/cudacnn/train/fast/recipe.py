@@ -60,8 +60,8 @@ class TrainLoss(nn.Module):
         super().__init__()
         self.model, self.label_smoothing = model, label_smoothing
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor):
-        logits = self.model(images)
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, whiten_bias_grad: bool = True):
+        logits = self.model(images, whiten_bias_grad)
         losses = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing, reduction="none")
         return losses.sum(), losses.detach(), (logits.detach().argmax(1) == labels).sum()
 
@@ -104,6 +104,7 @@ def prepared_model(cfg: RecordConfig, device, num_classes: int, compile: bool) -
 GRAPH_FIELDS = ("batch_size", "compile_mode", "keep_fraction", "muon_momentum", "ns_steps", "activation",
                 "label_smoothing", "tta_fraction")
 _WARMED: set[tuple] = set()  # warm-up keys done in this process
+WARM_STEPS = 3
 
 
 def warmup(name: str, dataset: Dataset, device="cuda", compile: bool = True, **overrides) -> None:
@@ -115,8 +116,10 @@ def warmup(name: str, dataset: Dataset, device="cuda", compile: bool = True, **o
     key = (name, str(torch.device(device)), dataset.num_classes, compile, *(getattr(cfg, k) for k in GRAPH_FIELDS))
     if key in _WARMED:
         return
+    # every TTA view's graph, and three steps each with and without the whitening bias's gradient (CUDA graphs
+    # are recorded on a graph's second call)
     train_fast(name, dataset, seed=12345, device=device, compile=compile, log=lambda *_: None,
-               max_steps=3, tta_level=max(TTA_LEVELS), _warm=True, **graph)  # every TTA view's graph
+               max_steps=2 * WARM_STEPS, tta_level=max(TTA_LEVELS), _warm=True, **graph)
     _WARMED.add(key)
 
 
@@ -178,7 +181,8 @@ def train_fast(name: str, dataset: Dataset, *, seed: int = 0, device="cuda", com
     # a strided sample: image-folder sources store the training set sorted by class
     stride = max(1, len(train.images) // cfg.whiten_images)
     model.init_whiten(train.normalize(train.images[::stride][: cfg.whiten_images]))
-    history = train_steps(cfg, model, prepared.train_loss, train, optimizers, hard)
+    whiten_steps = WARM_STEPS if _warm else max(1, math.ceil(cfg.whiten_bias_epochs * len(train)))
+    history = train_steps(cfg, model, prepared.train_loss, train, optimizers, hard, whiten_steps)
     timer.stop()
     timer.start()  # the evaluation is timed too, as its own span
     model.eval()
@@ -219,16 +223,16 @@ def make_loaders(cfg: RecordConfig, dataset: Dataset, device: torch.device, seed
 
 
 def train_steps(cfg: RecordConfig, model: FastNet, train_loss: nn.Module, train: GpuLoader, optimizers,
-                hard: LastLossFilter | None) -> list[dict]:
-    """Every training step of the run, each on the `hard` filter's part of its batch if there is one; returns
-    one history row per epoch (loss and accuracy as device tensors: reading them would wait on the device)."""
+                hard: LastLossFilter | None, whiten_steps: int) -> list[dict]:
+    """Every training step of the run, each on the `hard` filter's part of its batch if there is one, the
+    whitening bias learning for the first `whiten_steps`; returns one history row per epoch (loss and
+    accuracy as device tensors: reading them would wait on the device)."""
     device = next(model.parameters()).device
     sgd, muon = optimizers
     steps_per_epoch = len(train)
     total_steps = math.ceil(cfg.epochs * steps_per_epoch)
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
-    whiten_steps = max(1, math.ceil(cfg.whiten_bias_epochs * steps_per_epoch))
     lookahead = Lookahead.of_model(model) if cfg.lookahead_every else None  # slow copy after the init
 
     history, step = [], 0
@@ -244,7 +248,8 @@ def train_steps(cfg: RecordConfig, model: FastNet, train_loss: nn.Module, train:
             if hard:
                 keep = hard.select(indices)
                 images, labels, indices = images[keep], labels[keep], indices[keep]
-            loss, losses, step_correct = train_loss(images, labels)
+            # the bias's lr is zero from whiten_steps on: its gradient would go unused
+            loss, losses, step_correct = train_loss(images, labels, step < whiten_steps)
             if hard:
                 hard.record(indices, losses)
             loss.backward()
