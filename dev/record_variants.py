@@ -8,7 +8,8 @@ as differences / ratios to the first variant). The numbers that go into benchmar
         [--profile $OUT/profile.txt]
 
 `--profile` runs the first variant once more, right after its runs, under torch.profiler (its warm-up reused),
-and writes its kernels sorted by GPU time, with the sum of kernel time beside the run's device time: the gap is time the GPU waited.
+and writes its ops and kernels sorted by GPU time, with the sum of kernel time beside the run's timed span (the
+sum also holds the kernels outside that span: the weights' reset, the loaders, the plain evaluation).
 """
 
 from __future__ import annotations
@@ -81,7 +82,6 @@ def profile_run(preset: str, dataset, overrides: dict, path: str) -> None:
         f.write(f"{preset} {overrides}: device time {r.train_time_s:.3f} s (profiled), kernels {kernel_s:.3f} s\n")
         f.write(events.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70))
     print(f"profile: {r.train_time_s:.3f} s device time, {kernel_s:.3f} s of kernels -> {path}", flush=True)
-
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cudacnn.data import Augment, GpuLoader, Split
+from cudacnn.data import CIFAR10_MEAN, CIFAR10_STD, Augment, GpuLoader, Split
 from cudacnn.data import augment
 
 
@@ -44,6 +44,25 @@ def test_normalization_uses_mean_and_std():
     x, _ = GpuLoader(split, 8, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), channels_last=False).prepare_epoch()
     expected = (split.images.transpose(0, 3, 1, 2) / 255.0 - 0.5) / 0.25
     np.testing.assert_allclose(x.numpy(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_jittered_epoch_is_normalize_then_jitter_in_one_pass(dtype):
+    """The loader folds the colour jitter into its one-pass normalization: the same values as normalizing, then
+    shifting and scaling each image (augment.color_jitter) with the same draws, then casting."""
+    split = make_split(32)
+    aug = Augment(brightness=0.2, contrast=0.1)
+    loader = GpuLoader(split, 8, augment=aug, dtype=dtype, seed=3)
+    out, _ = loader.prepare_epoch()
+    mean, std = (torch.tensor(v, dtype=torch.float64)[:, None, None] for v in (CIFAR10_MEAN, CIFAR10_STD))
+    x = torch.from_numpy(split.images).permute(0, 3, 1, 2).double() / 255
+    normalized = ((x - mean) / std).float()
+    gen = GpuLoader(split, 8, augment=aug, seed=3)._generator(stream=7919)  # the loader's augmentation stream
+    expected = augment.color_jitter(normalized, 0.2, 0.1, gen).to(dtype)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, expected, atol=1e-5 if dtype == torch.float32 else 4e-3, rtol=1e-5)
+    plain, _ = GpuLoader(split, 8, dtype=dtype, seed=3).prepare_epoch()
+    assert (out.float() - plain.float()).abs().amax((1, 2, 3)).min() > 0.01  # every image was jittered
 
 
 def test_shuffle_is_a_seeded_permutation():

@@ -66,13 +66,23 @@ def cutout(images: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tenso
     return images.masked_fill(inside[:, None], 0)
 
 
-def color_jitter(images: torch.Tensor, brightness: float, contrast: float, gen: torch.Generator) -> torch.Tensor:
-    """Per image, add a brightness shift drawn from [-brightness, brightness] and then scale by a contrast
-    factor drawn from [1 - contrast, 1 + contrast], on normalized float images (so the shift is in units of
-    the data set's standard deviation and the contrast scales about its mean), as the Hiverge record does."""
+def color_jitter_factors(n: int, brightness: float, contrast: float, gen: torch.Generator,
+                         device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per image, shape (n, 1, 1, 1): a brightness shift drawn from [-brightness, brightness] and a contrast
+    factor drawn from [1 - contrast, 1 + contrast], as the Hiverge record draws them; None when both are off."""
     if brightness <= 0 and contrast <= 0:
+        return None
+    shift = (torch.rand(n, 1, 1, 1, device=device, generator=gen) * 2 - 1) * brightness
+    scale = (torch.rand(n, 1, 1, 1, device=device, generator=gen) * 2 - 1) * contrast + 1
+    return shift, scale
+
+
+def color_jitter(images: torch.Tensor, brightness: float, contrast: float, gen: torch.Generator) -> torch.Tensor:
+    """Shift each normalized float image's brightness, then scale its contrast (color_jitter_factors): the shift
+    is in units of the data set's standard deviation and the contrast scales about its mean. The loader folds
+    the same factors into its normalization instead (GpuLoader.normalize)."""
+    factors = color_jitter_factors(images.shape[0], brightness, contrast, gen, images.device)
+    if factors is None:
         return images
-    n = images.shape[0]
-    shift = (torch.rand(n, 1, 1, 1, device=images.device, generator=gen) * 2 - 1) * brightness
-    scale = (torch.rand(n, 1, 1, 1, device=images.device, generator=gen) * 2 - 1) * contrast + 1
+    shift, scale = factors
     return (images + shift) * scale

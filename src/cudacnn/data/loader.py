@@ -4,7 +4,6 @@ batches. The same code runs on the CPU."""
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -100,16 +99,22 @@ class GpuLoader:
             images = augment.alternating_flip(images, self.flip_base[idx], self.epoch)
         images = augment.random_crop(images, aug.crop_pad, gen, aug.pad_mode)
         images = augment.cutout(images, aug.cutout, gen)
-        jitter = functools.partial(augment.color_jitter, brightness=aug.brightness, contrast=aug.contrast, gen=gen)
+        jitter = augment.color_jitter_factors(len(images), aug.brightness, aug.contrast, gen, images.device)
         return self.normalize(images, jitter), self.labels[idx]
 
-    def normalize(self, images: torch.Tensor, then=None) -> torch.Tensor:
-        """uint8 -> normalized float in the loader's dtype and layout; `then` runs on the float32 values first."""
+    def normalize(self, images: torch.Tensor, jitter: tuple[torch.Tensor, torch.Tensor] | None = None
+                  ) -> torch.Tensor:
+        """uint8 -> normalized float in the loader's dtype and layout. One pass over the images, x * a + b with a
+        and b per image and channel (float32 arithmetic), where normalizing, jittering, casting and changing the
+        layout one after another took seven passes over an epoch-sized float32 tensor. `jitter`: per-image
+        (shift, scale) from augment.color_jitter_factors, giving ((x - mean) / std + shift) * scale."""
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        out = (images.float() - self.mean) / self.std
-        if then is not None:
-            out = then(out)
-        return out.to(self.dtype).contiguous(memory_format=memory_format)
+        a, b = 1 / self.std, -self.mean / self.std
+        if jitter is not None:
+            shift, scale = jitter
+            a, b = a * scale, (b + shift) * scale
+        out = torch.empty(images.shape, dtype=self.dtype, device=images.device, memory_format=memory_format)
+        return torch.addcmul(b, images, a, out=out)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, labels, _ in self.indexed_batches():
