@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import statistics
 import time
 
@@ -110,8 +109,8 @@ def training_flops(cfg: RecordConfig, dataset) -> float:
             F.cross_entropy(model(images, whiten_bias_grad=bias_grad), labels, reduction="sum").backward()
         step_flops[bias_grad] = counter.get_total_flops()
     steps_per_epoch = len(dataset.train) // cfg.batch_size
-    steps = min(math.ceil(cfg.epochs * steps_per_epoch), cfg.max_steps or math.inf)
-    learning = min(steps, max(1, math.ceil(cfg.whiten_bias_epochs * steps_per_epoch)))
+    steps = cfg.total_steps(steps_per_epoch)
+    learning = min(steps, cfg.whiten_bias_steps(steps_per_epoch))
     views = TTA_VIEWS[cfg.tta_level]
     # selective TTA: one plain pass over every test image, the views over the least confident fraction
     per_image = views if cfg.tta_fraction == 1 or views == 1 else 1 + cfg.tta_fraction * views

@@ -75,6 +75,14 @@ class RecordConfig:
                               f"known: {', '.join(sorted(FIELDS))}")
         return dataclasses.replace(self, **overrides).validate()
 
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """The run's optimizer steps: `epochs` of `steps_per_epoch` (a fraction ends mid-epoch), at most max_steps."""
+        return min(math.ceil(self.epochs * steps_per_epoch), self.max_steps or math.inf)
+
+    def whiten_bias_steps(self, steps_per_epoch: int) -> int:
+        """The steps the whitening bias learns in (at least one); it is frozen, and detached, after them."""
+        return max(1, math.ceil(self.whiten_bias_epochs * steps_per_epoch))
+
     @property
     def examples_per_step(self) -> int:
         """How many examples each optimizer step learns from: the batch, or its kept part when filtering."""

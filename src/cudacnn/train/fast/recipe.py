@@ -181,7 +181,7 @@ def train_fast(name: str, dataset: Dataset, *, seed: int = 0, device="cuda", com
     # a strided sample: image-folder sources store the training set sorted by class
     stride = max(1, len(train.images) // cfg.whiten_images)
     model.init_whiten(train.normalize(train.images[::stride][: cfg.whiten_images]))
-    whiten_steps = WARM_STEPS if _warm else max(1, math.ceil(cfg.whiten_bias_epochs * len(train)))
+    whiten_steps = WARM_STEPS if _warm else cfg.whiten_bias_steps(len(train))
     history = train_steps(cfg, model, prepared.train_loss, train, optimizers, hard, whiten_steps)
     timer.stop()
     timer.start()  # the evaluation is timed too, as its own span
@@ -230,9 +230,7 @@ def train_steps(cfg: RecordConfig, model: FastNet, train_loss: nn.Module, train:
     device = next(model.parameters()).device
     sgd, muon = optimizers
     steps_per_epoch = len(train)
-    total_steps = math.ceil(cfg.epochs * steps_per_epoch)
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
+    total_steps = cfg.total_steps(steps_per_epoch)
     lookahead = Lookahead.of_model(model) if cfg.lookahead_every else None  # slow copy after the init
 
     history, step = [], 0
