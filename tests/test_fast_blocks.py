@@ -175,6 +175,11 @@ def test_fast_nets_shapes_and_identity_init(name, width):
     assert torch.all(w[:, :, 1, 1].diagonal() == 1) and w[0, :, 1, 1].sum() == 1  # dirac init
     frozen = [n for n, p in net.named_parameters() if not p.requires_grad]
     assert "whiten.weight" in frozen and all("norms" in n or n == "whiten.weight" for n in frozen)
+    first = net.head.weight.clone()
+    net.reset()
+    for head in (first, net.head.weight):  # unit std from the start and after every reset, freshly drawn
+        assert head.std().item() == pytest.approx(1.0, abs=1e-5)
+    assert not torch.equal(first, net.head.weight)
 
 
 def test_fast96_is_the_measured_recipe():
