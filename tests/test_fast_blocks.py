@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from cudacnn.data import Augment, GpuLoader, Split
 from cudacnn.models import create_model
 from cudacnn.train.fast.lookahead import Lookahead
-from cudacnn.train.fast.muon import Muon, newton_schulz, newton_schulz_stacked
+from cudacnn.train.fast.muon import Muon, muon_step, newton_schulz, newton_schulz_stacked
 from cudacnn.train.fast.whitening import patches, whitening_filters
 
 
@@ -250,3 +250,50 @@ def test_last_loss_filter_ranks_by_each_examples_last_recorded_loss():
     rank.record(batch, torch.tensor([0.1, 0.9, 0.3, 0.8, 0.2]))
     assert set(batch[rank.select(batch)].tolist()) == {2, 0, 5}
     assert rank.last_loss.dtype == torch.float32 and torch.isinf(rank.last_loss[[1, 3, 4, 6, 8]]).all()
+
+
+def test_muon_step_with_a_tensor_lr_is_the_optimizer_step():
+    """The graphed step's function: the same update as Muon.step, its lr read from a tensor."""
+    torch.manual_seed(0)
+    start = [torch.randn(8, 4, 3, 3) * 3, torch.randn(6, 8, 3, 3)]
+    grads = [[torch.randn_like(w) for w in start] for _ in range(3)]
+    eager = [torch.nn.Parameter(w.clone()) for w in start]
+    opt = Muon(eager, lr=0.2, momentum=0.6, nesterov=True, ns_steps=3)
+    params = [w.clone() for w in start]
+    bufs = [torch.zeros_like(w) for w in start]
+    for step, step_grads in enumerate(grads):
+        lr = 0.2 * (1 - step / 3)
+        opt.param_groups[0]["lr"] = lr
+        for p, g in zip(eager, step_grads):
+            p.grad = g.clone()
+        opt.step()
+        muon_step(params, step_grads, bufs, torch.tensor(lr), 0.6, True, 3)
+    for ours, ref, first in zip(params, eager, start):
+        assert (ours - first).abs().max() > 0.05
+        torch.testing.assert_close(ours, ref.detach(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_graphed_muon_matches_compiled_over_runs():
+    """The captured step gives the compiled step's result, and a second optimizer on the same parameters reuses
+    the graph with zeroed momentum."""
+    torch.manual_seed(0)
+    start = [torch.randn(64, 24, 3, 3, device="cuda").half(), torch.randn(256, 64, 3, 3, device="cuda").half()]
+    grads = [[torch.randn_like(w) for w in start] for _ in range(4)]
+    finals = {}
+    for graphed in (False, True, True):
+        params = finals.setdefault(("params", graphed), [torch.nn.Parameter(w.clone()) for w in start])
+        with torch.no_grad():
+            for p, w in zip(params, start):
+                p.copy_(w)
+        opt = Muon(params, lr=0.2, momentum=0.6, nesterov=True, ns_steps=3, compiled=not graphed, graphed=graphed)
+        for step, step_grads in enumerate(grads):
+            opt.param_groups[0]["lr"] = 0.2 * (1 - step / 4)
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            opt.step()
+        finals[graphed] = [p.detach().clone() for p in params]
+    for ref, ours, first in zip(finals[False], finals[True], start):
+        assert (ref.float() - first.float()).abs().max() > 0.05
+        torch.testing.assert_close(ours.float(), ref.float(), atol=2e-3, rtol=2e-3)

@@ -39,6 +39,9 @@ class RecordConfig:
     keep_fraction: float      # < 1: train on the hardest part of each batch, ranked by last loss (filtering.py)
     compile_mode: str         # torch.compile mode; reduce-overhead captures CUDA graphs
     max_steps: int | None = None  # cut training short (smoke tests, the compile warm-up)
+    # EXPERIMENT knobs
+    muon_graph: int = 0
+    pool_kernel: str = "torch"
 
     def validate(self) -> "RecordConfig":
         rates = (self.muon_lr, self.bias_lr, self.head_lr)

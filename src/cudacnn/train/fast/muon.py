@@ -61,6 +61,50 @@ def muon_updates(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: li
     return [u.reshape(p.shape).to(p.dtype) for u, p in zip(updates, params)]
 
 
+def muon_step(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor], lr: torch.Tensor,
+              momentum: float, nesterov: bool, ns_steps: int) -> None:
+    """muon_updates, then the parameters move by -lr times their update; lr is a device tensor, so a CUDA graph
+    of this step serves every step of the schedule."""
+    updates = muon_updates(params, grads, bufs, momentum, nesterov, ns_steps)
+    torch._foreach_add_(params, torch._foreach_mul(updates, -lr))
+
+
+class GraphedStep:
+    """Muon's whole step on fixed parameters, captured once as a CUDA graph: three launches a step (copy the
+    gradients in, set the lr, replay) instead of the compiled update's ~30 kernels launched from Python.
+    The momentum buffers, gradient copies and lr live at fixed addresses; `reset` zeroes the buffers for a
+    new run on the same parameters."""
+
+    def __init__(self, params: list[torch.Tensor], momentum: float, nesterov: bool, ns_steps: int):
+        self.grads = [torch.zeros_like(p) for p in params]
+        self.bufs = [torch.zeros_like(p) for p in params]
+        self.lr = torch.zeros((), device=params[0].device)
+        step = torch.compile(muon_step, dynamic=False, fullgraph=True)
+        args = (params, self.grads, self.bufs, self.lr, momentum, nesterov, ns_steps)
+        # compile and warm up outside the capture, on a side stream as capture wants; zero gradients and lr
+        # leave the buffers at zero and the parameters only renormalized, which the first real step does anyway
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step(*args)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            step(*args)
+
+    def reset(self) -> None:
+        torch._foreach_zero_(self.bufs)
+
+    def __call__(self, grads: list[torch.Tensor], lr: float) -> None:
+        torch._foreach_copy_(self.grads, grads)
+        self.lr.fill_(lr)
+        self.graph.replay()
+
+
+_GRAPHED: dict[tuple, GraphedStep] = {}  # one per set of parameters (by address) and step constants
+
+
 def allow_static_graphs(count: int = 64) -> None:
     """Let one function compile up to `count` shape-specialised graphs (dynamo's default limit is 8)."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, count)
@@ -71,17 +115,35 @@ class Muon(torch.optim.Optimizer):
     batched matmuls); the learning rate stays outside it, so its schedule does not recompile."""
 
     def __init__(self, params, lr: float = 0.24, momentum: float = 0.6, nesterov: bool = True,
-                 ns_steps: int = 5, compiled: bool = False):
+                 ns_steps: int = 5, compiled: bool = False, graphed: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
-        if compiled:  # one graph per preset's set of filter shapes
+        if compiled or graphed:  # one graph per preset's set of filter shapes
             allow_static_graphs()
         self.updates = torch.compile(muon_updates, dynamic=False, fullgraph=True) if compiled else muon_updates
+        self.graphed = graphed
+
+    def graphed_step(self, group: dict, params: list[torch.Tensor]) -> GraphedStep:
+        key = (tuple(p.data_ptr() for p in params), group["momentum"], group["nesterov"], group["ns_steps"])
+        if key not in _GRAPHED:
+            _GRAPHED[key] = GraphedStep(params, group["momentum"], group["nesterov"], group["ns_steps"])
+            graphed = _GRAPHED[key]
+        else:
+            graphed = _GRAPHED[key]
+            graphed.reset()
+        for p, buf in zip(params, graphed.bufs):
+            self.state[p]["momentum_buffer"] = buf
+        return graphed
 
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
+                continue
+            if self.graphed:
+                if "graphed" not in group:  # the first step of this optimizer
+                    group["graphed"] = self.graphed_step(group, params)
+                group["graphed"]([p.grad for p in params], group["lr"])
                 continue
             bufs = []
             for p in params:

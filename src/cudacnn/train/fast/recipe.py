@@ -86,12 +86,14 @@ def training_dtype(device: torch.device) -> torch.dtype:
 def prepared_model(cfg: RecordConfig, device, num_classes: int, compile: bool) -> Prepared:
     device = torch.device(device)
     mode = cfg.compile_mode if device.type == "cuda" else "default"  # CUDA graphs need a GPU
-    key = (cfg.model, cfg.activation, cfg.label_smoothing, str(device), num_classes, compile, mode)
+    key = (cfg.model, cfg.activation, cfg.label_smoothing, str(device), num_classes, compile, mode, cfg.pool_kernel)
     if key not in _PREPARED:
         if compile:  # both presets' static graphs (each batch size, train and eval) share FastNet.forward's
             allow_static_graphs()  # code object: more than dynamo's default 8
         model = create_model(cfg.model, num_classes=num_classes, activation=cfg.activation)
         model = model.to(device, memory_format=torch.channels_last).to_training_dtype(training_dtype(device))
+        if cfg.pool_kernel != "torch":
+            model.use_pool_kernel(cfg.pool_kernel)
         train_loss = TrainLoss(model, cfg.label_smoothing)
         # static shapes: every batch here is full-size, and a shape-generic graph would be slower
         compiled = (lambda m: torch.compile(m, dynamic=False, mode=mode)) if compile else (lambda m: m)
@@ -102,7 +104,7 @@ def prepared_model(cfg: RecordConfig, device, num_classes: int, compile: bool) -
 # The fields the compiled graphs depend on (static shapes, compile mode, the net's activation, and constants
 # inside the graphs: label smoothing, Muon's momentum and step count): one warm-up per value.
 GRAPH_FIELDS = ("batch_size", "compile_mode", "keep_fraction", "muon_momentum", "ns_steps", "activation",
-                "label_smoothing", "tta_fraction")
+                "label_smoothing", "tta_fraction", "muon_graph", "pool_kernel")
 _WARMED: set[tuple] = set()  # warm-up keys done in this process
 WARM_STEPS = 3
 
@@ -137,7 +139,7 @@ def make_optimizers(model: FastNet, cfg: RecordConfig, compile: bool = False) ->
     sgd = torch.optim.SGD(groups, momentum=cfg.sgd_momentum, nesterov=True, fused=on_gpu)
     filters = [p for p in model.parameters() if p.ndim == 4 and p.requires_grad]
     muon = Muon(filters, lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=True, ns_steps=cfg.ns_steps,
-                compiled=compile and on_gpu)
+                compiled=compile and on_gpu and not cfg.muon_graph, graphed=compile and on_gpu and bool(cfg.muon_graph))
     for opt in (sgd, muon):
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
