@@ -332,10 +332,11 @@ def _quick_bench(kernel_call, quantiles):
     return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
 
 
-_apply_tuned = triton.autotune(APPLY_CONFIGS, key=["M", "C", "spC"], prune_configs_by={"early_config_prune": _prune_wide},
+_PRUNE = {"early_config_prune": _prune_wide}
+_apply_tuned = triton.autotune(APPLY_CONFIGS, key=["M", "C", "spC"], prune_configs_by=_PRUNE,
                                do_bench=_quick_bench)(_apply_kernel)
-_dx_tuned = triton.autotune(DX_CONFIGS, key=["Q", "C", "spC", "sdC", "sxC"],
-                            prune_configs_by={"early_config_prune": _prune_wide}, do_bench=_quick_bench)(_dx_kernel)
+_dx_tuned = triton.autotune(DX_CONFIGS, key=["Q", "C", "spC", "sdC", "sxC"], prune_configs_by=_PRUNE,
+                            do_bench=_quick_bench)(_dx_kernel)
 
 
 def autotuning() -> bool:
