@@ -299,7 +299,8 @@ def kernels(fn, *args):
             for n in graph.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
 
 x = fake(8, 64, 15, 15, dtype=torch.float16)
-p, dy, code = fake(8, 64, 7, 7, dtype=torch.float16), fake(8, 64, 7, 7, dtype=torch.float16), fake(8, 64, 7, 7, dtype=torch.int8)
+p, dy = fake(8, 64, 7, 7, dtype=torch.float16), fake(8, 64, 7, 7, dtype=torch.float16)
+code = fake(8, 64, 7, 7, dtype=torch.int8)
 w, b, rm, rv, mean, rstd = (fake(64) for _ in range(6))
 forward = kernels(lambda x, w, b, rm, rv: ops.pool_bn_act(x, w, b, rm, rv, True, 0.1, 1e-5, "gelu"), x, w, b, rm, rv)
 backward = kernels(lambda dy, p, code, w, b, mean, rstd: torch.ops.cudacnn.pool_bn_act_backward(
