@@ -31,7 +31,7 @@ except ImportError:  # triton is an optional extra: keep the module importable, 
 # Modules whose kernels are decorated with triton.jit at import: triton picks compiled or interpreted
 # kernels at decoration time, so a module imported before TRITON_INTERPRET=1 was set is reloaded once.
 KERNEL_MODULES = ("cudacnn.kernels.activations", "cudacnn.kernels.gemm", "cudacnn.kernels.cross_entropy",
-                  "cudacnn.kernels.batchnorm", "cudacnn.kernels.conv")
+                  "cudacnn.kernels.batchnorm", "cudacnn.kernels.pool_bn_act", "cudacnn.kernels.conv")
 
 _warned_fallback = False
 
@@ -51,7 +51,7 @@ def interpreter_ready() -> bool:
 
 
 def _refresh_interpreted_kernels() -> None:
-    for name in KERNEL_MODULES:  # order matters: gemm imports activation helpers
+    for name in KERNEL_MODULES:  # order matters: gemm imports activation helpers, pool_bn_act batchnorm's
         module = sys.modules.get(name)
         if module is not None and not getattr(module, "BUILT_FOR_INTERPRETER", False):
             importlib.reload(module)

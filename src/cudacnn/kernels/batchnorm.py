@@ -183,50 +183,67 @@ def _stats_kernel(x_ptr, partial_ptr, counter_ptr, mean_ptr, rstd_ptr, rm_ptr, r
         m_ok = m < end
         mask = m_ok[:, None] & c_ok[None, :]
         x = tl.load(x_ptr + _rows(m, HW, W, sN, sH, sW)[:, None] + c_off[None, :], mask=mask, other=0.0)
-        x = x.to(tl.float32)
-        seen = (m0 - start).to(tl.float32)  # rows merged so far: every earlier block was full
-        count = tl.minimum(end - m0, BLOCK_M).to(tl.float32)
-        block_mean = tl.sum(x, axis=0) / count
-        d = tl.where(mask, x - block_mean[None, :], 0.0)
-        delta = block_mean - mean
-        total = seen + count
-        mean += delta * (count / total)
-        m2 += tl.sum(d * d, axis=0) + delta * delta * (seen * count / total)
+        mean, m2 = _merge_tile(mean, m2, x.to(tl.float32), mask, m0 - start, tl.minimum(end - m0, BLOCK_M))
     tl.store(partial_ptr + pid_m * 2 * C + c, mean, mask=c_ok)
     tl.store(partial_ptr + pid_m * 2 * C + C + c, m2, mask=c_ok)
     if _last_program(counter_ptr, pid_c):
-        programs = tl.num_programs(0)
-        mean = tl.zeros((BLOCK_C,), tl.float32)
-        m2 = tl.zeros((BLOCK_C,), tl.float32)
-        for p0 in range(0, programs, BLOCK_F):
-            # BLOCK_F programs' partials: their own (mean, M2), then merged into the total with Chan's formula
-            p = p0 + tl.arange(0, BLOCK_F)
-            p_ok = p < programs
-            count = tl.where(p_ok, tl.minimum(M - p * rows_per_prog, rows_per_prog), 0).to(tl.float32)
-            mask = p_ok[:, None] & c_ok[None, :]
-            offset = p[:, None] * (2 * C) + c[None, :]
-            mu = tl.load(partial_ptr + offset, mask=mask, other=0.0, cache_modifier=".cg")
-            part = tl.load(partial_ptr + offset + C, mask=mask, other=0.0, cache_modifier=".cg")
-            seen = (p0 * rows_per_prog).to(tl.float32)  # every earlier program had rows_per_prog rows
-            n = tl.minimum(M - p0 * rows_per_prog, BLOCK_F * rows_per_prog).to(tl.float32)
-            chunk_mean = tl.sum(count[:, None] * mu, axis=0) / n
-            d = tl.where(mask, mu - chunk_mean[None, :], 0.0)
-            chunk_m2 = tl.sum(part + count[:, None] * d * d, axis=0)
-            delta = chunk_mean - mean
-            total = seen + n
-            mean += delta * (n / total)
-            m2 += chunk_m2 + delta * delta * (seen * n / total)
-        var = m2 / M
-        tl.store(mean_ptr + c, mean, mask=c_ok)
-        tl.store(rstd_ptr + c, 1.0 / tl.sqrt(var + eps), mask=c_ok)
-        if UPDATE:
-            rm = tl.load(rm_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-            rv = tl.load(rv_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-            rm = rm * (1.0 - momentum) + momentum * mean
-            rv = rv * (1.0 - momentum) + momentum * (m2 / (M - 1))  # PyTorch's running_var is unbiased
-            tl.store(rm_ptr + c, rm.to(rm_ptr.dtype.element_ty), mask=c_ok)
-            tl.store(rv_ptr + c, rv.to(rv_ptr.dtype.element_ty), mask=c_ok)
+        _finish_stats(partial_ptr, mean_ptr, rstd_ptr, rm_ptr, rv_ptr, c, c_ok, M, C, rows_per_prog, momentum, eps,
+                      UPDATE, BLOCK_C, BLOCK_F)
         tl.store(counter_ptr + pid_c, 0)  # zero again for the next launch
+
+
+@triton.jit
+def _merge_tile(mean, m2, x, mask, seen, count):
+    """(mean, M2) per channel of `seen` rows merged with a tile's `count` rows x (float32, zero where masked)
+    by Chan's formula: no E[x^2] - mean^2 cancellation. Every earlier tile was full, so `seen` rows precede."""
+    seen = seen.to(tl.float32)
+    count = count.to(tl.float32)
+    block_mean = tl.sum(x, axis=0) / count
+    d = tl.where(mask, x - block_mean[None, :], 0.0)
+    delta = block_mean - mean
+    total = seen + count
+    mean += delta * (count / total)
+    m2 += tl.sum(d * d, axis=0) + delta * delta * (seen * count / total)
+    return mean, m2
+
+
+@triton.jit
+def _finish_stats(partial_ptr, mean_ptr, rstd_ptr, rm_ptr, rv_ptr, c, c_ok, M, C, rows_per_prog, momentum, eps,
+                  UPDATE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr):
+    """The last program of a channel block: merges the programs' (mean, M2) partials (programs, 2, C), each
+    over rows_per_prog of the M rows (the last program fewer), BLOCK_F at a time with Chan's formula, writes
+    mean and 1/std and with UPDATE the running statistics as F.batch_norm does (unbiased variance)."""
+    programs = tl.num_programs(0)
+    mean = tl.zeros((BLOCK_C,), tl.float32)
+    m2 = tl.zeros((BLOCK_C,), tl.float32)
+    for p0 in range(0, programs, BLOCK_F):
+        # BLOCK_F programs' partials: their own (mean, M2), then merged into the total with Chan's formula
+        p = p0 + tl.arange(0, BLOCK_F)
+        p_ok = p < programs
+        count = tl.where(p_ok, tl.minimum(M - p * rows_per_prog, rows_per_prog), 0).to(tl.float32)
+        mask = p_ok[:, None] & c_ok[None, :]
+        offset = p[:, None] * (2 * C) + c[None, :]
+        mu = tl.load(partial_ptr + offset, mask=mask, other=0.0, cache_modifier=".cg")
+        part = tl.load(partial_ptr + offset + C, mask=mask, other=0.0, cache_modifier=".cg")
+        seen = (p0 * rows_per_prog).to(tl.float32)  # every earlier program had rows_per_prog rows
+        n = tl.minimum(M - p0 * rows_per_prog, BLOCK_F * rows_per_prog).to(tl.float32)
+        chunk_mean = tl.sum(count[:, None] * mu, axis=0) / n
+        d = tl.where(mask, mu - chunk_mean[None, :], 0.0)
+        chunk_m2 = tl.sum(part + count[:, None] * d * d, axis=0)
+        delta = chunk_mean - mean
+        total = seen + n
+        mean += delta * (n / total)
+        m2 += chunk_m2 + delta * delta * (seen * n / total)
+    var = m2 / M
+    tl.store(mean_ptr + c, mean, mask=c_ok)
+    tl.store(rstd_ptr + c, 1.0 / tl.sqrt(var + eps), mask=c_ok)
+    if UPDATE:
+        rm = tl.load(rm_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+        rv = tl.load(rv_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+        rm = rm * (1.0 - momentum) + momentum * mean
+        rv = rv * (1.0 - momentum) + momentum * (m2 / (M - 1))  # PyTorch's running_var is unbiased
+        tl.store(rm_ptr + c, rm.to(rm_ptr.dtype.element_ty), mask=c_ok)
+        tl.store(rv_ptr + c, rv.to(rv_ptr.dtype.element_ty), mask=c_ok)
 
 
 @triton.jit
@@ -438,22 +455,30 @@ def _backward_kernel(dy_ptr, x_ptr, res_ptr, dx_ptr, dres_ptr, mean_ptr, rstd_pt
         tl.store(sums_ptr + (pid_p + 1) * 2 * C + c, acc_dz, mask=c_ok)
         tl.store(sums_ptr + (pid_p + 1) * 2 * C + C + c, acc_dzx, mask=c_ok)
         if _last_program(counter_ptr, pid_c):
-            programs = tl.num_programs(0)
-            dz = tl.zeros((BLOCK_C,), tl.float32)
-            dzx = tl.zeros((BLOCK_C,), tl.float32)
-            for p0 in range(0, programs, BLOCK_F):
-                p = p0 + tl.arange(0, BLOCK_F)
-                mask = (p < programs)[:, None] & c_ok[None, :]
-                offset = (p + 1)[:, None] * (2 * C) + c[None, :]
-                dz += tl.sum(tl.load(sums_ptr + offset, mask=mask, other=0.0, cache_modifier=".cg"), axis=0)
-                dzx += tl.sum(tl.load(sums_ptr + offset + C, mask=mask, other=0.0, cache_modifier=".cg"), axis=0)
-            tl.store(sums_ptr + c, dz, mask=c_ok)
-            tl.store(sums_ptr + C + c, dzx, mask=c_ok)
-            if HAS_DW:
-                tl.store(dw_ptr + c, dzx.to(dw_ptr.dtype.element_ty), mask=c_ok)
-            if HAS_DB:
-                tl.store(db_ptr + c, dz.to(db_ptr.dtype.element_ty), mask=c_ok)
+            _finish_sums(sums_ptr, dw_ptr, db_ptr, c, c_ok, C, HAS_DW, HAS_DB, BLOCK_C, BLOCK_F)
             tl.store(counter_ptr + pid_c, 0)  # zero again for the next launch
+
+
+@triton.jit
+def _finish_sums(sums_ptr, dw_ptr, db_ptr, c, c_ok, C, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr,
+                 BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr):
+    """The last program of a channel block: sums the programs' partial (sum dz, sum dz * xhat) at rows 1.. of
+    sums (1 + programs, 2, C) into row 0, and writes them as d bias and d weight (HAS_DB, HAS_DW)."""
+    programs = tl.num_programs(0)
+    dz = tl.zeros((BLOCK_C,), tl.float32)
+    dzx = tl.zeros((BLOCK_C,), tl.float32)
+    for p0 in range(0, programs, BLOCK_F):
+        p = p0 + tl.arange(0, BLOCK_F)
+        mask = (p < programs)[:, None] & c_ok[None, :]
+        offset = (p + 1)[:, None] * (2 * C) + c[None, :]
+        dz += tl.sum(tl.load(sums_ptr + offset, mask=mask, other=0.0, cache_modifier=".cg"), axis=0)
+        dzx += tl.sum(tl.load(sums_ptr + offset + C, mask=mask, other=0.0, cache_modifier=".cg"), axis=0)
+    tl.store(sums_ptr + c, dz, mask=c_ok)
+    tl.store(sums_ptr + C + c, dzx, mask=c_ok)
+    if HAS_DW:
+        tl.store(dw_ptr + c, dzx.to(dw_ptr.dtype.element_ty), mask=c_ok)
+    if HAS_DB:
+        tl.store(db_ptr + c, dz.to(db_ptr.dtype.element_ty), mask=c_ok)
 
 
 def _strides(t: torch.Tensor | None, like: torch.Tensor) -> tuple[int, int, int, int]:

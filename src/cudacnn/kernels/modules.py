@@ -60,6 +60,33 @@ class Activation(nn.Module):
         return f"kind={self.kind}, backend={self.backend}"
 
 
+def share_batchnorm(cls, bn: nn.BatchNorm2d):
+    """A `cls` (a BatchNorm2d subclass) sharing bn's parameters and buffers (optimizers keep working, the
+    state_dict keys stay), in bn's training mode."""
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    for name in ("num_features", "eps", "momentum", "affine", "track_running_stats"):
+        setattr(new, name, getattr(bn, name))
+    new.weight, new.bias = bn.weight, bn.bias
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        new.register_buffer(name, getattr(bn, name))
+    new.train(bn.training)
+    return new
+
+
+def _batchnorm_call(bn: nn.BatchNorm2d):
+    """(momentum, batch statistics?, running_mean, running_var) for a call: nn.BatchNorm2d.forward's
+    bookkeeping, line for line (it counts the batch)."""
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    keep = not bn.training or bn.track_running_stats
+    return momentum, batch_stats, bn.running_mean if keep else None, bn.running_var if keep else None
+
+
 class BatchNormAct(nn.BatchNorm2d):
     """nn.BatchNorm2d followed by an optional residual add, an activation and a 2x2 max-pool, as one fused op:
     forward(x, residual=None) = max_pool2d(act(bn(x) + residual), 2) (pool when `pool`). Same parameters,
@@ -76,35 +103,54 @@ class BatchNormAct(nn.BatchNorm2d):
     @classmethod
     def from_torch(cls, bn: nn.BatchNorm2d, activation="none", pool=False, backend="triton") -> "BatchNormAct":
         """Wrap an existing BatchNorm2d, sharing its parameters and buffers (optimizers keep working)."""
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        for name in ("num_features", "eps", "momentum", "affine", "track_running_stats"):
-            setattr(new, name, getattr(bn, name))
-        new.weight, new.bias = bn.weight, bn.bias
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
-            new.register_buffer(name, getattr(bn, name))
+        new = share_batchnorm(cls, bn)
         _check_backend(backend)
         activations.activation_code(activation)
         new.activation, new.pool, new.backend = activation, pool, backend
-        new.train(bn.training)
         return new
 
     def forward(self, x, residual=None):
         self._check_input_dim(x)
-        # nn.BatchNorm2d.forward's bookkeeping, line for line
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                momentum = 1.0 / float(self.num_batches_tracked)
-        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        keep = not self.training or self.track_running_stats
-        return ops.batchnorm_act(x, self.weight, self.bias, residual, self.running_mean if keep else None,
-                                 self.running_var if keep else None, batch_stats, momentum, self.eps,
-                                 self.activation, self.pool, self.backend)
+        momentum, batch_stats, running_mean, running_var = _batchnorm_call(self)
+        return ops.batchnorm_act(x, self.weight, self.bias, residual, running_mean, running_var, batch_stats,
+                                 momentum, self.eps, self.activation, self.pool, self.backend)
 
     def extra_repr(self):
         return f"{super().extra_repr()}, activation={self.activation}, pool={self.pool}, backend={self.backend}"
+
+
+class PoolBatchNormAct(nn.BatchNorm2d):
+    """A 2x2 max-pool, then nn.BatchNorm2d, then an activation, as one fused op (kernels/pool_bn_act.py):
+    forward(x) = act(bn(max_pool2d(x, 2))), x the unpooled input. Same parameters, buffers and state_dict
+    keys as nn.BatchNorm2d and the same training/eval semantics. `pools_input` tells a conv group to hand it
+    the conv output itself (models.fast.ConvGroup)."""
+
+    pools_input = True
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 activation="none", backend="triton", device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        _check_backend(backend)
+        activations.activation_code(activation)
+        self.activation, self.backend = activation, backend
+
+    @classmethod
+    def from_torch(cls, bn: nn.BatchNorm2d, activation="none", backend="triton") -> "PoolBatchNormAct":
+        """Wrap an existing BatchNorm2d, sharing its parameters and buffers (optimizers keep working)."""
+        new = share_batchnorm(cls, bn)
+        _check_backend(backend)
+        activations.activation_code(activation)
+        new.activation, new.backend = activation, backend
+        return new
+
+    def forward(self, x):
+        self._check_input_dim(x)
+        momentum, batch_stats, running_mean, running_var = _batchnorm_call(self)
+        return ops.pool_bn_act(x, self.weight, self.bias, running_mean, running_var, batch_stats, momentum,
+                               self.eps, self.activation, self.backend)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, activation={self.activation}, backend={self.backend}"
 
 
 class ActivationPool(nn.Module):
@@ -175,7 +221,7 @@ def _is_pool2x2(module: nn.Module) -> bool:
 
 
 def _swappable_bn(module: nn.Module) -> bool:
-    return isinstance(module, nn.BatchNorm2d) and not isinstance(module, BatchNormAct)
+    return isinstance(module, nn.BatchNorm2d) and not isinstance(module, (BatchNormAct, PoolBatchNormAct))
 
 
 def _fuse_zoo_blocks(model: nn.Module, backend: str) -> None:
@@ -255,7 +301,7 @@ def swap_modules(model: nn.Module, backend: str, fuse: bool = True, batchnorm: b
 
 def _swap(model: nn.Module, backend: str, fuse: bool, batchnorm: bool) -> None:
     for name, child in list(model.named_children()):
-        if isinstance(child, (Linear, Activation, ActivationPool, BatchNormAct)):
+        if isinstance(child, (Linear, Activation, ActivationPool, BatchNormAct, PoolBatchNormAct)):
             continue
         if isinstance(child, nn.Linear):
             setattr(model, name, Linear.from_torch(child, backend))
@@ -277,5 +323,5 @@ def cross_entropy_loss(backend: str = "triton", label_smoothing: float = 0.0) ->
     return CrossEntropyLoss(label_smoothing=label_smoothing, backend=backend)
 
 
-__all__ = ["Linear", "Activation", "ActivationPool", "BatchNormAct", "FusedBasicBlock", "CrossEntropyLoss",
-           "swap_modules", "cross_entropy_loss", "activation_kind"]
+__all__ = ["Linear", "Activation", "ActivationPool", "BatchNormAct", "PoolBatchNormAct", "FusedBasicBlock",
+           "CrossEntropyLoss", "swap_modules", "cross_entropy_loss", "activation_kind"]

@@ -22,6 +22,7 @@ from . import batchnorm as _bn
 from . import conv as _conv
 from . import cross_entropy as _ce
 from . import cuda_ext as _cuda
+from . import pool_bn_act as _pba
 from .gemm import gemm as _gemm_fn
 from .gemm import gemm_backward as _gemm_backward_fn
 
@@ -425,6 +426,129 @@ def batchnorm_act(x: Tensor, weight: Tensor | None, bias: Tensor | None, residua
     else:
         mean, rstd = _bn.running_stats(running_mean, running_var, eps, x.dtype)
     return _batchnorm_act(x, weight, bias, residual, mean, rstd, training, normalize, activation, pool)
+
+
+# ---------------------------------------------------------------- fused 2x2 max-pool + BatchNorm + activation
+# The pool comes first (a conv group's conv -> pool -> BN -> act; kernels/pool_bn_act.py). Three triton_ops,
+# as for batchnorm_act: pool_bn_stats pools x (detached) and mutates the running statistics, returning
+# (p, code, mean, rstd), constants for autograd; pool_bn_act(x, p, code, ...) is functional: it reads p only,
+# takes x so that autograd routes dx to it, and its backward, pool_bn_act_backward, adds the batch
+# statistics' gradient terms itself and writes dx in x's shape from p, code and dy (x is never saved). On the
+# CPU the bodies call opaque *_interpreted twins (see the batchnorm_act section).
+
+def _pool_stats_fake(x, running_mean, running_var, training, momentum, eps):
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    c = x.shape[1]
+    return (_pba.pooled_like(x), _pba.pooled_like(x, torch.int8), x.new_empty((c,), dtype=dtype),
+            x.new_empty((c,), dtype=dtype))
+
+
+@torch.library.custom_op("cudacnn::pool_bn_stats_interpreted", mutates_args=("running_mean", "running_var"))
+def _pool_bn_stats_interpreted(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                               training: bool, momentum: float, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _pba.pool_forward(x, running_mean, running_var, training, momentum, eps)
+
+
+_pool_bn_stats_interpreted.register_fake(_pool_stats_fake)
+
+
+@torch.library.triton_op("cudacnn::pool_bn_stats", mutates_args=("running_mean", "running_var"))
+def _pool_bn_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
+                   momentum: float, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if _interpreted(x):
+        return _pool_bn_stats_interpreted(x, running_mean, running_var, training, momentum, eps)
+    return _pba.pool_forward(x, running_mean, running_var, training, momentum, eps, wrap=torch.library.wrap_triton)
+
+
+@torch.library.custom_op("cudacnn::pool_bn_act_interpreted", mutates_args=())
+def _pool_bn_act_interpreted(x: Tensor, p: Tensor, code: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                             mean: Tensor, rstd: Tensor, training: bool, activation: str) -> Tensor:
+    return _pba.apply(p, weight, bias, mean, rstd, activation)
+
+
+@_pool_bn_act_interpreted.register_fake
+def _(x, p, code, weight, bias, mean, rstd, training, activation):
+    return torch.empty_like(p)
+
+
+@torch.library.triton_op("cudacnn::pool_bn_act", mutates_args=())
+def _pool_bn_act(x: Tensor, p: Tensor, code: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
+                 rstd: Tensor, training: bool, activation: str) -> Tensor:
+    if _interpreted(p):
+        return _pool_bn_act_interpreted(x, p, code, weight, bias, mean, rstd, training, activation)
+    return _pba.apply(p, weight, bias, mean, rstd, activation, wrap=torch.library.wrap_triton)
+
+
+def _pool_backward_fake(grad_y, p, code, weight, bias, mean, rstd, x_shape, channels_last, training, activation,
+                        needs_affine):
+    def grad_of(t):
+        return torch.empty_like(t) if t is not None and needs_affine else p.new_empty((0,))
+
+    return (_pba.grad_input_like(x_shape, channels_last, p.dtype, p.device), grad_of(weight), grad_of(bias))
+
+
+def _pool_backward_outputs(dx, dw, db, p):
+    return tuple(t if t is not None else _empty(p) for t in (dx, dw, db))
+
+
+@torch.library.custom_op("cudacnn::pool_bn_act_backward_interpreted", mutates_args=())
+def _pool_bn_act_backward_interpreted(grad_y: Tensor, p: Tensor, code: Tensor, weight: Optional[Tensor],
+                                      bias: Optional[Tensor], mean: Tensor, rstd: Tensor, x_shape: list[int],
+                                      channels_last: bool, training: bool, activation: str,
+                                      needs_affine: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _pool_backward_outputs(*_pba.backward(grad_y, p, code, weight, bias, mean, rstd, x_shape, channels_last,
+                                                 training, activation, needs_affine), p)
+
+
+_pool_bn_act_backward_interpreted.register_fake(_pool_backward_fake)
+
+
+@torch.library.triton_op("cudacnn::pool_bn_act_backward", mutates_args=())
+def _pool_bn_act_backward(grad_y: Tensor, p: Tensor, code: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                          mean: Tensor, rstd: Tensor, x_shape: list[int], channels_last: bool, training: bool,
+                          activation: str, needs_affine: bool) -> tuple[Tensor, Tensor, Tensor]:
+    if _interpreted(p):
+        return _pool_bn_act_backward_interpreted(grad_y, p, code, weight, bias, mean, rstd, x_shape, channels_last,
+                                                 training, activation, needs_affine)
+    return _pool_backward_outputs(*_pba.backward(grad_y, p, code, weight, bias, mean, rstd, x_shape, channels_last,
+                                                 training, activation, needs_affine, wrap=torch.library.wrap_triton),
+                                  p)
+
+
+def _pool_bn_act_setup(ctx, inputs, output):
+    x, p, code, weight, bias, mean, rstd, training, activation = inputs
+    ctx.save_for_backward(p, code, weight, bias, mean, rstd)
+    ctx.config = (list(x.shape), channels_last_4d(x), training, activation)
+
+
+def _pool_bn_act_grad(ctx, grad_y):
+    p, code, weight, bias, mean, rstd = ctx.saved_tensors
+    x_shape, channels_last, training, activation = ctx.config
+    needs_x, _, _, needs_w, needs_b = ctx.needs_input_grad[:5]
+    dx, dw, db = _pool_bn_act_backward(grad_y, p, code, weight, bias, mean, rstd, x_shape, channels_last, training,
+                                       activation, needs_w or needs_b)
+    return (dx if needs_x else None, None, None, dw if needs_w else None, db if needs_b else None, None, None,
+            None, None)
+
+
+_pool_bn_act.register_autograd(_pool_bn_act_grad, setup_context=_pool_bn_act_setup)
+
+
+def pool_bn_act(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None = None,
+                running_var: Tensor | None = None, training: bool = True, momentum: float = 0.1, eps: float = 1e-5,
+                activation: str = "none", backend: str = "triton") -> Tensor:
+    """act(F.batch_norm(F.max_pool2d(x, 2), running_mean, running_var, weight, bias, training, momentum, eps))
+    on 4-D x, in x's dtype and memory format: batch statistics of the pooled x in training (updating the
+    running ones in place when given), the running ones otherwise. Backends "triton" and "cuda" run the Triton
+    kernels; "torch" the PyTorch functions."""
+    if backend == "torch":
+        return _pba.reference(x, weight, bias, running_mean, running_var, training, momentum, eps, activation)
+    _pba.check_inputs(x, weight, bias, activation, training)  # before any kernel
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError("pool_bn_act with training=False needs running_mean and running_var")
+    p, code, mean, rstd = _pool_bn_stats(x.detach(), running_mean, running_var, training, float(momentum),
+                                         float(eps))
+    return _pool_bn_act(x, p, code, weight, bias, mean, rstd, training, activation)
 
 
 # ---------------------------------------------------------------- convolution + BatchNorm prologue / stats epilogue

@@ -69,7 +69,11 @@ class ConvGroup(nn.Module):
         return ACTIVATIONS[self.activation](x if residual is None else x + residual)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm_act(self.norms[0], F.max_pool2d(self.convs[0](x), 2))
+        x = self.convs[0](x)
+        if getattr(self.norms[0], "pools_input", False):  # kernels.PoolBatchNormAct: pool, BN and act in one op
+            x = self.norms[0](x)
+        else:
+            x = self.norm_act(self.norms[0], F.max_pool2d(x, 2))
         first = x
         for conv, norm in zip(self.convs[1:-1], self.norms[1:-1]):
             x = self.norm_act(norm, conv(x))
@@ -79,7 +83,7 @@ class ConvGroup(nn.Module):
 class FastNet(nn.Module):
     def __init__(self, widths=(64, 256, 256), depth: int = 2, num_classes: int = 10,
                  whiten_kernel: int = 2, bn_momentum: float = 0.4, logit_scale: float | None = None,
-                 activation: str = "gelu"):
+                 activation: str = "gelu", pool_kernel: str = "torch"):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
@@ -95,6 +99,28 @@ class FastNet(nn.Module):
         # 1/width keeps the first logits tiny, matching the head lr tuned for a summed loss (airbench94_muon)
         self.logit_scale = logit_scale if logit_scale is not None else 1 / widths[-1]
         self.reset()
+        if pool_kernel != "torch":
+            self.use_pool_kernel(pool_kernel)
+
+    def use_pool_kernel(self, backend: str = "triton") -> "FastNet":
+        """Run each group's first pool -> BatchNorm -> activation as one fused op (kernels.PoolBatchNormAct,
+        kernels/pool_bn_act.py) instead of F.max_pool2d, the BatchNorm and the activation; backend "torch" puts
+        the plain modules back. The BatchNorms' parameters and buffers are shared, so the state_dict keys and
+        an optimizer built before stay valid. Returns the net."""
+        from cudacnn.kernels import PoolBatchNormAct
+        from cudacnn.kernels.modules import share_batchnorm
+        from cudacnn.kernels.ops import BACKENDS
+
+        if backend not in BACKENDS:
+            raise ValueError(f"pool_kernel must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        for group in self.groups:
+            norm = group.norms[0]
+            if backend == "torch":
+                if isinstance(norm, PoolBatchNormAct):
+                    group.norms[0] = share_batchnorm(BatchNorm, norm)
+            else:
+                group.norms[0] = PoolBatchNormAct.from_torch(norm, group.activation, backend)
+        return self
 
     def forward(self, x: torch.Tensor, whiten_bias_grad: bool = True) -> torch.Tensor:
         """`whiten_bias_grad=False` once the whitening bias has stopped learning: with it detached nothing
