@@ -47,6 +47,16 @@ def test_equal_keys_mean_equal_triton_specializations_and_back():
                                              b if not isinstance(b, torch.Tensor) else b.data_ptr())
 
 
+def test_the_exact_key_is_finer_than_the_specialization_key():
+    """Calls are looked up by exact_key: equal exact keys must mean equal specializations."""
+    kernel, samples = object(), _samples()
+    for a in samples:
+        for b in samples:
+            if L.exact_key(kernel, 0, (a,), {}) == L.exact_key(kernel, 0, (b,), {}):
+                assert L.spec_key(kernel, 0, (a,), {}) == L.spec_key(kernel, 0, (b,), {}), (a, b)
+    assert L.exact_key(kernel, 0, (32,), {}) != L.exact_key(kernel, 0, (48,), {})
+
+
 def test_keys_differ_in_divisibility_alignment_and_one_and_share_otherwise():
     kernel = object()
     x = torch.empty(64)
@@ -110,7 +120,8 @@ def stand_in(monkeypatch):
                                   launch_exit_hook=None)
     monkeypatch.setattr(L, "_knobs", types.SimpleNamespace(runtime=hooks))
     monkeypatch.setattr(L, "ENABLED", True)
-    monkeypatch.setattr(L, "_CACHE", {})
+    monkeypatch.setattr(L, "_BY_SPEC", {})
+    monkeypatch.setattr(L, "_BY_EXACT", {})
     return _Kernel()
 
 
@@ -120,13 +131,14 @@ def _kinds(kernel):
 
 def test_second_call_of_a_specialization_runs_the_compiled_launcher(stand_in):
     x = torch.empty(64)
-    for n in (64, 128):  # both divisible by 16: one specialization
+    for n in (64, 128, 128):  # all divisible by 16: one specialization, found by spec_key, then exact_key
         assert L.launch(stand_in, (4, 2), x, n, BLOCK=16) is stand_in.compiled
-    assert _kinds(stand_in) == ["plain", "fast"]
+    assert _kinds(stand_in) == ["plain", "fast", "fast"]
     # the launcher's arguments: grid padded to 3-D, stream, handle, metadata, no launch metadata or hooks, then
     # every parameter in order, the constexprs' values (keyword, then default) after the positional ones
-    assert stand_in.calls[1][1] == (4, 2, 1, 7, "function-handle", (4, 1, 0), None, None, None, x, 128, 16, True)
+    assert stand_in.calls[2][1] == (4, 2, 1, 7, "function-handle", (4, 1, 0), None, None, None, x, 128, 16, True)
     assert L.cached_launches() == 1
+    assert len(L._BY_EXACT) == 2
 
 
 def test_a_new_specialization_takes_the_plain_path_first(stand_in):
@@ -149,7 +161,8 @@ def test_fallbacks_always_take_the_plain_path(stand_in, monkeypatch, case):
     if case == "disabled":
         monkeypatch.setattr(L, "ENABLED", False)
     elif case == "callable grid":
-        grid = lambda meta: (4,)  # noqa: E731
+        def grid(meta):
+            return (4,)
     elif case == "launch hook":
         L._knobs.runtime.launch_enter_hook.calls.append(print)
     elif case == "pre-run hook":
