@@ -202,6 +202,11 @@ def _remember(cache: dict, key: tuple, entry: _Entry) -> None:
     cache[key] = entry
 
 
+def active() -> bool:
+    """Whether launches may take the cached path: enabled, and a Triton whose launch path this knows."""
+    return ENABLED and _JITFunction is not None
+
+
 def cached_launches() -> int:
     """How many specializations have a cached launcher (tests check that the fast path is taken)."""
     return len(_BY_SPEC)
