@@ -5,7 +5,8 @@ Why: `kernel[grid](*args)` on a JITFunction binds the arguments, computes the sp
 checks the globals the kernel uses and builds launch metadata, on every call. Our eager BatchNorm op
 (batchnorm.py, four launches of 20-35 arguments for a forward and backward) measured ~0.2 ms a forward and
 ~0.9 ms a forward+backward launched from Python, whatever the tensor size, of which our own wrapper was
-24 / 91 us (scripts/profile_batchnorm_host.py): the rest was Triton's launch path.
+24 / 91 us (scripts/profile_batchnorm_host.py, launches stubbed): the rest is Triton's launch path and the
+driver's launch, which this keeps (dev/launch_overhead.py times both paths on a GPU).
 
 What: `launch(kernel, grid, *args, **kwargs)` does what `kernel[grid](*args, **kwargs)` does. The first call
 with a given specialization goes through that plain path (which compiles, or finds the kernel in Triton's
@@ -26,7 +27,8 @@ known. Anything else takes the plain path: another argument type, a constexpr pa
 grid, the interpreter (TRITON_INTERPRET=1: kernels are InterpretedFunctions, nothing is compiled), autotuned
 kernels (an Autotuner, not a JITFunction), launch hooks (a profiler such as proton registers them), pre-run
 hooks, and any Triton version outside the range whose launch path this was written against (3.6 to 3.x, read
-in 3.6 and 3.9). Set CUDACNN_TRITON_FAST_LAUNCH=0, or ENABLED = False, to always take the plain path."""
+in 3.6 and 3.9). Not in the keys: Triton knobs other than debug that the plain path passes to the compiler
+(instrumentation_mode, fpsan): set them before the first launch. Set CUDACNN_TRITON_FAST_LAUNCH=0, or ENABLED = False, to always take the plain path."""
 
 from __future__ import annotations
 
