@@ -700,6 +700,8 @@ def test_cnn_kernels_bench_rows_on_the_cpu(monkeypatch):
     (row,) = rows
     assert set(row["measurements"]) == {"--kernels torch", "--kernels triton"}
     assert row["info"]["triton_fused_modules"] == 4 and row["info"]["torch_fused_modules"] == 0
+    # the triton row says whether the cached launch path was on and what it holds (nothing compiled on the CPU)
+    assert row["info"]["triton_cached_launches"] == 0 and "torch_cached_launches" not in row["info"]
     assert row["measurements"]["--kernels torch"]["repeats"] == 2
     # a compiled row names its mode and trains with it (the Trainer's config, captured before it runs)
     from cudacnn.train import config as config_module

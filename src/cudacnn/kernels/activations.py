@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ._launch import launch
 from ._runtime import HAS_TRITON, check_out, interpreting, tl, triton, use_triton, write_contiguous
 
 BUILT_FOR_INTERPRETER = interpreting()
@@ -173,13 +174,13 @@ def _launch_config(kernel, kind: str, dtype: torch.dtype) -> tuple[int, int]:
 def _elementwise(kernel, inputs, out, kind):
     n = inputs[0].numel()
 
-    def launch(flat_out):
+    def run(flat_out):
         if n:
             block, warps = _launch_config(kernel, kind, out.dtype)
-            kernel[(triton.cdiv(n, block),)](*inputs, flat_out, n, KIND=activation_code(kind),
-                                             FAST=out.dtype != torch.float32, BLOCK=block, num_warps=warps)
+            launch(kernel, (-(-n // block),), *inputs, flat_out, n, KIND=activation_code(kind),
+                   FAST=out.dtype != torch.float32, BLOCK=block, num_warps=warps)
 
-    return write_contiguous(out, launch)
+    return write_contiguous(out, run)
 
 
 def activation_forward(x: torch.Tensor, kind: str, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from . import activations as _act
+from ._launch import launch as cached_launch
 from ._runtime import interpreting, tl, triton, use_triton
 from .activations import _act_fwd, _act_grad, activation_code
 
@@ -585,8 +586,11 @@ def _backward_config(N: int, C: int, H: int, W: int, device: torch.device, pool:
 
 def _launch(kernel, grid, wrap):
     """kernel[grid]: through wrap (torch.library.wrap_triton) when a triton_op's body runs it, so that tracing
-    records the kernel; directly otherwise. Every launch goes through here (tests count them)."""
-    return (wrap(kernel) if wrap is not None else kernel)[grid]
+    records the kernel; otherwise through the cached launcher, which skips Triton's per-call launch path
+    (_launch.py). Every launch goes through here (tests count them)."""
+    if wrap is not None:
+        return wrap(kernel)[grid]
+    return functools.partial(cached_launch, kernel, grid)
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}

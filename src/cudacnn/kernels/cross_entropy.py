@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._launch import launch
 from ._runtime import check_out, interpreting, tl, triton, use_triton
 
 BUILT_FOR_INTERPRETER = interpreting()
@@ -125,12 +126,11 @@ def softmax_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smo
 
     grad = torch.empty_like(logits) if grad_out is None else grad_out
     block_r, block_c, warps = _tile(C)
-    n_programs = triton.cdiv(R, block_r)
+    n_programs = -(-R // block_r)  # triton.cdiv is a constexpr_function, slow on the host
     partial = torch.empty(n_programs, dtype=torch.float32, device=logits.device)
     scale = 1.0 / R if reduction == "mean" else 1.0
-    _ce_kernel[(n_programs,)](logits, targets, grad, partial, R, C, logits.stride(0), logits.stride(1),
-                              grad.stride(0), grad.stride(1), float(label_smoothing), scale,
-                              WRITE_GRAD=return_grad, SINGLE_TILE=C <= block_c, BLOCK_R=block_r,
-                              BLOCK_C=block_c, num_warps=warps)
+    launch(_ce_kernel, (n_programs,), logits, targets, grad, partial, R, C, logits.stride(0), logits.stride(1),
+           grad.stride(0), grad.stride(1), float(label_smoothing), scale, WRITE_GRAD=return_grad,
+           SINGLE_TILE=C <= block_c, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
     loss = partial.sum()
     return (loss, grad) if return_grad else loss

@@ -1,0 +1,144 @@
+"""Launch overhead of the fused BatchNorm + activation op (cudacnn::batchnorm_act) launched from Python: Triton's
+plain `kernel[grid](...)` path against the cached launcher (src/cudacnn/kernels/_launch.py) against eager
+PyTorch (F.batch_norm + the activation), bf16 channels_last, training mode.
+
+Per case and path, two numbers a call:
+  - launched: wall time of N calls between two torch.cuda.synchronize(), / N (what a training step pays);
+  - host: time to issue N calls without synchronizing (the queue drained before and after, outside the
+    timer), / N; only meaningful where the GPU is not the bottleneck, i.e. the small case.
+each for the forward (no grad: two launches of ours) and forward + backward (autograd.grad: four launches).
+Best of --rounds rounds of --calls calls after a warm-up (which also fills the launch cache).
+
+    PYTHONPATH=src python3 dev/launch_overhead.py [--calls 200] [--rounds 7] [--json $OUT/launch.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+from cudacnn.atomic import write_text_atomic
+from cudacnn.kernels import _launch, ops
+from cudacnn.tables import md_table
+
+# (name, shape, activation): the zoo shapes named in benchmarks/kernels.md's BatchNorm section, and a small one
+CASES = [
+    ("smallnet stage 1, BN+ReLU", (256, 64, 32, 32), "relu"),
+    ("fast96 group 1, BN+GELU", (1500, 128, 32, 32), "gelu"),
+    ("small, BN+ReLU", (256, 256, 4, 4), "relu"),
+]
+PATHS = ("triton plain", "triton cached", "eager PyTorch")
+
+
+def make_calls(shape, activation: str, path: str):
+    """(forward, forward+backward) closures of one path on fixed inputs."""
+    x = torch.randn(shape, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    c = shape[1]
+    w = torch.ones(c, device="cuda", requires_grad=True)
+    b = torch.zeros(c, device="cuda", requires_grad=True)
+    rm, rv = torch.zeros(c, device="cuda"), torch.ones(c, device="cuda")
+    backend = "torch" if path == "eager PyTorch" else "triton"
+    dy = torch.randn(shape, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+
+    def forward():
+        with torch.no_grad():
+            return ops.batchnorm_act(x, w, b, None, rm, rv, training=True, activation=activation, backend=backend)
+
+    def forward_backward():
+        y = ops.batchnorm_act(x, w, b, None, rm, rv, training=True, activation=activation, backend=backend)
+        return torch.autograd.grad(y, (x, w, b), dy)
+
+    return forward, forward_backward
+
+
+def per_call_us(fn, calls: int, rounds: int, sync_inside: bool) -> float:
+    """Best over rounds of the time a call; sync_inside: the final synchronize is inside the timer."""
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        if sync_inside:
+            torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - start) / calls * 1e6)
+        torch.cuda.synchronize()
+    return best
+
+
+def measure(calls: int, rounds: int, host_calls: int) -> list[dict]:
+    rows = []
+    for name, shape, activation in CASES:
+        for path in PATHS:
+            _launch.ENABLED = path != "triton plain"
+            forward, forward_backward = make_calls(shape, activation, path)
+            row = dict(case=name, shape=list(shape), activation=activation, path=path)
+            for label, fn in (("fwd", forward), ("fwd+bwd", forward_backward)):
+                row[f"{label} launched us"] = per_call_us(fn, calls, rounds, sync_inside=True)
+                row[f"{label} host us"] = per_call_us(fn, host_calls, rounds, sync_inside=False)
+            rows.append(row)
+            del forward, forward_backward
+            torch.cuda.empty_cache()
+            print(f"{name:28s} {path:14s} " + " ".join(f"{k} {v:8.1f}" for k, v in row.items() if k.endswith("us")),
+                  flush=True)
+    _launch.ENABLED = True
+    return rows
+
+
+def check_fast_path_taken() -> int:
+    """The cached path must have cached launchers after the warm-ups, else the 'cached' rows measured the
+    plain path (e.g. an unsupported Triton version)."""
+    n = _launch.cached_launches()
+    if n == 0:
+        raise SystemExit("error: no cached launches: the fast path was not taken (see _launch._supported_triton)")
+    return n
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--calls", type=int, default=200, help="calls a timed round (launched)")
+    p.add_argument("--host-calls", type=int, default=100,
+                   help="calls a timed round (host); 4 launches each must fit the launch queue")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("error: needs a CUDA GPU; run it on the GPU machine")
+    import triton
+
+    about = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                 cuda=torch.version.cuda, python=platform.python_version(), cpu=platform.processor() or platform.machine())
+    print(" ".join(f"{k} {v}" for k, v in about.items()), flush=True)
+    rows = measure(args.calls, args.rounds, args.host_calls)
+    about["cached_launchers"] = check_fast_path_taken()
+
+    keys = ("fwd launched us", "fwd+bwd launched us", "fwd host us", "fwd+bwd host us")
+    table = [[r["case"] + " " + "x".join(map(str, r["shape"])), r["path"], *(f"{r[k]:.1f}" for k in keys)]
+             for r in rows]
+    print()
+    print(f"{about['device']}, torch {about['torch']}, Triton {about['triton']}, CUDA {about['cuda']}, "
+          f"Python {about['python']}; bf16 channels_last, training; us a call, best of {args.rounds} rounds")
+    print()
+    print(md_table(["case", "path", "fwd launched", "fwd+bwd launched", "fwd host", "fwd+bwd host"], table))
+    print()
+    by = {(r["case"], r["path"]): r for r in rows}
+    speedups = [[case, *(f"{by[case, 'triton plain'][k] / by[case, 'triton cached'][k]:.2f}x" for k in keys),
+                 *(f"{by[case, 'eager PyTorch'][k] / by[case, 'triton cached'][k]:.2f}x" for k in keys[:2])]
+                for case, _, _ in CASES]
+    print(md_table(["case", "plain/cached fwd", "plain/cached fwd+bwd", "plain/cached fwd host",
+                    "plain/cached fwd+bwd host", "eager/cached fwd", "eager/cached fwd+bwd"], speedups))
+    if args.json:
+        write_text_atomic(args.json, json.dumps(dict(about=about, rows=rows), indent=2))
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
