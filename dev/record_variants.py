@@ -18,6 +18,7 @@ import argparse
 import json
 import statistics
 import time
+import traceback
 
 import torch
 
@@ -47,14 +48,19 @@ def main() -> None:
             continue
         overrides = parse_settings([s for s in spec.split(",") if s])
         t0 = time.perf_counter()
-        warmup(args.preset, dataset, "cuda", **overrides)
-        print(f"[{spec or 'preset'}] warm-up {time.perf_counter() - t0:.0f} s", flush=True)
         runs = []
-        for seed in range(args.runs):
-            r = train_fast(args.preset, dataset, seed=seed, device="cuda", log=lambda *_: None, **overrides)
-            runs.append((r.test_acc, r.train_time_s, r.eval_time_s))
-            print(f"[{spec or 'preset'}] seed {seed}: acc {r.test_acc:.4f} time {r.train_time_s:.3f} s "
-                  f"(eval {r.eval_time_s:.3f})", flush=True)
+        try:  # a variant that fails is reported and skipped; the others still run
+            warmup(args.preset, dataset, "cuda", **overrides)
+            print(f"[{spec or 'preset'}] warm-up {time.perf_counter() - t0:.0f} s", flush=True)
+            for seed in range(args.runs):
+                r = train_fast(args.preset, dataset, seed=seed, device="cuda", log=lambda *_: None, **overrides)
+                runs.append((r.test_acc, r.train_time_s, r.eval_time_s))
+                print(f"[{spec or 'preset'}] seed {seed}: acc {r.test_acc:.4f} time {r.train_time_s:.3f} s "
+                      f"(eval {r.eval_time_s:.3f})", flush=True)
+        except Exception:
+            print(f"[{spec or 'preset'}] failed:\n{traceback.format_exc()}", flush=True)
+            if not runs:
+                continue
         accs, times = [a for a, _, _ in runs], [t for _, t, _ in runs]
         results.append(dict(variant=spec or "preset", runs=len(runs), acc_mean=statistics.fmean(accs),
                             acc_std=statistics.stdev(accs) if len(accs) > 1 else 0.0,
