@@ -180,6 +180,8 @@ def test_fast_nets_shapes_and_identity_init(name, width):
     for head in (first, net.head.weight):  # unit std from the start and after every reset, freshly drawn
         assert head.std().item() == pytest.approx(1.0, abs=1e-5)
     assert not torch.equal(first, net.head.weight)
+    net.reset("torch")  # nn.Linear's own: uniform within 1/sqrt(fan_in)
+    assert net.head.weight.abs().max() <= width**-0.5 and net.head.weight.std() < 0.05
 
 
 def test_fast96_is_the_measured_recipe():

@@ -39,6 +39,7 @@ class Conv(nn.Conv2d):
 
 
 ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu}
+HEAD_INITS = ("unit_std", "torch")
 
 
 def global_max_pool(x: torch.Tensor) -> torch.Tensor:
@@ -132,12 +133,14 @@ class FastNet(nn.Module):
         return self.head(global_max_pool(x)) * self.logit_scale
 
     @torch.no_grad()
-    def reset(self) -> None:
+    def reset(self, head_init: str = "unit_std") -> None:
         """Fresh weights and BatchNorm statistics in place, so a compiled copy can be reused across runs.
-        The head starts at unit standard deviation (as airbench94_muon and the Hiverge record), about 28x
-        PyTorch's default for 256 inputs: with the default, the gradient reaching the convs and biases is
-        as much smaller in the first steps, the very steps the whitening bias learns in. fast94 measured
-        0.30 points higher with it (12 runs each, benchmarks/fast.md)."""
+        head_init "unit_std" scales the head to unit standard deviation (as airbench94_muon and the Hiverge
+        record), about 28x nn.Linear's default ("torch") at 256 inputs: with the default, the gradient
+        reaching the convs and biases is as much smaller in the first steps, the very steps the whitening
+        bias learns in. fast94 measured 0.30 points higher with it (12 runs each, benchmarks/fast.md)."""
+        if head_init not in HEAD_INITS:
+            raise ValueError(f"head_init must be one of {', '.join(HEAD_INITS)}, got {head_init!r}")
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 m.reset_parameters()
@@ -145,7 +148,8 @@ class FastNet(nn.Module):
                 m.reset_running_stats()
                 m.weight.fill_(1.0)
                 m.bias.zero_()
-        self.head.weight.div_(self.head.weight.float().std().to(self.head.weight.dtype))
+        if head_init == "unit_std":
+            self.head.weight.div_(self.head.weight.float().std().to(self.head.weight.dtype))
 
     @torch.no_grad()
     def init_whiten(self, images: torch.Tensor, eps: float = 5e-4) -> None:

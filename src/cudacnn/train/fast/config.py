@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from cudacnn.errors import ConfigError
 from cudacnn.evaluate.tta import TTA_LEVELS
-from cudacnn.models.fast import ACTIVATIONS
+from cudacnn.models.fast import ACTIVATIONS, HEAD_INITS
 from cudacnn.train.config import COMPILE_MODES
 
 
@@ -27,6 +27,7 @@ class RecordConfig:
     wd_per_example: float     # decoupled from the lr: each step decays by wd_per_example * examples in the step
     label_smoothing: float
     activation: str           # the conv groups' activation: gelu | silu
+    head_init: str            # unit_std: the head's weights scaled to std 1 (the public records' Muon nets); torch: nn.Linear's
     whiten_bias_epochs: float  # the whitening bias learns only this long
     whiten_images: int        # training images whose 2x2 patches set the whitening filters
     crop_pad: int             # random crops from images padded by this much
@@ -57,6 +58,7 @@ class RecordConfig:
             (self.crop_pad < 32, "crop_pad must be below 32, the image size"),
             (self.ns_steps >= 1, "ns_steps must be at least 1"),
             (self.activation in ACTIVATIONS, f"activation must be one of {', '.join(ACTIVATIONS)}"),
+            (self.head_init in HEAD_INITS, f"head_init must be one of {', '.join(HEAD_INITS)}"),
             (0 <= self.brightness < math.inf and 0 <= self.contrast < 1, "brightness must be >= 0, contrast in [0, 1)"),
             (0.0 < self.tta_fraction <= 1.0, f"tta_fraction must be in (0, 1], got {self.tta_fraction}"),
             (0.0 < self.keep_fraction <= 1.0, f"keep_fraction must be in (0, 1], got {self.keep_fraction}"),

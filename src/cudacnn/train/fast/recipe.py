@@ -173,7 +173,7 @@ def train_fast(name: str, dataset: Dataset, *, seed: int = 0, device="cuda", com
     prepared = prepared_model(cfg, device, dataset.num_classes, compile)
     model, net = prepared.model, prepared.net
     torch.manual_seed(seed)
-    model.reset()
+    model.reset(cfg.head_init)
     train, test_images, test_labels = make_loaders(cfg, dataset, device, seed, random_labels=_warm)
     optimizers = make_optimizers(model, cfg, compile=compile)
     hard = LastLossFilter(len(dataset.train), cfg.examples_per_step, device) if cfg.keep_fraction < 1 else None
