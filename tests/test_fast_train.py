@@ -61,6 +61,8 @@ def test_unknown_preset_and_option_and_bad_values_are_config_errors():
                          (dict(ns_steps=0), "ns_steps must be at least 1"),
                          (dict(activation="relu"), "activation must be one of gelu, silu"),
                          (dict(head_init="zeros"), "head_init must be one of unit_std, torch"),
+                         (dict(pool_kernel="cuda"), "pool_kernel must be one of torch, triton"),
+                         (dict(muon_step="eager"), "muon_step must be one of compiled, graphed"),
                          (dict(contrast=1.0), r"contrast in \[0, 1\)"),
                          (dict(tta_fraction=0.0), r"tta_fraction must be in \(0, 1\]")):
         with pytest.raises(ConfigError, match=message):

@@ -396,13 +396,19 @@ def test_gpu_fast_net_shapes_fp16_channels_last_match_float64(shape, activation)
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_fast94_with_the_fused_pool_under_inductor():
+def test_gpu_fast94_with_the_fused_pool_under_inductor(monkeypatch):
+    """float32 with TF32 off. In fp16 on an H100 the outputs matched but the conv gradients differed by 7%: the
+    two paths round differently, and where a window's two largest values are within fp16 rounding, each path
+    can route the gradient to another element (the per-op fp16 tests against float64 pass). In float32 such
+    near-ties are rare enough not to show in the gradients' norm."""
     from cudacnn.models import create_model
 
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     torch.manual_seed(10)
-    model = create_model("fast94").to(DEVICE, memory_format=torch.channels_last).to_training_dtype(torch.float16)
+    model = create_model("fast94").to(DEVICE, memory_format=torch.channels_last).to_training_dtype(torch.float32)
     fused = torch.compile(copy.deepcopy(model).use_pool_kernel(), fullgraph=True)
-    x = randn(256, 3, 32, 32, channels_last=True).half()
+    x = randn(256, 3, 32, 32, channels_last=True)
     outs = [m(x) for m in (model, fused)]
     for out in outs:
         out.float().square().sum().backward()

@@ -12,6 +12,9 @@ from cudacnn.evaluate.tta import TTA_LEVELS
 from cudacnn.models.fast import ACTIVATIONS, HEAD_INITS
 from cudacnn.train.config import COMPILE_MODES
 
+POOL_KERNELS = ("torch", "triton")
+MUON_STEPS = ("compiled", "graphed")
+
 
 @dataclass(frozen=True)
 class RecordConfig:
@@ -39,10 +42,9 @@ class RecordConfig:
     lookahead_every: int      # 0 = off; else sync every k steps, decay 0.95^k * (step/total)^3
     keep_fraction: float      # < 1: train on the hardest part of each batch, ranked by last loss (filtering.py)
     compile_mode: str         # torch.compile mode; reduce-overhead captures CUDA graphs
+    pool_kernel: str          # each group's first pool -> BN -> act: torch (as compiled) | triton (kernels/pool_bn_act.py)
+    muon_step: str            # compiled: Muon's compiled update launched from Python | graphed: its whole step one CUDA graph
     max_steps: int | None = None  # cut training short (smoke tests, the compile warm-up)
-    # EXPERIMENT knobs
-    muon_graph: int = 0
-    pool_kernel: str = "torch"
 
     def validate(self) -> "RecordConfig":
         rates = (self.muon_lr, self.bias_lr, self.head_lr)
@@ -64,6 +66,8 @@ class RecordConfig:
             (0.0 < self.keep_fraction <= 1.0, f"keep_fraction must be in (0, 1], got {self.keep_fraction}"),
             (self.tta_level in TTA_LEVELS, f"tta_level must be one of {TTA_LEVELS}, got {self.tta_level}"),
             (self.compile_mode in COMPILE_MODES, f"compile_mode must be one of {', '.join(COMPILE_MODES)}"),
+            (self.pool_kernel in POOL_KERNELS, f"pool_kernel must be one of {', '.join(POOL_KERNELS)}"),
+            (self.muon_step in MUON_STEPS, f"muon_step must be one of {', '.join(MUON_STEPS)}"),
             (self.crop_pad >= 0 and self.cutout >= 0, "crop_pad and cutout must be >= 0"),
             (self.lookahead_every >= 0, "lookahead_every must be >= 0 (0 = off)"),
             (self.max_steps is None or self.max_steps >= 1, "max_steps must be at least 1"),

@@ -41,6 +41,8 @@ CONFIG = RecordConfig(
     # ---- the hardest 3/4 of each batch, ranked by each example's loss when it last trained (no proxy net to
     # run): 0.12-0.16 points above whole batches in the same time
     keep_fraction=0.75,
-    # ---- speed: CUDA graphs
+    # ---- speed: CUDA graphs (fast94's fused pool op and graphed Muon step are not yet measured here)
     compile_mode="reduce-overhead",
+    pool_kernel="torch",
+    muon_step="compiled",
 )

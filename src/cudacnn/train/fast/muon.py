@@ -71,11 +71,12 @@ def muon_step(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[
 
 class GraphedStep:
     """Muon's whole step on fixed parameters, captured once as a CUDA graph: three launches a step (copy the
-    gradients in, set the lr, replay) instead of the compiled update's ~30 kernels launched from Python.
-    The momentum buffers, gradient copies and lr live at fixed addresses; `reset` zeroes the buffers for a
-    new run on the same parameters."""
+    gradients in, set the lr, replay) instead of the compiled update's ~30 kernels launched from Python
+    (fast94: 0.987x the time a run). The momentum buffers, gradient copies and lr live at fixed addresses;
+    `reset` zeroes the buffers for a new run on the same parameters, which it keeps alive."""
 
     def __init__(self, params: list[torch.Tensor], momentum: float, nesterov: bool, ns_steps: int):
+        self.params = params
         self.grads = [torch.zeros_like(p) for p in params]
         self.bufs = [torch.zeros_like(p) for p in params]
         self.lr = torch.zeros((), device=params[0].device)
@@ -102,7 +103,7 @@ class GraphedStep:
         self.graph.replay()
 
 
-_GRAPHED: dict[tuple, GraphedStep] = {}  # one per set of parameters (by address) and step constants
+_GRAPHED: dict[tuple, GraphedStep] = {}  # one per set of parameters (by address and shape) and step constants
 
 
 def allow_static_graphs(count: int = 64) -> None:
@@ -112,7 +113,8 @@ def allow_static_graphs(count: int = 64) -> None:
 
 class Muon(torch.optim.Optimizer):
     """`compiled=True` runs the whole update of all filter banks as one compiled graph (a few fused kernels and
-    batched matmuls); the learning rate stays outside it, so its schedule does not recompile."""
+    batched matmuls); the learning rate stays outside it, so its schedule does not recompile. `graphed=True`
+    (CUDA only) replays the compiled step, parameter update included, as one CUDA graph (GraphedStep)."""
 
     def __init__(self, params, lr: float = 0.24, momentum: float = 0.6, nesterov: bool = True,
                  ns_steps: int = 5, compiled: bool = False, graphed: bool = False):
@@ -123,13 +125,14 @@ class Muon(torch.optim.Optimizer):
         self.graphed = graphed
 
     def graphed_step(self, group: dict, params: list[torch.Tensor]) -> GraphedStep:
-        key = (tuple(p.data_ptr() for p in params), group["momentum"], group["nesterov"], group["ns_steps"])
-        if key not in _GRAPHED:
-            _GRAPHED[key] = GraphedStep(params, group["momentum"], group["nesterov"], group["ns_steps"])
-            graphed = _GRAPHED[key]
-        else:
+        """The cached graph of these parameters' step, its momentum zeroed (a new run), else a new capture."""
+        key = (tuple((p.data_ptr(), p.shape, p.dtype) for p in params), group["momentum"], group["nesterov"],
+               group["ns_steps"])
+        if key in _GRAPHED:
             graphed = _GRAPHED[key]
             graphed.reset()
+        else:
+            graphed = _GRAPHED[key] = GraphedStep(params, group["momentum"], group["nesterov"], group["ns_steps"])
         for p, buf in zip(params, graphed.bufs):
             self.state[p]["momentum_buffer"] = buf
         return graphed

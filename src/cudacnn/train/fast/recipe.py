@@ -92,8 +92,8 @@ def prepared_model(cfg: RecordConfig, device, num_classes: int, compile: bool) -
             allow_static_graphs()  # code object: more than dynamo's default 8
         model = create_model(cfg.model, num_classes=num_classes, activation=cfg.activation)
         model = model.to(device, memory_format=torch.channels_last).to_training_dtype(training_dtype(device))
-        if cfg.pool_kernel != "torch":
-            model.use_pool_kernel(cfg.pool_kernel)
+        # the fused pool kernel is a GPU speed-up; elsewhere the same math runs as PyTorch ops
+        model.use_pool_kernel(cfg.pool_kernel if device.type == "cuda" else "torch")
         train_loss = TrainLoss(model, cfg.label_smoothing)
         # static shapes: every batch here is full-size, and a shape-generic graph would be slower
         compiled = (lambda m: torch.compile(m, dynamic=False, mode=mode)) if compile else (lambda m: m)
@@ -101,10 +101,11 @@ def prepared_model(cfg: RecordConfig, device, num_classes: int, compile: bool) -
     return _PREPARED[key]
 
 
-# The fields the compiled graphs depend on (static shapes, compile mode, the net's activation, and constants
-# inside the graphs: label smoothing, Muon's momentum and step count): one warm-up per value.
+# The fields the compiled graphs depend on (static shapes, compile mode, the net's activation and pool kernel,
+# and constants inside the graphs: label smoothing, Muon's momentum and step count and how its step runs): one
+# warm-up per value.
 GRAPH_FIELDS = ("batch_size", "compile_mode", "keep_fraction", "muon_momentum", "ns_steps", "activation",
-                "label_smoothing", "tta_fraction", "muon_graph", "pool_kernel")
+                "label_smoothing", "tta_fraction", "pool_kernel", "muon_step")
 _WARMED: set[tuple] = set()  # warm-up keys done in this process
 WARM_STEPS = 3
 
@@ -128,8 +129,8 @@ def warmup(name: str, dataset: Dataset, device="cuda", compile: bool = True, **o
 # ---------------------------------------------------------------- optimizers and schedule
 
 def make_optimizers(model: FastNet, cfg: RecordConfig, compile: bool = False) -> tuple[torch.optim.Optimizer, Muon]:
-    """SGD-Nesterov for the biases and head, Muon for the conv filters (its update compiled when `compile`
-    and on a GPU)."""
+    """SGD-Nesterov for the biases and head, Muon for the conv filters (when `compile` and on a GPU, its update
+    compiled, or its whole step one CUDA graph: cfg.muon_step)."""
     wd = cfg.wd_per_example * cfg.examples_per_step
     norm_biases = [m.bias for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     groups = [dict(params=[model.whiten.bias], lr=cfg.bias_lr, weight_decay=wd / cfg.bias_lr),
@@ -138,8 +139,9 @@ def make_optimizers(model: FastNet, cfg: RecordConfig, compile: bool = False) ->
     on_gpu = next(model.parameters()).device.type == "cuda"
     sgd = torch.optim.SGD(groups, momentum=cfg.sgd_momentum, nesterov=True, fused=on_gpu)
     filters = [p for p in model.parameters() if p.ndim == 4 and p.requires_grad]
+    graphed = compile and on_gpu and cfg.muon_step == "graphed"
     muon = Muon(filters, lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=True, ns_steps=cfg.ns_steps,
-                compiled=compile and on_gpu and not cfg.muon_graph, graphed=compile and on_gpu and bool(cfg.muon_graph))
+                compiled=compile and on_gpu and not graphed, graphed=graphed)
     for opt in (sgd, muon):
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
