@@ -10,9 +10,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from gpu_trace import TRACE_PRELUDE
 from torch import nn
 
-from cudacnn.kernels import ActivationPool, BatchNormAct, FusedBasicBlock, Linear, ops, swap_modules
+from cudacnn.kernels import ActivationPool, BatchNormAct, FusedBasicBlock, Linear, PoolBatchNormAct, ops, swap_modules
 from cudacnn.kernels import batchnorm as B
 from cudacnn.kernels.activations import reference_forward as act_reference
 
@@ -426,39 +427,7 @@ def test_torch_compile_matches_eager_and_updates_running_stats(kernels_only, lau
     assert not torch.equal(eager.running_var, torch.ones(6, device=DEVICE))
 
 
-TRACE_FOR_A_GPU = r"""
-import json
-import torch
-import triton
-from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-from torch._subclasses.functional_tensor import dispatch_functionalize
-from torch.fx.experimental.proxy_tensor import make_fx
-from triton.backends.compiler import GPUTarget
-from cudacnn.kernels import batchnorm as B, ops
-
-class Driver:  # what Inductor's analysis of the kernels asks the driver: the target it compiles for
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-    def get_current_device(self):
-        return 0
-
-triton.runtime.driver.set_active(Driver())
-B._multiprocessors = lambda device: 132  # an H100's
-mode = FakeTensorMode()
-
-def fake(*shape, dtype=torch.float32):
-    t = torch.empty(*shape, dtype=dtype, device="meta")
-    t = t.contiguous(memory_format=torch.channels_last) if len(shape) == 4 else t
-    return FakeTensor(mode, t, torch.device("cuda", 0))
-
-def kernels(fn, *args):
-    with mode:
-        graph = make_fx(dispatch_functionalize(fn))(*args)
-    return [(kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__, sorted(n.kwargs["tensors_to_clone"]))
-            for n in graph.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
-
+TRACE_FOR_A_GPU = TRACE_PRELUDE + r"""
 x, res = fake(8, 64, 16, 16, dtype=torch.bfloat16), fake(8, 64, 16, 16, dtype=torch.bfloat16)
 dy = fake(8, 64, 8, 8, dtype=torch.bfloat16)
 w, b, rm, rv, mean, rstd = (fake(64) for _ in range(6))
@@ -516,16 +485,18 @@ def fused_modules(model):
             "bn_pool": sum(isinstance(m, BatchNormAct) and m.pool for m in model.modules()),
             "act_pool": sum(isinstance(m, ActivationPool) for m in model.modules()),
             "blocks": sum(isinstance(m, FusedBasicBlock) for m in model.modules()),
-            "plain_bn": sum(isinstance(m, nn.BatchNorm2d) and not isinstance(m, BatchNormAct) for m in model.modules())}
+            "pool_bn_act": sum(isinstance(m, PoolBatchNormAct) for m in model.modules()),
+            "plain_bn": sum(isinstance(m, nn.BatchNorm2d) and not isinstance(m, (BatchNormAct, PoolBatchNormAct))
+                            for m in model.modules())}
 
 
 # what swap_modules must insert into each zoo model
-EXPECTED = {"simple": dict(bn_act=0, bn_pool=0, act_pool=2, blocks=0),
-            "bn_dropout": dict(bn_act=2, bn_pool=0, act_pool=2, blocks=0),
-            "smallnet": dict(bn_act=6, bn_pool=3, act_pool=0, blocks=0),
-            "resnet": dict(bn_act=9, bn_pool=0, act_pool=0, blocks=4),
-            "fast94": dict(bn_act=6, bn_pool=0, act_pool=0, blocks=0),
-            "fast96": dict(bn_act=9, bn_pool=0, act_pool=0, blocks=0)}
+EXPECTED = {"simple": dict(bn_act=0, bn_pool=0, act_pool=2, blocks=0, pool_bn_act=0),
+            "bn_dropout": dict(bn_act=2, bn_pool=0, act_pool=2, blocks=0, pool_bn_act=0),
+            "smallnet": dict(bn_act=6, bn_pool=3, act_pool=0, blocks=0, pool_bn_act=0),
+            "resnet": dict(bn_act=9, bn_pool=0, act_pool=0, blocks=4, pool_bn_act=0),
+            "fast94": dict(bn_act=3, bn_pool=0, act_pool=0, blocks=0, pool_bn_act=3),
+            "fast96": dict(bn_act=6, bn_pool=0, act_pool=0, blocks=0, pool_bn_act=3)}
 
 
 @pytest.mark.parametrize("name,kwargs", ZOO)

@@ -10,6 +10,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from gpu_trace import TRACE_PRELUDE
 from torch import nn
 
 from cudacnn.kernels import PoolBatchNormAct, ops
@@ -265,39 +266,7 @@ def test_torch_compile_matches_eager_and_updates_running_stats(kernels_only, lau
     assert not torch.equal(eager.running_var, torch.ones(6, device=DEVICE))
 
 
-TRACE_FOR_A_GPU = r"""
-import json
-import torch
-import triton
-from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-from torch._subclasses.functional_tensor import dispatch_functionalize
-from torch.fx.experimental.proxy_tensor import make_fx
-from triton.backends.compiler import GPUTarget
-from cudacnn.kernels import batchnorm as B, ops
-
-class Driver:  # what Inductor's analysis of the kernels asks the driver: the target it compiles for
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-    def get_current_device(self):
-        return 0
-
-triton.runtime.driver.set_active(Driver())
-B._multiprocessors = lambda device: 132  # an H100's
-mode = FakeTensorMode()
-
-def fake(*shape, dtype=torch.float32):
-    t = torch.empty(*shape, dtype=dtype, device="meta")
-    t = t.contiguous(memory_format=torch.channels_last) if len(shape) == 4 else t
-    return FakeTensor(mode, t, torch.device("cuda", 0))
-
-def kernels(fn, *args):
-    with mode:
-        graph = make_fx(dispatch_functionalize(fn))(*args)
-    return [(kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__, sorted(n.kwargs["tensors_to_clone"]))
-            for n in graph.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
-
+TRACE_FOR_A_GPU = TRACE_PRELUDE + r"""
 x = fake(8, 64, 15, 15, dtype=torch.float16)
 p, dy = fake(8, 64, 7, 7, dtype=torch.float16), fake(8, 64, 7, 7, dtype=torch.float16)
 code = fake(8, 64, 7, 7, dtype=torch.int8)

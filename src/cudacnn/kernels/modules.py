@@ -226,7 +226,8 @@ def _swappable_bn(module: nn.Module) -> bool:
 
 def _fuse_zoo_blocks(model: nn.Module, backend: str) -> None:
     """The zoo's blocks whose forward is code, not an nn.Sequential: ResNet's BasicBlock and stem, and the
-    fast nets' ConvGroup (whose forward hands its activation and the residual to a norm that has that activation)."""
+    fast nets' ConvGroup (whose forward hands its activation and the residual to a norm that has that activation,
+    and the unpooled conv output to a first norm that pools)."""
     from cudacnn.models.fast import ConvGroup
     from cudacnn.models.resnet import BasicBlock, ResNet
 
@@ -234,10 +235,11 @@ def _fuse_zoo_blocks(model: nn.Module, backend: str) -> None:
         if isinstance(module, ResNet) and _swappable_bn(module.bn1) and isinstance(module.relu, nn.ReLU):
             module.bn1 = BatchNormAct.from_torch(module.bn1, "relu", backend=backend)
             module.relu = nn.Identity()  # the stem's only use of it: maxpool(relu(bn1(conv1(x))))
-        elif isinstance(module, ConvGroup):
+        elif isinstance(module, ConvGroup):  # conv -> pool -> BN -> act, then conv -> BN (+ residual) -> act
             for i, norm in enumerate(module.norms):
                 if _swappable_bn(norm):
-                    module.norms[i] = BatchNormAct.from_torch(norm, module.activation, backend=backend)
+                    fused = PoolBatchNormAct if i == 0 else BatchNormAct
+                    module.norms[i] = fused.from_torch(norm, module.activation, backend=backend)
         for name, child in list(module.named_children()):
             if isinstance(child, BasicBlock):
                 setattr(module, name, FusedBasicBlock(child, backend))
