@@ -1,15 +1,18 @@
 """Record-recipe variants side by side in one process: each variant (a set of `--set` overrides of a preset)
 runs the same seeds; prints a row per run and a summary per variant (mean TTA accuracy, median time, and both
-as differences / ratios to the first variant). The numbers that go into benchmarks/fast.md come from
-`cudacnn bench record`; this is for choosing what to measure there.
+as differences / ratios to the first variant). `cudacnn bench record` benchmarks one preset for users (per-run
+table with FLOPs, JSON, the machine); this compares settings in one process, as benchmarks/fast.md's
+side-by-side tables do.
 
     PYTHONPATH=src python3 dev/record_variants.py --preset fast94 --runs 10 --data .data/cifar10-jpeg.tar.gz \
         --variant "" --variant "activation=silu,ns_steps=3" [--budget-s 400] [--json $OUT/variants.json] \
-        [--profile $OUT/profile.txt]
+        [--profile $OUT/profile.txt] [--sync-debug $OUT/sync.txt]
 
 `--profile` runs the first variant once more, right after its runs, under torch.profiler (its warm-up reused),
 and writes its ops and kernels sorted by GPU time, with the sum of kernel time beside the run's timed span (the
 sum also holds the kernels outside that span: the weights' reset, the loaders, the plain evaluation).
+`--sync-debug` runs it once more with CUDA's sync debug mode and writes each call site where the host waited
+on the device, with its count (the weights' reset and the whitening init wait; the steps should not).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ def main() -> None:
     p.add_argument("--budget-s", type=float, default=float("inf"), help="start no new variant after this long")
     p.add_argument("--json")
     p.add_argument("--profile", help="write one profiled run of the first variant here")
+    p.add_argument("--sync-debug", help="write where one run of the first variant makes the host wait on the GPU")
     args = p.parse_args()
     started = time.perf_counter()
     dataset = load_dataset(args.data, quiet=True)
@@ -67,6 +71,8 @@ def main() -> None:
                             time_median=statistics.median(times), eval_median=statistics.median(e for *_, e in runs)))
         if args.profile and len(results) == 1:
             profile_run(args.preset, dataset, overrides, args.profile)
+        if args.sync_debug and len(results) == 1:
+            sync_debug_run(args.preset, dataset, overrides, args.sync_debug)
     base = results[0]
     print(md_table(["variant", "runs", "TTA acc", "std", "median s", "eval s", "acc vs first", "time vs first"],
                    [[r["variant"], r["runs"], f"{r['acc_mean']:.4f}", f"{r['acc_std']:.4f}", f"{r['time_median']:.3f}",
@@ -88,6 +94,32 @@ def profile_run(preset: str, dataset, overrides: dict, path: str) -> None:
         f.write(f"{preset} {overrides}: device time {r.train_time_s:.3f} s (profiled), kernels {kernel_s:.3f} s\n")
         f.write(events.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70))
     print(f"profile: {r.train_time_s:.3f} s device time, {kernel_s:.3f} s of kernels -> {path}", flush=True)
+
+
+
+def sync_debug_run(preset: str, dataset, overrides: dict, path: str) -> None:
+    """One run with CUDA sync debugging on: every call that makes the host wait on the device (a pageable
+    host-to-device copy, an .item()) warns; each distinct call site is written with its count."""
+    import collections
+    import warnings
+
+    sites = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        sites["".join(traceback.format_stack(limit=8)[:-1]) + f"  -> {message}\n"] += 1
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record  # catch_warnings puts the old one back
+            train_fast(preset, dataset, seed=0, device="cuda", log=lambda *_: None, **overrides)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    with open(path, "w") as f:
+        for stack, count in sites.most_common():
+            f.write(f"==== {count} times\n{stack}\n")
+    print(f"sync debug: {sum(sites.values())} waits at {len(sites)} call sites -> {path}", flush=True)
 
 
 if __name__ == "__main__":
