@@ -38,6 +38,22 @@ def triton_interpreter():
 
 
 @pytest.fixture
+def launches(monkeypatch):
+    """The names of the Triton kernels our ops launch, in order (every launch goes through batchnorm._launch)."""
+    from cudacnn.kernels import batchnorm
+
+    names = []
+    launch = batchnorm._launch
+
+    def counting(kernel, grid, wrap):
+        names.append(kernel.fn.__name__)
+        return launch(kernel, grid, wrap)
+
+    monkeypatch.setattr(batchnorm, "_launch", counting)
+    return names
+
+
+@pytest.fixture
 def run_compiled_triton():
     """Run a Python script in a subprocess with Triton's compiler instead of its interpreter (this checkout's
     package first on the path): what the interpreter lets pass, such as type or layout errors in a kernel,

@@ -1,6 +1,9 @@
-"""The start of a script (run in a subprocess by the run_compiled_triton fixture) that traces our Triton ops as
-Inductor would for an H100, without one: a stand-in driver reports the target, tensors are fake.
-`kernels(fn, *args)` lists (kernel name, tensors Inductor must clone) for each Triton kernel fn launches."""
+"""Starts of scripts that the run_compiled_triton fixture runs in a subprocess, to check our Triton kernels as
+an H100 run would, without one.
+
+TRACE_PRELUDE: traces our ops as Inductor would (a stand-in driver reports the target, tensors are fake);
+`kernels(fn, *args)` lists (kernel name, tensors Inductor must clone) for each Triton kernel fn launches.
+COMPILE_PRELUDE: `build(fn, consts, warps, unit_strides, pointers)` compiles a kernel for sm_90."""
 
 TRACE_PRELUDE = r"""
 import json
@@ -35,4 +38,29 @@ def kernels(fn, *args):
     return [(kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__, sorted(n.kwargs["tensors_to_clone"]))
             for n in graph.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
 
+"""
+
+COMPILE_PRELUDE = r"""
+import functools
+import inspect
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+def build(fn, consts, warps=8, unit_strides=(), pointers={}):
+    # consts: the constexprs; unit_strides: the channel strides of NHWC tensors, which Triton specializes as 1;
+    # pointers: each pointer's type by name without "_ptr" (else *fp32); other scalars i32, momentum and eps fp32
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(inspect.signature(fn.fn).parameters):
+        if name in consts:
+            signature[name], constexprs[(i,)] = "constexpr", consts[name]
+        elif name in unit_strides:
+            signature[name], constexprs[(i,)] = "constexpr", 1
+        elif name.endswith("_ptr"):
+            signature[name] = pointers.get(name[:-4], "*fp32")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "fp32" if name in ("momentum", "eps") else "i32"
+    triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                   target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 """

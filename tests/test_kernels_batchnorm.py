@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from gpu_trace import TRACE_PRELUDE
+from gpu_trace import COMPILE_PRELUDE, TRACE_PRELUDE
 from torch import nn
 
 from cudacnn.kernels import ActivationPool, BatchNormAct, FusedBasicBlock, Linear, PoolBatchNormAct, ops, swap_modules
@@ -251,20 +251,6 @@ def test_last_programs_merge_many_partials_like_float64(kernels_only, many_progr
     close(bn.running_var, ref.running_var, 1e-5 if param_dtype == torch.float32 else 1e-2)
     if direct:
         assert not B._COUNTERS[x.device].any()
-
-
-@pytest.fixture
-def launches(monkeypatch):
-    """The names of the kernels launched, in order (every launch goes through B._launch)."""
-    names = []
-    launch = B._launch
-
-    def counting(kernel, grid, wrap):
-        names.append(kernel.fn.__name__)
-        return launch(kernel, grid, wrap)
-
-    monkeypatch.setattr(B, "_launch", counting)
-    return names
 
 
 @pytest.mark.parametrize("direct", [True, False])
@@ -595,30 +581,11 @@ def test_trainer_with_triton_kernels_takes_the_same_steps(kernels_only, keep_tf3
         close(states["triton"][name], ref.double(), 1e-4)
 
 
-COMPILE_FOR_H100 = r"""
-import inspect, itertools, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+COMPILE_FOR_H100 = COMPILE_PRELUDE + r"""
 from cudacnn.kernels import batchnorm as B
 
-def build(fn, consts, warps=8):
-    signature, constexprs, attrs = {}, {}, {}
-    for i, name in enumerate(inspect.signature(fn.fn).parameters):
-        if name in consts:
-            signature[name], constexprs[(i,)] = "constexpr", consts[name]
-        elif name in ("sC", "sxC", "srC", "syC", "sdC"):  # NHWC: Triton specializes a stride of 1
-            signature[name], constexprs[(i,)] = "constexpr", 1
-        elif name.endswith("_ptr"):
-            kind = {"counter": "*i32", "x": "*bf16", "res": "*bf16", "y": "*bf16", "dy": "*bf16", "dx": "*bf16",
-                    "dres": "*bf16"}
-            signature[name] = kind.get(name[:-4], "*fp32")
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            signature[name] = "fp32" if name in ("momentum", "eps") else "i32"
-    triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-                   target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-
+build = functools.partial(build, unit_strides=("sC", "sxC", "srC", "syC", "sdC"), pointers={
+    "counter": "*i32", "x": "*bf16", "res": "*bf16", "y": "*bf16", "dy": "*bf16", "dx": "*bf16", "dres": "*bf16"})
 build(B._stats_kernel, dict(UPDATE=True, BLOCK_M=64, BLOCK_C=64, BLOCK_F=32))
 for pool, kind, norm in ((False, 4, True), (True, 2, True), (True, 1, False)):
     flags = dict(NORM=norm, HAS_W=norm, HAS_B=norm, HAS_RES=not pool, KIND=kind, POOL=pool, FAST=True, BLOCK_C=64)

@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from gpu_trace import TRACE_PRELUDE
+from gpu_trace import COMPILE_PRELUDE, TRACE_PRELUDE
 from torch import nn
 
 from cudacnn.kernels import PoolBatchNormAct, ops
@@ -31,20 +31,6 @@ def kernels_only(monkeypatch):
     for module, name in ((P, "reference_pool"), (P, "reference_backward"), (B, "reference_statistics"),
                          (B, "_apply_reference"), (B, "reference_backward")):
         monkeypatch.setattr(module, name, refuse)
-
-
-@pytest.fixture
-def launches(monkeypatch):
-    """The names of the kernels launched, in order (every launch goes through batchnorm._launch)."""
-    names = []
-    launch = B._launch
-
-    def counting(kernel, grid, wrap):
-        names.append(kernel.fn.__name__)
-        return launch(kernel, grid, wrap)
-
-    monkeypatch.setattr(B, "_launch", counting)
-    return names
 
 
 def randn(*shape, dtype=torch.float32, channels_last=False):
@@ -296,30 +282,11 @@ def test_triton_ops_trace_into_their_kernels_for_inductor(run_compiled_triton):
         ["_dx_kernel", ["dx_ptr"]]]
 
 
-COMPILE_FOR_H100 = r"""
-import inspect
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+COMPILE_FOR_H100 = COMPILE_PRELUDE + r"""
 from cudacnn.kernels import pool_bn_act as P
 
-def build(fn, consts, warps=8):
-    signature, constexprs, attrs = {}, {}, {}
-    for i, name in enumerate(inspect.signature(fn.fn).parameters):
-        if name in consts:
-            signature[name], constexprs[(i,)] = "constexpr", consts[name]
-        elif name in ("sxC", "spC", "sdC"):  # NHWC: Triton specializes a stride of 1
-            signature[name], constexprs[(i,)] = "constexpr", 1
-        elif name.endswith("_ptr"):
-            kind = {"counter": "*i32", "code": "*i8", "x": "*fp16", "p": "*fp16", "y": "*fp16", "dy": "*fp16",
-                    "dx": "*fp16"}
-            signature[name] = kind.get(name[:-4], "*fp32")
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            signature[name] = "fp32" if name in ("momentum", "eps") else "i32"
-    triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-                   target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-
+build = functools.partial(build, unit_strides=("sxC", "spC", "sdC"), pointers={
+    "counter": "*i32", "code": "*i8", "x": "*fp16", "p": "*fp16", "y": "*fp16", "dy": "*fp16", "dx": "*fp16"})
 for stats in (True, False):
     build(P._pool_stats_kernel, dict(STATS=stats, UPDATE=stats, BLOCK_P=32, BLOCK_C=64, BLOCK_F=32))
 for kind, has_w in ((2, False), (4, True), (1, True)):  # every config of the autotuned kernels with GELU
