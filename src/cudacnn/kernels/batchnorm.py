@@ -453,11 +453,21 @@ def _backward_kernel(dy_ptr, x_ptr, res_ptr, dx_ptr, dres_ptr, mean_ptr, rstd_pt
                 x_ptr, res_ptr, dx_ptr, dres_ptr, x_off, r_off, mask, dy * _act_grad(z, KIND, FAST), xhat,
                 mean_dz, mean_dzx, rstd, wgt, acc_dz, acc_dzx, PHASE, TRAINING, NORM, HAS_RES)
     if PHASE == 0:
-        tl.store(sums_ptr + (pid_p + 1) * 2 * C + c, acc_dz, mask=c_ok)
-        tl.store(sums_ptr + (pid_p + 1) * 2 * C + C + c, acc_dzx, mask=c_ok)
-        if _last_program(counter_ptr, pid_c):
-            _finish_sums(sums_ptr, dw_ptr, db_ptr, c, c_ok, C, HAS_DW, HAS_DB, BLOCK_C, BLOCK_F)
-            tl.store(counter_ptr + pid_c, 0)  # zero again for the next launch
+        _store_sums(sums_ptr, counter_ptr, dw_ptr, db_ptr, pid_p, pid_c, acc_dz, acc_dzx, c, c_ok, C, HAS_DW, HAS_DB,
+                    BLOCK_C, BLOCK_F)
+
+
+@triton.jit
+def _store_sums(sums_ptr, counter_ptr, dw_ptr, db_ptr, pid_m, pid_c, acc_dz, acc_dzx, c, c_ok, C,
+                HAS_DW: tl.constexpr, HAS_DB: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr):
+    """A backward reduction's end: this program's partial (sum dz, sum dz * xhat) go to row pid_m + 1 of sums;
+    the last program of the channel block then sums them all (_finish_sums) and zeroes its counter again for
+    the next launch."""
+    tl.store(sums_ptr + (pid_m + 1) * 2 * C + c, acc_dz, mask=c_ok)
+    tl.store(sums_ptr + (pid_m + 1) * 2 * C + C + c, acc_dzx, mask=c_ok)
+    if _last_program(counter_ptr, pid_c):
+        _finish_sums(sums_ptr, dw_ptr, db_ptr, c, c_ok, C, HAS_DW, HAS_DB, BLOCK_C, BLOCK_F)
+        tl.store(counter_ptr + pid_c, 0)
 
 
 @triton.jit

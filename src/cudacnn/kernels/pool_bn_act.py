@@ -26,7 +26,7 @@ Forward, two launches.
   Saved for backward: p, code, mean, rstd (neither x nor y).
 Backward, two launches (one in eval without affine gradients).
   _reduce_kernel reads p and dy; writes per-program partial sums of g and g * phat per channel, g = dy *
-    act'(z), z = phat * weight + bias recomputed from p; its last program sums them (batchnorm._finish_sums)
+    act'(z), z = phat * weight + bias recomputed from p; its last program sums them (batchnorm._store_sums)
     into d bias = sum g and d weight = sum g * phat.
   _dx_kernel reads p, dy, code and the sums; writes dx at full resolution: at the argmax slot
     dp = rstd * weight * (g - sum(g) / M - phat * sum(g * phat) / M)  (rstd * weight * g in eval),
@@ -46,7 +46,7 @@ from . import activations as _act
 from . import batchnorm as _bn
 from ._runtime import interpreting, tl, triton
 from .activations import _act_fwd, _act_grad, activation_code
-from .batchnorm import _finish_stats, _finish_sums, _last_program, _merge_tile
+from .batchnorm import _finish_stats, _last_program, _merge_tile, _store_sums
 
 BUILT_FOR_INTERPRETER = interpreting()
 
@@ -256,11 +256,8 @@ def _reduce_kernel(dy_ptr, p_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, sums_ptr, co
                           KIND, FAST)
         acc_g += tl.sum(g, axis=0)  # masked lanes have dy = 0, so g = 0
         acc_gp += tl.sum(g * phat, axis=0)
-    tl.store(sums_ptr + (pid_m + 1) * 2 * C + c, acc_g, mask=c_ok)
-    tl.store(sums_ptr + (pid_m + 1) * 2 * C + C + c, acc_gp, mask=c_ok)
-    if _last_program(counter_ptr, pid_c):
-        _finish_sums(sums_ptr, dw_ptr, db_ptr, c, c_ok, C, HAS_DW, HAS_DB, BLOCK_C, BLOCK_F)
-        tl.store(counter_ptr + pid_c, 0)  # zero again for the next launch
+    _store_sums(sums_ptr, counter_ptr, dw_ptr, db_ptr, pid_m, pid_c, acc_g, acc_gp, c, c_ok, C, HAS_DW, HAS_DB,
+                BLOCK_C, BLOCK_F)
 
 
 @triton.jit
