@@ -14,7 +14,9 @@ compiled. Every variant is first checked against a float64 reference (max |error
 dx and d bias). "TB/s" is ours eager: the bytes its passes must move (forward: x in, p + code + y out;
 backward: p + code + dy in, dx out; each tensor once) over its time. The autotuner's choice of the two
 one-tile kernels (apply, dx) is printed. Prints a markdown table; --json rewrites the file after every shape,
-so a run cut short keeps what it measured. --budget-s: no new shape starts after that many seconds."""
+so a run cut short keeps what it measured. --budget-s: no new shape starts after that many seconds.
+On a GPU a second table gives device time (20 calls captured in one CUDA graph and replayed, so the host is
+out of the way) of each variant, and ours' forward+backward as a fraction of the copy bandwidth."""
 
 from __future__ import annotations
 
@@ -58,6 +60,7 @@ def main(argv=None) -> int:
     import torch.nn.functional as F
 
     from cudacnn.atomic import write_text_atomic
+    from cudacnn.bench.cnn_kernels import copy_bandwidth_gbps, graph_time_fn
     from cudacnn.kernels import ops
     from cudacnn.kernels import pool_bn_act as P
     from cudacnn.kernels.activations import reference_forward
@@ -78,6 +81,8 @@ def main(argv=None) -> int:
                 python=sys.version.split()[0],
                 dtype="fp32 (dry run)" if args.dry_run else "fp16", memory_format="channels_last",
                 autotune=P.autotuning())
+    if not args.dry_run:
+        meta["copy_gbps"] = copy_bandwidth_gbps(device, torch.float16)
     print(f"device: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}")
     rows = []
     started = time.perf_counter()
@@ -138,11 +143,44 @@ def main(argv=None) -> int:
         ours_ms = row["ms"]["ours"]
         row["tbps"] = dict(fwd=fwd_bytes / ours_ms["fwd"] / 1e9, bwd=bwd_bytes / ours_ms["bwd"] / 1e9,
                            fwd_bwd=(fwd_bytes + bwd_bytes) / ours_ms["fwd_bwd"] / 1e9)
+        if not args.dry_run:  # device time: 20 calls in one CUDA graph, replayed, so the host is out of the way
+            try:
+                row["graph_ms"] = {}
+                for name, fn in fns.items():
+                    fwd_g = graph_time_fn(lambda fn=fn: fn(x), device)
+                    both_g = graph_time_fn(lambda fn=fn: torch.autograd.grad(fn(x), (x, bias), dy), device)
+                    row["graph_ms"][name] = dict(fwd=fwd_g.median_ms, fwd_bwd=both_g.median_ms)
+                both_bytes = fwd_bytes + bwd_bytes
+                row["graph_of_copy"] = (both_bytes / (row["graph_ms"]["ours"]["fwd_bwd"] * 1e-3) / 1e9
+                                        / meta["copy_gbps"])
+            except RuntimeError as e:  # a capture that fails costs this table's row, not the launched times
+                print(f"CUDA graph timing failed for {model} N={n} C={c}: {e}", flush=True)
+                row.pop("graph_ms", None)
         rows.append(row)
         print_row(row, header=len(rows) == 1)
         if args.json:
             write_text_atomic(args.json, json.dumps(dict(meta=meta, rows=rows), indent=1))
+    print_graph_table(rows)
     return 0
+
+
+def print_graph_table(rows) -> None:
+    """Device time (CUDA graph replay) a call, forward and forward+backward; ratio = the baseline's ms / ours
+    (> 1: ours faster); "of copy" = ours' minimal bytes over its fwd+bwd time, a fraction of the copy bandwidth."""
+    rows = [r for r in rows if "graph_ms" in r]
+    if not rows:
+        return
+    print("\nDevice time, ms a call (20 calls in one CUDA graph, replayed)")
+    print("| shape | fwd: ours / eager / Inductor | fwd+bwd: ours / eager / Inductor | fwd+bwd vs eager | "
+          "fwd+bwd vs Inductor | ours compiled fwd+bwd | of copy |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        g = r["graph_ms"]
+        ours, eager, inductor = g["ours"], g["eager"], g["compiled"]
+        print(f"| {r['model']} {r['N']}x{r['C']}x{r['H']}x{r['W']} | {ours['fwd']:.3f} / {eager['fwd']:.3f} / "
+              f"{inductor['fwd']:.3f} | {ours['fwd_bwd']:.3f} / {eager['fwd_bwd']:.3f} / {inductor['fwd_bwd']:.3f} | "
+              f"{eager['fwd_bwd'] / ours['fwd_bwd']:.2f}x | {inductor['fwd_bwd'] / ours['fwd_bwd']:.2f}x | "
+              f"{g['ours compiled']['fwd_bwd']:.3f} | {r['graph_of_copy']:.2f} |", flush=True)
 
 
 def print_row(row, header: bool) -> None:
