@@ -171,13 +171,43 @@ def test_opcheck_registrations():
                           (g, p, code, w.detach(), b.detach(), mean, rstd, [2, 3, 4, 6], True, True, "silu", True))
 
 
-def test_gradcheck_float64_through_the_ops():
-    # float64 runs the PyTorch reference passes behind the same ops and autograd formula
+@pytest.mark.parametrize("direct", [True, False])
+def test_gradcheck_float64_through_the_ops(monkeypatch, direct):
+    # float64 runs the PyTorch reference passes behind the same autograd formulas: the eager autograd.Function
+    # (direct) and the registered ops'
+    monkeypatch.setattr(ops, "DIRECT_EAGER", direct)
     torch.manual_seed(5)
     x = (torch.randperm(2 * 3 * 4 * 5, device=DEVICE).double().view(2, 3, 4, 5) / 10).requires_grad_()  # no ties
     w = torch.rand(3, dtype=torch.float64, device=DEVICE).add(0.5).requires_grad_()
     b = torch.randn(3, dtype=torch.float64, device=DEVICE).requires_grad_()
     assert torch.autograd.gradcheck(lambda x, w, b: ops.pool_bn_act(x, w, b, activation="gelu"), (x, w, b))
+
+
+def test_eager_calls_skip_the_dispatcher_and_traced_calls_use_the_ops(kernels_only, monkeypatch):
+    # eager: one autograd.Function around the launchers; under a dispatch mode (fake tensors, FlopCounterMode)
+    # or tracing, the registered ops, which such modes must see
+    from torch.utils.flop_counter import FlopCounterMode
+
+    calls = []
+    for name in ("_pool_bn_stats", "_pool_bn_act", "_pool_bn_act_backward"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *args, _real=real, _name=name: calls.append(_name) or _real(*args))
+    x = randn(2, 6, 6, 4, channels_last=True).requires_grad_()
+    bn = batchnorm(6)
+    fused = PoolBatchNormAct.from_torch(bn, "silu")
+    y_direct = fused(x)
+    y_direct.sum().backward()
+    assert calls == []
+    grads_direct = [t.grad for t in (x, bn.weight, bn.bias)]
+    for t in (x, bn.weight, bn.bias):
+        t.grad = None
+    with FlopCounterMode(display=False):
+        y_ops = fused(x)
+        y_ops.sum().backward()
+    assert calls == ["_pool_bn_stats", "_pool_bn_act", "_pool_bn_act_backward"]
+    close(y_ops, y_direct, 1e-6)
+    for t, direct in zip((x, bn.weight, bn.bias), grads_direct):
+        close(t.grad, direct, 1e-6)
 
 
 @pytest.mark.parametrize("name", ["fast94", "fast96"])

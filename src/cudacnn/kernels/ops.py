@@ -236,8 +236,8 @@ def cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0,
 # graphs capture them) instead of an opaque call. Triton's interpreter cannot be traced that way (wrap_triton
 # hands its kernels back unwrapped, and they would run on fake tensors), so on the CPU the bodies call an
 # opaque custom op, the *_interpreted twin, that runs the same launchers.
-# Eager calls skip the dispatcher: batchnorm_act() runs the launchers through one autograd.Function, whose
-# host cost is a fraction of a custom op's (see _direct).
+# Eager calls skip the dispatcher: batchnorm_act() and pool_bn_act() run the launchers through one
+# autograd.Function each, whose host cost is a fraction of a custom op's (see _direct).
 
 def _interpreted(x: Tensor) -> bool:
     return x.device.type == "cpu" and _bn._triton_ok(x)
@@ -534,6 +534,28 @@ def _pool_bn_act_grad(ctx, grad_y):
 _pool_bn_act.register_autograd(_pool_bn_act_grad, setup_context=_pool_bn_act_setup)
 
 
+class _PoolBatchNormAct(torch.autograd.Function):
+    """The eager path of pool_bn_act: the op's launchers and autograd formula, without the dispatcher (as
+    _BatchNormAct for batchnorm_act)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, activation):
+        p, code, mean, rstd = _pba.pool_forward(x, running_mean, running_var, training, momentum, eps)
+        ctx.save_for_backward(p, code, weight, bias, mean, rstd)
+        ctx.config = (list(x.shape), channels_last_4d(x), training, activation)
+        return _pba.apply(p, weight, bias, mean, rstd, activation)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        p, code, weight, bias, mean, rstd = ctx.saved_tensors
+        x_shape, channels_last, training, activation = ctx.config
+        needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
+        dx, dw, db = _pba.backward(grad_y, p, code, weight, bias, mean, rstd, x_shape, channels_last, training,
+                                   activation, needs_w or needs_b)
+        return (dx if needs_x else None, dw if needs_w else None, db if needs_b else None, None, None, None, None,
+                None, None)
+
+
 def pool_bn_act(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None = None,
                 running_var: Tensor | None = None, training: bool = True, momentum: float = 0.1, eps: float = 1e-5,
                 activation: str = "none", backend: str = "triton") -> Tensor:
@@ -546,8 +568,15 @@ def pool_bn_act(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_m
     _pba.check_inputs(x, weight, bias, activation, training)  # before any kernel
     if not training and (running_mean is None or running_var is None):
         raise ValueError("pool_bn_act with training=False needs running_mean and running_var")
-    p, code, mean, rstd = _pool_bn_stats(x.detach(), running_mean, running_var, training, float(momentum),
-                                         float(eps))
+    momentum, eps = float(momentum), float(eps)
+    if _direct(x):
+        if torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad
+                                                                for t in (weight, bias))):
+            return _PoolBatchNormAct.apply(x, weight, bias, running_mean, running_var, training, momentum, eps,
+                                           activation)
+        p, code, mean, rstd = _pba.pool_forward(x, running_mean, running_var, training, momentum, eps)
+        return _pba.apply(p, weight, bias, mean, rstd, activation)
+    p, code, mean, rstd = _pool_bn_stats(x.detach(), running_mean, running_var, training, momentum, eps)
     return _pool_bn_act(x, p, code, weight, bias, mean, rstd, training, activation)
 
 
