@@ -185,12 +185,21 @@ def _stats_kernel(x_ptr, partial_ptr, counter_ptr, mean_ptr, rstd_ptr, rm_ptr, r
         mask = m_ok[:, None] & c_ok[None, :]
         x = tl.load(x_ptr + _rows(m, HW, W, sN, sH, sW)[:, None] + c_off[None, :], mask=mask, other=0.0)
         mean, m2 = _merge_tile(mean, m2, x.to(tl.float32), mask, m0 - start, tl.minimum(end - m0, BLOCK_M))
+    _store_stats(partial_ptr, counter_ptr, mean_ptr, rstd_ptr, rm_ptr, rv_ptr, pid_m, pid_c, mean, m2, c, c_ok, M,
+                 C, rows_per_prog, momentum, eps, UPDATE, BLOCK_C, BLOCK_F)
+
+
+@triton.jit
+def _store_stats(partial_ptr, counter_ptr, mean_ptr, rstd_ptr, rm_ptr, rv_ptr, pid_m, pid_c, mean, m2, c, c_ok, M, C,
+                 rows_per_prog, momentum, eps, UPDATE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr):
+    """A statistics pass's end: this program's (mean, M2) go to row pid_m of partial; the last program of the
+    channel block then merges them all (_finish_stats) and zeroes its counter again for the next launch."""
     tl.store(partial_ptr + pid_m * 2 * C + c, mean, mask=c_ok)
     tl.store(partial_ptr + pid_m * 2 * C + C + c, m2, mask=c_ok)
     if _last_program(counter_ptr, pid_c):
         _finish_stats(partial_ptr, mean_ptr, rstd_ptr, rm_ptr, rv_ptr, c, c_ok, M, C, rows_per_prog, momentum, eps,
                       UPDATE, BLOCK_C, BLOCK_F)
-        tl.store(counter_ptr + pid_c, 0)  # zero again for the next launch
+        tl.store(counter_ptr + pid_c, 0)
 
 
 @triton.jit

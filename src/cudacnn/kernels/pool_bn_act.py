@@ -21,7 +21,7 @@ Forward, two launches.
     per-program (mean, M2) partials of p merged tile by tile with Chan's formula (no E[p^2] - mean^2
     cancellation, which a conv output with a large mean would suffer in float32); the last program of a
     channel block (an atomic counter) merges the partials the same way, writes mean and rstd and updates the
-    running statistics (batchnorm._finish_stats, shared with the plain BatchNorm kernels).
+    running statistics (batchnorm._store_stats, shared with the plain BatchNorm kernels).
   _apply_kernel reads p, writes y.
   Saved for backward: p, code, mean, rstd (neither x nor y).
 Backward, two launches (one in eval without affine gradients).
@@ -46,7 +46,7 @@ from . import activations as _act
 from . import batchnorm as _bn
 from ._runtime import interpreting, tl, triton
 from .activations import _act_fwd, _act_grad, activation_code
-from .batchnorm import _finish_stats, _last_program, _merge_tile, _store_sums
+from .batchnorm import _merge_tile, _store_stats, _store_sums
 
 BUILT_FOR_INTERPRETER = interpreting()
 
@@ -147,6 +147,15 @@ def _params(mean_ptr, rstd_ptr, w_ptr, b_ptr, c, c_ok, HAS_W: tl.constexpr, HAS_
 
 
 @triton.jit
+def _later_max(best, code, v, k: tl.constexpr):
+    """The window's running maximum and its code after element k (value v): v takes over only when greater
+    (the first maximum wins ties) or NaN."""
+    v = v.to(tl.float32)
+    take = (v > best) | (v != v)
+    return tl.where(take, v, best), tl.where(take, k, code)
+
+
+@triton.jit
 def _pool_stats_kernel(x_ptr, p_ptr, code_ptr, partial_ptr, counter_ptr, mean_ptr, rstd_ptr, rm_ptr, rv_ptr,
                        M, C, OH, OW, sxN, sxC, sxH, sxW, spN, spC, spH, spW, rows_per_prog, momentum, eps,
                        STATS: tl.constexpr, UPDATE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -173,30 +182,17 @@ def _pool_stats_kernel(x_ptr, p_ptr, code_ptr, partial_ptr, counter_ptr, mean_pt
         # Compared in float32 (exact for every storage dtype; the interpreter compares bfloat16's raw bits)
         best = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
         code = tl.zeros((BLOCK_P, BLOCK_C), tl.int32)
-        v = tl.load(x_ptr + x_off + sxW, mask=mask, other=0.0).to(tl.float32)
-        take = (v > best) | (v != v)
-        code = tl.where(take, 1, code)
-        best = tl.where(take, v, best)
-        v = tl.load(x_ptr + x_off + sxH, mask=mask, other=0.0).to(tl.float32)
-        take = (v > best) | (v != v)
-        code = tl.where(take, 2, code)
-        best = tl.where(take, v, best)
-        v = tl.load(x_ptr + x_off + sxH + sxW, mask=mask, other=0.0).to(tl.float32)
-        take = (v > best) | (v != v)
-        code = tl.where(take, 3, code)
-        best = tl.where(take, v, best)
+        best, code = _later_max(best, code, tl.load(x_ptr + x_off + sxW, mask=mask, other=0.0), 1)
+        best, code = _later_max(best, code, tl.load(x_ptr + x_off + sxH, mask=mask, other=0.0), 2)
+        best, code = _later_max(best, code, tl.load(x_ptr + x_off + sxH + sxW, mask=mask, other=0.0), 3)
         p_off = p_row[:, None] + cp
         tl.store(p_ptr + p_off, best.to(p_ptr.dtype.element_ty), mask=mask)
         tl.store(code_ptr + p_off, code.to(tl.int8), mask=mask)
         if STATS:
             mean, m2 = _merge_tile(mean, m2, best, mask, m0 - start, tl.minimum(end - m0, BLOCK_P))
     if STATS:
-        tl.store(partial_ptr + pid_m * 2 * C + c, mean, mask=c_ok)
-        tl.store(partial_ptr + pid_m * 2 * C + C + c, m2, mask=c_ok)
-        if _last_program(counter_ptr, pid_c):
-            _finish_stats(partial_ptr, mean_ptr, rstd_ptr, rm_ptr, rv_ptr, c, c_ok, M, C, rows_per_prog, momentum,
-                          eps, UPDATE, BLOCK_C, BLOCK_F)
-            tl.store(counter_ptr + pid_c, 0)  # zero again for the next launch
+        _store_stats(partial_ptr, counter_ptr, mean_ptr, rstd_ptr, rm_ptr, rv_ptr, pid_m, pid_c, mean, m2, c, c_ok,
+                     M, C, rows_per_prog, momentum, eps, UPDATE, BLOCK_C, BLOCK_F)
 
 
 @triton.jit

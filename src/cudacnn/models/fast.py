@@ -84,7 +84,7 @@ class ConvGroup(nn.Module):
 class FastNet(nn.Module):
     def __init__(self, widths=(64, 256, 256), depth: int = 2, num_classes: int = 10,
                  whiten_kernel: int = 2, bn_momentum: float = 0.4, logit_scale: float | None = None,
-                 activation: str = "gelu", pool_kernel: str = "torch"):
+                 activation: str = "gelu"):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
@@ -100,8 +100,6 @@ class FastNet(nn.Module):
         # 1/width keeps the first logits tiny, matching the head lr tuned for a summed loss (airbench94_muon)
         self.logit_scale = logit_scale if logit_scale is not None else 1 / widths[-1]
         self.reset()
-        if pool_kernel != "torch":
-            self.use_pool_kernel(pool_kernel)
 
     def use_pool_kernel(self, backend: str = "triton") -> "FastNet":
         """Run each group's first pool -> BatchNorm -> activation as one fused op (kernels.PoolBatchNormAct,

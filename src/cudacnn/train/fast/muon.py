@@ -123,6 +123,7 @@ class Muon(torch.optim.Optimizer):
             allow_static_graphs()
         self.updates = torch.compile(muon_updates, dynamic=False, fullgraph=True) if compiled else muon_updates
         self.graphed = graphed
+        self.graphs: dict[int, GraphedStep] = {}  # per param group, from its first step (not in state_dict)
 
     def graphed_step(self, group: dict, params: list[torch.Tensor]) -> GraphedStep:
         """The cached graph of these parameters' step, its momentum zeroed (a new run), else a new capture."""
@@ -139,14 +140,14 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        for group in self.param_groups:
+        for i, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
             if self.graphed:
-                if "graphed" not in group:  # the first step of this optimizer
-                    group["graphed"] = self.graphed_step(group, params)
-                group["graphed"]([p.grad for p in params], group["lr"])
+                if i not in self.graphs:
+                    self.graphs[i] = self.graphed_step(group, params)
+                self.graphs[i]([p.grad for p in params], group["lr"])
                 continue
             bufs = []
             for p in params:

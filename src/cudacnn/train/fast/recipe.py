@@ -86,14 +86,15 @@ def training_dtype(device: torch.device) -> torch.dtype:
 def prepared_model(cfg: RecordConfig, device, num_classes: int, compile: bool) -> Prepared:
     device = torch.device(device)
     mode = cfg.compile_mode if device.type == "cuda" else "default"  # CUDA graphs need a GPU
-    key = (cfg.model, cfg.activation, cfg.label_smoothing, str(device), num_classes, compile, mode, cfg.pool_kernel)
+    # the fused pool kernel is a GPU speed-up; elsewhere the same math runs as PyTorch ops
+    pool = cfg.pool_kernel if device.type == "cuda" else "torch"
+    key = (cfg.model, cfg.activation, cfg.label_smoothing, str(device), num_classes, compile, mode, pool)
     if key not in _PREPARED:
         if compile:  # both presets' static graphs (each batch size, train and eval) share FastNet.forward's
             allow_static_graphs()  # code object: more than dynamo's default 8
         model = create_model(cfg.model, num_classes=num_classes, activation=cfg.activation)
         model = model.to(device, memory_format=torch.channels_last).to_training_dtype(training_dtype(device))
-        # the fused pool kernel is a GPU speed-up; elsewhere the same math runs as PyTorch ops
-        model.use_pool_kernel(cfg.pool_kernel if device.type == "cuda" else "torch")
+        model.use_pool_kernel(pool)
         train_loss = TrainLoss(model, cfg.label_smoothing)
         # static shapes: every batch here is full-size, and a shape-generic graph would be slower
         compiled = (lambda m: torch.compile(m, dynamic=False, mode=mode)) if compile else (lambda m: m)
