@@ -1,8 +1,9 @@
 """Starts of scripts that the run_compiled_triton fixture runs in a subprocess, to check our Triton kernels as
 an H100 run would, without one.
 
-TRACE_PRELUDE: traces our ops as Inductor would (a stand-in driver reports the target, tensors are fake);
-`kernels(fn, *args)` lists (kernel name, tensors Inductor must clone) for each Triton kernel fn launches.
+TRACE_PRELUDE: traces our ops as Inductor would (a stand-in driver reports the target, tensors are fake; `batch`
+is a symbolic size); `kernels(fn, *args)` lists (kernel name, tensors Inductor must clone) for each Triton kernel
+fn launches.
 COMPILE_PRELUDE: `build(fn, consts, warps, unit_strides, pointers)` compiles a kernel for sm_90."""
 
 TRACE_PRELUDE = r"""
@@ -10,9 +11,11 @@ import json
 import torch
 import triton
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch._subclasses.functional_tensor import dispatch_functionalize
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
+from torch._dynamo.source import ConstantSource
 from triton.backends.compiler import GPUTarget
 from cudacnn.kernels import batchnorm as B, ops
 
@@ -25,12 +28,20 @@ class Driver:  # what Inductor's analysis of the kernels asks the driver: the ta
 
 triton.runtime.driver.set_active(Driver())
 B._multiprocessors = lambda device: 132  # an H100's
-mode = FakeTensorMode()
+shape_env = ShapeEnv()
+mode = FakeTensorMode(shape_env=shape_env)
+# a batch size as a graph compiled for any batch size sees it (torch.compile's dynamic shapes), hinted 8
+batch = shape_env.create_symintnode(shape_env.create_symbol(8, ConstantSource("batch")), hint=8)
 
 def fake(*shape, dtype=torch.float32):
-    t = torch.empty(*shape, dtype=dtype, device="meta")
-    t = t.contiguous(memory_format=torch.channels_last) if len(shape) == 4 else t
-    return FakeTensor(mode, t, torch.device("cuda", 0))
+    with mode:
+        t = torch.empty(*shape, dtype=dtype, device="meta")
+        t = t.contiguous(memory_format=torch.channels_last) if len(shape) == 4 else t
+    t.fake_device = torch.device("cuda", 0)
+    return t
+
+def batch_specialized():  # tracing pinned `batch` to its hint (e.g. through int()): a dynamic graph must not
+    return shape_env.replace(batch.node.expr).is_number
 
 def kernels(fn, *args):
     with mode:

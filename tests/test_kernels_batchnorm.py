@@ -414,14 +414,17 @@ def test_torch_compile_matches_eager_and_updates_running_stats(kernels_only, lau
 
 
 TRACE_FOR_A_GPU = TRACE_PRELUDE + r"""
-x, res = fake(8, 64, 16, 16, dtype=torch.bfloat16), fake(8, 64, 16, 16, dtype=torch.bfloat16)
-dy = fake(8, 64, 8, 8, dtype=torch.bfloat16)
 w, b, rm, rv, mean, rstd = (fake(64) for _ in range(6))
-forward = kernels(lambda x, w, b, rm, rv: ops.batchnorm_act(x, w, b, None, rm, rv, True, 0.1, 1e-5, "relu", True),
-                  x, w, b, rm, rv)
-backward = kernels(lambda dy, x, w, b, res, mean, rstd: torch.ops.cudacnn.batchnorm_act_backward(
-    dy, x, w, b, res, mean, rstd, True, True, "relu", True, True), dy, x, w, b, res, mean, rstd)
-print(json.dumps({"forward": forward, "backward": backward}))
+traced = {}
+for shapes, n in (("static", 8), ("dynamic", batch)):
+    x, res = fake(n, 64, 16, 16, dtype=torch.bfloat16), fake(n, 64, 16, 16, dtype=torch.bfloat16)
+    dy = fake(n, 64, 8, 8, dtype=torch.bfloat16)
+    forward = kernels(lambda x, w, b, rm, rv: ops.batchnorm_act(x, w, b, None, rm, rv, True, 0.1, 1e-5, "relu",
+                                                                True), x, w, b, rm, rv)
+    backward = kernels(lambda dy, x, w, b, res, mean, rstd: torch.ops.cudacnn.batchnorm_act_backward(
+        dy, x, w, b, res, mean, rstd, True, True, "relu", True, True), dy, x, w, b, res, mean, rstd)
+    traced[shapes] = {"forward": forward, "backward": backward}
+print(json.dumps(dict(traced, batch_specialized=batch_specialized())))
 """
 
 
@@ -429,18 +432,21 @@ def test_triton_ops_trace_into_their_kernels_for_inductor(run_compiled_triton):
     """What torch.compile hands Inductor for a GPU: the triton_ops decomposed into their two kernels each way,
     as triton_kernel_wrapper nodes, each cloning (functionalizing) only the tensors it writes: Inductor's
     analysis of the kernels' Triton IR found their stores. Fake CUDA tensors on the CPU, compiled Triton (not
-    the interpreter), in a subprocess."""
+    the interpreter), in a subprocess. The same for a symbolic batch size (a graph recompiled for a new batch
+    size is traced with one), without pinning it."""
     import json
 
     done = run_compiled_triton(TRACE_FOR_A_GPU)
     assert done.returncode == 0, done.stderr[-3000:]
     traced = json.loads(done.stdout.strip().splitlines()[-1])
-    assert traced["forward"] == [
+    assert traced["static"]["forward"] == [
         ["_stats_kernel", ["counter_ptr", "mean_ptr", "partial_ptr", "rm_ptr", "rstd_ptr", "rv_ptr"]],
         ["_apply_kernel", ["y_ptr"]]]
-    assert traced["backward"] == [
+    assert traced["static"]["backward"] == [
         ["_backward_kernel", ["counter_ptr", "db_ptr", "dw_ptr", "sums_ptr"]],
         ["_backward_kernel", ["dres_ptr", "dx_ptr"]]]
+    assert traced["dynamic"] == traced["static"]
+    assert not traced["batch_specialized"]
 
 
 def test_bad_inputs_name_the_problem():

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from gpu_trace import COMPILE_PRELUDE, TRACE_PRELUDE
 from torch import nn
 
-from cudacnn.kernels import PoolBatchNormAct, ops
+from cudacnn.kernels import BatchNormAct, PoolBatchNormAct, ops
 from cudacnn.kernels import batchnorm as B
 from cudacnn.kernels import pool_bn_act as P
 from cudacnn.kernels.activations import reference_forward as act_reference
@@ -282,33 +282,41 @@ def test_torch_compile_matches_eager_and_updates_running_stats(kernels_only, lau
 
 
 TRACE_FOR_A_GPU = TRACE_PRELUDE + r"""
-x = fake(8, 64, 15, 15, dtype=torch.float16)
-p, dy = fake(8, 64, 7, 7, dtype=torch.float16), fake(8, 64, 7, 7, dtype=torch.float16)
-code = fake(8, 64, 7, 7, dtype=torch.int8)
 w, b, rm, rv, mean, rstd = (fake(64) for _ in range(6))
-forward = kernels(lambda x, w, b, rm, rv: ops.pool_bn_act(x, w, b, rm, rv, True, 0.1, 1e-5, "gelu"), x, w, b, rm, rv)
-backward = kernels(lambda dy, p, code, w, b, mean, rstd: torch.ops.cudacnn.pool_bn_act_backward(
-    dy, p, code, w, b, mean, rstd, [8, 64, 15, 15], True, True, "gelu", True), dy, p, code, w, b, mean, rstd)
-print(json.dumps({"forward": forward, "backward": backward}))
+traced = {}
+for shapes, n in (("static", 8), ("dynamic", batch)):
+    x = fake(n, 64, 15, 15, dtype=torch.float16)
+    p, dy = fake(n, 64, 7, 7, dtype=torch.float16), fake(n, 64, 7, 7, dtype=torch.float16)
+    code = fake(n, 64, 7, 7, dtype=torch.int8)
+    forward = kernels(lambda x, w, b, rm, rv: ops.pool_bn_act(x, w, b, rm, rv, True, 0.1, 1e-5, "gelu"),
+                      x, w, b, rm, rv)
+    backward = kernels(lambda dy, p, code, w, b, mean, rstd: torch.ops.cudacnn.pool_bn_act_backward(
+        dy, p, code, w, b, mean, rstd, [n, 64, 15, 15], True, True, "gelu", True), dy, p, code, w, b, mean, rstd)
+    traced[shapes] = {"forward": forward, "backward": backward}
+print(json.dumps(dict(traced, batch_specialized=batch_specialized())))
 """
 
 
 def test_triton_ops_trace_into_their_kernels_for_inductor(run_compiled_triton):
     """What torch.compile hands Inductor for a GPU: the triton_ops decomposed into their two kernels each way
     (the autotuned ones included), as triton_kernel_wrapper nodes, each cloning (functionalizing) only the
-    tensors it writes. Fake CUDA tensors on the CPU, compiled Triton (not the interpreter), in a subprocess."""
+    tensors it writes; the same for a symbolic batch size (a graph recompiled for a new batch size is traced
+    with one), without pinning it. Fake CUDA tensors on the CPU, compiled Triton (not the interpreter), in a
+    subprocess."""
     import json
 
     done = run_compiled_triton(TRACE_FOR_A_GPU)
     assert done.returncode == 0, done.stderr[-3000:]
     traced = json.loads(done.stdout.strip().splitlines()[-1])
-    assert traced["forward"] == [
+    assert traced["static"]["forward"] == [
         ["_pool_stats_kernel", ["code_ptr", "counter_ptr", "mean_ptr", "p_ptr", "partial_ptr", "rm_ptr", "rstd_ptr",
                                 "rv_ptr"]],
         ["_apply_kernel", ["y_ptr"]]]
-    assert traced["backward"] == [
+    assert traced["static"]["backward"] == [
         ["_reduce_kernel", ["counter_ptr", "db_ptr", "dw_ptr", "sums_ptr"]],
         ["_dx_kernel", ["dx_ptr"]]]
+    assert traced["dynamic"] == traced["static"]
+    assert not traced["batch_specialized"]
 
 
 COMPILE_FOR_H100 = COMPILE_PRELUDE + r"""
@@ -381,3 +389,26 @@ def test_gpu_fast94_with_the_fused_pool_under_inductor(monkeypatch):
     for ref, ours in zip(model.parameters(), fused.parameters()):
         if ref.grad is not None:
             assert (ours.grad.double() - ref.grad.double()).norm() <= 2e-2 * ref.grad.double().norm() + 1e-6
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("make", [lambda: PoolBatchNormAct(64, activation="silu"),
+                                  lambda: BatchNormAct(64, activation="relu", pool=True)],
+                         ids=["pool_bn_act", "batchnorm_act"])
+def test_gpu_dynamic_batch_size_under_inductor(make):
+    """A graph compiled for any batch size (dynamic=True; torch.compile also recompiles so when a second batch
+    size arrives, e.g. a smaller last batch) launches the kernels with symbolic sizes: each batch matches eager."""
+    torch.manual_seed(11)
+    eager = make().to(DEVICE)
+    compiled_module = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_module, fullgraph=True, dynamic=True)
+    for n in (12, 7):
+        x = randn(n, 64, 16, 16, channels_last=True).half()
+        xs = [x.clone().requires_grad_() for _ in range(2)]
+        ys = [eager(xs[0]), compiled(xs[1])]
+        for y in ys:
+            y.float().square().sum().backward()
+        close(ys[1], ys[0], 4e-3)
+        close(xs[1].grad, xs[0].grad, 4e-3)
+    close(compiled_module.running_var, eager.running_var, 1e-4)

@@ -555,9 +555,25 @@ def _reduction_split(units: int, block: int, c_blocks: int, device: torch.device
     return per_program, _cdiv(units, per_program)
 
 
-# Launch configurations by shape and flags, computed once: the per-call host work is a dictionary lookup.
+def shape_cache(fn):
+    """functools.cache for a launch configuration: the per-call host work is a dictionary lookup. Symbolic
+    sizes (a graph compiled for a dynamic batch size) do not hash; they are computed each trace instead, and
+    the configuration's sizes come out as expressions of them."""
+    cached = functools.cache(fn)
 
-@functools.cache
+    @functools.wraps(fn)
+    def config(*args):
+        if any(isinstance(a, torch.SymInt) for a in args):
+            return fn(*args)
+        return cached(*args)
+
+    config.cache_clear = cached.cache_clear
+    return config
+
+
+# Launch configurations by shape and flags, computed once.
+
+@shape_cache
 def _stats_config(N: int, C: int, H: int, W: int, device: torch.device, update: bool):
     """(grid, rows a program, sizes, meta) of _stats_kernel."""
     interpreted = device.type != "cuda"
@@ -570,7 +586,7 @@ def _stats_config(N: int, C: int, H: int, W: int, device: torch.device, update: 
     return (programs, c_blocks), rows, (M, C, H * W, W), meta
 
 
-@functools.cache
+@shape_cache
 def _apply_config(N: int, C: int, H: int, W: int, device: torch.device, pool: bool, normalize: bool, has_w: bool,
                   has_b: bool, has_res: bool, activation: str, fast: bool):
     """(grid, sizes, meta) of _apply_kernel; grid[0] is 0 for an empty output."""
@@ -582,7 +598,7 @@ def _apply_config(N: int, C: int, H: int, W: int, device: torch.device, pool: bo
     return (_cdiv(P, block_p), _cdiv(C, block_c)), (P, C, PH, PW, H, W), meta
 
 
-@functools.cache
+@shape_cache
 def _backward_config(N: int, C: int, H: int, W: int, device: torch.device, pool: bool, training: bool,
                      normalize: bool, has_w: bool, has_b: bool, has_res: bool, activation: str, fast: bool,
                      has_dw: bool, has_db: bool):

@@ -364,7 +364,7 @@ def _one_tile_launch(tuned, kernel, grid, wrap, C: int, interpreted: bool):
     return lambda *args, **meta: launch(*args, **meta, **fixed)
 
 
-@functools.cache
+@_bn.shape_cache
 def _reduction_config(N: int, C: int, OH: int, OW: int, device: torch.device, kind: str):
     """(grid, rows a program, meta) of a reduction kernel over the N * OH * OW pooled positions."""
     interpreted = device.type != "cuda"
@@ -440,7 +440,7 @@ def backward(grad_y, p, code, weight, bias, mean, rstd, x_shape, channels_last: 
              activation: str, needs_affine: bool = True, wrap=None):
     """(dx, dweight, dbias); dweight/dbias None without needs_affine or without that parameter. mean/rstd are
     the forward's. Two launches with batch statistics or affine gradients, else one."""
-    x_shape = tuple(int(s) for s in x_shape)
+    x_shape = tuple(x_shape)
     if tuple(grad_y.shape) != tuple(p.shape):
         raise ValueError(f"grad_y has shape {tuple(grad_y.shape)}; the pooled output has {tuple(p.shape)}")
     grad_y = grad_y.to(p.dtype)
