@@ -191,7 +191,8 @@ def test_fast96_is_the_measured_recipe():
     assert create_model("fast96").arch == {"widths": [128, 512, 512], "activation": "gelu"}
     cfg = resolve_config("fast96", {})
     assert (cfg.epochs, cfg.muon_lr, cfg.crop_pad, cfg.cutout, cfg.lookahead_every, cfg.keep_fraction,
-            cfg.compile_mode) == (32.0, 0.2, 4, 12, 5, 0.75, "reduce-overhead")
+            cfg.compile_mode) == (28.0, 0.2, 4, 12, 5, 0.75, "reduce-overhead")
+    assert (cfg.head_init, cfg.pool_kernel, cfg.muon_step) == ("unit_std", "triton", "graphed")
     assert resolve_config("fast96", {"epochs": 24}).epochs == 24.0  # --set replaces one field
 
 

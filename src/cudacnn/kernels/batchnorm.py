@@ -567,7 +567,7 @@ def shape_cache(fn):
             return fn(*args)
         return cached(*args)
 
-    config.cache_clear = cached.cache_clear
+    config.cache_clear, config.cache_info = cached.cache_clear, cached.cache_info
     return config
 
 
