@@ -6,10 +6,8 @@ Training: Muon on the conv filters, SGD-Nesterov on the biases and the head, a l
 label smoothing, alternating flips, 2-pixel crops and brightness/contrast jitter; TTA over mirrors and
 1-pixel shifts at the end, for the least confident quarter of the test images only.
 
-Measured on an H100 beside the Hiverge record script, 10 runs each in one command (benchmarks/fast.md), before
-the last two speed changes (the fused pool op, the graphed Muon step) and with 80% of each batch: 90.76% in
-1.010 s against the Hiverge script's 90.67% in 1.086 s. The speed changes then measured 0.936x the time at
-the same accuracy (16 runs each, another command).
+Measured on an H100 beside the Hiverge record script in two commands, 10 runs each (benchmarks/fast.md):
+90.64% and 90.70% in 0.845x and 0.852x its time, against its 90.71% and 90.78%.
 """
 
 from cudacnn.train.fast.config import RecordConfig
