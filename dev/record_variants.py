@@ -1,6 +1,7 @@
 """Record-recipe variants side by side in one process: each variant (a set of `--set` overrides of a preset)
 runs the same seeds; prints a row per run and a summary per variant (mean TTA accuracy, median time, and both
-as differences / ratios to the first variant). `cudacnn bench record` benchmarks one preset for users (per-run
+as differences / ratios to the first variant; the run's FLOPs and their rate as a fraction of the GPU's dense
+fp16 peak, counted as `cudacnn bench record` counts them). `cudacnn bench record` benchmarks one preset for users (per-run
 table with FLOPs, JSON, the machine); this compares settings in one process, as benchmarks/fast.md's
 side-by-side tables do.
 
@@ -25,10 +26,11 @@ import traceback
 
 import torch
 
+from cudacnn.bench.record import dense_fp16_peak, training_flops
 from cudacnn.data import load_dataset
 from cudacnn.tables import md_table
 from cudacnn.train.fast.config import parse_settings
-from cudacnn.train.fast.recipe import train_fast, warmup
+from cudacnn.train.fast.recipe import resolve_config, train_fast, warmup
 
 
 def main() -> None:
@@ -45,6 +47,7 @@ def main() -> None:
     started = time.perf_counter()
     dataset = load_dataset(args.data, quiet=True)
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
+    peak = dense_fp16_peak(torch.device("cuda"))
     results = []
     for spec in args.variant or [""]:
         if time.perf_counter() - started > args.budget_s:
@@ -66,18 +69,24 @@ def main() -> None:
             if not runs:
                 continue
         accs, times = [a for a, _, _ in runs], [t for _, t, _ in runs]
+        flops = training_flops(resolve_config(args.preset, overrides), dataset)
+        time_median = statistics.median(times)
         results.append(dict(variant=spec or "preset", runs=len(runs), acc_mean=statistics.fmean(accs),
-                            acc_std=statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                            time_median=statistics.median(times), eval_median=statistics.median(e for *_, e in runs)))
+                            acc_std=statistics.stdev(accs) if len(accs) > 1 else 0.0, time_median=time_median,
+                            eval_median=statistics.median(e for *_, e in runs), pflops=flops / 1e15,
+                            peak_fraction=flops / time_median / peak if peak else None))
         if args.profile and len(results) == 1:
             profile_run(args.preset, dataset, overrides, args.profile)
         if args.sync_debug and len(results) == 1:
             sync_debug_run(args.preset, dataset, overrides, args.sync_debug)
     base = results[0]
-    print(md_table(["variant", "runs", "TTA acc", "std", "median s", "eval s", "acc vs first", "time vs first"],
+    print(md_table(["variant", "runs", "TTA acc", "std", "median s", "eval s", "acc vs first", "time vs first",
+                    "PFLOPs", "of fp16 peak"],
                    [[r["variant"], r["runs"], f"{r['acc_mean']:.4f}", f"{r['acc_std']:.4f}", f"{r['time_median']:.3f}",
                      f"{r['eval_median']:.3f}", f"{100 * (r['acc_mean'] - base['acc_mean']):+.2f} pt",
-                     f"{r['time_median'] / base['time_median']:.3f}x"] for r in results]), flush=True)
+                     f"{r['time_median'] / base['time_median']:.3f}x", f"{r['pflops']:.3f}",
+                     "-" if r["peak_fraction"] is None else f"{r['peak_fraction']:.1%}"] for r in results]),
+          flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
