@@ -54,6 +54,22 @@ def launches(monkeypatch):
 
 
 @pytest.fixture
+def op_calls(monkeypatch):
+    """`spy(*names)`: the registered op functions of kernels.ops by those names record each call by name (then
+    run) in the list it returns, so a test sees which calls went through the dispatcher."""
+    from cudacnn.kernels import ops
+
+    def spy(*names):
+        calls = []
+        for name in names:
+            real = getattr(ops, name)
+            monkeypatch.setattr(ops, name, lambda *args, _real=real, _name=name: calls.append(_name) or _real(*args))
+        return calls
+
+    return spy
+
+
+@pytest.fixture
 def run_compiled_triton():
     """Run a Python script in a subprocess with Triton's compiler instead of its interpreter (this checkout's
     package first on the path): what the interpreter lets pass, such as type or layout errors in a kernel,

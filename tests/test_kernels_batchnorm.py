@@ -277,15 +277,12 @@ def test_two_launches_forward_and_two_backward(kernels_only, launches, monkeypat
     assert launches == ["_apply_kernel", "_backward_kernel"]
 
 
-def test_eager_calls_skip_the_dispatcher_and_traced_calls_use_the_ops(kernels_only, monkeypatch):
+def test_eager_calls_skip_the_dispatcher_and_traced_calls_use_the_ops(kernels_only, op_calls):
     # eager: one autograd.Function around the launchers; under a dispatch mode (fake tensors, FlopCounterMode)
     # or tracing, the registered ops, which such modes must see
     from torch.utils.flop_counter import FlopCounterMode
 
-    calls = []
-    for name in ("_batchnorm_stats", "_batchnorm_act", "_batchnorm_act_backward"):
-        real = getattr(ops, name)
-        monkeypatch.setattr(ops, name, lambda *args, _real=real, _name=name: calls.append(_name) or _real(*args))
+    calls = op_calls("_batchnorm_stats", "_batchnorm_act", "_batchnorm_act_backward")
     x = randn(2, 6, 4, 4, channels_last=True).requires_grad_()
     bn = BatchNormAct(6, activation="relu", pool=True).to(DEVICE)
     y_direct = bn(x)

@@ -183,15 +183,12 @@ def test_gradcheck_float64_through_the_ops(monkeypatch, direct):
     assert torch.autograd.gradcheck(lambda x, w, b: ops.pool_bn_act(x, w, b, activation="gelu"), (x, w, b))
 
 
-def test_eager_calls_skip_the_dispatcher_and_traced_calls_use_the_ops(kernels_only, monkeypatch):
+def test_eager_calls_skip_the_dispatcher_and_traced_calls_use_the_ops(kernels_only, op_calls):
     # eager: one autograd.Function around the launchers; under a dispatch mode (fake tensors, FlopCounterMode)
     # or tracing, the registered ops, which such modes must see
     from torch.utils.flop_counter import FlopCounterMode
 
-    calls = []
-    for name in ("_pool_bn_stats", "_pool_bn_act", "_pool_bn_act_backward"):
-        real = getattr(ops, name)
-        monkeypatch.setattr(ops, name, lambda *args, _real=real, _name=name: calls.append(_name) or _real(*args))
+    calls = op_calls("_pool_bn_stats", "_pool_bn_act", "_pool_bn_act_backward")
     x = randn(2, 6, 6, 4, channels_last=True).requires_grad_()
     bn = batchnorm(6)
     fused = PoolBatchNormAct.from_torch(bn, "silu")
