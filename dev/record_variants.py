@@ -23,9 +23,11 @@ import json
 import statistics
 import time
 import traceback
+from pathlib import Path
 
 import torch
 
+from cudacnn.bench.cnn_kernels import write_profile
 from cudacnn.bench.record import dense_fp16_peak, training_flops
 from cudacnn.data import load_dataset
 from cudacnn.tables import md_table
@@ -93,17 +95,10 @@ def main() -> None:
 
 
 def profile_run(preset: str, dataset, overrides: dict, path: str) -> None:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        r = train_fast(preset, dataset, seed=0, device="cuda", log=lambda *_: None, **overrides)
-    events = prof.key_averages()
-    kernel_s = sum(e.device_time_total for e in events if e.device_type.name == "CUDA") / 1e6
-    with open(path, "w") as f:
-        f.write(f"{preset} {overrides}: device time {r.train_time_s:.3f} s (profiled), kernels {kernel_s:.3f} s\n")
-        f.write(events.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70))
-    print(f"profile: {r.train_time_s:.3f} s device time, {kernel_s:.3f} s of kernels -> {path}", flush=True)
-
+    runs = []
+    write_profile(lambda: runs.append(train_fast(preset, dataset, seed=0, device="cuda", log=lambda *_: None,
+                                                 **overrides)), Path(path), f"{preset} {overrides}")
+    print(f"profile: {runs[0].train_time_s:.3f} s device time (profiled) -> {path}", flush=True)
 
 
 def sync_debug_run(preset: str, dataset, overrides: dict, path: str) -> None:

@@ -659,6 +659,26 @@ def test_cnn_kernels_bench_rows_on_the_cpu(monkeypatch):
     assert (seen[0].compile, seen[0].compile_mode, seen[0].kernels) == (True, "reduce-overhead", "triton")
 
 
+@pytest.mark.filterwarnings("ignore:cudacnn.kernels")
+def test_bench_cnn_kernels_profiles_an_epoch_of_each_setting(tmp_path, monkeypatch):
+    from cudacnn.bench import cnn_kernels
+    from cudacnn.bench.loader import synthetic_split
+    from cudacnn.data import Dataset
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the references run the fused ops' math on the CPU
+    dataset = Dataset("synthetic", [str(i) for i in range(10)], synthetic_split(300), synthetic_split(100, seed=1))
+    for kernels in ("torch", "triton"):
+        stats, _ = cnn_kernels.epoch_times("smallnet-plus", kernels, "eager", dataset, 300, None, timed_epochs=1,
+                                           device="cpu", profile=tmp_path / "prof")
+        assert stats.repeats == 1
+    tables = {k: (tmp_path / "prof" / f"smallnet-plus-eager-{k}.txt").read_text() for k in ("torch", "triton")}
+    for kernels, table in tables.items():
+        assert table.startswith(f"smallnet-plus eager --kernels {kernels}: 0.0 ms of GPU kernels")
+        assert "aten::convolution" in table  # a training epoch's ops, not an empty profile
+    # our fused op (forward and backward) runs in the triton epoch only: the tables tell the settings apart
+    assert "_BatchNormActBackward" in tables["triton"] and "BatchNormAct" not in tables["torch"]
+
+
 def test_bench_cnn_kernels_without_a_gpu_says_why(tmp_path, capsys):
     from cudacnn.cli import main
 

@@ -12,7 +12,7 @@ zoo's real shapes, and what they change end to end in `cudacnn train`.
 2. End to end: the epoch time of the presets with --kernels torch and --kernels triton, eager and compiled:
    the Trainer of `cudacnn train` (its _train_epoch, the code path of every epoch), on a seeded subset of
    the training set, one warm-up epoch (compilation, cuDNN autotuning) and then timed epochs, scaled to the
-   full training set.
+   full training set. With --profile DIR, one more epoch of each runs under torch.profiler, a table each.
 3. Optionally (--accuracy-seeds N): full trainings of the presets, N seeds each, torch vs triton kernels:
    the test accuracies should agree within seed noise.
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import gc
 import logging
 import tempfile
@@ -224,16 +225,18 @@ def _subset(dataset, n: int | None, seed: int = 0):
 
 
 def epoch_times(preset: str, kernels: str, mode: str, dataset, full_train: int, data: str | None,
-                timed_epochs: int = 2, device: str = "cuda") -> tuple[Stats, dict]:
+                timed_epochs: int = 2, device: str = "cuda", profile: Path | None = None) -> tuple[Stats, dict]:
     """Epoch times (ms, scaled to `full_train` images) of `cudacnn train --preset P --kernels K`, eager (`mode`
-    "eager") or with `--compile --compile-mode MODE` ("reduce-overhead": CUDA graphs), after one warm-up epoch."""
+    "eager") or with `--compile --compile-mode MODE` ("reduce-overhead": CUDA graphs), after one warm-up epoch.
+    With `profile` (a folder), one more epoch runs under torch.profiler and its table is written there."""
     from cudacnn.train.config import resolve
     from cudacnn.train.trainer import Trainer, make_progress
 
     with tempfile.TemporaryDirectory(prefix="cudacnn-cnn-kernels-") as scratch:
         compiled = dict(compile=True, compile_mode=mode) if mode != "eager" else dict(compile=False)
-        config = resolve(preset, None, dict(kernels=kernels, data=data, out=scratch, epochs=1 + timed_epochs,
-                                            device=device, **compiled))
+        epochs = 1 + timed_epochs + (profile is not None)  # the schedule (OneCycle) must cover every epoch run
+        config = resolve(preset, None, dict(kernels=kernels, data=data, out=scratch, epochs=epochs, device=device,
+                                            **compiled))
         trainer = Trainer(config, run_dir=Path(scratch), dataset=dataset, quiet=True)
         samples = []
         with make_progress(True) as progress:
@@ -242,6 +245,9 @@ def epoch_times(preset: str, kernels: str, mode: str, dataset, full_train: int, 
                 with DeviceTimer(trainer.device) as timer:
                     record = trainer._train_epoch(epoch, progress)
                 samples.append(timer.ms * full_train / len(trainer.train_loader.labels))
+            if profile is not None:
+                write_profile(functools.partial(trainer._train_epoch, 1 + timed_epochs, progress),
+                              Path(profile) / f"{preset}-{mode}-{kernels}.txt", f"{preset} {mode} --kernels {kernels}")
         fused = sum(type(m).__name__ in ("BatchNormAct", "ActivationPool") for m in trainer.model.modules())
         info = {"steps_timed": len(trainer.train_loader), "train_loss": round(record["train_loss"], 4),
                 "fused_modules": fused}
@@ -252,9 +258,29 @@ def epoch_times(preset: str, kernels: str, mode: str, dataset, full_train: int, 
     return Stats.of(samples), info
 
 
+def write_profile(work, path: Path, title: str) -> None:
+    """Runs `work()` under torch.profiler and writes its ops sorted by device time (CPU time on a CPU), with the
+    sum of the GPU kernels' time: where a step's time goes, for one setting beside another."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        work()
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    kernel_ms = sum(e.device_time_total for e in events if e.device_type.name == "CUDA") / 1e3
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{title}: {kernel_ms:.1f} ms of GPU kernels\n" + events.table(
+        sort_by="device_time_total" if cuda else "cpu_time_total", row_limit=40, max_name_column_width=70))
+
+
 def train_rows(dataset, presets=PRESETS, modes=("eager", "default"), train_images: int = 10240,
-               data: str | None = None, device: str = "cuda", on_rows=None) -> list[dict]:
-    """Per preset and mode ("eager", or a torch.compile mode), the epoch time with our kernels and PyTorch's."""
+               data: str | None = None, device: str = "cuda", on_rows=None,
+               profile: Path | None = None) -> list[dict]:
+    """Per preset and mode ("eager", or a torch.compile mode), the epoch time with our kernels and PyTorch's
+    (`profile`: a folder for a profiled epoch of each, see epoch_times)."""
     short = _subset(dataset, train_images)
     rows = []
     for preset in presets:
@@ -262,7 +288,8 @@ def train_rows(dataset, presets=PRESETS, modes=("eager", "default"), train_image
             runs, infos = {}, {}
             label = "eager" if mode == "eager" else f"compiled ({mode})"
             for kernels in ("torch", "triton"):
-                stats, info = epoch_times(preset, kernels, mode, short, len(dataset.train), data, device=device)
+                stats, info = epoch_times(preset, kernels, mode, short, len(dataset.train), data, device=device,
+                                          profile=profile)
                 runs[f"--kernels {kernels}"], infos[kernels] = measurement(stats), info
                 log.info("%s %s --kernels %s: %.3f s / epoch (%s)", preset, label, kernels, stats.median_ms / 1e3,
                          info)
@@ -315,6 +342,8 @@ def add_options(p) -> None:
     p.add_argument("--compile-modes", default="default", help="comma-separated torch.compile modes of the "
                    "compiled epoch rows (reduce-overhead: CUDA graphs, which take the launches off the host)")
     p.add_argument("--op", help="only the per-op cases whose label contains this text")
+    p.add_argument("--profile", type=Path, metavar="DIR", help="also profile one more epoch of each preset, mode "
+                   "and kernel setting (torch.profiler), a table each in DIR")
     p.add_argument("--presets", default=",".join(PRESETS), help="comma-separated presets to time end to end")
     p.add_argument("--train-images", type=int, default=10240,
                    help="images an epoch trains on for the timing (a seeded subset; times scaled to the full set)")

@@ -306,7 +306,8 @@ def run_cnn_kernels(args) -> int:
         dataset = load_dataset(args.data, cache_dir=args.cache_dir)
         if not args.no_epochs:
             modes = ("eager",) + (() if args.no_compile else tuple(_csv(args.compile_modes)))
-            cnn_kernels.train_rows(dataset, presets, modes, args.train_images, args.data, on_rows=save)
+            cnn_kernels.train_rows(dataset, presets, modes, args.train_images, args.data, on_rows=save,
+                                   profile=args.profile)
         if args.accuracy_seeds:
             cnn_kernels.accuracy_rows(dataset, presets, args.accuracy_seeds, args.accuracy_epochs, args.data,
                                       on_rows=save)
