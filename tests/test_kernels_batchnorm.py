@@ -50,6 +50,7 @@ def reference_module(bn: nn.BatchNorm2d, activation: str, pool: bool, pool_dtype
         z = ref(x)
         if residual is not None:
             z = z + residual
+        forward.near_kink = near_kink(z.detach(), activation, pool)
         z = act_reference(z, activation)
         if not pool:
             return z
@@ -57,6 +58,23 @@ def reference_module(bn: nn.BatchNorm2d, activation: str, pool: bool, pool_dtype
         return z.flatten(2).gather(2, index.flatten(2)).view_as(index)
 
     return ref, forward
+
+
+# ReLU's gradient jumps at z = 0, and the kernels compute z in float32 from float32 statistics: where the
+# float64 z is within their rounding (~1e-7 relative) of 0, either side is right, and dx differs from the
+# reference by rstd * weight * dy. Large tensors hold such elements (the zoo's 33M-element shapes have ~20
+# within 1e-6), and whether one flips depends on the statistics' last bits (any summation order flips one
+# in several seeds); so the gradients are compared with dy = 0 there.
+KINK = 1e-5
+
+
+def near_kink(z, activation, pool):
+    """Outputs whose gradient depends on which side of ReLU's kink float32 puts z (with pool: the windows
+    holding such an element, whose maximum it may also change)."""
+    if activation != "relu":
+        return torch.zeros(B.pooled_shape(z.shape) if pool else z.shape, dtype=torch.bool, device=z.device)
+    near = z.abs() < KINK
+    return F.max_pool2d(near.double(), 2) > 0 if pool else near
 
 
 def close(ours, ref, tol):
@@ -78,7 +96,7 @@ def run_both(bn, activation, pool, x, residual, dtype=torch.float32):
     module = BatchNormAct.from_torch(bn, activation, pool)
     y = module(x, res)
     y64 = ref_forward(x64, res64)
-    g = torch.randn_like(y64)
+    g = torch.randn_like(y64).masked_fill(ref_forward.near_kink, 0.0)
     y.backward(g.to(y.dtype))
     y64.backward(g)
     ours = [y, x.grad] + ([bn.weight.grad, bn.bias.grad] if bn.affine else []) + ([res.grad] if res is not None else [])
@@ -109,6 +127,21 @@ def test_training_forward_backward_and_running_stats_match_float64(kernels_only,
     for name in ("running_mean", "running_var"):
         close(getattr(bn, name), getattr(ref_bn, name), 1e-6)
     assert bn.num_batches_tracked.item() == ref_bn.num_batches_tracked.item() == 1
+
+
+@pytest.mark.parametrize("pool", [False, True])
+def test_gradients_are_compared_clear_of_relus_kink(kernels_only, pool):
+    # a residual of -xhat (float64 statistics) rounded to float32 puts z within float32 rounding of 0 at a
+    # third of the elements: the kernel's z takes either side there, and run_both must not compare dx there
+    torch.manual_seed(3)
+    x = randn(2, 8, 4, 4, channels_last=True) * 2 + 1
+    var, mean = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
+    xhat = (x.double() - mean.view(1, -1, 1, 1)) * torch.rsqrt(var + 1e-5).view(1, -1, 1, 1)
+    res = torch.where(torch.rand_like(x) < 1 / 3, -xhat.float(), randn(*x.shape, channels_last=True))
+    bn = nn.BatchNorm2d(8, device=DEVICE)
+    ours, refs, _ = run_both(bn, "relu", pool, x, res)
+    for a, b in zip(ours, refs):
+        close(a, b, 2e-5)
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu"])

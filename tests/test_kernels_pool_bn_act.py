@@ -61,8 +61,11 @@ def run_both(bn, activation, x):
     x = x.detach().requires_grad_()
     x64 = x.detach().double().requires_grad_()
     y = PoolBatchNormAct.from_torch(bn, activation)(x)
-    y64 = act_reference(ref(F.max_pool2d(x64, 2)), activation)
+    z64 = ref(F.max_pool2d(x64, 2))
+    y64 = act_reference(z64, activation)
     g = torch.randn_like(y64)
+    if activation == "relu":  # float32 z may take either side of the kink where z64 is this close to it
+        g = g.masked_fill(z64.detach().abs() < 1e-5, 0.0)  # (see test_kernels_batchnorm.near_kink)
     y.backward(g.to(y.dtype))
     y64.backward(g)
     return (y, x.grad, bn.weight.grad, bn.bias.grad), (y64, x64.grad, ref.weight.grad, ref.bias.grad), ref

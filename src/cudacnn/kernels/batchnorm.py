@@ -177,14 +177,18 @@ def _stats_kernel(x_ptr, partial_ptr, counter_ptr, mean_ptr, rstd_ptr, rm_ptr, r
     c_off = c.to(tl.int64) * sC
     start = pid_m * rows_per_prog
     end = tl.minimum(start + rows_per_prog, M)
-    mean = tl.zeros((BLOCK_C,), tl.float32)
-    m2 = tl.zeros((BLOCK_C,), tl.float32)
+    first = _rows(start + tl.arange(0, 1), HW, W, sN, sH, sW)
+    shift = tl.sum(tl.load(x_ptr + first[:, None] + c_off[None, :], mask=c_ok[None, :], other=0.0).to(tl.float32),
+                   axis=0)
+    s1 = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
+    s2 = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
     for m0 in range(start, end, BLOCK_M):
         m = m0 + tl.arange(0, BLOCK_M)
         m_ok = m < end
         mask = m_ok[:, None] & c_ok[None, :]
         x = tl.load(x_ptr + _rows(m, HW, W, sN, sH, sW)[:, None] + c_off[None, :], mask=mask, other=0.0)
-        mean, m2 = _merge_tile(mean, m2, x.to(tl.float32), mask, m0 - start, tl.minimum(end - m0, BLOCK_M))
+        s1, s2 = _add_shifted(s1, s2, x.to(tl.float32), shift, mask)
+    mean, m2 = _shifted_moments(s1, s2, shift, end - start)
     _store_stats(partial_ptr, counter_ptr, mean_ptr, rstd_ptr, rm_ptr, rv_ptr, pid_m, pid_c, mean, m2, c, c_ok, M,
                  C, rows_per_prog, momentum, eps, UPDATE, BLOCK_C, BLOCK_F)
 
@@ -203,18 +207,22 @@ def _store_stats(partial_ptr, counter_ptr, mean_ptr, rstd_ptr, rm_ptr, rv_ptr, p
 
 
 @triton.jit
-def _merge_tile(mean, m2, x, mask, seen, count):
-    """(mean, M2) per channel of `seen` rows merged with a tile's `count` rows x (float32, zero where masked)
-    by Chan's formula: no E[x^2] - mean^2 cancellation. Every earlier tile was full, so `seen` rows precede."""
-    seen = seen.to(tl.float32)
-    count = count.to(tl.float32)
-    block_mean = tl.sum(x, axis=0) / count
-    d = tl.where(mask, x - block_mean[None, :], 0.0)
-    delta = block_mean - mean
-    total = seen + count
-    mean += delta * (count / total)
-    m2 += tl.sum(d * d, axis=0) + delta * delta * (seen * count / total)
-    return mean, m2
+def _add_shifted(s1, s2, x, shift, mask):
+    """Per-lane sums of d = x - shift and d * d (float32 tiles; masked lanes add nothing). The shift, one of the
+    program's own values per channel, keeps d near the spread rather than the mean, so S2 - S1^2 / n does
+    not cancel as E[x^2] - mean^2 would for a large mean beside a small spread."""
+    d = tl.where(mask, x - shift[None, :], 0.0)
+    return s1 + d, s2 + d * d
+
+
+@triton.jit
+def _shifted_moments(s1, s2, shift, count):
+    """(mean, M2) per channel of a program's `count` rows from its per-lane shifted sums: one cross-warp
+    reduction a program instead of one a tile."""
+    n = count.to(tl.float32)
+    t1 = tl.sum(s1, axis=0)
+    t2 = tl.sum(s2, axis=0)
+    return shift + t1 / n, tl.maximum(t2 - t1 * (t1 / n), 0.0)
 
 
 @triton.jit
@@ -339,11 +347,12 @@ def _apply_kernel(x_ptr, res_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, P, C,
 def _backward_element(x_ptr, res_ptr, dx_ptr, dres_ptr, x_off, r_off, mask, dz, xhat, mean_dz, mean_dzx,
                       rstd, wgt, acc_dz, acc_dzx, PHASE: tl.constexpr, TRAINING: tl.constexpr,
                       NORM: tl.constexpr, HAS_RES: tl.constexpr):
-    """PHASE 0: add this element's dz and dz * xhat to the channel sums; PHASE 1: write dx (and dres)."""
+    """PHASE 0: add this element's dz and dz * xhat to the per-lane sums (BLOCK_P x BLOCK_C); PHASE 1: write dx
+    (and dres)."""
     dz = tl.where(mask, dz, 0.0)
     if PHASE == 0:
-        acc_dz += tl.sum(dz, axis=0)
-        acc_dzx += tl.sum(dz * xhat, axis=0)
+        acc_dz += dz
+        acc_dzx += dz * xhat
     else:
         dx = dz
         if NORM:
@@ -388,8 +397,10 @@ def _backward_kernel(dy_ptr, x_ptr, res_ptr, dx_ptr, dres_ptr, mean_ptr, rstd_pt
     else:
         start = pid_p * units_per_prog
         end = tl.minimum(start + units_per_prog, P)
-    acc_dz = tl.zeros((BLOCK_C,), tl.float32)
-    acc_dzx = tl.zeros((BLOCK_C,), tl.float32)
+    # per-lane sums, reduced across the tile's rows once at the end: a cross-warp reduction every tile would
+    # synchronize the program's warps as often as it loads
+    acc_dz = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
+    acc_dzx = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
     cx = c.to(tl.int64)[None, :] * sxC
     cr = c.to(tl.int64)[None, :] * srC
     cd = c.to(tl.int64)[None, :] * sdC
@@ -462,8 +473,8 @@ def _backward_kernel(dy_ptr, x_ptr, res_ptr, dx_ptr, dres_ptr, mean_ptr, rstd_pt
                 x_ptr, res_ptr, dx_ptr, dres_ptr, x_off, r_off, mask, dy * _act_grad(z, KIND, FAST), xhat,
                 mean_dz, mean_dzx, rstd, wgt, acc_dz, acc_dzx, PHASE, TRAINING, NORM, HAS_RES)
     if PHASE == 0:
-        _store_sums(sums_ptr, counter_ptr, dw_ptr, db_ptr, pid_p, pid_c, acc_dz, acc_dzx, c, c_ok, C, HAS_DW, HAS_DB,
-                    BLOCK_C, BLOCK_F)
+        _store_sums(sums_ptr, counter_ptr, dw_ptr, db_ptr, pid_p, pid_c, tl.sum(acc_dz, axis=0),
+                    tl.sum(acc_dzx, axis=0), c, c_ok, C, HAS_DW, HAS_DB, BLOCK_C, BLOCK_F)
 
 
 @triton.jit

@@ -46,7 +46,7 @@ from . import activations as _act
 from . import batchnorm as _bn
 from ._runtime import interpreting, tl, triton
 from .activations import _act_fwd, _act_grad, activation_code
-from .batchnorm import _merge_tile, _store_stats, _store_sums
+from .batchnorm import _add_shifted, _shifted_moments, _store_stats, _store_sums
 
 BUILT_FOR_INTERPRETER = interpreting()
 
@@ -170,8 +170,13 @@ def _pool_stats_kernel(x_ptr, p_ptr, code_ptr, partial_ptr, counter_ptr, mean_pt
     cp = c.to(tl.int64)[None, :] * spC
     start = pid_m * rows_per_prog
     end = tl.minimum(start + rows_per_prog, M)
-    mean = tl.zeros((BLOCK_C,), tl.float32)
-    m2 = tl.zeros((BLOCK_C,), tl.float32)
+    if STATS:  # shifted per-lane sums (batchnorm._add_shifted), by the first window element of the first row
+        first_h, first_w, first = _pooled_offsets(start + tl.arange(0, 1), OH, OW, sxN, sxH, sxW, 2)
+        shift = tl.sum(tl.load(x_ptr + first[:, None] + cx, mask=c_ok[None, :], other=0.0).to(tl.float32), axis=0)
+    else:
+        shift = tl.zeros((BLOCK_C,), tl.float32)
+    s1 = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
+    s2 = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
     for m0 in range(start, end, BLOCK_P):
         m = m0 + tl.arange(0, BLOCK_P)
         mask = (m < end)[:, None] & c_ok[None, :]
@@ -189,8 +194,9 @@ def _pool_stats_kernel(x_ptr, p_ptr, code_ptr, partial_ptr, counter_ptr, mean_pt
         tl.store(p_ptr + p_off, best.to(p_ptr.dtype.element_ty), mask=mask)
         tl.store(code_ptr + p_off, code.to(tl.int8), mask=mask)
         if STATS:
-            mean, m2 = _merge_tile(mean, m2, best, mask, m0 - start, tl.minimum(end - m0, BLOCK_P))
+            s1, s2 = _add_shifted(s1, s2, best, shift, mask)
     if STATS:
+        mean, m2 = _shifted_moments(s1, s2, shift, end - start)
         _store_stats(partial_ptr, counter_ptr, mean_ptr, rstd_ptr, rm_ptr, rv_ptr, pid_m, pid_c, mean, m2, c, c_ok,
                      M, C, rows_per_prog, momentum, eps, UPDATE, BLOCK_C, BLOCK_F)
 
@@ -241,8 +247,9 @@ def _reduce_kernel(dy_ptr, p_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, sums_ptr, co
     cd = c.to(tl.int64)[None, :] * sdC
     start = pid_m * rows_per_prog
     end = tl.minimum(start + rows_per_prog, M)
-    acc_g = tl.zeros((BLOCK_C,), tl.float32)
-    acc_gp = tl.zeros((BLOCK_C,), tl.float32)
+    # per-lane sums, reduced across rows once at the end (one cross-warp reduction a program, not one a tile)
+    acc_g = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
+    acc_gp = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
     for m0 in range(start, end, BLOCK_P):
         m = m0 + tl.arange(0, BLOCK_P)
         mask = (m < end)[:, None] & c_ok[None, :]
@@ -250,10 +257,10 @@ def _reduce_kernel(dy_ptr, p_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, sums_ptr, co
         _, _, d_row = _pooled_offsets(m, OH, OW, sdN, sdH, sdW, 1)
         g, phat = _grad_z(dy_ptr, p_ptr, d_row[:, None] + cd, p_row[:, None] + cp, mask, mean, scale, bias, rstd,
                           KIND, FAST)
-        acc_g += tl.sum(g, axis=0)  # masked lanes have dy = 0, so g = 0
-        acc_gp += tl.sum(g * phat, axis=0)
-    _store_sums(sums_ptr, counter_ptr, dw_ptr, db_ptr, pid_m, pid_c, acc_g, acc_gp, c, c_ok, C, HAS_DW, HAS_DB,
-                BLOCK_C, BLOCK_F)
+        acc_g += g  # masked lanes have dy = 0, so g = 0
+        acc_gp += g * phat
+    _store_sums(sums_ptr, counter_ptr, dw_ptr, db_ptr, pid_m, pid_c, tl.sum(acc_g, axis=0), tl.sum(acc_gp, axis=0), c,
+                c_ok, C, HAS_DW, HAS_DB, BLOCK_C, BLOCK_F)
 
 
 @triton.jit
