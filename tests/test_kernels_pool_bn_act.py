@@ -142,7 +142,7 @@ def test_eval_mode_uses_running_stats(kernels_only, launches, activation):
 
 
 def test_without_weight_and_statistics_far_from_zero(kernels_only):
-    # a large mean beside a small spread: sums of squares in float32 would lose the variance; Chan's merge keeps it
+    # a large mean beside a small spread: sums of squares in float32 would lose the variance; shifted sums keep it
     torch.manual_seed(4)
     x = (1000.0 + 0.01 * randn(3, 20, 8, 8, channels_last=True)).requires_grad_()
     b = randn(20).requires_grad_()

@@ -7,14 +7,15 @@ x is any 4-D layout (strides are arguments); NHWC (channels_last) is the fast on
 of BLOCK_P positions x BLOCK_C channels, channels the contiguous axis. Math is float32 whatever the
 storage dtype.
 
-Forward, training, two launches: _stats_kernel reads x once, each program merging its tiles' (mean, M2)
-with Chan's formula (no E[x^2] - mean^2 cancellation) into one partial per channel; the last program of a
-channel block to finish (an atomic counter) merges the partials the same way, writes mean and 1/std and
-updates the running statistics in place. _apply_kernel reads x (and the residual) again and writes only y
+Forward, training, two launches: _stats_kernel reads x once, each program adding its tiles into per-lane
+sums of x - shift and its square (shift: one of the program's own values per channel, so no E[x^2] - mean^2
+cancellation) and reducing across lanes once at the end into one (mean, M2) partial per channel; the last
+program of a channel block to finish (an atomic counter) merges the partials with Chan's formula, writes
+mean and 1/std and updates the running statistics in place. _apply_kernel reads x (and the residual) again and writes only y
 (pooled when pooling). Nothing else is saved: backward recomputes the normalized value, the activation and
 the pool's argmax from x.
 Backward, two launches: _backward_kernel PHASE 0 reads x and dy and writes per-program partial sums of dz
-and dz * xhat per channel (dz = gradient at the activation's input, routed through the pool's argmax); its
+and dz * xhat per channel (per-lane sums, reduced across lanes once a program) (dz = gradient at the activation's input, routed through the pool's argmax); its
 last program of a channel block sums them and writes d bias and d weight; PHASE 1 reads x and dy again and
 writes dx (and d residual = dz).
 The counters start at zero and the last program sets its counter back to zero, so one zeroed buffer serves

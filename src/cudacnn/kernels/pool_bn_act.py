@@ -18,10 +18,11 @@ dtype. Passes (M = N * floor(H/2) * floor(W/2) pooled positions a channel):
 Forward, two launches.
   _pool_stats_kernel reads x once; writes p (x's dtype), the argmax code (int8: 0..3 = which element of the
     2x2 window in row-major order; the first maximum wins ties, a NaN wins, as max_pool2d) and, in training,
-    per-program (mean, M2) partials of p merged tile by tile with Chan's formula (no E[p^2] - mean^2
-    cancellation, which a conv output with a large mean would suffer in float32); the last program of a
-    channel block (an atomic counter) merges the partials the same way, writes mean and rstd and updates the
-    running statistics (batchnorm._store_stats, shared with the plain BatchNorm kernels).
+    per-program (mean, M2) partials of p from per-lane sums shifted by an x of the program's first window
+    (batchnorm._add_shifted: no E[p^2] - mean^2 cancellation, which a conv output with a large mean would
+    suffer in float32); the last program of a channel block (an atomic counter) merges the partials with
+    Chan's formula, writes mean and rstd and updates the running statistics (batchnorm._store_stats, shared
+    with the plain BatchNorm kernels).
   _apply_kernel reads p, writes y.
   Saved for backward: p, code, mean, rstd (neither x nor y).
 Backward, two launches (one in eval without affine gradients).
