@@ -720,6 +720,9 @@ def test_bench_cnn_kernels_without_a_gpu_says_why(tmp_path, capsys):
     assert not list(tmp_path.iterdir())  # nothing half-written
     assert main(["bench", "cnn-kernels", "--presets", "smallnet-plus,nope", "--out", str(tmp_path)]) == 2
     assert "unknown preset(s) nope in --presets" in capsys.readouterr().err
+    assert main(["bench", "cnn-kernels", "--no-epochs", "--profile", str(tmp_path / "p"), "--out", str(tmp_path)]) == 2
+    assert "--profile profiles the training epochs, which --no-epochs skips" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 # ---------------------------------------------------------------- GPU: zoo shapes, 16-bit, torch.compile

@@ -286,6 +286,8 @@ def run_cnn_kernels(args) -> int:
     unknown = [p for p in presets if p not in PRESETS]
     if unknown:
         raise ConfigError(f"unknown preset(s) {', '.join(unknown)} in --presets; choose from {', '.join(PRESETS)}")
+    if args.profile and args.no_epochs:
+        raise ConfigError("--profile profiles the training epochs, which --no-epochs skips; drop one of the two")
     if not torch.cuda.is_available() or args.device == "cpu":
         raise ConfigError("the cnn-kernels benchmark needs a CUDA GPU (its CPU tests run under TRITON_INTERPRET=1)")
     set_threads(args.threads)
