@@ -11,13 +11,13 @@ Forward, training, two launches: _stats_kernel reads x once, each program adding
 sums of x - shift and its square (shift: one of the program's own values per channel, so no E[x^2] - mean^2
 cancellation) and reducing across lanes once at the end into one (mean, M2) partial per channel; the last
 program of a channel block to finish (an atomic counter) merges the partials with Chan's formula, writes
-mean and 1/std and updates the running statistics in place. _apply_kernel reads x (and the residual) again and writes only y
-(pooled when pooling). Nothing else is saved: backward recomputes the normalized value, the activation and
-the pool's argmax from x.
+mean and 1/std and updates the running statistics in place. _apply_kernel reads x (and the residual) again
+and writes only y (pooled when pooling). Nothing else is saved: backward recomputes the normalized value, the
+activation and the pool's argmax from x.
 Backward, two launches: _backward_kernel PHASE 0 reads x and dy and writes per-program partial sums of dz
-and dz * xhat per channel (per-lane sums, reduced across lanes once a program) (dz = gradient at the activation's input, routed through the pool's argmax); its
-last program of a channel block sums them and writes d bias and d weight; PHASE 1 reads x and dy again and
-writes dx (and d residual = dz).
+and dz * xhat per channel (dz = gradient at the activation's input, routed through the pool's argmax; summed
+per lane, then across lanes once a program); its last program of a channel block sums them and writes
+d bias and d weight; PHASE 1 reads x and dy again and writes dx (and d residual = dz).
 The counters start at zero and the last program sets its counter back to zero, so one zeroed buffer serves
 every launch on a stream (ops.py's eager path keeps one a device; a traced call allocates it zeroed).
 
