@@ -1,0 +1,141 @@
+"""Launch-setting sweep of the fused BatchNorm op (src/cudacnn/kernels/batchnorm.py) at the zoo's shapes.
+
+    PYTHONPATH=src python3 dev/bn_tile_sweep.py --json $OUT/bn_tiles.json [--budget-s 480] [--cases resnet18]
+
+The op's tiles come from register counts (batchnorm._tiles) and its reductions from a fixed 4 waves of the GPU
+(batchnorm._programs_per_channel_block), never timed against alternatives. For each BatchNorm case of
+`cudacnn bench cnn-kernels` (bench/cnn_kernels.OP_CASES: bf16, channels_last, training), this times the op's
+forward and forward + backward as device time (20 calls in one CUDA graph) under each setting: the tile
+(BLOCK_P) scaled by 1/2, 1 or 2, 4 or 8 warps, 2, 4 or 8 waves, the library's own first. Each setting's
+outputs and gradients are checked against the library setting's (other summation orders differ in the last
+bits only). The library keeps its setting until a winner beats it in `cudacnn bench cnn-kernels` on the same
+machine. `--dry-run`: a toy case on the CPU under Triton's interpreter (there the tiles are the interpreter's,
+so only the code paths run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+
+SCALES, WARPS, WAVES = (1.0, 0.5, 2.0), (8, 4), (4, 2, 8)  # the library's values first
+DRY_CASES = [("toy BN+add+ReLU", (2, 20, 6, 6), "relu", True, False, True)]
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", help="JSON file for the results (rewritten after every case)")
+    p.add_argument("--budget-s", type=float, default=480.0, help="start no new case after this many seconds")
+    p.add_argument("--cases", help="only the cases whose label contains one of these comma-separated texts")
+    p.add_argument("--dry-run", action="store_true", help="a toy case on the CPU under Triton's interpreter")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    if args.dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton's first import
+    import torch
+
+    if not args.dry_run and not torch.cuda.is_available():
+        print("error: needs a CUDA GPU (or --dry-run)", file=sys.stderr)
+        return 2
+    from cudacnn.atomic import write_text_atomic
+    from cudacnn.bench.cnn_kernels import OP_CASES, graph_time_fn
+    from cudacnn.kernels import BatchNormAct
+    from cudacnn.kernels import batchnorm as B
+
+    device = "cpu" if args.dry_run else "cuda"
+    cases = DRY_CASES if args.dry_run else [c for c in OP_CASES if c[5] and (
+        not args.cases or any(t in c[0] for t in args.cases.split(",")))]
+    tiles, programs = B._tiles, B._programs_per_channel_block
+    configs = [B._stats_config, B._apply_config, B._backward_config]
+
+    def restore() -> None:
+        B._tiles, B._programs_per_channel_block = tiles, programs
+        for config in configs:
+            config.cache_clear()
+
+    def use(scale: float, warps: int, waves: int) -> None:
+        """Every launch from here on takes this setting (the configurations are recomputed)."""
+        def scaled(C, pool, backward, interpreted):
+            block_p, block_c, lib_warps = tiles(C, pool, backward, interpreted)
+            return (block_p, block_c, lib_warps) if interpreted else (max(int(block_p * scale), 8), block_c, warps)
+
+        def waved(c_blocks, device):
+            return programs(c_blocks, device) if device.type != "cuda" else max(
+                1, waves * B._multiprocessors(device) // c_blocks)
+
+        B._tiles, B._programs_per_channel_block = scaled, waved
+        for config in configs:
+            config.cache_clear()
+
+    def device_ms(fn) -> float:
+        stats = graph_time_fn(fn, device)
+        if stats is not None:
+            return stats.median_ms
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+
+    def sweep(label, shape, activation, residual, pool) -> list[dict]:
+        """Every setting's times at one case, the library's first."""
+        torch.manual_seed(0)
+        dtype = torch.float32 if args.dry_run else torch.bfloat16
+        x = torch.randn(shape, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+        x.requires_grad_()
+        res = torch.randn_like(x).requires_grad_() if residual else None
+        op = BatchNormAct.from_torch(torch.nn.BatchNorm2d(shape[1], device=device), activation, pool)
+        inputs = [t for t in (x, res) if t is not None] + [op.weight, op.bias]
+        dy = torch.randn_like(op(x, res))
+
+        def forward():
+            with torch.no_grad():
+                return op(x, res)
+
+        def both():
+            y = op(x, res)
+            return (y, *torch.autograd.grad(y, inputs, dy))
+
+        rows, reference = [], None
+        for scale, warps, waves in itertools.product(SCALES, WARPS, WAVES):
+            use(scale, warps, waves)
+            try:
+                outputs = [t.detach().float() for t in both()]
+                fwd_ms, both_ms = device_ms(forward), device_ms(both)
+            except Exception as error:  # noqa: BLE001 -- a tile too large for the SM: report it, go on
+                print(f"{label}: scale {scale} warps {warps} waves {waves}: failed ({error})", flush=True)
+                continue
+            reference = reference or outputs
+            diff = max(((a - b).abs().max() / (b.abs().max() + 1e-12)).item() for a, b in zip(outputs, reference))
+            rows.append({"scale": scale, "warps": warps, "waves": waves, "fwd_ms": round(fwd_ms, 4),
+                         "fwd_bwd_ms": round(both_ms, 4), "max_rel_diff_vs_library": float(f"{diff:.2e}")})
+            print(f"{label}: scale {scale} warps {warps} waves {waves}: fwd {fwd_ms:.4f} ms, fwd+bwd "
+                  f"{both_ms:.4f} ms, max rel diff {diff:.1e}", flush=True)
+        restore()
+        return rows
+
+    print(f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}; torch {torch.__version__}", flush=True)
+    results, started = [], time.perf_counter()
+    for label, shape, activation, residual, pool, _ in cases:
+        if time.perf_counter() - started > args.budget_s:
+            print(f"budget of {args.budget_s:.0f} s spent: skipping {label} and after", flush=True)
+            break
+        rows = sweep(label, shape, activation, residual, pool)
+        if rows:
+            best = min(rows, key=lambda r: r["fwd_bwd_ms"])
+            print(f"{label}: best {best} = {best['fwd_bwd_ms'] / rows[0]['fwd_bwd_ms']:.3f}x the library's "
+                  "fwd+bwd", flush=True)
+            results.append({"case": label, "shape": list(shape), "activation": activation, "residual": residual,
+                            "pool": pool, "settings": rows, "best": best})
+        if args.json:
+            write_text_atomic(args.json, json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
