@@ -18,9 +18,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import sys
 import time
+
+from _harness import add_run_flags, device_for
 
 SCALES, WARPS, WAVES = (1.0, 0.5, 2.0), (8, 4), (4, 2, 8)  # the library's values first
 DRY_CASES = [("toy BN+add+ReLU", (2, 20, 6, 6), "relu", True, False, True)]
@@ -29,27 +29,23 @@ DRY_CASES = [("toy BN+add+ReLU", (2, 20, 6, 6), "relu", True, False, True)]
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", help="JSON file for the results (rewritten after every case)")
-    p.add_argument("--budget-s", type=float, default=480.0, help="start no new case after this many seconds")
     p.add_argument("--cases", help="only the cases whose label contains one of these comma-separated texts")
-    p.add_argument("--dry-run", action="store_true", help="a toy case on the CPU under Triton's interpreter")
+    add_run_flags(p, budget_s=480.0)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse(argv)
-    if args.dry_run:
-        os.environ["TRITON_INTERPRET"] = "1"  # before triton's first import
+    device = device_for(args, "dev/bn_tile_sweep.py")
+    if device is None:
+        return 2
     import torch
 
-    if not args.dry_run and not torch.cuda.is_available():
-        print("error: needs a CUDA GPU (or --dry-run)", file=sys.stderr)
-        return 2
     from cudacnn.atomic import write_text_atomic
     from cudacnn.bench.cnn_kernels import OP_CASES, graph_time_fn
     from cudacnn.kernels import BatchNormAct
     from cudacnn.kernels import batchnorm as B
 
-    device = "cpu" if args.dry_run else "cuda"
     cases = DRY_CASES if args.dry_run else [c for c in OP_CASES if c[5] and (
         not args.cases or any(t in c[0] for t in args.cases.split(",")))]
     tiles, programs = B._tiles, B._programs_per_channel_block

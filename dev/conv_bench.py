@@ -23,6 +23,7 @@ import sys
 import time
 
 import torch
+from _harness import add_run_flags, device_for
 
 # (model, batch, input channels, output channels, height = width): 3x3, stride 1, padding 1
 SHAPES = [("fast94", 2000, 24, 64, 31), ("fast94", 2000, 64, 64, 15), ("fast94", 2000, 64, 256, 15),
@@ -41,8 +42,7 @@ def parse(argv):
     parser.add_argument("--only", default="", help="run only shapes whose label contains this text")
     parser.add_argument("--extra", action="store_true", help="also the 1x1 stride-2 shortcut shapes")
     parser.add_argument("--no-autotune", action="store_true", help="the fixed tile (CUDACNN_CONV_AUTOTUNE=0)")
-    parser.add_argument("--budget-s", type=float, default=180.0, help="skip the shapes left after this many seconds")
-    parser.add_argument("--dry-run", action="store_true", help="toy sizes on the CPU through Triton's interpreter")
+    add_run_flags(parser, budget_s=180.0)
     return parser.parse_args(argv)
 
 
@@ -61,11 +61,8 @@ def main(argv=None) -> int:
     args = parse(argv)
     if args.no_autotune:
         os.environ["CUDACNN_CONV_AUTOTUNE"] = "0"
-    if args.dry_run:
-        os.environ["TRITON_INTERPRET"] = "1"  # before triton's first import (cudacnn.kernels imports it)
-    elif not torch.cuda.is_available():
-        print("error: dev/conv_bench.py needs a CUDA GPU (or --dry-run for the code paths on the CPU)",
-              file=sys.stderr)
+    device = device_for(args, "dev/conv_bench.py")
+    if device is None:
         return 2
     import torch.nn.functional as F
     import triton
@@ -73,7 +70,6 @@ def main(argv=None) -> int:
 
     from cudacnn.kernels import conv, ops
 
-    device = "cpu" if args.dry_run else "cuda"
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     torch.backends.cudnn.benchmark = True
 

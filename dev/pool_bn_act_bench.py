@@ -27,6 +27,8 @@ import platform
 import sys
 import time
 
+from _harness import add_run_flags, device_for
+
 # (model, batch, channels, input height = width, activation). fast94's groups see 31, 15 and 7 (its 2x2
 # whitening conv has no padding) on the 1024 examples it keeps of each batch; 1216 was its kept batch before
 # (benchmarks/kernels.md's table); the 32/16/8 rows are the round sizes, for comparison.
@@ -42,23 +44,19 @@ VARIANTS = ("ours", "ours compiled", "eager", "compiled")
 def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="JSON file for the results (rewritten after every shape)")
-    parser.add_argument("--budget-s", type=float, default=480.0, help="start no new shape after this many seconds")
     parser.add_argument("--only", help="comma-separated models to run (fast94, fast96)")
-    parser.add_argument("--dry-run", action="store_true", help="toy sizes on the CPU under Triton's interpreter")
+    add_run_flags(parser, budget_s=480.0)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse(argv)
-    if args.dry_run:
-        os.environ["TRITON_INTERPRET"] = "1"  # before triton's first import
-    import torch
-    import triton
-
-    if not args.dry_run and not torch.cuda.is_available():
-        print("error: needs a CUDA GPU (or --dry-run)", file=sys.stderr)
+    device = device_for(args, "dev/pool_bn_act_bench.py")
+    if device is None:
         return 2
+    import torch
     import torch.nn.functional as F
+    import triton
 
     from cudacnn.atomic import write_text_atomic
     from cudacnn.bench.cnn_kernels import copy_bandwidth_gbps, graph_time_fn
@@ -66,7 +64,6 @@ def main(argv=None) -> int:
     from cudacnn.kernels import pool_bn_act as P
     from cudacnn.kernels.activations import reference_forward
 
-    device = "cpu" if args.dry_run else "cuda"
     momentum, eps = 0.4, 1e-12
     shapes = DRY_SHAPES if args.dry_run else [s for s in SHAPES if not args.only or s[0] in args.only.split(",")]
 
