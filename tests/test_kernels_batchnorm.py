@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from gpu_trace import COMPILE_PRELUDE, TRACE_PRELUDE
+from relu_kink import near_kink
 from torch import nn
 
 from cudacnn.kernels import ActivationPool, BatchNormAct, FusedBasicBlock, Linear, PoolBatchNormAct, ops, swap_modules
@@ -50,7 +51,7 @@ def reference_module(bn: nn.BatchNorm2d, activation: str, pool: bool, pool_dtype
         z = ref(x)
         if residual is not None:
             z = z + residual
-        forward.near_kink = near_kink(z.detach(), activation, pool)
+        forward.near_kink = near_kink(z, activation, pool)
         z = act_reference(z, activation)
         if not pool:
             return z
@@ -58,23 +59,6 @@ def reference_module(bn: nn.BatchNorm2d, activation: str, pool: bool, pool_dtype
         return z.flatten(2).gather(2, index.flatten(2)).view_as(index)
 
     return ref, forward
-
-
-# ReLU's gradient jumps at z = 0, and the kernels compute z in float32 from float32 statistics: where the
-# float64 z is within their rounding (~1e-7 relative) of 0, either side is right, and dx differs from the
-# reference by rstd * weight * dy. Large tensors hold such elements (the zoo's 33M-element shapes have ~20
-# within 1e-6), and whether one flips depends on the statistics' last bits (any summation order flips one
-# in several seeds); so the gradients are compared with dy = 0 there.
-KINK = 1e-5
-
-
-def near_kink(z, activation, pool):
-    """Outputs whose gradient depends on which side of ReLU's kink float32 puts z (with pool: the windows
-    holding such an element, whose maximum it may also change)."""
-    if activation != "relu":
-        return torch.zeros(B.pooled_shape(z.shape) if pool else z.shape, dtype=torch.bool, device=z.device)
-    near = z.abs() < KINK
-    return F.max_pool2d(near.double(), 2) > 0 if pool else near
 
 
 def close(ours, ref, tol):

@@ -172,6 +172,7 @@ def _pool_stats_kernel(x_ptr, p_ptr, code_ptr, partial_ptr, counter_ptr, mean_pt
     start = pid_m * rows_per_prog
     end = tl.minimum(start + rows_per_prog, M)
     if STATS:  # shifted per-lane sums (batchnorm._add_shifted), by the first window element of the first row
+        # (named: `_` is assigned a tile of another shape in the loop below, which Triton rejects)
         first_h, first_w, first = _pooled_offsets(start + tl.arange(0, 1), OH, OW, sxN, sxH, sxW, 2)
         shift = tl.sum(tl.load(x_ptr + first[:, None] + cx, mask=c_ok[None, :], other=0.0).to(tl.float32), axis=0)
     else:
