@@ -259,8 +259,9 @@ def epoch_times(preset: str, kernels: str, mode: str, dataset, full_train: int, 
 
 
 def write_profile(work, path: Path, title: str) -> None:
-    """Runs `work()` under torch.profiler and writes its ops sorted by device time (CPU time on a CPU), with the
-    sum of the GPU kernels' time: where a step's time goes, for one setting beside another."""
+    """Runs `work()` under torch.profiler and writes its ops sorted by device time, with the sum of the GPU
+    kernels' time, then sorted by the host's own (self) CPU time, with its sum: where a step's time goes, for
+    one setting beside another; an eager step that waits on the host shows it in the second table."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.cuda.is_available()
@@ -272,8 +273,11 @@ def write_profile(work, path: Path, title: str) -> None:
     events = prof.key_averages()
     kernel_ms = sum(e.device_time_total for e in events if e.device_type.name == "CUDA") / 1e3
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"{title}: {kernel_ms:.1f} ms of GPU kernels\n" + events.table(
-        sort_by="device_time_total" if cuda else "cpu_time_total", row_limit=40, max_name_column_width=70))
+    host_ms = sum(e.self_cpu_time_total for e in events) / 1e3
+    tables = [f"{title}: {kernel_ms:.1f} ms of GPU kernels, {host_ms:.1f} ms of host (self CPU) time\n"]
+    for key in (["device_time_total"] if cuda else []) + ["self_cpu_time_total"]:
+        tables.append(f"\nsorted by {key}\n" + events.table(sort_by=key, row_limit=40, max_name_column_width=70))
+    path.write_text("".join(tables))
 
 
 def train_rows(dataset, presets=PRESETS, modes=("eager", "default"), train_images: int = 10240,
