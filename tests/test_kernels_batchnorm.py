@@ -709,6 +709,8 @@ def test_bench_cnn_kernels_without_a_gpu_says_why(tmp_path, capsys):
     assert "unknown preset(s) nope in --presets" in capsys.readouterr().err
     assert main(["bench", "cnn-kernels", "--no-epochs", "--profile", str(tmp_path / "p"), "--out", str(tmp_path)]) == 2
     assert "--profile profiles the training epochs, which --no-epochs skips" in capsys.readouterr().err
+    assert main(["bench", "cnn-kernels", "--no-eager", "--no-compile", "--out", str(tmp_path)]) == 2
+    assert "--no-eager with --no-compile leaves no epoch rows" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
 

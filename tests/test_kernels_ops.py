@@ -22,14 +22,21 @@ def f64(*shape):
     return torch.randn(*shape, dtype=torch.float64, device=DEVICE, requires_grad=True)
 
 
+@pytest.fixture(params=[True, False], ids=["direct", "through-ops"])
+def direct(request, monkeypatch):
+    """Eager calls through the autograd.Functions that skip the dispatcher, or through the registered ops."""
+    monkeypatch.setattr(ops, "DIRECT_EAGER", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("activation", ["none", "relu", "gelu", "silu"])
-def test_linear_gradcheck(activation):
+def test_linear_gradcheck(activation, direct):
     x, w, b = f64(2, 3, 5), f64(4, 5), f64(4)
     assert torch.autograd.gradcheck(lambda x, w, b: ops.linear(x, w, b, activation), (x, w, b))
     assert torch.autograd.gradcheck(lambda x, w: ops.linear(x, w, None, activation), (x, w))
 
 
-def test_activation_and_cross_entropy_gradcheck():
+def test_activation_and_cross_entropy_gradcheck(direct):
     x = f64(3, 7)
     for kind in ("relu", "gelu", "gelu_tanh", "silu"):
         assert torch.autograd.gradcheck(lambda x: ops.activation(x, kind), (x,))
@@ -39,7 +46,7 @@ def test_activation_and_cross_entropy_gradcheck():
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
-def test_linear_triton_backward_matches_float64(activation):
+def test_linear_triton_backward_matches_float64(activation, direct):
     # float32 runs the Triton forward and backward kernels; compare with float64 autograd.
     x, w, b = (torch.randn(*s, device=DEVICE, requires_grad=True) for s in ((6, 9), (5, 9), (5,)))
     g = torch.randn(6, 5, device=DEVICE)
@@ -48,6 +55,24 @@ def test_linear_triton_backward_matches_float64(activation):
     getattr(F, activation)(F.linear(x64, w64, b64)).backward(g.double())
     for ours, ref in ((x.grad, x64.grad), (w.grad, w64.grad), (b.grad, b64.grad)):
         assert torch.allclose(ours.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_eager_calls_skip_the_dispatcher_and_traced_calls_do_not(monkeypatch):
+    # eager: the autograd.Functions, never the registered ops (whose host cost they avoid)
+    called = []
+    for name in ("_linear", "_linear_backward", "_activation", "_activation_backward", "_cross_entropy"):
+        op = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _op=op, _name=name: called.append(_name) or _op(*a))
+    x, w, b = (torch.randn(*s, device=DEVICE, requires_grad=True) for s in ((3, 4), (2, 4), (2,)))
+    t = torch.randint(0, 2, (3,), device=DEVICE)
+    ops.cross_entropy(ops.activation(ops.linear(x, w, b, "gelu"), "silu"), t, 0.1).backward()
+    assert called == [] and x.grad is not None and w.grad is not None and b.grad is not None
+    # a dispatch mode (here FlopCounterMode, as under tracing) must see the ops
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False):
+        ops.cross_entropy(ops.activation(ops.linear(x, w, b, "gelu"), "silu"), t, 0.1).backward()
+    assert called == ["_linear", "_activation", "_cross_entropy", "_activation_backward", "_linear_backward"]
 
 
 def test_opcheck_registrations():

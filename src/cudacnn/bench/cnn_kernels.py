@@ -343,6 +343,7 @@ def add_options(p) -> None:
     p.add_argument("--no-ops", action="store_true", help="skip the per-op rows")
     p.add_argument("--no-epochs", action="store_true", help="skip the end-to-end epoch rows")
     p.add_argument("--no-compile", action="store_true", help="no torch.compile rows (ops and epochs)")
+    p.add_argument("--no-eager", action="store_true", help="no eager epoch rows (only the --compile-modes ones)")
     p.add_argument("--compile-modes", default="default", help="comma-separated torch.compile modes of the "
                    "compiled epoch rows (reduce-overhead: CUDA graphs, which take the launches off the host)")
     p.add_argument("--op", help="only the per-op cases whose label contains this text")

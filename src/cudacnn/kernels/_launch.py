@@ -5,7 +5,7 @@ Why: `kernel[grid](*args)` on a JITFunction binds the arguments, computes the sp
 checks the globals the kernel uses and builds launch metadata, on every call. Our eager BatchNorm op
 (batchnorm.py, four launches of 20-35 arguments for a forward and backward) measured ~0.2 ms a forward and
 ~0.9 ms a forward+backward launched from Python, whatever the tensor size, of which our own wrapper was
-24 / 91 us (scripts/profile_batchnorm_host.py, launches stubbed): the rest is Triton's launch path and the
+24 / 91 us (scripts/profile_eager_host.py, launches stubbed): the rest is Triton's launch path and the
 driver's launch, which this keeps (dev/launch_overhead.py times both paths on a GPU).
 
 What: `launch(kernel, grid, *args, **kwargs)` does what `kernel[grid](*args, **kwargs)` does. The first call

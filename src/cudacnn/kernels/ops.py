@@ -43,11 +43,23 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty((0,))
 
 
+# Eager calls go through one autograd.Function per op (_Linear, _Activation, _CrossEntropy, _BatchNormAct,
+# _PoolBatchNormAct) that runs the op's kernels and formula without the dispatcher; traced calls (torch.compile,
+# fake tensors) go through the ops. False: every call through the ops (tests run both).
+DIRECT_EAGER = True
+
+
+def _direct(x: Tensor) -> bool:
+    """Whether this call may skip the dispatcher: eager, on a plain tensor, with no dispatch mode (fake
+    tensors, FlopCounterMode) or functorch transform that must see the op."""
+    return (DIRECT_EAGER and not torch.compiler.is_compiling() and type(x) is Tensor
+            and _get_current_dispatch_mode() is None and not torch._C._are_functorch_transforms_active())
+
+
 # ---------------------------------------------------------------- linear: y = act(x @ w^T + b)
 
-@torch.library.custom_op("cudacnn::linear", mutates_args=())
-def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, backend: str,
-            allow_tf32: bool, save_pre: bool) -> tuple[Tensor, Tensor]:
+def _linear_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, backend: str,
+                 allow_tf32: bool, save_pre: bool) -> tuple[Tensor, Tensor]:
     b = weight.t()
     if _use_cuda(backend, x) and _cuda.gemm_supported(x, b):
         if not save_pre:
@@ -59,15 +71,21 @@ def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, 
     return y, (pre if save_pre else _empty(x))
 
 
+@torch.library.custom_op("cudacnn::linear", mutates_args=())
+def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, backend: str,
+            allow_tf32: bool, save_pre: bool) -> tuple[Tensor, Tensor]:
+    return _linear_impl(x, weight, bias, activation, backend, allow_tf32, save_pre)
+
+
 @_linear.register_fake
 def _(x, weight, bias, activation, backend, allow_tf32, save_pre):
     y = x.new_empty((x.shape[0], weight.shape[0]))
     return y, (torch.empty_like(y) if save_pre else x.new_empty((0,)))
 
 
-@torch.library.custom_op("cudacnn::linear_backward", mutates_args=())
-def _linear_backward(grad_y: Tensor, x: Tensor, weight: Tensor, saved: Tensor, activation: str, backend: str,
-                     allow_tf32: bool, has_bias: bool, needs_x: bool, needs_w: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _linear_backward_impl(grad_y: Tensor, x: Tensor, weight: Tensor, saved: Tensor, activation: str, backend: str,
+                          allow_tf32: bool, has_bias: bool, needs_x: bool,
+                          needs_w: bool) -> tuple[Tensor, Tensor, Tensor]:
     grad_y = grad_y.contiguous()
     if activation != "none" and _use_cuda(backend, x):
         grad_y = _cuda.cuda_activation_backward(grad_y, saved, activation)
@@ -77,6 +95,13 @@ def _linear_backward(grad_y: Tensor, x: Tensor, weight: Tensor, saved: Tensor, a
     # gemm_backward returns d(w^T) (K, N) as the transposed view of a row-major (N, K): its .t() is contiguous.
     return (gx if needs_x else _empty(x), gw_t.t().contiguous() if needs_w else _empty(x),
             gb if has_bias else _empty(x))
+
+
+@torch.library.custom_op("cudacnn::linear_backward", mutates_args=())
+def _linear_backward(grad_y: Tensor, x: Tensor, weight: Tensor, saved: Tensor, activation: str, backend: str,
+                     allow_tf32: bool, has_bias: bool, needs_x: bool, needs_w: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _linear_backward_impl(grad_y, x, weight, saved, activation, backend, allow_tf32, has_bias, needs_x,
+                                 needs_w)
 
 
 @_linear_backward.register_fake
@@ -109,6 +134,28 @@ def _linear_grad(ctx, grad_y, grad_pre):
 _linear.register_autograd(_linear_grad, setup_context=_linear_setup)
 
 
+class _Linear(torch.autograd.Function):
+    """The eager path of linear: the op's kernels and autograd formula without the dispatcher, whose custom op
+    and autograd node cost about three times the host time of this (see _direct)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, activation, backend, allow_tf32):
+        y, pre = _linear_impl(x, weight, bias, activation, backend, allow_tf32, activation in NEEDS_PRE_ACTIVATION)
+        ctx.save_for_backward(x, weight, pre if activation in NEEDS_PRE_ACTIVATION else y)
+        ctx.config = (activation, backend, allow_tf32, bias is not None)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, saved = ctx.saved_tensors
+        activation, backend, allow_tf32, has_bias = ctx.config
+        needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
+        gx, gw, gb = _linear_backward_impl(grad_y, x, weight, saved, activation, backend, allow_tf32,
+                                           has_bias and needs_b, needs_x, needs_w)
+        return (gx if needs_x else None, gw if needs_w else None, gb if (has_bias and needs_b) else None,
+                None, None, None)
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str = "none",
            backend: str = "triton", allow_tf32: bool = False) -> Tensor:
     """act(x @ weight^T + bias) over the last dimension of x, like F.linear followed by the activation."""
@@ -117,8 +164,11 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: st
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    y, _ = _linear(x2, weight, bias, activation, backend, allow_tf32,
-                   grad and activation in NEEDS_PRE_ACTIVATION)
+    if _direct(x2) and type(weight) in (Tensor, torch.nn.Parameter):
+        y = (_Linear.apply(x2, weight, bias, activation, backend, allow_tf32) if grad else
+             _linear_impl(x2, weight, bias, activation, backend, allow_tf32, False)[0])
+    else:
+        y, _ = _linear(x2, weight, bias, activation, backend, allow_tf32, grad and activation in NEEDS_PRE_ACTIVATION)
     return y.reshape(*lead, weight.shape[0])
 
 
@@ -134,8 +184,7 @@ def _nhwc(t: Tensor) -> Tensor:
     return t.permute(0, 2, 3, 1) if channels_last_4d(t) else t
 
 
-@torch.library.custom_op("cudacnn::activation", mutates_args=())
-def _activation(x: Tensor, kind: str, backend: str) -> Tensor:
+def _activation_impl(x: Tensor, kind: str, backend: str) -> Tensor:
     out = torch.empty_like(x)  # x's layout: a conv net's channels_last activations stay channels_last
     if _use_cuda(backend, x):
         _cuda.cuda_activation_forward(_nhwc(x), kind, out=_nhwc(out))
@@ -144,13 +193,17 @@ def _activation(x: Tensor, kind: str, backend: str) -> Tensor:
     return out
 
 
+@torch.library.custom_op("cudacnn::activation", mutates_args=())
+def _activation(x: Tensor, kind: str, backend: str) -> Tensor:
+    return _activation_impl(x, kind, backend)
+
+
 @_activation.register_fake
 def _(x, kind, backend):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("cudacnn::activation_backward", mutates_args=())
-def _activation_backward(grad_y: Tensor, x: Tensor, kind: str, backend: str) -> Tensor:
+def _activation_backward_impl(grad_y: Tensor, x: Tensor, kind: str, backend: str) -> Tensor:
     out = torch.empty_like(x)
     # grad_y in x's layout (a no-op when it already is): _nhwc views both the same way only then
     grad_y = grad_y.contiguous(memory_format=torch.channels_last if channels_last_4d(x) else torch.contiguous_format)
@@ -159,6 +212,11 @@ def _activation_backward(grad_y: Tensor, x: Tensor, kind: str, backend: str) -> 
     else:
         _act.activation_backward(_nhwc(grad_y), _nhwc(x), kind, out=_nhwc(out))
     return out
+
+
+@torch.library.custom_op("cudacnn::activation_backward", mutates_args=())
+def _activation_backward(grad_y: Tensor, x: Tensor, kind: str, backend: str) -> Tensor:
+    return _activation_backward_impl(grad_y, x, kind, backend)
 
 
 @_activation_backward.register_fake
@@ -181,20 +239,44 @@ def _activation_grad(ctx, grad_y):
 _activation.register_autograd(_activation_grad, setup_context=_activation_setup)
 
 
+class _Activation(torch.autograd.Function):
+    """The eager path of activation (see _direct)."""
+
+    @staticmethod
+    def forward(ctx, x, kind, backend):
+        ctx.save_for_backward(x)
+        ctx.config = (kind, backend)
+        return _activation_impl(x, kind, backend)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (x,) = ctx.saved_tensors
+        return _activation_backward_impl(grad_y, x, *ctx.config), None, None
+
+
 def activation(x: Tensor, kind: str, backend: str = "triton") -> Tensor:
     if backend == "torch":
         return _act.reference_forward(x, kind)
+    if _direct(x):
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _Activation.apply(x, kind, backend)
+        return _activation_impl(x, kind, backend)
     return _activation(x, kind, backend)
 
 
 # ---------------------------------------------------------------- softmax + cross-entropy
 
-@torch.library.custom_op("cudacnn::cross_entropy", mutates_args=())
-def _cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float, reduction: str,
-                   compute_grad: bool) -> tuple[Tensor, Tensor]:
+def _cross_entropy_impl(logits: Tensor, targets: Tensor, label_smoothing: float, reduction: str,
+                        compute_grad: bool) -> tuple[Tensor, Tensor]:
     if not compute_grad:
         return _ce.softmax_cross_entropy(logits, targets, label_smoothing, reduction), _empty(logits)
     return _ce.softmax_cross_entropy(logits, targets, label_smoothing, reduction, return_grad=True)
+
+
+@torch.library.custom_op("cudacnn::cross_entropy", mutates_args=())
+def _cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float, reduction: str,
+                   compute_grad: bool) -> tuple[Tensor, Tensor]:
+    return _cross_entropy_impl(logits, targets, label_smoothing, reduction, compute_grad)
 
 
 @_cross_entropy.register_fake
@@ -217,6 +299,21 @@ def _cross_entropy_grad(ctx, grad_loss, grad_grad):
 _cross_entropy.register_autograd(_cross_entropy_grad, setup_context=_cross_entropy_setup)
 
 
+class _CrossEntropy(torch.autograd.Function):
+    """The eager path of cross_entropy (see _direct): the forward kernel writes the gradient too."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, label_smoothing, reduction):
+        loss, grad = _cross_entropy_impl(logits, targets, label_smoothing, reduction, True)
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss.to(grad.dtype), None, None, None
+
+
 def cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0, reduction: str = "mean",
                   backend: str = "triton") -> Tensor:
     """Mean (or summed) softmax cross-entropy; the gradient comes from the forward kernel."""
@@ -224,6 +321,10 @@ def cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0,
         return torch.nn.functional.cross_entropy(logits, targets, label_smoothing=label_smoothing,
                                                  reduction=reduction)
     grad = torch.is_grad_enabled() and logits.requires_grad
+    if _direct(logits):
+        if grad:
+            return _CrossEntropy.apply(logits, targets, float(label_smoothing), reduction)
+        return _cross_entropy_impl(logits, targets, float(label_smoothing), reduction, False)[0]
     loss, _ = _cross_entropy(logits, targets, float(label_smoothing), reduction, grad)
     return loss
 
@@ -341,17 +442,6 @@ def _batchnorm_act_grad(ctx, grad_y):
 
 
 _batchnorm_act.register_autograd(_batchnorm_act_grad, setup_context=_batchnorm_act_setup)
-
-
-# Eager calls go through _BatchNormAct (False: through the ops, as traced calls do; tests run both)
-DIRECT_EAGER = True
-
-
-def _direct(x: Tensor) -> bool:
-    """Whether this call may skip the dispatcher: eager, on a plain tensor, with no dispatch mode (fake
-    tensors, FlopCounterMode) or functorch transform that must see the op."""
-    return (DIRECT_EAGER and not torch.compiler.is_compiling() and type(x) is Tensor
-            and _get_current_dispatch_mode() is None and not torch._C._are_functorch_transforms_active())
 
 
 def _forward(x, weight, bias, residual, running_mean, running_var, training, momentum, eps, activation, pool,

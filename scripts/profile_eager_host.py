@@ -1,13 +1,17 @@
-"""Host time of one fused BatchNorm + activation call (cudacnn::batchnorm_act), up to its kernel launches.
+"""Host time of our eager ops' calls, up to their kernel launches: the fused BatchNorm + activation module
+(cudacnn::batchnorm_act), then linear, activation and cross-entropy, each through the registered custom ops
+and through the direct path that eager calls take (kernels/ops.py, _direct).
 
 The ops are host-bound at the zoo's shapes, so what Python does around each launch is the cost to cut. This
-measures it on the CPU, without a GPU: the Triton launches are replaced by a recorder (Triton's own launch
+measures it on the CPU, without a GPU: the Triton launches are replaced by a recorder, and linear's GEMM,
+the activation and the loss kernels by functions that only allocate their outputs (Triton's own launch
 cost, the binder and the driver call, is not in these numbers; with --cached, the cached launch path's keys
 and lookup, kernels/_launch.py, are, up to the compiled kernel's launcher), the tensors are small CPU tensors
-(their allocation is cheap), one thread. dev/launch_overhead.py measures both launch paths on a GPU. Prints microseconds per call and the kernels launched, for the module in
-training (forward without grad, forward + backward) and in eval.
+(their allocation is cheap), one thread. dev/launch_overhead.py measures both launch paths on a GPU. Prints
+microseconds per call (best of 5 rounds), for the BatchNorm module in training (forward without grad, forward
++ backward, with the kernels launched) and in eval, and for the other ops forward + backward.
 
-    PYTHONPATH=src python3 scripts/profile_batchnorm_host.py [--cached] [--profile]
+    PYTHONPATH=src python3 scripts/profile_eager_host.py [--cached] [--profile]
 """
 
 from __future__ import annotations
@@ -22,8 +26,7 @@ os.environ["TRITON_INTERPRET"] = "0"  # launches are recorded, not run: no inter
 
 import torch
 
-from cudacnn.kernels import BatchNormAct
-from cudacnn.kernels import _launch
+from cudacnn.kernels import BatchNormAct, _launch, ops
 from cudacnn.kernels import batchnorm as B
 
 
@@ -54,6 +57,28 @@ def per_call_us(fn, calls: int = 2000, rounds: int = 5) -> float:
             fn()
         best = min(best, (time.perf_counter() - start) / calls * 1e6)
     return best
+
+
+def _other_ops() -> dict:
+    """linear, activation and cross-entropy forward + backward closures, their kernels stubbed (outputs
+    allocated, nothing computed)."""
+    ops._gemm_fn = lambda a, b, bias, act, allow_tf32=False, pre_activation_out=None: a.new_empty(
+        (a.shape[0], b.shape[1]))
+    ops._gemm_backward_fn = lambda gy, a, b, saved, act, has_bias, tf32, needs_a=True, needs_b=True: (
+        torch.empty_like(a), torch.empty_like(b), b.new_empty((b.shape[1],)))
+    ops._act.activation_forward = lambda x, kind, out: out
+    ops._act.activation_backward = lambda dy, x, kind, out: out
+    ops._ce.softmax_cross_entropy = lambda logits, t, smoothing, reduction, return_grad=False: (
+        (logits.new_zeros(()), torch.empty_like(logits)) if return_grad else logits.new_zeros(()))
+    x, w, b = torch.randn(4, 64, requires_grad=True), torch.randn(16, 64, requires_grad=True), torch.randn(16)
+    targets = torch.zeros(4, dtype=torch.long)
+
+    def backward(y, inputs):
+        torch.autograd.grad(y, inputs, torch.ones_like(y))
+
+    return {"linear (x @ w^T + b)": lambda: backward(ops.linear(x, w, b), [x, w]),
+            "activation (ReLU)": lambda: backward(ops.activation(x, "relu"), [x]),
+            "cross-entropy (smoothing 0.1)": lambda: backward(ops.cross_entropy(x, targets, 0.1), [x])}
 
 
 def main() -> None:
@@ -93,6 +118,14 @@ def main() -> None:
         fn()
         names = f"{len(launches)}: {', '.join(launches)}"
         print(f"{label:34s} {per_call_us(fn):8.1f}  {names}")
+    print(f"\n{'op forward+backward (4x64)':34s} {'ops us':>8s} {'direct us':>10s}")
+    for label, fn in _other_ops().items():
+        times = []
+        for direct in (False, True):
+            ops.DIRECT_EAGER = direct
+            times.append(per_call_us(fn))
+        print(f"{label:34s} {times[0]:8.1f} {times[1]:10.1f}  ({times[1] / times[0]:.2f}x)")
+    ops.DIRECT_EAGER = True
     if args.profile:
         profile = cProfile.Profile()
         profile.enable()
