@@ -75,6 +75,19 @@ def test_eager_calls_skip_the_dispatcher_and_traced_calls_do_not(monkeypatch):
     assert called == ["_linear", "_activation", "_cross_entropy", "_activation_backward", "_linear_backward"]
 
 
+def test_linear_op_without_its_pre_activation_refuses_a_backward_that_needs_it():
+    # gelu's derivative needs the pre-activation, which the op keeps only with save_pre=True (ops.linear asks
+    # for it whenever a gradient is wanted); a direct call without it must not return a wrong gradient
+    x, w = (torch.randn(*s, device=DEVICE, requires_grad=True) for s in ((3, 4), (2, 4)))
+    y, _ = torch.ops.cudacnn.linear(x, w, None, "gelu", "triton", False, False)
+    with pytest.raises(RuntimeError, match="called with save_pre=False"):
+        y.sum().backward()
+    y, _ = torch.ops.cudacnn.linear(x, w, None, "relu", "triton", False, False)  # relu's derivative reads y
+    y.sum().backward()
+    expected = (y.detach() > 0).to(x.dtype).t() @ x.detach()
+    assert torch.allclose(w.grad, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_opcheck_registrations():
     x, w, b = (torch.randn(*s, device=DEVICE, requires_grad=True) for s in ((3, 4), (2, 4), (2,)))
     t = torch.randint(0, 4, (3,), device=DEVICE)

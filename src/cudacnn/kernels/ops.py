@@ -119,16 +119,22 @@ def _linear_setup(ctx, inputs, output):
     ctx.config = (activation, backend, allow_tf32, bias is not None)
 
 
-def _linear_grad(ctx, grad_y, grad_pre):
+def _linear_grads(ctx, grad_y, backward) -> tuple:
+    """(dx, dweight, dbias), None where not needed, from a context that saved (x, weight, y or pre-activation)
+    and config (activation, backend, allow_tf32, has bias); `backward`: the op or its body."""
     x, weight, saved = ctx.saved_tensors
     activation, backend, allow_tf32, has_bias = ctx.config
+    needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
+    gx, gw, gb = backward(grad_y, x, weight, saved, activation, backend, allow_tf32, has_bias and needs_b, needs_x,
+                          needs_w)
+    return gx if needs_x else None, gw if needs_w else None, gb if (has_bias and needs_b) else None
+
+
+def _linear_grad(ctx, grad_y, grad_pre):
+    saved, activation = ctx.saved_tensors[2], ctx.config[0]
     if activation in NEEDS_PRE_ACTIVATION and saved.numel() != grad_y.numel():
         raise RuntimeError("cudacnn::linear was called with save_pre=False; call kernels.ops.linear instead")
-    needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
-    gx, gw, gb = _linear_backward(grad_y, x, weight, saved, activation, backend, allow_tf32, has_bias and needs_b,
-                                  needs_x, needs_w)
-    return (gx if needs_x else None, gw if needs_w else None, gb if (has_bias and needs_b) else None,
-            None, None, None, None)
+    return *_linear_grads(ctx, grad_y, _linear_backward), None, None, None, None
 
 
 _linear.register_autograd(_linear_grad, setup_context=_linear_setup)
@@ -147,13 +153,7 @@ class _Linear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, saved = ctx.saved_tensors
-        activation, backend, allow_tf32, has_bias = ctx.config
-        needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
-        gx, gw, gb = _linear_backward_impl(grad_y, x, weight, saved, activation, backend, allow_tf32,
-                                           has_bias and needs_b, needs_x, needs_w)
-        return (gx if needs_x else None, gw if needs_w else None, gb if (has_bias and needs_b) else None,
-                None, None, None)
+        return *_linear_grads(ctx, grad_y, _linear_backward_impl), None, None, None
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str = "none",
