@@ -53,6 +53,16 @@ def launches(monkeypatch):
     return names
 
 
+@pytest.fixture(params=[True, False], ids=["direct", "through-ops"])
+def direct(request, monkeypatch):
+    """Each test twice: eager calls through the autograd.Functions that skip the dispatcher (kernels.ops'
+    DIRECT_EAGER), then through the registered ops."""
+    from cudacnn.kernels import ops
+
+    monkeypatch.setattr(ops, "DIRECT_EAGER", request.param)
+    return request.param
+
+
 @pytest.fixture
 def op_calls(monkeypatch):
     """`spy(*names)`: the registered op functions of kernels.ops by those names record each call by name (then

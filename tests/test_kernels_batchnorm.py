@@ -239,13 +239,10 @@ def many_programs(monkeypatch):
 
 
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("direct", [True, False])
-def test_last_programs_merge_many_partials_like_float64(kernels_only, many_programs, monkeypatch, param_dtype,
-                                                        direct):
+def test_last_programs_merge_many_partials_like_float64(kernels_only, many_programs, param_dtype, direct):
     # the statistics' and the backward's last program of each channel block merges every program's partials
     # in the same launch; the counters they use are zero again afterwards (the eager path's shared ones, or
     # the fresh ones of the ops' path)
-    monkeypatch.setattr(ops, "DIRECT_EAGER", direct)
     torch.manual_seed(1)
     shape = (5, 20, 15, 17)
     assert B._stats_config(5, 20, 15, 17, torch.device(DEVICE), True)[0] == (5, 2)
@@ -271,9 +268,7 @@ def test_last_programs_merge_many_partials_like_float64(kernels_only, many_progr
         assert not B._COUNTERS[x.device].any()
 
 
-@pytest.mark.parametrize("direct", [True, False])
-def test_two_launches_forward_and_two_backward(kernels_only, launches, monkeypatch, direct):
-    monkeypatch.setattr(ops, "DIRECT_EAGER", direct)
+def test_two_launches_forward_and_two_backward(kernels_only, launches, direct):
     x = randn(2, 20, 6, 6, channels_last=True).requires_grad_()
     res = randn(2, 20, 6, 6, channels_last=True).requires_grad_()
     bn = BatchNormAct(20, activation="gelu").to(DEVICE)
@@ -332,11 +327,9 @@ def test_launch_configurations_are_computed_once_a_shape(kernels_only, monkeypat
     assert B._stats_config.cache_info().hits == hits + 1
 
 
-@pytest.mark.parametrize("direct", [True, False])
-def test_gradcheck_float64_through_the_ops(monkeypatch, direct):
+def test_gradcheck_float64_through_the_ops(direct):
     # float64 takes the PyTorch reference inside the same launchers: checks the autograd wiring of the eager
     # autograd.Function (direct) and of the registered ops
-    monkeypatch.setattr(ops, "DIRECT_EAGER", direct)
     x = torch.randn(2, 3, 4, 2, dtype=torch.float64, device=DEVICE, requires_grad=True)
     w, b, r = (torch.randn(*s, dtype=torch.float64, device=DEVICE, requires_grad=True) for s in ((3,), (3,), x.shape))
     rm, rv = torch.zeros(3, dtype=torch.float64, device=DEVICE), torch.ones(3, dtype=torch.float64, device=DEVICE)

@@ -22,13 +22,6 @@ def f64(*shape):
     return torch.randn(*shape, dtype=torch.float64, device=DEVICE, requires_grad=True)
 
 
-@pytest.fixture(params=[True, False], ids=["direct", "through-ops"])
-def direct(request, monkeypatch):
-    """Eager calls through the autograd.Functions that skip the dispatcher, or through the registered ops."""
-    monkeypatch.setattr(ops, "DIRECT_EAGER", request.param)
-    return request.param
-
-
 @pytest.mark.parametrize("activation", ["none", "relu", "gelu", "silu"])
 def test_linear_gradcheck(activation, direct):
     x, w, b = f64(2, 3, 5), f64(4, 5), f64(4)
@@ -57,12 +50,9 @@ def test_linear_triton_backward_matches_float64(activation, direct):
         assert torch.allclose(ours.double(), ref, rtol=1e-4, atol=1e-5)
 
 
-def test_eager_calls_skip_the_dispatcher_and_traced_calls_do_not(monkeypatch):
+def test_eager_calls_skip_the_dispatcher_and_traced_calls_do_not(op_calls):
     # eager: the autograd.Functions, never the registered ops (whose host cost they avoid)
-    called = []
-    for name in ("_linear", "_linear_backward", "_activation", "_activation_backward", "_cross_entropy"):
-        op = getattr(ops, name)
-        monkeypatch.setattr(ops, name, lambda *a, _op=op, _name=name: called.append(_name) or _op(*a))
+    called = op_calls("_linear", "_linear_backward", "_activation", "_activation_backward", "_cross_entropy")
     x, w, b = (torch.randn(*s, device=DEVICE, requires_grad=True) for s in ((3, 4), (2, 4), (2,)))
     t = torch.randint(0, 2, (3,), device=DEVICE)
     ops.cross_entropy(ops.activation(ops.linear(x, w, b, "gelu"), "silu"), t, 0.1).backward()

@@ -174,11 +174,9 @@ def test_opcheck_registrations():
                           (g, p, code, w.detach(), b.detach(), mean, rstd, [2, 3, 4, 6], True, True, "silu", True))
 
 
-@pytest.mark.parametrize("direct", [True, False])
-def test_gradcheck_float64_through_the_ops(monkeypatch, direct):
+def test_gradcheck_float64_through_the_ops(direct):
     # float64 runs the PyTorch reference passes behind the same autograd formulas: the eager autograd.Function
     # (direct) and the registered ops'
-    monkeypatch.setattr(ops, "DIRECT_EAGER", direct)
     torch.manual_seed(5)
     x = (torch.randperm(2 * 3 * 4 * 5, device=DEVICE).double().view(2, 3, 4, 5) / 10).requires_grad_()  # no ties
     w = torch.rand(3, dtype=torch.float64, device=DEVICE).add(0.5).requires_grad_()
