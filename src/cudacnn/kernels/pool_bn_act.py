@@ -175,8 +175,6 @@ def _pool_stats_kernel(x_ptr, p_ptr, code_ptr, partial_ptr, counter_ptr, mean_pt
         # (named: `_` is assigned a tile of another shape in the loop below, which Triton rejects)
         first_h, first_w, first = _pooled_offsets(start + tl.arange(0, 1), OH, OW, sxN, sxH, sxW, 2)
         shift = tl.sum(tl.load(x_ptr + first[:, None] + cx, mask=c_ok[None, :], other=0.0).to(tl.float32), axis=0)
-    else:
-        shift = tl.zeros((BLOCK_C,), tl.float32)
     s1 = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
     s2 = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
     for m0 in range(start, end, BLOCK_P):
