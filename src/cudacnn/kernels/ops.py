@@ -142,14 +142,14 @@ _linear.register_autograd(_linear_grad, setup_context=_linear_setup)
 
 class _Linear(torch.autograd.Function):
     """The eager path of linear: the op's kernels and autograd formula without the dispatcher, whose custom op
-    and autograd node cost about three times the host time of this (see _direct)."""
+    and autograd node cost about twice the host time of this (scripts/profile_eager_host.py; see _direct)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, activation, backend, allow_tf32):
-        y, pre = _linear_impl(x, weight, bias, activation, backend, allow_tf32, activation in NEEDS_PRE_ACTIVATION)
-        ctx.save_for_backward(x, weight, pre if activation in NEEDS_PRE_ACTIVATION else y)
-        ctx.config = (activation, backend, allow_tf32, bias is not None)
-        return y
+        inputs = (x, weight, bias, activation, backend, allow_tf32, activation in NEEDS_PRE_ACTIVATION)
+        output = _linear_impl(*inputs)
+        _linear_setup(ctx, inputs, output)  # the op's context: _linear_grads reads both the same way
+        return output[0]
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -244,8 +244,7 @@ class _Activation(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, kind, backend):
-        ctx.save_for_backward(x)
-        ctx.config = (kind, backend)
+        _activation_setup(ctx, (x, kind, backend), None)
         return _activation_impl(x, kind, backend)
 
     @staticmethod
@@ -304,9 +303,9 @@ class _CrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, label_smoothing, reduction):
-        loss, grad = _cross_entropy_impl(logits, targets, label_smoothing, reduction, True)
-        ctx.save_for_backward(grad)
-        return loss
+        output = _cross_entropy_impl(logits, targets, label_smoothing, reduction, True)
+        _cross_entropy_setup(ctx, None, output)
+        return output[0]
 
     @staticmethod
     def backward(ctx, grad_loss):
