@@ -142,6 +142,30 @@ def test_modules_match_torch_forward():
     assert torch.allclose(K.Activation("silu")(x), F.silu(x), atol=1e-6)
 
 
+def test_linear_module_runs_our_gemm_only_where_it_pays(monkeypatch):
+    """A Linear runs our GEMM only with an activation to fuse and at least GEMM_MIN_OUTPUTS outputs, and only on
+    the Triton backend; otherwise F.linear. Both paths give the same values and gradients."""
+    assert ops.gemm_pays(4096, 4096, "gelu", "triton") and not ops.gemm_pays(4095, 4096, "gelu", "triton")
+    assert not ops.gemm_pays(16384, 4096, "none", "triton") and not ops.gemm_pays(16384, 4096, "gelu", "cuda")
+    gemm_calls = []
+    real_gemm = ops._gemm_fn
+    monkeypatch.setattr(ops, "_gemm_fn", lambda *a, **k: gemm_calls.append(a[0].shape) or real_gemm(*a, **k))
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, device=DEVICE, requires_grad=True)  # 6 rows x 4 features = 24 outputs
+    results = {}
+    for min_outputs in (25, 24):
+        monkeypatch.setattr(ops, "GEMM_MIN_OUTPUTS", min_outputs)
+        torch.manual_seed(1)
+        lin = K.Linear(5, 4, activation="gelu").to(DEVICE)
+        y = lin(x)
+        grads = torch.autograd.grad(y.square().sum(), [x, lin.weight, lin.bias])
+        results[min_outputs] = (y, *grads)
+        assert len(gemm_calls) == (0 if min_outputs == 25 else 1)
+    for ours, cublas in zip(results[24], results[25]):
+        assert torch.allclose(ours, cublas, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(results[25][0], F.gelu(F.linear(x, lin.weight, lin.bias)))
+
+
 @pytest.mark.skipif(DEVICE != "cpu", reason="the fallback is the CPU path")
 def test_cpu_fallback_warns_once(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")

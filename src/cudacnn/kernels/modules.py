@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import activations, ops
@@ -16,7 +17,9 @@ def _check_backend(backend: str) -> None:
 
 
 class Linear(nn.Linear):
-    """nn.Linear (optionally followed by an activation) on our GEMM with the activation in its epilogue."""
+    """nn.Linear (optionally followed by an activation) on our GEMM with the activation in its epilogue, where
+    that is faster than cuBLAS (ops.gemm_pays); smaller ones, a CNN's classifier heads among them, run
+    F.linear and the activation."""
 
     def __init__(self, in_features, out_features, bias=True, activation="none", backend="triton",
                  allow_tf32=False, device=None, dtype=None):
@@ -37,6 +40,10 @@ class Linear(nn.Linear):
 
     def forward(self, x):
         weight, bias = self.weight, self.bias
+        if not ops.gemm_pays(x.numel() // max(self.in_features, 1), self.out_features, self.activation,
+                             self.backend):
+            y = F.linear(x, weight, bias)  # autocast casts as for nn.Linear
+            return y if self.activation == "none" else activations.reference_forward(y, self.activation)
         if torch.is_autocast_enabled(x.device.type):  # custom ops are not autocast-aware: cast as nn.Linear is
             dtype = torch.get_autocast_dtype(x.device.type)
             x, weight = x.to(dtype), weight.to(dtype)

@@ -156,6 +156,19 @@ class _Linear(torch.autograd.Function):
         return *_linear_grads(ctx, grad_y, _linear_backward_impl), None, None, None
 
 
+# Smallest output (rows x features) at which a Linear with an activation runs our GEMM: with the activation in its
+# epilogue it beat cuBLAS + the separate activation pass at 4096 x 4096 outputs (1.02x) and more (1.12x at
+# 16384 x 4096); a plain GEMM never beat cuBLAS, and below this size a Linear is host-bound, where the GEMM's
+# launch (autotuner, TMA descriptors) costs about ten times cuBLAS's (benchmarks/kernels.md).
+GEMM_MIN_OUTPUTS = 4096 * 4096
+
+
+def gemm_pays(rows: int, features: int, activation: str, backend: str) -> bool:
+    """Whether a Linear of this size runs faster on our GEMM than on cuBLAS (F.linear) + the activation. The
+    CUDA C++ GEMM never did (0.72x eager at the sizes where the Triton one wins)."""
+    return backend == "triton" and activation != "none" and rows * features >= GEMM_MIN_OUTPUTS
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str = "none",
            backend: str = "triton", allow_tf32: bool = False) -> Tensor:
     """act(x @ weight^T + bias) over the last dimension of x, like F.linear followed by the activation."""
