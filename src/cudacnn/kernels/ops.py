@@ -158,8 +158,8 @@ class _Linear(torch.autograd.Function):
 
 # Smallest output (rows x features) at which a Linear with an activation runs our GEMM: with the activation in its
 # epilogue it beat cuBLAS + the separate activation pass at 4096 x 4096 outputs (1.02x) and more (1.12x at
-# 16384 x 4096); a plain GEMM never beat cuBLAS, and below this size a Linear is host-bound, where the GEMM's
-# launch (autotuner, TMA descriptors) costs about ten times cuBLAS's (benchmarks/kernels.md).
+# 16384 x 4096); a plain GEMM never beat cuBLAS, and a CNN's small Linear layers are host-bound, where the GEMM's
+# launch path (autotuner, TMA descriptors) took 3-7x cuBLAS's host time in training (benchmarks/kernels.md).
 GEMM_MIN_OUTPUTS = 4096 * 4096
 
 
