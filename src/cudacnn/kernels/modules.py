@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import activations, ops
@@ -42,8 +41,7 @@ class Linear(nn.Linear):
         weight, bias = self.weight, self.bias
         if not ops.gemm_pays(x.numel() // max(self.in_features, 1), self.out_features, self.activation,
                              self.backend):
-            y = F.linear(x, weight, bias)  # autocast casts as for nn.Linear
-            return y if self.activation == "none" else activations.reference_forward(y, self.activation)
+            return ops.linear(x, weight, bias, self.activation, "torch")  # F.linear: autocast casts as for nn.Linear
         if torch.is_autocast_enabled(x.device.type):  # custom ops are not autocast-aware: cast as nn.Linear is
             dtype = torch.get_autocast_dtype(x.device.type)
             x, weight = x.to(dtype), weight.to(dtype)

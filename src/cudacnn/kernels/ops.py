@@ -173,7 +173,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: st
            backend: str = "triton", allow_tf32: bool = False) -> Tensor:
     """act(x @ weight^T + bias) over the last dimension of x, like F.linear followed by the activation."""
     if backend == "torch":
-        return _act.reference_forward(torch.nn.functional.linear(x, weight, bias), activation)
+        y = F.linear(x, weight, bias)
+        return y if activation == "none" else _act.reference_forward(y, activation)
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
