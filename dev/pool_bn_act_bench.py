@@ -88,15 +88,17 @@ def main(argv=None) -> int:
         if time.perf_counter() - started > args.budget_s:
             print(f"budget of {args.budget_s:.0f} s spent: skipping {model} N={n} C={c} {size}x{size} and after")
             break
+        # inputs drawn on the CPU: a CUDA-graph capture that failed for the previous shape (caught below) can
+        # leave the CUDA generator unusable ("Offset increment outside graph capture")
         torch.manual_seed(0)
         dtype = torch.float32 if args.dry_run else torch.float16
-        x = torch.randn(n, c, size, size, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+        x = torch.randn(n, c, size, size).to(device, dtype).contiguous(memory_format=torch.channels_last)
         x.requires_grad_()
         weight = torch.ones(c, device=device)  # frozen at 1, as the fast nets'
-        bias = (0.1 * torch.randn(c, device=device)).requires_grad_()
+        bias = (0.1 * torch.randn(c)).to(device).requires_grad_()
         rm, rv = torch.zeros(c, device=device), torch.ones(c, device=device)
         oh = size // 2
-        dy = torch.randn(n, c, oh, oh, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+        dy = torch.randn(n, c, oh, oh).to(device, dtype).contiguous(memory_format=torch.channels_last)
 
         def ours(x):
             return ops.pool_bn_act(x, weight, bias, rm, rv, True, momentum, eps, activation)
