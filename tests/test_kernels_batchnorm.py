@@ -648,13 +648,14 @@ def test_cnn_kernels_bench_rows_on_the_cpu(monkeypatch):
     # fall back to their references (a warning), which is fine for the code path
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     dataset = Dataset("synthetic", [str(i) for i in range(10)], synthetic_split(600), synthetic_split(100, seed=1))
-    rows = cnn_kernels.train_rows(dataset, ("bn-dropout-plus",), ("eager",), train_images=300, device="cpu")
+    rows = cnn_kernels.train_rows(dataset, ("bn-dropout-plus",), ("eager",), train_images=300, device="cpu",
+                                  timed_epochs=3)
     (row,) = rows
     assert set(row["measurements"]) == {"--kernels torch", "--kernels triton"}
     assert row["info"]["triton_fused_modules"] == 4 and row["info"]["torch_fused_modules"] == 0
     # the triton row says whether the cached launch path was on and what it holds (nothing compiled on the CPU)
     assert row["info"]["triton_cached_launches"] == 0 and "torch_cached_launches" not in row["info"]
-    assert row["measurements"]["--kernels torch"]["repeats"] == 2
+    assert row["measurements"]["--kernels torch"]["repeats"] == row["measurements"]["--kernels triton"]["repeats"] == 3
     # a compiled row names its mode and trains with it (the Trainer's config, captured before it runs)
     from cudacnn.train import config as config_module
 
@@ -704,6 +705,9 @@ def test_bench_cnn_kernels_without_a_gpu_says_why(tmp_path, capsys):
     assert "--profile profiles the training epochs, which --no-epochs skips" in capsys.readouterr().err
     assert main(["bench", "cnn-kernels", "--no-eager", "--no-compile", "--out", str(tmp_path)]) == 2
     assert "--no-eager with --no-compile leaves no epoch rows" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "cnn-kernels", "--timed-epochs", "0", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and "--timed-epochs: must be at least 1" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
 

@@ -20,6 +20,7 @@ Every time is harness.time_fn or cudacnn.timing.DeviceTimer (CUDA events)."""
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import functools
@@ -282,9 +283,9 @@ def write_profile(work, path: Path, title: str) -> None:
 
 def train_rows(dataset, presets=PRESETS, modes=("eager", "default"), train_images: int = 10240,
                data: str | None = None, device: str = "cuda", on_rows=None,
-               profile: Path | None = None) -> list[dict]:
-    """Per preset and mode ("eager", or a torch.compile mode), the epoch time with our kernels and PyTorch's
-    (`profile`: a folder for a profiled epoch of each, see epoch_times)."""
+               profile: Path | None = None, timed_epochs: int = 2) -> list[dict]:
+    """Per preset and mode ("eager", or a torch.compile mode), the median of `timed_epochs` epoch times with our
+    kernels and PyTorch's (`profile`: a folder for a profiled epoch of each, see epoch_times)."""
     short = _subset(dataset, train_images)
     rows = []
     for preset in presets:
@@ -292,8 +293,8 @@ def train_rows(dataset, presets=PRESETS, modes=("eager", "default"), train_image
             runs, infos = {}, {}
             label = "eager" if mode == "eager" else f"compiled ({mode})"
             for kernels in ("torch", "triton"):
-                stats, info = epoch_times(preset, kernels, mode, short, len(dataset.train), data, device=device,
-                                          profile=profile)
+                stats, info = epoch_times(preset, kernels, mode, short, len(dataset.train), data, timed_epochs,
+                                          device=device, profile=profile)
                 runs[f"--kernels {kernels}"], infos[kernels] = measurement(stats), info
                 log.info("%s %s --kernels %s: %.3f s / epoch (%s)", preset, label, kernels, stats.median_ms / 1e3,
                          info)
@@ -337,6 +338,13 @@ def accuracy_rows(dataset, presets=PRESETS, seeds: int = 3, epochs: int | None =
     return rows
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_options(p) -> None:
     p.add_argument("--data", help="data source (default: CUDACNN_DATA, else official CIFAR-10)")
     p.add_argument("--cache-dir", type=Path, help="decoded-cache folder (default: CUDACNN_CACHE)")
@@ -352,6 +360,8 @@ def add_options(p) -> None:
     p.add_argument("--presets", default=",".join(PRESETS), help="comma-separated presets to time end to end")
     p.add_argument("--train-images", type=int, default=10240,
                    help="images an epoch trains on for the timing (a seeded subset; times scaled to the full set)")
+    p.add_argument("--timed-epochs", type=_at_least_one, default=5, help="timed epochs per setting, after one warm-up epoch "
+                   "(an eager epoch at these sizes is host-bound, and varies from one to the next)")
     p.add_argument("--accuracy-seeds", type=int, default=0,
                    help="also train each preset fully with torch and triton kernels, this many seeds each")
     p.add_argument("--accuracy-epochs", type=int, help="epochs of those trainings (default: the preset's)")

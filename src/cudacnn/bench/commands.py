@@ -311,7 +311,7 @@ def run_cnn_kernels(args) -> int:
         if not args.no_epochs:
             modes = (() if args.no_eager else ("eager",)) + (() if args.no_compile else tuple(_csv(args.compile_modes)))
             cnn_kernels.train_rows(dataset, presets, modes, args.train_images, args.data, on_rows=save,
-                                   profile=args.profile)
+                                   profile=args.profile, timed_epochs=args.timed_epochs)
         if args.accuracy_seeds:
             cnn_kernels.accuracy_rows(dataset, presets, args.accuracy_seeds, args.accuracy_epochs, args.data,
                                       on_rows=save)
