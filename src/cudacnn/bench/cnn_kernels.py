@@ -360,8 +360,9 @@ def add_options(p) -> None:
     p.add_argument("--presets", default=",".join(PRESETS), help="comma-separated presets to time end to end")
     p.add_argument("--train-images", type=int, default=10240,
                    help="images an epoch trains on for the timing (a seeded subset; times scaled to the full set)")
-    p.add_argument("--timed-epochs", type=_at_least_one, default=5, help="timed epochs per setting, after one warm-up epoch "
-                   "(an eager epoch at these sizes is host-bound, and varies from one to the next)")
+    p.add_argument("--timed-epochs", type=_at_least_one, default=5,
+                   help="timed epochs per setting, after one warm-up epoch (an eager epoch at these sizes is "
+                   "host-bound, and varies from one to the next)")
     p.add_argument("--accuracy-seeds", type=int, default=0,
                    help="also train each preset fully with torch and triton kernels, this many seeds each")
     p.add_argument("--accuracy-epochs", type=int, help="epochs of those trainings (default: the preset's)")
