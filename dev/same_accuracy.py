@@ -15,7 +15,6 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,16 +22,14 @@ from statistics import mean
 
 
 def train_one(preset: str, kernels: str, seed: int, data: str, epochs: int | None) -> dict:
-    """One full training in this process; its test accuracy and wall time."""
+    """One full training in this process (the bench's own, cnn_kernels.full_training); its test accuracy and wall
+    time."""
+    from cudacnn.bench.cnn_kernels import full_training
     from cudacnn.data import load_dataset
-    from cudacnn.train.config import resolve
-    from cudacnn.train.trainer import Trainer
 
     dataset = load_dataset(data, quiet=True)
     start = time.time()
-    with tempfile.TemporaryDirectory(prefix="same-accuracy-") as scratch:
-        config = resolve(preset, None, dict(kernels=kernels, seed=seed, epochs=epochs, data=data, out=scratch))
-        result = Trainer(config, run_dir=Path(scratch), dataset=dataset, quiet=True).fit()
+    result = full_training(preset, kernels, seed, dataset, epochs, data, device="auto")
     return dict(preset=preset, kernels=kernels, seed=seed, test_accuracy=round(result.test_accuracy, 4),
                 epochs=result.epochs_done, wall_s=round(time.time() - start, 1))
 

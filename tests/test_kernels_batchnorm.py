@@ -656,6 +656,13 @@ def test_cnn_kernels_bench_rows_on_the_cpu(monkeypatch):
     # the triton row says whether the cached launch path was on and what it holds (nothing compiled on the CPU)
     assert row["info"]["triton_cached_launches"] == 0 and "torch_cached_launches" not in row["info"]
     assert row["measurements"]["--kernels torch"]["repeats"] == row["measurements"]["--kernels triton"]["repeats"] == 3
+    # the same-accuracy rows: one full training per setting and seed, each the bench's full_training
+    (accuracy,) = cnn_kernels.accuracy_rows(cnn_kernels._subset(dataset, 300), ("bn-dropout-plus",), seeds=1, epochs=1,
+                                            device="cpu")
+    assert (accuracy["epochs"], len(accuracy["torch_accuracies"]), len(accuracy["triton_accuracies"])) == (1, 1, 1)
+    again = cnn_kernels.full_training("bn-dropout-plus", "torch", 0, cnn_kernels._subset(dataset, 300), epochs=1,
+                                       device="cpu")
+    assert again.epochs_done == 1 and round(again.test_accuracy, 4) == accuracy["torch_accuracies"][0]
     # a compiled row names its mode and trains with it (the Trainer's config, captured before it runs)
     from cudacnn.train import config as config_module
 

@@ -283,7 +283,7 @@ def write_profile(work, path: Path, title: str) -> None:
 
 def train_rows(dataset, presets=PRESETS, modes=("eager", "default"), train_images: int = 10240,
                data: str | None = None, device: str = "cuda", on_rows=None,
-               profile: Path | None = None, timed_epochs: int = 2) -> list[dict]:
+               profile: Path | None = None, timed_epochs: int = 5) -> list[dict]:
     """Per preset and mode ("eager", or a torch.compile mode), the median of `timed_epochs` epoch times with our
     kernels and PyTorch's (`profile`: a folder for a profiled epoch of each, see epoch_times)."""
     short = _subset(dataset, train_images)
@@ -307,22 +307,28 @@ def train_rows(dataset, presets=PRESETS, modes=("eager", "default"), train_image
     return rows
 
 
-def accuracy_rows(dataset, presets=PRESETS, seeds: int = 3, epochs: int | None = None,
-                  data: str | None = None, device: str = "cuda", on_rows=None) -> list[dict]:
-    """Test accuracy of full trainings, torch vs triton kernels, `seeds` seeds each."""
+def full_training(preset: str, kernels: str, seed: int, dataset, epochs: int | None = None, data: str | None = None,
+                  device: str = "cuda"):
+    """`cudacnn train --preset P --kernels K --set seed=S` on `dataset`, in a scratch folder; its TrainResult."""
     from cudacnn.train.config import resolve
     from cudacnn.train.trainer import Trainer
 
+    with tempfile.TemporaryDirectory(prefix="cudacnn-cnn-kernels-") as scratch:
+        config = resolve(preset, None, dict(kernels=kernels, seed=seed, epochs=epochs, data=data, out=scratch,
+                                            device=device))
+        return Trainer(config, run_dir=Path(scratch), dataset=dataset, quiet=True).fit()
+
+
+def accuracy_rows(dataset, presets=PRESETS, seeds: int = 3, epochs: int | None = None,
+                  data: str | None = None, device: str = "cuda", on_rows=None) -> list[dict]:
+    """Test accuracy of full trainings, torch vs triton kernels, `seeds` seeds each."""
     rows = []
     for preset in presets:
         accs = {}
         for kernels in ("torch", "triton"):
             accs[kernels] = []
             for seed in range(seeds):
-                with tempfile.TemporaryDirectory(prefix="cudacnn-cnn-kernels-") as scratch:
-                    config = resolve(preset, None, dict(kernels=kernels, seed=seed, epochs=epochs, data=data,
-                                                        out=scratch, device=device))
-                    result = Trainer(config, run_dir=Path(scratch), dataset=dataset, quiet=True).fit()
+                result = full_training(preset, kernels, seed, dataset, epochs, data, device)
                 accs[kernels].append(result.test_accuracy)
                 log.info("%s --kernels %s seed %d: test accuracy %.4f", preset, kernels, seed, result.test_accuracy)
                 _release()
