@@ -166,6 +166,33 @@ def test_linear_module_runs_our_gemm_only_where_it_pays(monkeypatch):
     assert torch.allclose(results[25][0], F.gelu(F.linear(x, lin.weight, lin.bias)))
 
 
+def test_activation_and_loss_modules_run_our_kernels_only_where_they_pay(monkeypatch):
+    """The Activation module runs our kernel from ACTIVATION_MIN_ELEMENTS elements, the loss module from
+    CROSS_ENTROPY_MIN_ROWS rows; below, PyTorch's ops. Both paths give the same values and gradients."""
+    assert ops.activation_pays(1 << 26) and not ops.activation_pays((1 << 26) - 1)
+    assert ops.cross_entropy_pays(1 << 17) and not ops.cross_entropy_pays((1 << 17) - 1)
+    calls = []
+    real_act, real_ce = ops._act.activation_forward, ops._ce.softmax_cross_entropy
+    monkeypatch.setattr(ops._act, "activation_forward", lambda *a, **k: calls.append("act") or real_act(*a, **k))
+    monkeypatch.setattr(ops._ce, "softmax_cross_entropy", lambda *a, **k: calls.append("ce") or real_ce(*a, **k))
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, device=DEVICE, requires_grad=True)  # 30 elements, 6 rows
+    t = torch.randint(0, 5, (6,), device=DEVICE)
+    act, loss = K.Activation("gelu"), K.cross_entropy_loss("triton", 0.1)
+    results = {}
+    for elements, rows in ((31, 7), (30, 6)):  # one above x's size, then x's size
+        monkeypatch.setattr(ops, "ACTIVATION_MIN_ELEMENTS", elements)
+        monkeypatch.setattr(ops, "CROSS_ENTROPY_MIN_ROWS", rows)
+        calls.clear()
+        y = act(x)
+        value = loss(y, t)
+        results[elements] = (y, value, *torch.autograd.grad(value, x))
+        assert sorted(set(calls)) == ([] if elements == 31 else ["act", "ce"])
+    for ours, torchs in zip(results[30], results[31]):
+        assert torch.allclose(ours, torchs, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(results[31][1], F.cross_entropy(F.gelu(x), t, label_smoothing=0.1))
+
+
 @pytest.mark.skipif(DEVICE != "cpu", reason="the fallback is the CPU path")
 def test_cpu_fallback_warns_once(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")

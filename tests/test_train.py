@@ -68,6 +68,17 @@ def test_loss_falls_and_run_folder_is_complete(tmp_path, dataset):
     assert evaluation["checkpoint"] == str(run / "checkpoints" / "best.pt")
 
 
+def test_backward_runs_on_the_calling_thread(tmp_path, dataset):
+    """On one device the step's backward runs with autograd's device threads off (the trainer's choice for small
+    nets' eager steps); the setting is restored after each backward."""
+    seen = []
+    trainer = Trainer(tiny_config(tmp_path, epochs=1, name="threads"), dataset=dataset, quiet=True)
+    next(trainer.model.parameters()).register_hook(lambda _: seen.append(torch._C._is_multithreading_enabled()))
+    trainer.fit()
+    assert seen and not any(seen)
+    assert torch._C._is_multithreading_enabled()
+
+
 def _final_weights(run_dir):
     return load_checkpoint(run_dir / "checkpoints" / "last.pt")["train_state"]["model"]
 

@@ -53,13 +53,16 @@ class Linear(nn.Linear):
 
 
 class Activation(nn.Module):
+    """An activation on our kernel where that pays (ops.activation_pays: large tensors); smaller ones, such as
+    a classifier head's, run PyTorch's."""
+
     def __init__(self, kind: str, backend: str = "triton"):
         super().__init__()
         _check_backend(backend)
         self.kind, self.backend = kind, backend
 
     def forward(self, x):
-        return ops.activation(x, self.kind, self.backend)
+        return ops.activation(x, self.kind, self.backend if ops.activation_pays(x.numel()) else "torch")
 
     def extra_repr(self):
         return f"kind={self.kind}, backend={self.backend}"
@@ -194,7 +197,8 @@ class FusedBasicBlock(nn.Module):
 
 
 class CrossEntropyLoss(nn.Module):
-    """Fused softmax + cross-entropy (class-index targets, mean or sum), gradient from the forward kernel."""
+    """Fused softmax + cross-entropy (class-index targets, mean or sum), gradient from the forward kernel, where
+    that pays (ops.cross_entropy_pays: many rows); a CNN's batch runs F.cross_entropy."""
 
     def __init__(self, label_smoothing: float = 0.0, reduction: str = "mean", backend: str = "triton"):
         super().__init__()
@@ -202,7 +206,8 @@ class CrossEntropyLoss(nn.Module):
         self.label_smoothing, self.reduction, self.backend = label_smoothing, reduction, backend
 
     def forward(self, logits, targets):
-        return ops.cross_entropy(logits, targets, self.label_smoothing, self.reduction, self.backend)
+        backend = self.backend if ops.cross_entropy_pays(logits.shape[0]) else "torch"
+        return ops.cross_entropy(logits, targets, self.label_smoothing, self.reduction, backend)
 
 
 def activation_kind(module: nn.Module) -> str | None:

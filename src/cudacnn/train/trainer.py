@@ -266,7 +266,11 @@ class Trainer:
                     # DDP averages over ranks: scaled so the result is the global batch's mean-loss gradient.
                     scale = len(y) * world / global_size
                     scaled = loss if scale == 1 else loss * scale
-                    (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+                    # One GPU: backward runs on this thread rather than autograd's device thread, whose hand-off
+                    # there and back cost more than a small net's backward kernels (benchmarks/kernels.md). DDP
+                    # keeps the default, where its gradient hooks run.
+                    with (torch.autograd.set_multithreading_enabled(False) if self.ddp is None else nullcontext()):
+                        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
                 loss_sum += loss.detach() * len(y)
                 correct += (logits.argmax(1) == y).sum()
                 seen += len(y)
