@@ -570,9 +570,8 @@ def _reduction_split(units: int, block: int, c_blocks: int, device: torch.device
 def shape_cache(fn):
     """functools.cache for a launch configuration taking the sizes (N, C, H, W) first: the per-call host work
     is a dictionary lookup. Symbolic sizes (a graph compiled for a dynamic batch size) are not cached; they are
-    computed each trace instead, and the configuration's sizes come out as expressions of them. The sizes'
-    types are checked rather than every argument's (SymInt is only ever a size): a few microseconds less a
-    call."""
+    computed each trace instead, and the configuration's sizes come out as expressions of them. Only the
+    sizes' types are checked, not every argument's: a SymInt is only ever a size, and this runs on every call."""
     cached = functools.cache(fn)
 
     @functools.wraps(fn)
