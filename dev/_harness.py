@@ -1,10 +1,12 @@
-"""What the dev/ benchmarks share: their --budget-s and --dry-run flags, and a start that picks the GPU, or
-Triton's interpreter on the CPU for --dry-run (the code paths at toy sizes; the numbers mean nothing)."""
+"""What the dev/ benchmarks share: their --budget-s and --dry-run flags, a start that picks the GPU, or
+Triton's interpreter on the CPU for --dry-run (the code paths at toy sizes; the numbers mean nothing), and the
+per-call timer of the host-overhead scripts."""
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 
 
 def add_run_flags(parser, budget_s: float) -> None:
@@ -24,3 +26,27 @@ def device_for(args, script: str) -> str | None:
         print(f"error: {script} needs a CUDA GPU (or --dry-run for the code paths on the CPU)", file=sys.stderr)
         return None
     return "cuda"
+
+
+def per_call_us(fn, calls: int, rounds: int, sync: str = "none", warmup: int = 10) -> float:
+    """Best over `rounds` of the time a call of fn, in us, after `warmup` calls; the GPU queue is drained before
+    each round. sync: "none" (the calls are only issued: host time, where the GPU keeps up), "end" (the final
+    synchronize is inside the timer: what a training step pays) or "each" (a synchronize after every call)."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+            if sync == "each":
+                torch.cuda.synchronize()
+        if sync == "end":
+            torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - start) / calls * 1e6)
+        torch.cuda.synchronize()
+    return best

@@ -10,31 +10,15 @@ synchronizes after each call.
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
+
+from _harness import per_call_us
 
 from cudacnn.kernels import ops
 
 SHAPES = [(256, 256, 4, 4), (256, 64, 32, 32)]  # a small late stage, host-bound; smallnet's first stage
-
-
-def per_call_us(fn, calls: int = 300, rounds: int = 5, sync: bool = False) -> float:
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(rounds):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-            if sync:
-                torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - start) / calls * 1e6)
-        torch.cuda.synchronize()
-    return best
+CALLS, ROUNDS, WARMUP = 300, 5, 20
 
 
 def calls(shape):
@@ -63,7 +47,9 @@ def main() -> None:
             row = []
             for threads, label in ((True, "device thread"), (False, "calling thread")):
                 with torch.autograd.set_multithreading_enabled(threads):
-                    row.append(f"{label} {per_call_us(fn):7.1f} (synced {per_call_us(fn, sync=True):7.1f})")
+                    issued = per_call_us(fn, CALLS, ROUNDS, warmup=WARMUP)
+                    synced = per_call_us(fn, CALLS, ROUNDS, sync="each", warmup=WARMUP)
+                    row.append(f"{label} {issued:7.1f} (synced {synced:7.1f})")
             print(f"{'x'.join(map(str, shape)):14s} {name:22s} " + "   ".join(row), flush=True)
 
 

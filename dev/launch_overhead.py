@@ -17,9 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 
 import torch
+
+from _harness import per_call_us
 
 from cudacnn.atomic import write_text_atomic
 from cudacnn.kernels import _launch, ops
@@ -56,24 +57,6 @@ def make_calls(shape, activation: str, path: str):
     return forward, forward_backward
 
 
-def per_call_us(fn, calls: int, rounds: int, sync_inside: bool) -> float:
-    """Best over rounds of the time a call; sync_inside: the final synchronize is inside the timer."""
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(rounds):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        if sync_inside:
-            torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - start) / calls * 1e6)
-        torch.cuda.synchronize()
-    return best
-
-
 def measure(calls: int, rounds: int, host_calls: int) -> list[dict]:
     rows = []
     for name, shape, activation in CASES:
@@ -82,8 +65,8 @@ def measure(calls: int, rounds: int, host_calls: int) -> list[dict]:
             forward, forward_backward = make_calls(shape, activation, path)
             row = dict(case=name, shape=list(shape), activation=activation, path=path)
             for label, fn in (("fwd", forward), ("fwd+bwd", forward_backward)):
-                row[f"{label} launched us"] = per_call_us(fn, calls, rounds, sync_inside=True)
-                row[f"{label} host us"] = per_call_us(fn, host_calls, rounds, sync_inside=False)
+                row[f"{label} launched us"] = per_call_us(fn, calls, rounds, sync="end")
+                row[f"{label} host us"] = per_call_us(fn, host_calls, rounds)
             rows.append(row)
             del forward, forward_backward
             torch.cuda.empty_cache()

@@ -266,9 +266,10 @@ class Trainer:
                     # DDP averages over ranks: scaled so the result is the global batch's mean-loss gradient.
                     scale = len(y) * world / global_size
                     scaled = loss if scale == 1 else loss * scale
-                    # One GPU: backward runs on this thread rather than autograd's device thread, whose hand-off
-                    # there and back cost more than a small net's backward kernels (benchmarks/kernels.md). DDP
-                    # keeps the default, where its gradient hooks run.
+                    # One GPU: backward runs on this thread rather than autograd's device thread; the hand-off
+                    # there and back cost 65-140 us a backward, more with our ops' Python autograd Functions in
+                    # the graph, and small nets' eager steps are host-bound (benchmarks/kernels.md). DDP keeps the
+                    # default, under which its gradient hooks were tested.
                     with (torch.autograd.set_multithreading_enabled(False) if self.ddp is None else nullcontext()):
                         (self.scaler.scale(scaled) if self.scaler else scaled).backward()
                 loss_sum += loss.detach() * len(y)
