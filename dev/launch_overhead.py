@@ -1,12 +1,14 @@
-"""Launch overhead of the fused BatchNorm + activation op (cudacnn::batchnorm_act) launched from Python: Triton's
-plain `kernel[grid](...)` path against the cached launcher (src/cudacnn/kernels/_launch.py) against eager
-PyTorch (F.batch_norm + the activation), bf16 channels_last, training mode.
+"""Launch overhead of the fused BatchNorm + activation op (cudacnn::batchnorm_act) in eager training: Triton's
+plain `kernel[grid](...)` path against the cached launcher (src/cudacnn/kernels/_launch.py), both from Python,
+against the C++ path (src/cudacnn/kernels/planned.py) against eager PyTorch (F.batch_norm + the activation),
+bf16 channels_last, training mode.
 
 Per case and path, two numbers a call:
   - launched: wall time of N calls between two torch.cuda.synchronize(), / N (what a training step pays);
   - host: time to issue N calls without synchronizing (the queue drained before and after, outside the
     timer), / N; only meaningful where the GPU is not the bottleneck, i.e. the small case.
-each for the forward (no grad: two launches of ours) and forward + backward (autograd.grad: four launches).
+each for the forward (with autograd recording, output dropped: two launches of ours) and forward + backward
+(autograd.grad: four launches).
 Best of --rounds rounds of --calls calls after a warm-up (which also fills the launch cache).
 
     PYTHONPATH=src python3 dev/launch_overhead.py [--calls 200] [--rounds 7] [--json $OUT/launch.json]
@@ -23,7 +25,7 @@ import torch
 from _harness import per_call_us
 
 from cudacnn.atomic import write_text_atomic
-from cudacnn.kernels import _launch, ops
+from cudacnn.kernels import _launch, ops, planned
 from cudacnn.tables import md_table
 
 # (name, shape, activation): the zoo shapes named in benchmarks/kernels.md's BatchNorm section, and a small one
@@ -32,7 +34,7 @@ CASES = [
     ("fast96 group 1, BN+GELU", (1500, 128, 32, 32), "gelu"),
     ("small, BN+ReLU", (256, 256, 4, 4), "relu"),
 ]
-PATHS = ("triton plain", "triton cached", "eager PyTorch")
+PATHS = ("triton plain", "triton cached", "C++ planned", "eager PyTorch")
 
 
 def make_calls(shape, activation: str, path: str):
@@ -47,8 +49,7 @@ def make_calls(shape, activation: str, path: str):
     dy = torch.randn(shape, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
 
     def forward():
-        with torch.no_grad():
-            return ops.batchnorm_act(x, w, b, None, rm, rv, training=True, activation=activation, backend=backend)
+        return ops.batchnorm_act(x, w, b, None, rm, rv, training=True, activation=activation, backend=backend)
 
     def forward_backward():
         y = ops.batchnorm_act(x, w, b, None, rm, rv, training=True, activation=activation, backend=backend)
@@ -62,6 +63,7 @@ def measure(calls: int, rounds: int, host_calls: int) -> list[dict]:
     for name, shape, activation in CASES:
         for path in PATHS:
             _launch.ENABLED = path != "triton plain"
+            planned.ENABLED = path == "C++ planned"
             forward, forward_backward = make_calls(shape, activation, path)
             row = dict(case=name, shape=list(shape), activation=activation, path=path)
             for label, fn in (("fwd", forward), ("fwd+bwd", forward_backward)):
@@ -72,7 +74,7 @@ def measure(calls: int, rounds: int, host_calls: int) -> list[dict]:
             torch.cuda.empty_cache()
             print(f"{name:28s} {path:14s} " + " ".join(f"{k} {v:8.1f}" for k, v in row.items() if k.endswith("us")),
                   flush=True)
-    _launch.ENABLED = True
+    _launch.ENABLED = planned.ENABLED = True
     return rows
 
 
@@ -82,6 +84,8 @@ def check_fast_path_taken() -> int:
     n = _launch.cached_launches()
     if n == 0:
         raise SystemExit("error: no cached launches: the fast path was not taken (see _launch._supported_triton)")
+    if planned.extension() is None or planned.extension().plan_count() == 0:
+        raise SystemExit("error: no C++ plans: the C++ path was not taken (see the build warning)")
     return n
 
 
@@ -114,10 +118,11 @@ def main() -> None:
     print()
     by = {(r["case"], r["path"]): r for r in rows}
     speedups = [[case, *(f"{by[case, 'triton plain'][k] / by[case, 'triton cached'][k]:.2f}x" for k in keys),
-                 *(f"{by[case, 'eager PyTorch'][k] / by[case, 'triton cached'][k]:.2f}x" for k in keys[:2])]
+                 *(f"{by[case, 'triton cached'][k] / by[case, 'C++ planned'][k]:.2f}x" for k in keys),
+                 *(f"{by[case, 'eager PyTorch'][k] / by[case, 'C++ planned'][k]:.2f}x" for k in keys)]
                 for case, _, _ in CASES]
-    print(md_table(["case", "plain/cached fwd", "plain/cached fwd+bwd", "plain/cached fwd host",
-                    "plain/cached fwd+bwd host", "eager/cached fwd", "eager/cached fwd+bwd"], speedups))
+    print(md_table(["case", *(f"{a}/{b} {k[:-3]}" for a, b in (("plain", "cached"), ("cached", "C++"),
+                                                               ("eager", "C++")) for k in keys)], speedups))
     if args.json:
         write_text_atomic(args.json, json.dumps(dict(about=about, rows=rows), indent=2))
         print(f"\nwrote {args.json}")

@@ -227,6 +227,9 @@ def _batchnorm_fwd_bwd(shape, activation, pool, residual, channels_last):
     ((3, 20, 5, 5), "relu", False, False, True),
 ])
 def test_gpu_cached_launch_is_bit_identical_to_plain(monkeypatch, shape, activation, pool, residual, channels_last):
+    from cudacnn.kernels import planned
+
+    monkeypatch.setattr(planned, "ENABLED", False)  # this compares the Python launch paths
     monkeypatch.setattr(L, "_BY_SPEC", {})
     monkeypatch.setattr(L, "_BY_EXACT", {})
     monkeypatch.setattr(L, "ENABLED", False)

@@ -32,6 +32,7 @@ in 3.6 and 3.9). Not in the keys: Triton knobs other than debug that the plain p
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 
@@ -144,9 +145,28 @@ def _tail(kernel, args: tuple, kwargs: dict) -> tuple | None:
     return tuple(tail)
 
 
+_recorded: list | None = None  # while recording(): each launch's (kernel, grid, args, kwargs, compiled kernel)
+
+
+@contextlib.contextmanager
+def recording():
+    """Launches in the block take the plain path, and each appends (kernel, grid, args, kwargs, the compiled
+    kernel it ran) to the list this yields (planned.py makes C++ launch plans of them)."""
+    global _recorded
+    outer, _recorded = _recorded, []
+    try:
+        yield _recorded
+    finally:
+        _recorded = outer
+
+
 def launch(kernel, grid, *args, **kwargs):
     """kernel[grid](*args, **kwargs), through the cached compiled kernel when one matches."""
     global _device_and_stream
+    if _recorded is not None:
+        compiled = kernel[grid](*args, **kwargs)
+        _recorded.append((kernel, grid, args, kwargs, compiled))
+        return compiled
     grid3 = _grid3(grid)
     if (not ENABLED or grid3 is None or type(kernel) is not _JITFunction or kernel.pre_run_hooks
             or _hooks_active()):

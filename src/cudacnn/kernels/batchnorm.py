@@ -708,6 +708,19 @@ def apply(x, weight, bias, residual, mean, rstd, normalize: bool, activation: st
     return y
 
 
+def eager_forward(x, weight, bias, residual, running_mean, running_var, training: bool, momentum: float, eps: float,
+                  activation: str, pool: bool, normalize: bool):
+    """(y, mean, rstd): the forward of an eager call, on the device's shared counters (no allocation, no fill);
+    mean and rstd are empty without normalize."""
+    if not normalize:
+        mean = rstd = x.new_empty((0,))
+    elif training:
+        mean, rstd = statistics(x, running_mean, running_var, momentum, eps, shared_counters=True)
+    else:
+        mean, rstd = running_stats(running_mean, running_var, eps, x.dtype)
+    return apply(x, weight, bias, residual, mean, rstd, normalize, activation, pool), mean, rstd
+
+
 def running_stats(running_mean, running_var, eps: float, dtype: torch.dtype):
     """Eval mode's (mean, rstd) from the running statistics."""
     cd = torch.float64 if dtype == torch.float64 else torch.float32

@@ -25,6 +25,19 @@ def cuda_available() -> bool:
     return torch.cuda.is_available() and torch.version.cuda is not None
 
 
+def build_dir(paths, prefix: str, arch: str = "") -> tuple[Path, str]:
+    """(folder, tag) of a build of these source files: a new tag, so a new folder and module name, whenever a
+    source, the GPU architecture or PyTorch changes. Under $CUDACNN_CUDA_BUILD_DIR, else ~/.cache/cudacnn."""
+    digest = hashlib.sha256(torch.__version__.encode())
+    for path in paths:
+        digest.update(Path(path).read_bytes())
+    tag = f"{prefix}{arch}_{digest.hexdigest()[:12]}"
+    root = Path(os.environ.get("CUDACNN_CUDA_BUILD_DIR", Path.home() / ".cache" / "cudacnn" / "cuda_ext"))
+    folder = root / tag
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder, tag
+
+
 @functools.cache
 def extension():
     """Compile (once per source version and GPU architecture) and load the extension."""
@@ -37,13 +50,7 @@ def extension():
         raise RuntimeError(f"the CUDA C++ GEMM uses bf16 mma.sync, which needs sm_80 or newer (this GPU: sm_{major}{minor})")
     # sm_90 builds as sm_90a so that gemm_wgmma.cu gets Hopper's warpgroup MMA.
     arch = f"{major}{minor}" + ("a" if (major, minor) == (9, 0) else "")
-    digest = hashlib.sha256()
-    for name in SOURCES + HEADERS:
-        digest.update((SOURCE_DIR / name).read_bytes())
-    tag = f"sm{arch}_{digest.hexdigest()[:12]}"
-    root = Path(os.environ.get("CUDACNN_CUDA_BUILD_DIR", Path.home() / ".cache" / "cudacnn" / "cuda_ext"))
-    build_dir = root / tag
-    build_dir.mkdir(parents=True, exist_ok=True)
+    folder, tag = build_dir([SOURCE_DIR / name for name in SOURCES + HEADERS], "sm", arch)
     return load(
         name=f"cudacnn_cuda_{tag}",
         sources=[str(SOURCE_DIR / s) for s in SOURCES],
@@ -51,7 +58,7 @@ def extension():
         extra_cuda_cflags=["-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}", "--use_fast_math",
                            "-lineinfo"] + (["-DCUDACNN_HAVE_SM90A"] if arch.endswith("a") else []),
         extra_include_paths=[str(SOURCE_DIR)],
-        build_directory=str(build_dir),
+        build_directory=str(folder),
         verbose=os.environ.get("CUDACNN_CUDA_VERBOSE") == "1",
     )
 

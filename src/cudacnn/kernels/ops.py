@@ -22,6 +22,7 @@ from . import batchnorm as _bn
 from . import conv as _conv
 from . import cross_entropy as _ce
 from . import cuda_ext as _cuda
+from . import planned as _planned
 from . import pool_bn_act as _pba
 from .gemm import gemm as _gemm_fn
 from .gemm import gemm_backward as _gemm_backward_fn
@@ -480,26 +481,14 @@ def _batchnorm_act_grad(ctx, grad_y):
 _batchnorm_act.register_autograd(_batchnorm_act_grad, setup_context=_batchnorm_act_setup)
 
 
-def _forward(x, weight, bias, residual, running_mean, running_var, training, momentum, eps, activation, pool,
-             normalize):
-    """(y, mean, rstd): the eager forward, the shared counters of the device (no allocation, no fill)."""
-    if not normalize:
-        mean = rstd = _empty(x)
-    elif training:
-        mean, rstd = _bn.statistics(x, running_mean, running_var, momentum, eps, shared_counters=True)
-    else:
-        mean, rstd = _bn.running_stats(running_mean, running_var, eps, x.dtype)
-    return _bn.apply(x, weight, bias, residual, mean, rstd, normalize, activation, pool), mean, rstd
-
-
 class _BatchNormAct(torch.autograd.Function):
     """The eager path: the ops' launchers and autograd formula, without the dispatcher."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, running_mean, running_var, training, momentum, eps, activation,
                 pool, normalize):
-        y, mean, rstd = _forward(x, weight, bias, residual, running_mean, running_var, training, momentum, eps,
-                                 activation, pool, normalize)
+        y, mean, rstd = _bn.eager_forward(x, weight, bias, residual, running_mean, running_var, training, momentum,
+                                          eps, activation, pool, normalize)
         ctx.save_for_backward(x, weight, bias, residual, mean, rstd)
         ctx.config = (training and normalize, normalize, activation, pool)
         return y
@@ -533,6 +522,11 @@ def batchnorm_act(x: Tensor, weight: Tensor | None, bias: Tensor | None, residua
             x = x + residual
         x = _act.reference_forward(x, activation) if activation != "none" else x
         return F.max_pool2d(x, 2) if pool else x
+    if training and x.is_cuda and _planned.ENABLED and torch.is_grad_enabled() and x.requires_grad and _direct(x):
+        y = _planned.batchnorm_act(x, weight, bias, residual, running_mean, running_var, float(momentum),
+                                   float(eps), activation, pool, normalize)  # a training step's call, from C++
+        if y is not None:
+            return y
     _bn.check_inputs(x, weight, bias, residual, activation, pool, training and normalize)  # before any kernel
     if normalize and not training and (running_mean is None or running_var is None):
         raise ValueError("batchnorm_act with training=False needs running_mean and running_var")
@@ -542,8 +536,8 @@ def batchnorm_act(x: Tensor, weight: Tensor | None, bias: Tensor | None, residua
                 t is not None and t.requires_grad for t in (weight, bias, residual))):
             return _BatchNormAct.apply(x, weight, bias, residual, running_mean, running_var, training, momentum,
                                        eps, activation, pool, normalize)
-        return _forward(x, weight, bias, residual, running_mean, running_var, training, momentum, eps,
-                        activation, pool, normalize)[0]
+        return _bn.eager_forward(x, weight, bias, residual, running_mean, running_var, training, momentum, eps,
+                                 activation, pool, normalize)[0]
     if not normalize:
         mean = rstd = x.new_empty((0,), dtype=torch.float32)
         training = False

@@ -1,0 +1,304 @@
+// The fused BatchNorm op's eager path in C++: a forward and backward that launch the op's compiled Triton
+// kernels from recorded launch plans, with a C++ autograd node (kernels/planned.py records and registers them).
+//
+// Why: each eager call of the op from Python costs ~115 us of host time a direction (the autograd.Function,
+// four buffer allocations, the launcher's argument parsing), more than PyTorch's BatchNorm + ReLU + pool and
+// more than the kernels take on the GPU; a CNN's eager epoch is host-bound, so that host time is the epoch's.
+// Here a call is one pybind call, a hash lookup, the allocations and the cuLaunchKernel calls.
+//
+// A plan is what the Python path launches for one key (the call's flags, device, and each tensor's dtype,
+// sizes, strides and 16-byte alignment, which is all that the launches' arguments and Triton's specialization
+// depend on): the buffers it allocates, and for each launch the CUfunction, grid, block, shared memory and
+// every runtime parameter in order, each a tensor slot's data pointer, an integer or float constant, or one
+// of the call's two float scalars (momentum, eps). Triton's kernels take two scratch pointers after their
+// parameters; plans are only made for kernels that need no scratch, so both are null.
+#include <dlfcn.h>
+#include <torch/extension.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cstdint>
+#include <memory>
+#include <unordered_map>
+#include <vector>
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using LaunchKernel = int (*)(void* function, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                             unsigned bz, unsigned shared, void* stream, void** params, void** extra);
+using ErrorString = int (*)(int error, const char** text);
+
+// The driver's cuLaunchKernel from the libcuda that PyTorch and Triton have loaded (no link-time dependency).
+struct Driver {
+  LaunchKernel launch = nullptr;
+  ErrorString error_string = nullptr;
+  Driver() {
+    void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
+    if (lib == nullptr) lib = dlopen("libcuda.so.1", RTLD_NOW);
+    TORCH_CHECK(lib != nullptr, "cudacnn planned launch: cannot open libcuda.so.1");
+    launch = reinterpret_cast<LaunchKernel>(dlsym(lib, "cuLaunchKernel"));
+    error_string = reinterpret_cast<ErrorString>(dlsym(lib, "cuGetErrorString"));
+    TORCH_CHECK(launch != nullptr, "cudacnn planned launch: libcuda.so.1 has no cuLaunchKernel");
+  }
+};
+
+const Driver& driver() {
+  static const Driver d;
+  return d;
+}
+
+enum ArgKind : int64_t { kSlot = 0, kInt32 = 1, kInt64 = 2, kFloat32 = 3, kScalar = 4 };
+
+struct Arg {
+  int64_t kind;
+  int64_t value;  // slot, integer, or scalar index
+  double real;    // kFloat32
+};
+
+struct Launch {
+  void* function;
+  unsigned grid[3];
+  unsigned threads;
+  unsigned shared;
+  std::vector<Arg> args;
+};
+
+struct Layout {  // a buffer to allocate, or the layout an input must have
+  std::vector<int64_t> sizes, strides;
+  c10::ScalarType dtype;
+};
+
+struct Plan {
+  int64_t inputs = 0;                  // slots [0, inputs): the call's tensors
+  std::vector<Layout> buffers;         // then one slot per buffer, allocated each call
+  std::vector<at::Tensor> constants;   // then tensors the plan holds (the kernels' zeroed counters)
+  std::vector<Launch> launches;
+  std::vector<int64_t> outputs;        // slots returned (-1: none)
+  bool conform_first = false;          // backward: make the incoming gradient the recorded layout first
+  Layout first;
+};
+
+struct PlanPair {
+  Plan forward, backward;
+};
+
+constexpr int kMaxArgs = 62;
+
+union Value {
+  void* pointer;
+  int32_t i32;
+  int64_t i64;
+  float f32;
+};
+
+// Allocates the plan's buffers into table (after the inputs, which it holds) and runs its launches on the
+// current stream.
+void run(const Plan& plan, std::vector<at::Tensor>& table, const double* scalars, const at::Tensor& like) {
+  table.reserve(plan.inputs + plan.buffers.size() + plan.constants.size());
+  for (const Layout& b : plan.buffers) {
+    table.push_back(at::empty_strided(b.sizes, b.strides, like.options().dtype(b.dtype)));
+  }
+  for (const at::Tensor& c : plan.constants) table.push_back(c);
+  void* stream = c10::cuda::getCurrentCUDAStream(like.get_device()).stream();
+  Value values[kMaxArgs + 2];
+  void* params[kMaxArgs + 2];
+  for (const Launch& l : plan.launches) {
+    if (l.grid[0] == 0 || l.grid[1] == 0 || l.grid[2] == 0) continue;
+    const size_t n = l.args.size();
+    for (size_t i = 0; i < n; ++i) {
+      const Arg& a = l.args[i];
+      switch (a.kind) {
+        case kSlot: {
+          const at::Tensor& t = table[a.value];
+          values[i].pointer = t.defined() ? t.data_ptr() : nullptr;
+          break;
+        }
+        case kInt32: values[i].i32 = static_cast<int32_t>(a.value); break;
+        case kInt64: values[i].i64 = a.value; break;
+        case kFloat32: values[i].f32 = static_cast<float>(a.real); break;
+        case kScalar: values[i].f32 = static_cast<float>(scalars[a.value]); break;
+        default: TORCH_CHECK(false, "cudacnn planned launch: bad argument kind ", a.kind);
+      }
+      params[i] = &values[i];
+    }
+    values[n].pointer = nullptr;  // global and profile scratch: none
+    values[n + 1].pointer = nullptr;
+    params[n] = &values[n];
+    params[n + 1] = &values[n + 1];
+    const int error = driver().launch(l.function, l.grid[0], l.grid[1], l.grid[2], l.threads, 1, 1, l.shared,
+                                      stream, params, nullptr);
+    if (error != 0) {
+      const char* text = "unknown error";
+      if (driver().error_string != nullptr) driver().error_string(error, &text);
+      TORCH_CHECK(false, "cudacnn planned launch: cuLaunchKernel failed: ", text);
+    }
+  }
+}
+
+bool aligned(const at::Tensor& t) { return (reinterpret_cast<uintptr_t>(t.data_ptr()) & 15) == 0; }
+
+void put(std::vector<int64_t>& key, const at::Tensor& t) {
+  if (!t.defined()) {
+    key.push_back(-1);
+    return;
+  }
+  key.push_back(static_cast<int64_t>(t.scalar_type()));
+  key.push_back(t.dim());
+  for (int64_t s : t.sizes()) key.push_back(s);
+  for (int64_t s : t.strides()) key.push_back(s);
+  key.push_back(aligned(t));
+}
+
+std::vector<int64_t> make_key(int64_t config, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                              const at::Tensor& r, const at::Tensor& rm, const at::Tensor& rv) {
+  std::vector<int64_t> key;
+  key.reserve(64);
+  key.push_back(config);
+  key.push_back(x.get_device());
+  for (const at::Tensor* t : {&x, &w, &b, &r, &rm, &rv}) put(key, *t);
+  return key;
+}
+
+struct KeyHash {
+  size_t operator()(const std::vector<int64_t>& key) const {
+    size_t h = key.size();
+    for (int64_t v : key) h ^= std::hash<int64_t>()(v) + 0x9e3779b97f4a7c15ULL + (h << 6) + (h >> 2);
+    return h;
+  }
+};
+
+std::unordered_map<std::vector<int64_t>, std::unique_ptr<PlanPair>, KeyHash>& plans() {
+  static std::unordered_map<std::vector<int64_t>, std::unique_ptr<PlanPair>, KeyHash> table;
+  return table;
+}
+
+at::Tensor opt(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
+
+// y = maxpool?(act(batchnorm(x) + residual)), forward and backward through the plans.
+struct BatchNormAct : public torch::autograd::Function<BatchNormAct> {
+  // Absent inputs are nullopt, not undefined tensors: autograd takes an undefined tensor for a variable.
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                            const std::optional<at::Tensor>& running_mean,
+                            const std::optional<at::Tensor>& running_var, double momentum, double eps,
+                            int64_t pair_address) {
+    const auto* pair = reinterpret_cast<const PlanPair*>(pair_address);
+    const at::Tensor w = opt(weight), b = opt(bias), r = opt(residual);
+    std::vector<at::Tensor> table{x, w, b, r, opt(running_mean), opt(running_var)};
+    const double scalars[2] = {momentum, eps};
+    run(pair->forward, table, scalars, x);
+    const auto& out = pair->forward.outputs;  // y, mean, rstd
+    ctx->save_for_backward({x, w, b, r, table[out[1]], table[out[2]]});
+    ctx->saved_data["pair"] = pair_address;
+    return table[out[0]];
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto* pair = reinterpret_cast<const PlanPair*>(ctx->saved_data["pair"].toInt());
+    const Plan& plan = pair->backward;
+    variable_list saved = ctx->get_saved_variables();
+    at::Tensor g = grads[0];
+    const Layout& want = plan.first;
+    if (g.scalar_type() != want.dtype || g.sizes() != c10::IntArrayRef(want.sizes) ||
+        g.strides() != c10::IntArrayRef(want.strides) || !aligned(g)) {
+      at::Tensor conformed = at::empty_strided(want.sizes, want.strides, g.options().dtype(want.dtype));
+      conformed.copy_(g);
+      g = conformed;
+    }
+    std::vector<at::Tensor> table{g, saved[0], saved[1], saved[2], saved[3], saved[4], saved[5]};
+    const double scalars[2] = {0.0, 0.0};
+    run(plan, table, scalars, saved[0]);
+    variable_list result(9);
+    for (size_t i = 0; i < 4; ++i) {  // dx, dweight, dbias, dresidual
+      const int64_t slot = plan.outputs[i];
+      if (slot >= 0 && ctx->needs_input_grad(i)) result[i] = table[slot];
+    }
+    return result;
+  }
+};
+
+Launch to_launch(const py::tuple& t) {
+  Launch l;
+  l.function = reinterpret_cast<void*>(t[0].cast<uintptr_t>());
+  auto grid = t[1].cast<std::vector<int64_t>>();
+  TORCH_CHECK(grid.size() == 3, "cudacnn planned launch: a grid has 3 sizes");
+  for (int i = 0; i < 3; ++i) l.grid[i] = static_cast<unsigned>(grid[i]);
+  l.threads = t[2].cast<unsigned>();
+  l.shared = t[3].cast<unsigned>();
+  for (const auto& a : t[4].cast<py::list>()) {
+    auto arg = a.cast<py::tuple>();
+    l.args.push_back({arg[0].cast<int64_t>(), arg[1].cast<int64_t>(), arg[2].cast<double>()});
+  }
+  TORCH_CHECK(l.args.size() <= kMaxArgs, "cudacnn planned launch: more than ", kMaxArgs, " kernel parameters");
+  return l;
+}
+
+Layout to_layout(const py::tuple& t) {
+  return {t[0].cast<std::vector<int64_t>>(), t[1].cast<std::vector<int64_t>>(),
+          t[2].cast<at::Tensor>().scalar_type()};
+}
+
+// plan: (inputs, buffers [(sizes, strides, dtype template)], constants [tensor], launches [(function, grid,
+// threads, shared, [(kind, value, real)])], outputs [slot], first (sizes, strides, dtype template) or None)
+Plan to_plan(const py::tuple& t) {
+  Plan p;
+  p.inputs = t[0].cast<int64_t>();
+  for (const auto& b : t[1].cast<py::list>()) p.buffers.push_back(to_layout(b.cast<py::tuple>()));
+  for (const auto& c : t[2].cast<py::list>()) p.constants.push_back(c.cast<at::Tensor>());
+  for (const auto& l : t[3].cast<py::list>()) p.launches.push_back(to_launch(l.cast<py::tuple>()));
+  p.outputs = t[4].cast<std::vector<int64_t>>();
+  if (!t[5].is_none()) {
+    p.conform_first = true;
+    p.first = to_layout(t[5].cast<py::tuple>());
+  }
+  const int64_t slots = p.inputs + p.buffers.size() + p.constants.size();
+  for (const Launch& l : p.launches) {
+    for (const Arg& a : l.args) {
+      TORCH_CHECK(a.kind != kSlot || (a.value >= 0 && a.value < slots), "cudacnn planned launch: bad slot");
+      TORCH_CHECK(a.kind != kScalar || (a.value >= 0 && a.value < 2), "cudacnn planned launch: bad scalar");
+    }
+  }
+  for (int64_t o : p.outputs) TORCH_CHECK(o >= -1 && o < slots, "cudacnn planned launch: bad output slot");
+  return p;
+}
+
+std::vector<int64_t> key_of(int64_t config, const at::Tensor& x, const std::optional<at::Tensor>& w,
+                            const std::optional<at::Tensor>& b, const std::optional<at::Tensor>& r,
+                            const std::optional<at::Tensor>& rm, const std::optional<at::Tensor>& rv) {
+  return make_key(config, x, opt(w), opt(b), opt(r), opt(rm), opt(rv));
+}
+
+void add_plan(const std::vector<int64_t>& key, const py::tuple& forward, const py::tuple& backward) {
+  auto pair = std::make_unique<PlanPair>();
+  pair->forward = to_plan(forward);
+  pair->backward = to_plan(backward);
+  TORCH_CHECK(pair->forward.inputs == 6 && pair->forward.outputs.size() == 3 && pair->backward.inputs == 7 &&
+                  pair->backward.outputs.size() == 4 && pair->backward.conform_first,
+              "cudacnn planned launch: a batchnorm_act plan takes 6 inputs to (y, mean, rstd) and 7 to 4 gradients");
+  plans().emplace(key, std::move(pair));  // a key already there keeps its pair: autograd nodes may hold it
+}
+
+// The op through its plan, or None when no plan has this call's key (the caller records one).
+py::object batchnorm_act(int64_t config, const at::Tensor& x, const std::optional<at::Tensor>& w,
+                         const std::optional<at::Tensor>& b, const std::optional<at::Tensor>& r,
+                         const std::optional<at::Tensor>& rm, const std::optional<at::Tensor>& rv, double momentum,
+                         double eps) {
+  auto it = plans().find(make_key(config, x, opt(w), opt(b), opt(r), opt(rm), opt(rv)));
+  if (it == plans().end()) return py::none();
+  c10::cuda::CUDAGuard guard(x.device());
+  return py::cast(BatchNormAct::apply(x, w, b, r, rm, rv, momentum, eps, reinterpret_cast<int64_t>(it->second.get())));
+}
+
+int64_t plan_count() { return static_cast<int64_t>(plans().size()); }
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("key_of", &key_of, "the plan key of a batchnorm_act call");
+  m.def("add_plan", &add_plan, "register the forward and backward plans of a key");
+  m.def("batchnorm_act", &batchnorm_act, "batchnorm_act through its plan, or None without one");
+  m.def("plan_count", &plan_count, "plans registered");
+}

@@ -1,0 +1,196 @@
+"""The fused BatchNorm's C++ launch path (kernels/planned.py, kernels/cuda/planned_launch.cpp): plans made from
+recorded launches with stand-in kernels on the CPU, and on a GPU that training calls through C++ give
+bit-identical outputs, running statistics and gradients to the Python path, for every kind of call the zoo
+makes and for inputs whose layout differs from the recorded one."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from cudacnn.kernels import planned as P
+
+# ---------------------------------------------------------------- plans from stand-in launches
+
+
+def _kernel(*names):
+    params = [types.SimpleNamespace(name=n, default=None) for n in names]
+    return types.SimpleNamespace(params=params, fn=types.SimpleNamespace(__name__="stand_in"))
+
+
+def _compiled(signature, function=1234, num_warps=4, shared=0, **metadata):
+    md = types.SimpleNamespace(num_warps=num_warps, shared=shared, num_ctas=1, global_scratch_size=0,
+                               profile_scratch_size=0, **metadata)
+    return types.SimpleNamespace(metadata=md, function=function, src=types.SimpleNamespace(signature=signature))
+
+
+SIGNATURE = {"x_ptr": "*fp32", "w_ptr": "*fp32", "out_ptr": "*bf16", "count_ptr": "*i32", "n": "i32",
+             "one": "constexpr", "big": "i64", "momentum": "fp32", "scale": "fp32", "BLOCK": "constexpr"}
+NAMES = tuple(SIGNATURE)
+
+
+def test_a_plan_maps_inputs_buffers_and_constants_to_slots_in_parameter_order():
+    x, w = torch.randn(2, 3), torch.randn(3)
+    out = torch.empty(4, 6, dtype=torch.bfloat16).t()  # a transposed buffer: its strides are kept
+    counters = torch.zeros(8, dtype=torch.int32)
+    first = _kernel(*NAMES)
+    launches = [
+        (first, (5,), (x, w, out, counters, 100, 1, 1 << 40, 0.1, 2.5), {"BLOCK": 64},
+         _compiled(SIGNATURE, function=11, num_warps=8, shared=4096)),
+        (first, (2, 3), (out, x, out, counters, 7, 1, 3, 0.2, 0.5), {"BLOCK": 32}, _compiled(SIGNATURE, function=12)),
+    ]
+    inputs = (x, None, w)  # slot 1 absent
+    plan = P.make_plan(inputs, launches, outputs=(out, None, x), constants=(counters,))
+    n_inputs, buffers, constants, entries, outputs, first_layout = plan
+    assert n_inputs == 3 and first_layout is None
+    assert len(buffers) == 1  # out; slot 3
+    sizes, strides, template = buffers[0]
+    assert (sizes, strides, template.dtype) == ([6, 4], [1, 6], torch.bfloat16)
+    assert constants[0] is counters  # slot 4, after the buffers
+    assert outputs == [3, -1, 0]
+    function, grid, threads, shared, args = entries[0]
+    assert (function, grid, threads, shared) == (11, [5, 1, 1], 256, 4096)
+    # constexprs (BLOCK, and `one`, which Triton made a constant) are not parameters; the rest in order
+    assert args == [(P.SLOT, 0, 0.0), (P.SLOT, 2, 0.0), (P.SLOT, 3, 0.0), (P.SLOT, 4, 0.0), (P.INT32, 100, 0.0),
+                    (P.INT64, 1 << 40, 0.0), (P.SCALAR, 0, 0.0), (P.FLOAT32, 0, 2.5)]
+    function, grid, threads, shared, args = entries[1]
+    assert (function, grid, threads) == (12, [2, 3, 1], 128)
+    assert [a[:2] for a in args[:4]] == [(P.SLOT, 3), (P.SLOT, 0), (P.SLOT, 3), (P.SLOT, 4)]
+
+
+def test_the_first_input_layout_is_kept_for_conforming_the_gradient():
+    x = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    kernel = _kernel("x_ptr")
+    plan = P.make_plan((x,), [(kernel, (1,), (x,), {}, _compiled({"x_ptr": "*fp32"}))], outputs=(x,), first=x)
+    sizes, strides, template = plan[5]
+    assert (sizes, strides, template.dtype) == ([2, 3, 4, 5], list(x.stride()), torch.float32)
+
+
+@pytest.mark.parametrize("case", ["scratch", "clusters", "fp16 scalar", "pointer without a tensor", "callable grid"])
+def test_launches_a_plan_cannot_reproduce_are_refused(case):
+    x = torch.randn(4)
+    signature, args, grid, metadata = {"x_ptr": "*fp32", "s": "fp32"}, (x, 1.0), (1,), {}
+    if case == "scratch":
+        metadata = {"global_scratch_size": 128}
+    elif case == "clusters":
+        metadata = {"num_ctas": 2}
+    elif case == "fp16 scalar":
+        signature = {"x_ptr": "*fp32", "s": "fp16"}
+    elif case == "pointer without a tensor":
+        args = (0, 1.0)
+    else:
+        grid = lambda meta: (1,)  # noqa: E731
+    compiled = _compiled(signature)
+    vars(compiled.metadata).update(metadata)
+    with pytest.raises(P.Unplannable):
+        P.make_plan((x,), [(_kernel("x_ptr", "s"), grid, args, {}, compiled)], outputs=(x,))
+
+
+def test_config_codes_tell_every_flag_apart():
+    codes = {P.config_code(a, pool, norm) for a in ("none", "relu", "gelu", "gelu_tanh", "silu")
+             for pool in (False, True) for norm in (False, True)}
+    assert len(codes) == 20
+
+
+def test_cpu_calls_never_take_the_cpp_path(monkeypatch):
+    """ops.batchnorm_act asks for the C++ path only for GPU tensors: on the CPU nothing is built."""
+    from cudacnn.kernels import ops
+
+    monkeypatch.setattr(P, "batchnorm_act", lambda *a: pytest.fail("the C++ path was asked for a CPU tensor"))
+    x = torch.randn(4, 3, 4, 4, requires_grad=True)
+    y = ops.batchnorm_act(x, None, None, activation="relu", backend="triton")
+    assert y.shape == x.shape
+
+
+# ---------------------------------------------------------------- on a GPU: the C++ path against the Python path
+
+requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(),
+                                  reason="needs a CUDA GPU (compiled Triton kernels and the C++ launcher)")
+
+
+def _step(shape, dtype, channels_last, activation, pool, residual, normalize, momentum=0.1, grad_layout=None,
+          offset=0, seed=0):
+    """One training call of ops.batchnorm_act and its backward: (outputs..., grad_fn name)."""
+    from cudacnn.kernels import ops
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    n, c, h, w = shape
+
+    def randn(*s, dt=dtype):
+        return torch.randn(*s, generator=g, device="cuda", dtype=dt)
+
+    base = randn(n * c * h * w + offset)
+    x = base[offset:].view(n, h, w, c).permute(0, 3, 1, 2) if channels_last else base[offset:].view(shape)
+    x = x.detach().requires_grad_()
+    weight = randn(c, dt=torch.float32).requires_grad_() if normalize else None
+    bias = randn(c, dt=torch.float32).requires_grad_() if normalize else None
+    res = randn(*shape).contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    res = res.requires_grad_() if residual else None
+    rm, rv = torch.zeros(c, device="cuda"), torch.ones(c, device="cuda")
+    y = ops.batchnorm_act(x, weight, bias, res, rm if normalize else None, rv if normalize else None,
+                          training=True, momentum=momentum, activation=activation, pool=pool, normalize=normalize)
+    dy = randn(*y.shape).contiguous(memory_format=grad_layout or torch.preserve_format)
+    inputs = [t for t in (x, weight, bias, res) if t is not None]
+    grads = torch.autograd.grad(y, inputs, dy)
+    return (y, rm, rv, *grads), y.grad_fn.name()
+
+
+CASES = [  # shape, activation, pool, residual, normalize: the zoo's kinds of call, and odd sizes
+    ((32, 64, 32, 32), "relu", True, False, True),    # smallnet / bn-dropout stages
+    ((32, 64, 16, 16), "relu", False, True, True),    # resnet18 block end: residual add before ReLU
+    ((32, 128, 8, 8), "none", False, False, True),    # resnet18 downsample BatchNorm
+    ((16, 32, 16, 16), "relu", True, False, False),   # bn-dropout's ActivationPool
+    ((7, 37, 9, 11), "silu", True, True, True),       # no size divisible by 16, odd pool rows
+    ((3, 20, 5, 5), "gelu", False, False, True),
+]
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
+@pytest.mark.parametrize("shape,activation,pool,residual,normalize", CASES)
+def test_gpu_cpp_path_is_bit_identical_to_the_python_path(monkeypatch, dtype, channels_last, shape, activation, pool,
+                                                          residual, normalize):
+    assert P.extension() is not None, "the C++ launcher did not build"
+    args = (shape, dtype, channels_last, activation, pool, residual, normalize)
+    monkeypatch.setattr(P, "ENABLED", False)
+    python, python_node = _step(*args)
+    monkeypatch.setattr(P, "ENABLED", True)
+    for call in range(2):  # the first records the plans, the second finds them
+        cpp, cpp_node = _step(*args)
+        assert "CppNode" in cpp_node and "CppNode" not in python_node, (cpp_node, python_node)
+        for a, b in zip(python, cpp, strict=True):
+            assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+            assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("case", ["gradient layout", "misaligned input", "momentum", "new batch size"])
+def test_gpu_cpp_path_handles_what_the_plan_did_not_record(monkeypatch, case):
+    """A gradient in another layout is copied into the recorded one; a misaligned input, a new batch size are
+    other keys (their own plans); momentum is the call's, not the recorded one."""
+    shape, kwargs = (8, 32, 8, 8), {}
+    args = dict(dtype=torch.bfloat16, channels_last=True, activation="relu", pool=True, residual=False,
+                normalize=True)
+    _step(shape, **args)  # records this key's plans, if no earlier test did
+    before = P.extension().plan_count()
+    if case == "gradient layout":
+        kwargs = dict(grad_layout=torch.contiguous_format)
+    elif case == "misaligned input":
+        kwargs = dict(offset=1)
+    elif case == "momentum":
+        kwargs = dict(momentum=0.7)
+    else:
+        shape = (5, 32, 8, 8)
+    cpp, node = _step(shape, **args, **kwargs, seed=1)
+    assert "CppNode" in node
+    monkeypatch.setattr(P, "ENABLED", False)
+    python, _ = _step(shape, **args, **kwargs, seed=1)
+    for a, b in zip(python, cpp, strict=True):
+        assert torch.equal(a, b)
+    new_keys = P.extension().plan_count() - before
+    assert new_keys == (1 if case in ("misaligned input", "new batch size") else 0)
