@@ -152,6 +152,24 @@ def test_a_new_specialization_takes_the_plain_path_first(stand_in):
     assert L.cached_launches() == 6
 
 
+def test_recording_takes_the_plain_path_and_lists_each_launch(stand_in):
+    """What the C++ launch plans are made of (kernels/planned.py): the compiled kernel each launch ran, with its
+    arguments; the cached launcher is bypassed, so even a cached specialization yields its compiled kernel."""
+    x = torch.empty(64)
+    L.launch(stand_in, (4,), x, 64, BLOCK=16)  # plain, now cached
+    with L.recording() as launches:
+        L.launch(stand_in, (4,), x, 64, BLOCK=16)
+        with L.recording() as inner:  # nested: the inner block's launches go to its own list
+            L.launch(stand_in, (2, 2), x, 32, BLOCK=8)
+        L.launch(stand_in, (1,), x, 16, BLOCK=4)
+    L.launch(stand_in, (4,), x, 64, BLOCK=16)  # recording over: the cache again
+    assert _kinds(stand_in) == ["plain", "plain", "plain", "plain", "fast"]
+    assert [(grid, args, kwargs) for _, grid, args, kwargs, _ in launches] == [((4,), (x, 64), {"BLOCK": 16}),
+                                                                              ((1,), (x, 16), {"BLOCK": 4})]
+    assert [(grid, args) for _, grid, args, _, _ in inner] == [((2, 2), (x, 32))]
+    assert all(kernel is stand_in and compiled is stand_in.compiled for kernel, _, _, _, compiled in launches)
+
+
 @pytest.mark.parametrize("case", ["disabled", "callable grid", "launch hook", "pre-run hook", "positional constexpr",
                                   "keyword runtime argument", "tuple argument", "not a JITFunction"])
 def test_fallbacks_always_take_the_plain_path(stand_in, monkeypatch, case):

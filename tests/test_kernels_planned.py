@@ -6,6 +6,7 @@ makes and for inputs whose layout differs from the recorded one."""
 from __future__ import annotations
 
 import types
+import warnings
 
 import pytest
 import torch
@@ -94,6 +95,22 @@ def test_config_codes_tell_every_flag_apart():
     assert len(codes) == 20
 
 
+def test_a_failed_build_warns_once_and_leaves_the_python_path(monkeypatch):
+    def no_compiler():
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(P, "_build", no_compiler)
+    P.extension.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="could not be built .*Ninja is required"):
+            assert P.extension() is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no second warning
+            assert P.batchnorm_act(*[None] * 6, 0.1, 1e-5, "relu", False, True) is None
+    finally:
+        P.extension.cache_clear()
+
+
 def test_cpu_calls_never_take_the_cpp_path(monkeypatch):
     """ops.batchnorm_act asks for the C++ path only for GPU tensors: on the CPU nothing is built."""
     from cudacnn.kernels import ops
@@ -112,7 +129,8 @@ requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(),
 
 def _step(shape, dtype, channels_last, activation, pool, residual, normalize, momentum=0.1, grad_layout=None,
           offset=0, seed=0):
-    """One training call of ops.batchnorm_act and its backward: (outputs..., grad_fn name)."""
+    """One training call of ops.batchnorm_act and its backward (dy in x's layout unless grad_layout):
+    (outputs..., grad_fn name)."""
     from cudacnn.kernels import ops
 
     g = torch.Generator(device="cuda").manual_seed(seed)
@@ -131,7 +149,8 @@ def _step(shape, dtype, channels_last, activation, pool, residual, normalize, mo
     rm, rv = torch.zeros(c, device="cuda"), torch.ones(c, device="cuda")
     y = ops.batchnorm_act(x, weight, bias, res, rm if normalize else None, rv if normalize else None,
                           training=True, momentum=momentum, activation=activation, pool=pool, normalize=normalize)
-    dy = randn(*y.shape).contiguous(memory_format=grad_layout or torch.preserve_format)
+    dy = randn(*y.shape).contiguous(memory_format=grad_layout or (torch.channels_last if channels_last
+                                                                 else torch.contiguous_format))
     inputs = [t for t in (x, weight, bias, res) if t is not None]
     grads = torch.autograd.grad(y, inputs, dy)
     return (y, rm, rv, *grads), y.grad_fn.name()
@@ -171,8 +190,9 @@ def test_gpu_cpp_path_is_bit_identical_to_the_python_path(monkeypatch, dtype, ch
 @requires_gpu
 @pytest.mark.parametrize("case", ["gradient layout", "misaligned input", "momentum", "new batch size"])
 def test_gpu_cpp_path_handles_what_the_plan_did_not_record(monkeypatch, case):
-    """A gradient in another layout is copied into the recorded one; a misaligned input, a new batch size are
-    other keys (their own plans); momentum is the call's, not the recorded one."""
+    """A gradient in another layout is copied into the recorded one (so the C++ path matches the Python path
+    given the gradient in that layout: a kernel specialized for other strides may reduce in another order);
+    a misaligned input, a new batch size are other keys (their own plans); momentum is the call's."""
     shape, kwargs = (8, 32, 8, 8), {}
     args = dict(dtype=torch.bfloat16, channels_last=True, activation="relu", pool=True, residual=False,
                 normalize=True)
@@ -189,6 +209,7 @@ def test_gpu_cpp_path_handles_what_the_plan_did_not_record(monkeypatch, case):
     cpp, node = _step(shape, **args, **kwargs, seed=1)
     assert "CppNode" in node
     monkeypatch.setattr(P, "ENABLED", False)
+    kwargs.pop("grad_layout", None)
     python, _ = _step(shape, **args, **kwargs, seed=1)
     for a, b in zip(python, cpp, strict=True):
         assert torch.equal(a, b)
