@@ -161,6 +161,7 @@ CASES = [  # shape, activation, pool, residual, normalize: the zoo's kinds of ca
     ((32, 64, 16, 16), "relu", False, True, True),    # resnet18 block end: residual add before ReLU
     ((32, 128, 8, 8), "none", False, False, True),    # resnet18 downsample BatchNorm
     ((16, 32, 16, 16), "relu", True, False, False),   # bn-dropout's ActivationPool
+    ((16, 32, 16, 16), "relu", False, True, False),   # add + ReLU without BatchNorm: two tensor inputs only
     ((7, 37, 9, 11), "silu", True, True, True),       # no size divisible by 16, odd pool rows
     ((3, 20, 5, 5), "gelu", False, False, True),
 ]

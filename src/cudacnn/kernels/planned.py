@@ -58,7 +58,7 @@ def _build():
           flush=True)
     path = cuda_ext.SOURCE_DIR / SOURCE
     build_dir, tag = cuda_ext.build_dir([path], "planned")
-    return load(name=f"cudacnn_planned_{tag}", sources=[str(path)], extra_cflags=["-O2"], with_cuda=True,
+    return load(name=f"cudacnn_{tag}", sources=[str(path)], extra_cflags=["-O2"], with_cuda=True,
                 build_directory=str(build_dir), verbose=os.environ.get("CUDACNN_CUDA_VERBOSE") == "1")
 
 

@@ -211,10 +211,15 @@ struct BatchNormAct : public torch::autograd::Function<BatchNormAct> {
     std::vector<at::Tensor> table{g, saved[0], saved[1], saved[2], saved[3], saved[4], saved[5]};
     const double scalars[2] = {0.0, 0.0};
     run(plan, table, scalars, saved[0]);
+    // One gradient a forward argument (none for the non-tensors and absent inputs); needs_input_grad counts
+    // only the tensors that were present.
     variable_list result(9);
+    size_t edge = 0;
     for (size_t i = 0; i < 4; ++i) {  // dx, dweight, dbias, dresidual
+      if (i > 0 && !saved[i].defined()) continue;
       const int64_t slot = plan.outputs[i];
-      if (slot >= 0 && ctx->needs_input_grad(i)) result[i] = table[slot];
+      if (slot >= 0 && ctx->needs_input_grad(edge)) result[i] = table[slot];
+      ++edge;
     }
     return result;
   }
