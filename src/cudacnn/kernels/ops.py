@@ -375,7 +375,8 @@ def cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0,
 # hands its kernels back unwrapped, and they would run on fake tensors), so on the CPU the bodies call an
 # opaque custom op, the *_interpreted twin, that runs the same launchers.
 # Eager calls skip the dispatcher: batchnorm_act() and pool_bn_act() run the launchers through one
-# autograd.Function each, whose host cost is a fraction of a custom op's (see _direct).
+# autograd.Function each, whose host cost is a fraction of a custom op's (see _direct); batchnorm_act's eager
+# training calls on a GPU go further, to launch plans run from C++ (planned.py).
 
 def _interpreted(x: Tensor) -> bool:
     return x.device.type == "cpu" and _bn._triton_ok(x)
