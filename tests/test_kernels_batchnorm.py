@@ -653,8 +653,10 @@ def test_cnn_kernels_bench_rows_on_the_cpu(monkeypatch):
     (row,) = rows
     assert set(row["measurements"]) == {"--kernels torch", "--kernels triton"}
     assert row["info"]["triton_fused_modules"] == 4 and row["info"]["torch_fused_modules"] == 0
-    # the triton row says whether the cached launch path was on and what it holds (nothing compiled on the CPU)
+    # the triton row says whether the cached launch path was on and what it and the C++ path hold (nothing
+    # compiled on the CPU, and the C++ path is for GPU tensors only)
     assert row["info"]["triton_cached_launches"] == 0 and "torch_cached_launches" not in row["info"]
+    assert row["info"]["triton_cpp_plans"] == 0 and "torch_cpp_plans" not in row["info"]
     assert row["measurements"]["--kernels torch"]["repeats"] == row["measurements"]["--kernels triton"]["repeats"] == 3
     # the same-accuracy rows: one full training per setting and seed, each the bench's full_training
     (accuracy,) = cnn_kernels.accuracy_rows(cnn_kernels._subset(dataset, 300), ("bn-dropout-plus",), seeds=1, epochs=1,

@@ -102,11 +102,13 @@ def test_a_failed_build_warns_once_and_leaves_the_python_path(monkeypatch):
     monkeypatch.setattr(P, "_build", no_compiler)
     P.extension.cache_clear()
     try:
+        assert P.plan_count() == 0  # asking does not build
         with pytest.warns(UserWarning, match="could not be built .*Ninja is required"):
             assert P.extension() is None
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no second warning
             assert P.batchnorm_act(*[None] * 6, 0.1, 1e-5, "relu", False, True) is None
+            assert P.plan_count() == 0
     finally:
         P.extension.cache_clear()
 

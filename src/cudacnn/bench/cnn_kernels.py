@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cudacnn.bench.harness import Stats, time_fn
-from cudacnn.kernels import _launch
+from cudacnn.kernels import _launch, planned
 from cudacnn.timing import DeviceTimer
 from cudacnn.bench.report import measurement, result_row
 
@@ -252,8 +252,9 @@ def epoch_times(preset: str, kernels: str, mode: str, dataset, full_train: int, 
         fused = sum(type(m).__name__ in ("BatchNormAct", "ActivationPool") for m in trainer.model.modules())
         info = {"steps_timed": len(trainer.train_loader), "train_loss": round(record["train_loss"], 4),
                 "fused_modules": fused}
-        if kernels != "torch":  # whether the Triton kernels skipped Triton's per-call launch path
-            info.update(fast_launch=_launch.active(), cached_launches=_launch.cached_launches())
+        if kernels != "torch":  # whether the Triton kernels skipped Triton's per-call launch path, or Python
+            info.update(fast_launch=_launch.active(), cached_launches=_launch.cached_launches(),
+                        cpp_plans=planned.plan_count())
         del trainer
     _release()
     return Stats.of(samples), info

@@ -74,6 +74,14 @@ def extension():
         return None
 
 
+def plan_count() -> int:
+    """Plans registered so far (keys whose training calls run from C++); 0 if the extension was never built."""
+    if extension.cache_info().currsize == 0:  # asking must not build it
+        return 0
+    ext = extension()
+    return ext.plan_count() if ext is not None else 0
+
+
 def config_code(activation: str, pool: bool, normalize: bool) -> int:
     return activation_code(activation) * 4 + pool * 2 + normalize
 
