@@ -19,6 +19,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <unordered_map>
 #include <vector>
 
@@ -77,8 +78,7 @@ struct Plan {
   std::vector<at::Tensor> constants;   // then tensors the plan holds (the kernels' zeroed counters)
   std::vector<Launch> launches;
   std::vector<int64_t> outputs;        // slots returned (-1: none)
-  bool conform_first = false;          // backward: make the incoming gradient the recorded layout first
-  Layout first;
+  std::optional<Layout> first;         // backward: the layout the incoming gradient is copied into if it differs
 };
 
 struct PlanPair {
@@ -201,7 +201,7 @@ struct BatchNormAct : public torch::autograd::Function<BatchNormAct> {
     const Plan& plan = pair->backward;
     variable_list saved = ctx->get_saved_variables();
     at::Tensor g = grads[0];
-    const Layout& want = plan.first;
+    const Layout& want = *plan.first;
     if (g.scalar_type() != want.dtype || g.sizes() != c10::IntArrayRef(want.sizes) ||
         g.strides() != c10::IntArrayRef(want.strides) || !aligned(g)) {
       at::Tensor conformed = at::empty_strided(want.sizes, want.strides, g.options().dtype(want.dtype));
@@ -255,10 +255,7 @@ Plan to_plan(const py::tuple& t) {
   for (const auto& c : t[2].cast<py::list>()) p.constants.push_back(c.cast<at::Tensor>());
   for (const auto& l : t[3].cast<py::list>()) p.launches.push_back(to_launch(l.cast<py::tuple>()));
   p.outputs = t[4].cast<std::vector<int64_t>>();
-  if (!t[5].is_none()) {
-    p.conform_first = true;
-    p.first = to_layout(t[5].cast<py::tuple>());
-  }
+  if (!t[5].is_none()) p.first = to_layout(t[5].cast<py::tuple>());
   const int64_t slots = p.inputs + p.buffers.size() + p.constants.size();
   for (const Launch& l : p.launches) {
     for (const Arg& a : l.args) {
@@ -281,7 +278,7 @@ void add_plan(const std::vector<int64_t>& key, const py::tuple& forward, const p
   pair->forward = to_plan(forward);
   pair->backward = to_plan(backward);
   TORCH_CHECK(pair->forward.inputs == 6 && pair->forward.outputs.size() == 3 && pair->backward.inputs == 7 &&
-                  pair->backward.outputs.size() == 4 && pair->backward.conform_first,
+                  pair->backward.outputs.size() == 4 && pair->backward.first.has_value(),
               "cudacnn planned launch: a batchnorm_act plan takes 6 inputs to (y, mean, rstd) and 7 to 4 gradients");
   plans().emplace(key, std::move(pair));  // a key already there keeps its pair: autograd nodes may hold it
 }
