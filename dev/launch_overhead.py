@@ -8,7 +8,8 @@ Per case and path, two numbers a call:
   - host: time to issue N calls without synchronizing (the queue drained before and after, outside the
     timer), / N; only meaningful where the GPU is not the bottleneck, i.e. the small case.
 each for the forward (with autograd recording, output dropped: two launches of ours) and forward + backward
-(autograd.grad: four launches).
+(autograd.grad: four launches); the forward + backward's host time also with the backward on the calling
+thread (torch.autograd.set_multithreading_enabled(False)), as the Trainer runs it on one GPU.
 Best of --rounds rounds of --calls calls after a warm-up (which also fills the launch cache).
 
     PYTHONPATH=src python3 dev/launch_overhead.py [--calls 200] [--rounds 7] [--json $OUT/launch.json]
@@ -55,7 +56,11 @@ def make_calls(shape, activation: str, path: str):
         y = ops.batchnorm_act(x, w, b, None, rm, rv, training=True, activation=activation, backend=backend)
         return torch.autograd.grad(y, (x, w, b), dy)
 
-    return forward, forward_backward
+    def forward_backward_here():  # the backward on this thread, as the Trainer runs it on one GPU
+        with torch.autograd.set_multithreading_enabled(False):
+            return forward_backward()
+
+    return forward, forward_backward, forward_backward_here
 
 
 def measure(calls: int, rounds: int, host_calls: int) -> list[dict]:
@@ -64,13 +69,14 @@ def measure(calls: int, rounds: int, host_calls: int) -> list[dict]:
         for path in PATHS:
             _launch.ENABLED = path != "triton plain"
             planned.ENABLED = path == "C++ planned"
-            forward, forward_backward = make_calls(shape, activation, path)
+            forward, forward_backward, forward_backward_here = make_calls(shape, activation, path)
             row = dict(case=name, shape=list(shape), activation=activation, path=path)
             for label, fn in (("fwd", forward), ("fwd+bwd", forward_backward)):
                 row[f"{label} launched us"] = per_call_us(fn, calls, rounds, sync="end")
                 row[f"{label} host us"] = per_call_us(fn, host_calls, rounds)
+            row["fwd+bwd here host us"] = per_call_us(forward_backward_here, host_calls, rounds)
             rows.append(row)
-            del forward, forward_backward
+            del forward, forward_backward, forward_backward_here
             torch.cuda.empty_cache()
             print(f"{name:28s} {path:14s} " + " ".join(f"{k} {v:8.1f}" for k, v in row.items() if k.endswith("us")),
                   flush=True)
@@ -107,14 +113,15 @@ def main() -> None:
     rows = measure(args.calls, args.rounds, args.host_calls)
     about["cached_launchers"] = check_fast_path_taken()
 
-    keys = ("fwd launched us", "fwd+bwd launched us", "fwd host us", "fwd+bwd host us")
+    keys = ("fwd launched us", "fwd+bwd launched us", "fwd host us", "fwd+bwd host us", "fwd+bwd here host us")
     table = [[r["case"] + " " + "x".join(map(str, r["shape"])), r["path"], *(f"{r[k]:.1f}" for k in keys)]
              for r in rows]
     print()
     print(f"{about['device']}, torch {about['torch']}, Triton {about['triton']}, CUDA {about['cuda']}, "
           f"Python {about['python']}; bf16 channels_last, training; us a call, best of {args.rounds} rounds")
     print()
-    print(md_table(["case", "path", "fwd launched", "fwd+bwd launched", "fwd host", "fwd+bwd host"], table))
+    print(md_table(["case", "path", "fwd launched", "fwd+bwd launched", "fwd host", "fwd+bwd host",
+                    "fwd+bwd host, calling thread"], table))
     print()
     by = {(r["case"], r["path"]): r for r in rows}
     speedups = [[case, *(f"{by[case, 'triton plain'][k] / by[case, 'triton cached'][k]:.2f}x" for k in keys),
