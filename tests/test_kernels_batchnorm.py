@@ -644,6 +644,10 @@ def test_cnn_kernels_bench_rows_on_the_cpu(monkeypatch):
     # forward reads x and the residual and writes y, backward reads x, the residual and dy and writes dx and
     # d residual: 8 tensors of 128 bf16 elements
     assert rows[2]["info"]["bytes"] == 8 * 128 * 2
+    # two passes each way (statistics then apply; sums then dx) read x, the residual and dy once more: 12
+    # tensors moved for the 8; without a BatchNorm one pass each way moves only the minimal bytes
+    assert rows[3]["fwd+bwd two-pass bound"] == rows[2]["info"]["two_pass_bound"] == round(8 / 12, 3)
+    assert rows[6]["fwd+bwd two-pass bound"] == 1.0
     # the epochs: the preset's Trainer on a synthetic set; on the CPU without the interpreter the kernels
     # fall back to their references (a warning), which is fine for the code path
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -745,6 +749,20 @@ def test_gpu_zoo_shapes_match_float64(dtype, shape, activation, residual, pool):
     for a, b in zip(ours, refs):
         close(a, b, tol)
     close(bn.running_var, ref_bn.running_var, 1e-4)
+
+
+def test_two_pass_traffic_of_the_fused_op_counts_each_pass():
+    from cudacnn.bench.cnn_kernels import traffic
+
+    x = 400  # bytes of x; a 2x2 pool makes y and dy a quarter of that
+    # BN+ReLU: forward x, x again, y; backward x, dy, then x, dy, dx
+    assert traffic(x, x, residual=False, normalize=True) == ((2 * x, 3 * x), 8 * x)
+    # with the pool: forward x, x, y/4; backward x, dy/4, then x, dy/4, dx
+    assert traffic(x, x // 4, residual=False, normalize=True) == ((x + 100, 2 * x + 100), 4 * x + 3 * 100 + x)
+    # the residual is read with x by the apply pass and both backward passes, and its gradient written
+    assert traffic(x, x, residual=True, normalize=True) == ((3 * x, 5 * x), 12 * x)
+    # ReLU + pool without BatchNorm: one pass each way, the minimal bytes
+    assert traffic(x, x // 4, residual=False, normalize=False) == ((x + 100, 2 * x + 100), 3 * x + 200)
 
 
 @pytest.mark.gpu
