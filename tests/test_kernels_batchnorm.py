@@ -620,6 +620,20 @@ def test_kernels_compile_for_an_h100(run_compiled_triton):
 
 # ---------------------------------------------------------------- `cudacnn bench cnn-kernels` on the CPU
 
+def test_two_pass_traffic_of_the_fused_op_counts_each_pass():
+    from cudacnn.bench.cnn_kernels import traffic
+
+    x = 400  # bytes of x; a 2x2 pool makes y and dy a quarter of that
+    # BN+ReLU: forward x, x again, y; backward x, dy, then x, dy, dx
+    assert traffic(x, x, residual=False, normalize=True) == ((2 * x, 3 * x), 8 * x)
+    # with the pool: forward x, x, y/4; backward x, dy/4, then x, dy/4, dx
+    assert traffic(x, x // 4, residual=False, normalize=True) == ((x + 100, 2 * x + 100), 5 * x + 3 * 100)
+    # the residual is read with x by the apply pass and both backward passes, and its gradient written
+    assert traffic(x, x, residual=True, normalize=True) == ((3 * x, 5 * x), 12 * x)
+    # ReLU + pool without BatchNorm: one pass each way, the minimal bytes
+    assert traffic(x, x // 4, residual=False, normalize=False) == ((x + 100, 2 * x + 100), 3 * x + 200)
+
+
 @pytest.mark.filterwarnings("ignore:cudacnn.kernels")
 def test_cnn_kernels_bench_rows_on_the_cpu(monkeypatch):
     """The benchmark's code paths at toy sizes (its numbers mean something only on a GPU)."""
@@ -749,20 +763,6 @@ def test_gpu_zoo_shapes_match_float64(dtype, shape, activation, residual, pool):
     for a, b in zip(ours, refs):
         close(a, b, tol)
     close(bn.running_var, ref_bn.running_var, 1e-4)
-
-
-def test_two_pass_traffic_of_the_fused_op_counts_each_pass():
-    from cudacnn.bench.cnn_kernels import traffic
-
-    x = 400  # bytes of x; a 2x2 pool makes y and dy a quarter of that
-    # BN+ReLU: forward x, x again, y; backward x, dy, then x, dy, dx
-    assert traffic(x, x, residual=False, normalize=True) == ((2 * x, 3 * x), 8 * x)
-    # with the pool: forward x, x, y/4; backward x, dy/4, then x, dy/4, dx
-    assert traffic(x, x // 4, residual=False, normalize=True) == ((x + 100, 2 * x + 100), 4 * x + 3 * 100 + x)
-    # the residual is read with x by the apply pass and both backward passes, and its gradient written
-    assert traffic(x, x, residual=True, normalize=True) == ((3 * x, 5 * x), 12 * x)
-    # ReLU + pool without BatchNorm: one pass each way, the minimal bytes
-    assert traffic(x, x // 4, residual=False, normalize=False) == ((x + 100, 2 * x + 100), 3 * x + 200)
 
 
 @pytest.mark.gpu

@@ -5,7 +5,8 @@ zoo's real shapes, and what they change end to end in `cudacnn train`.
    forward and forward + backward of ours (kernels.BatchNormAct / ActivationPool) against eager PyTorch
    (cuDNN BatchNorm, then the activation, the add and F.max_pool2d) and against torch.compile of that same
    reference. Bandwidth counts each tensor read or written once (forward: x, residual, y; backward: x, dy,
-   residual, dx, d residual), as a fraction of a measured device-to-device copy. The times come twice: each
+   residual, dx, d residual), as a fraction of a measured device-to-device copy, beside the most our two
+   passes each way allow (`traffic`: the two-pass bound). The times come twice: each
    call launched from Python (what eager training pays, host time included where the GPU waits for it),
    and under a CUDA graph (ours and eager PyTorch, 20 calls captured in one graph and replayed: device
    time, no host), whose bandwidth is what the kernels themselves reach.
