@@ -1,15 +1,16 @@
-"""A/B of the presets' eager training epochs under two environments, runs alternating: e.g. the fused
-BatchNorm's C++ launch path (A, the default) against its Python launcher (B, CUDACNN_PLANNED_LAUNCH=0).
+"""A/B of the presets' training epochs under two environments, runs alternating: e.g. the fused BatchNorm's
+C++ launch path (A, the default) against its Python launcher (B, CUDACNN_PLANNED_LAUNCH=0), eager or under
+one torch.compile mode (--compile-mode).
 
-Each run is a fresh process of `cudacnn bench cnn-kernels --no-ops --no-compile` (so that settings read at
-import take effect), A then B, for --rounds rounds; alternating spreads a machine's drift over both sides. The
+Each run is a fresh process of `cudacnn bench cnn-kernels --no-ops` (so that settings read at import take
+effect), A then B, for --rounds rounds; alternating spreads a machine's drift over both sides. The
 table gives, per preset and side, each run's PyTorch / our epoch seconds, the time ratio ours / PyTorch, and
 the median ratio. Eager epochs of small nets are host-bound and move between runs on a shared machine: compare
 the two sides' medians, and PyTorch's own spread, not single runs.
 
-    PYTHONPATH=src python3 dev/eager_ab.py --data .data/cifar10-jpeg.tar.gz --b CUDACNN_PLANNED_LAUNCH=0 \\
+    PYTHONPATH=src python3 dev/epoch_ab.py --data .data/cifar10-jpeg.tar.gz --b CUDACNN_PLANNED_LAUNCH=0 \\
         --rounds 5 --out $OUT/ab
-    python3 dev/eager_ab.py --summarize $OUT/ab      # the table again from a finished (or cut short) run
+    python3 dev/epoch_ab.py --summarize $OUT/ab      # the table again from a finished (or cut short) run
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def parse_env(items: list[str]) -> dict[str, str]:
 def run_one(folder: Path, env: dict[str, str], args) -> int:
     """One bench process writing folder/cnn-kernels.json; its output goes to folder/log.txt."""
     folder.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "cudacnn", "bench", "cnn-kernels", "--no-ops", "--no-compile",
+    mode = ["--no-eager", "--compile-modes", args.compile_mode] if args.compile_mode else ["--no-compile"]
+    command = [sys.executable, "-m", "cudacnn", "bench", "cnn-kernels", "--no-ops", *mode,
                "--timed-epochs", str(args.timed_epochs), "--presets", args.presets, "--out", str(folder)]
     if args.data:
         command += ["--data", args.data]
@@ -49,19 +51,20 @@ def run_one(folder: Path, env: dict[str, str], args) -> int:
 
 
 def epochs_of(folder: Path) -> dict[str, dict]:
-    """{preset: {torch_s, ours_s, ratio, torch_loss, ours_loss}} from one run's JSON (what it finished)."""
+    """{preset (mode): {torch_s, ours_s, ratio, torch_loss, ours_loss}} from one run's JSON (what it finished)."""
     path = folder / "cnn-kernels.json"
     if not path.exists():
         return {}
     out = {}
     for row in json.loads(path.read_text())["results"]:
-        if not row["name"].endswith("epoch, eager: torch vs triton kernels"):
+        if not row["name"].endswith(": torch vs triton kernels"):
             continue
         m, info = row["measurements"], row["info"]
         torch_s, ours_s = m[TORCH]["median_ms"] / 1e3, m[OURS]["median_ms"] / 1e3
-        out[row["name"].split(" epoch,")[0]] = dict(torch_s=torch_s, ours_s=ours_s, ratio=ours_s / torch_s,
-                                                    torch_loss=info.get("torch_train_loss"),
-                                                    ours_loss=info.get("triton_train_loss"))
+        preset, mode = row["name"].removesuffix(": torch vs triton kernels").split(" epoch, ")
+        out[f"{preset} ({mode})"] = dict(torch_s=torch_s, ours_s=ours_s, ratio=ours_s / torch_s,
+                                         torch_loss=info.get("torch_train_loss"),
+                                         ours_loss=info.get("triton_train_loss"))
     return out
 
 
@@ -96,6 +99,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5, help="runs a side (default 5)")
     p.add_argument("--presets", default="smallnet-plus,resnet18-cifar,bn-dropout-plus")
     p.add_argument("--timed-epochs", type=int, default=3, help="timed epochs a run (default 3)")
+    p.add_argument("--compile-mode", help="time compiled epochs in this torch.compile mode (default: eager)")
     p.add_argument("--data", help="data source, as for cudacnn bench")
     p.add_argument("--out", type=Path, help="folder for each run's JSON and log, the table and its data")
     p.add_argument("--budget-s", type=float, default=480, help="start no new run after this many seconds")
