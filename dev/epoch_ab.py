@@ -116,17 +116,13 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "settings.json").write_text(json.dumps(sides, indent=2))
     start = time.monotonic()
-    for round_ in range(1, args.rounds + 1):
-        for side in SIDES:
-            if time.monotonic() - start > args.budget_s:
-                print(f"budget of {args.budget_s:.0f} s spent: stopped before {side}-{round_}", flush=True)
-                break
-            t0 = time.monotonic()
-            code = run_one(args.out / f"{side}-{round_}", sides[side], args)
-            print(f"{side}-{round_}: exit {code}, {time.monotonic() - t0:.0f} s", flush=True)
-        else:
-            continue
-        break
+    for round_, side in ((r, side) for r in range(1, args.rounds + 1) for side in SIDES):
+        if time.monotonic() - start > args.budget_s:
+            print(f"budget of {args.budget_s:.0f} s spent: stopped before {side}-{round_}", flush=True)
+            break
+        t0 = time.monotonic()
+        code = run_one(args.out / f"{side}-{round_}", sides[side], args)
+        print(f"{side}-{round_}: exit {code}, {time.monotonic() - t0:.0f} s", flush=True)
     table, data = summarize(args.out)
     (args.out / "ab.md").write_text(table + "\n")
     (args.out / "ab.json").write_text(json.dumps(data, indent=2))
