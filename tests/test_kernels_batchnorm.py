@@ -694,8 +694,8 @@ def test_cnn_kernels_bench_rows_on_the_cpu(monkeypatch):
 
     monkeypatch.setattr(config_module, "resolve", recording)
     with pytest.raises(KeyboardInterrupt):
-        cnn_kernels.epoch_times("bn-dropout-plus", "triton", "reduce-overhead", dataset, 600, None, device="cpu")
-    assert (seen[0].compile, seen[0].compile_mode, seen[0].kernels) == (True, "reduce-overhead", "triton")
+        cnn_kernels.epoch_times("bn-dropout-plus", "reduce-overhead", dataset, 600, None, device="cpu")
+    assert (seen[0].compile, seen[0].compile_mode, seen[0].kernels) == (True, "reduce-overhead", "torch")
 
 
 @pytest.mark.filterwarnings("ignore:cudacnn.kernels")
@@ -706,10 +706,21 @@ def test_bench_cnn_kernels_profiles_an_epoch_of_each_setting(tmp_path, monkeypat
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the references run the fused ops' math on the CPU
     dataset = Dataset("synthetic", [str(i) for i in range(10)], synthetic_split(300), synthetic_split(100, seed=1))
-    for kernels in ("torch", "triton"):
-        stats, _ = cnn_kernels.epoch_times("smallnet-plus", kernels, "eager", dataset, 300, None, timed_epochs=1,
-                                           device="cpu", profile=tmp_path / "prof")
-        assert stats.repeats == 1
+    from cudacnn.train.trainer import Trainer
+
+    # the two settings' timed epochs alternate, the order flipping each epoch, after a warm-up epoch of each
+    epochs, real_epoch = [], Trainer._train_epoch
+
+    def recording(trainer, epoch, progress):
+        epochs.append((trainer.config.kernels, epoch))
+        return real_epoch(trainer, epoch, progress)
+
+    monkeypatch.setattr(Trainer, "_train_epoch", recording)
+    times = cnn_kernels.epoch_times("smallnet-plus", "eager", dataset, 300, None, timed_epochs=2, device="cpu",
+                                    profile=tmp_path / "prof")
+    assert [stats.repeats for stats, _ in times.values()] == [2, 2]
+    assert epochs == [("torch", 0), ("triton", 0), ("torch", 1), ("triton", 1), ("triton", 2), ("torch", 2),
+                      ("torch", 3), ("triton", 3)]  # the last two: the profiled epochs
     tables = {k: (tmp_path / "prof" / f"smallnet-plus-eager-{k}.txt").read_text() for k in ("torch", "triton")}
     for kernels, table in tables.items():
         head = re.match(rf"smallnet-plus eager --kernels {kernels}: 0.0 ms of GPU kernels, ([0-9.]+) ms of host", table)
@@ -767,7 +778,7 @@ def test_gpu_zoo_shapes_match_float64(dtype, shape, activation, residual, pool):
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_cnn_kernels_bench_times_ours_and_eager_under_cuda_graphs():
+def test_gpu_cnn_kernels_bench_times_each_variant_under_cuda_graphs():
     from cudacnn.bench import cnn_kernels
 
     hits = torch.zeros((), device=DEVICE)
@@ -776,13 +787,17 @@ def test_gpu_cnn_kernels_bench_times_ours_and_eager_under_cuda_graphs():
     assert hits.item() == 3 + 20 * (1 + 10)  # warm-up calls, then the graph replayed once untimed and 10 times
     assert stats.repeats == 10 and 0 < stats.min_ms <= stats.median_ms
     case = [("small BN+add+ReLU+pool", (8, 64, 16, 16), "relu", True, True, True)]
-    rows = cnn_kernels.op_rows(compile=False, warmup=2, repeats=3, cases=case, copy_elements=1 << 20)
+    rows = cnn_kernels.op_rows(compile=True, warmup=2, repeats=3, cases=case, copy_elements=1 << 20)
     for row in rows[1:3]:
-        assert list(row["measurements"]) == ["eager PyTorch", "eager PyTorch (CUDA graph)", "ours (CUDA graph)", "ours"]
+        assert list(row["measurements"]) == ["eager PyTorch", "torch.compile", "eager PyTorch (CUDA graph)",
+                                             "torch.compile (CUDA graph)", "ours (CUDA graph)", "ours"]
         graph = row["measurements"]["ours (CUDA graph)"]["median_ms"]
         fraction = row["info"]["bytes"] / (graph * 1e-3) / 1e9 / rows[0]["gbps"]  # minimal bytes / graph time
         assert row["info"]["graph_of_copy_bandwidth"] == pytest.approx(fraction, abs=2e-3)
-    assert {"fwd graph of copy", "fwd+bwd graph of copy", "fwd+bwd graph vs eager PyTorch"} <= set(rows[3])
+        inductor = row["measurements"]["torch.compile (CUDA graph)"]["median_ms"]
+        assert row["info"]["graph_vs torch.compile"] == pytest.approx(inductor / graph, rel=2e-3)
+    assert {"fwd graph of copy", "fwd+bwd graph of copy", "fwd+bwd graph vs eager PyTorch",
+            "fwd+bwd graph vs torch.compile"} <= set(rows[3])
 
 
 @pytest.mark.gpu
