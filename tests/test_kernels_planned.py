@@ -218,3 +218,35 @@ def test_gpu_cpp_path_handles_what_the_plan_did_not_record(monkeypatch, case):
         assert torch.equal(a, b)
     new_keys = P.extension().plan_count() - before
     assert new_keys == (1 if case in ("misaligned input", "new batch size") else 0)
+
+
+# The C++ backward as the first work of autograd's device thread in a fresh process: dy given, so no PyTorch op's
+# backward runs there before it (which would bind the CUDA context to that thread through the runtime).
+FIRST_ON_THE_DEVICE_THREAD = """
+import torch
+from cudacnn.kernels import ops, planned
+torch.manual_seed(0)
+x = torch.randn(8, 32, 8, 8, device="cuda").contiguous(memory_format=torch.channels_last).requires_grad_()
+w = torch.ones(32, device="cuda", requires_grad=True)
+dy = torch.randn(8, 32, 8, 8, device="cuda").contiguous(memory_format=torch.channels_last)
+
+def step():
+    y = ops.batchnorm_act(x, w, None, training=True, activation="relu")
+    return (y, *torch.autograd.grad(y, (x, w), dy)), y.grad_fn.name()
+
+cpp, node = step()
+assert "CppNode" in node, node
+planned.ENABLED = False
+python, _ = step()
+assert all(torch.equal(a, b) for a, b in zip(cpp, python))
+print("ok")
+"""
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_gpu_cpp_backward_runs_on_a_thread_without_a_cuda_context(run_compiled_triton):
+    """Autograd's own device thread (the default, multithreaded backward) has no current CUDA context until
+    something binds one; the C++ backward makes the device's primary context current before launching."""
+    done = run_compiled_triton(FIRST_ON_THE_DEVICE_THREAD)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]

@@ -31,24 +31,59 @@ using torch::autograd::variable_list;
 using LaunchKernel = int (*)(void* function, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                              unsigned bz, unsigned shared, void* stream, void** params, void** extra);
 using ErrorString = int (*)(int error, const char** text);
+using CtxGetCurrent = int (*)(void** context);
+using CtxSetCurrent = int (*)(void* context);
+using DeviceGet = int (*)(int* device, int ordinal);
+using PrimaryCtxRetain = int (*)(void** context, int device);
 
 // The driver's cuLaunchKernel from the libcuda that PyTorch and Triton have loaded (no link-time dependency).
 struct Driver {
   LaunchKernel launch = nullptr;
   ErrorString error_string = nullptr;
+  CtxGetCurrent ctx_get_current = nullptr;
+  CtxSetCurrent ctx_set_current = nullptr;
+  DeviceGet device_get = nullptr;
+  PrimaryCtxRetain primary_ctx_retain = nullptr;
   Driver() {
     void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
     if (lib == nullptr) lib = dlopen("libcuda.so.1", RTLD_NOW);
     TORCH_CHECK(lib != nullptr, "cudacnn planned launch: cannot open libcuda.so.1");
     launch = reinterpret_cast<LaunchKernel>(dlsym(lib, "cuLaunchKernel"));
     error_string = reinterpret_cast<ErrorString>(dlsym(lib, "cuGetErrorString"));
-    TORCH_CHECK(launch != nullptr, "cudacnn planned launch: libcuda.so.1 has no cuLaunchKernel");
+    ctx_get_current = reinterpret_cast<CtxGetCurrent>(dlsym(lib, "cuCtxGetCurrent"));
+    ctx_set_current = reinterpret_cast<CtxSetCurrent>(dlsym(lib, "cuCtxSetCurrent"));
+    device_get = reinterpret_cast<DeviceGet>(dlsym(lib, "cuDeviceGet"));
+    primary_ctx_retain = reinterpret_cast<PrimaryCtxRetain>(dlsym(lib, "cuDevicePrimaryCtxRetain"));
+    TORCH_CHECK(launch != nullptr && ctx_get_current != nullptr && ctx_set_current != nullptr &&
+                    device_get != nullptr && primary_ctx_retain != nullptr,
+                "cudacnn planned launch: libcuda.so.1 lacks a driver function it needs");
   }
 };
 
 const Driver& driver() {
   static const Driver d;
   return d;
+}
+
+void check(int error, const char* what) {
+  if (error == 0) return;
+  const char* text = "unknown error";
+  if (driver().error_string != nullptr) driver().error_string(error, &text);
+  TORCH_CHECK(false, "cudacnn planned launch: ", what, " failed: ", text);
+}
+
+// A driver launch needs a current context, and a thread may have none: autograd runs a backward on its own
+// device thread, where PyTorch's runtime calls would bind the primary context lazily but a node that only
+// launches through the driver finds none (CUDA_ERROR_INVALID_CONTEXT). The device's primary context is the
+// one PyTorch and Triton use; a thread that has a context keeps it (the caller's CUDAGuard picked the device).
+void ensure_context(int device) {
+  void* context = nullptr;
+  check(driver().ctx_get_current(&context), "cuCtxGetCurrent");
+  if (context != nullptr) return;
+  int handle = 0;
+  check(driver().device_get(&handle, device), "cuDeviceGet");
+  check(driver().primary_ctx_retain(&context, handle), "cuDevicePrimaryCtxRetain");
+  check(driver().ctx_set_current(context), "cuCtxSetCurrent");
 }
 
 enum ArgKind : int64_t { kSlot = 0, kInt32 = 1, kInt64 = 2, kFloat32 = 3, kScalar = 4 };
@@ -102,6 +137,7 @@ void run(const Plan& plan, std::vector<at::Tensor>& table, const double* scalars
     table.push_back(at::empty_strided(b.sizes, b.strides, like.options().dtype(b.dtype)));
   }
   for (const at::Tensor& c : plan.constants) table.push_back(c);
+  ensure_context(like.get_device());
   void* stream = c10::cuda::getCurrentCUDAStream(like.get_device()).stream();
   Value values[kMaxArgs + 2];
   void* params[kMaxArgs + 2];
@@ -128,13 +164,9 @@ void run(const Plan& plan, std::vector<at::Tensor>& table, const double* scalars
     values[n + 1].pointer = nullptr;
     params[n] = &values[n];
     params[n + 1] = &values[n + 1];
-    const int error = driver().launch(l.function, l.grid[0], l.grid[1], l.grid[2], l.threads, 1, 1, l.shared,
-                                      stream, params, nullptr);
-    if (error != 0) {
-      const char* text = "unknown error";
-      if (driver().error_string != nullptr) driver().error_string(error, &text);
-      TORCH_CHECK(false, "cudacnn planned launch: cuLaunchKernel failed: ", text);
-    }
+    check(driver().launch(l.function, l.grid[0], l.grid[1], l.grid[2], l.threads, 1, 1, l.shared, stream, params,
+                          nullptr),
+          "cuLaunchKernel");
   }
 }
 
@@ -200,6 +232,7 @@ struct BatchNormAct : public torch::autograd::Function<BatchNormAct> {
     const auto* pair = reinterpret_cast<const PlanPair*>(ctx->saved_data["pair"].toInt());
     const Plan& plan = pair->backward;
     variable_list saved = ctx->get_saved_variables();
+    c10::cuda::CUDAGuard guard(saved[0].device());
     at::Tensor g = grads[0];
     const Layout& want = *plan.first;
     if (g.scalar_type() != want.dtype || g.sizes() != c10::IntArrayRef(want.sizes) ||
