@@ -421,6 +421,31 @@ def test_torch_compile_matches_eager_and_updates_running_stats(kernels_only, lau
     assert not torch.equal(eager.running_var, torch.ones(6, device=DEVICE))
 
 
+@pytest.mark.parametrize("activation,pool,ours", [("relu", False, False), ("none", False, False),
+                                                   ("relu", True, True), ("gelu", False, True)])
+def test_under_torch_compile_the_module_hands_inductor_pytorch_ops_where_its_kernels_win(activation, pool, ours):
+    """BatchNorm + ReLU (+ add) without the pool traces as PyTorch's ops (Inductor's fused kernels beat ours
+    there); with the pool or GELU it traces as our op. Eager calls take our op either way."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append({str(node.target) for node in gm.graph.nodes if node.op == "call_function"})
+        return gm.forward
+
+    torch.manual_seed(3)
+    module = BatchNormAct(6, activation=activation, pool=pool).to(DEVICE)
+    reference = copy.deepcopy(module)
+    x, res = randn(2, 6, 4, 4, channels_last=True), randn(2, 6, 4, 4, channels_last=True)
+    torch._dynamo.reset()
+    y = torch.compile(module, fullgraph=True, backend=record)(x, res)
+    (targets,) = graphs
+    assert any("cudacnn" in t for t in targets) == ours, targets
+    assert any("batch_norm" in t for t in targets) == (not ours), targets
+    close(y, reference(x, res).double(), 1e-6)
+    close(module.running_var, reference.running_var.double(), 1e-6)
+    assert ops.batchnorm_act_pays(activation, pool)  # not compiling here
+
+
 TRACE_FOR_A_GPU = TRACE_PRELUDE + r"""
 w, b, rm, rv, mean, rstd = (fake(64) for _ in range(6))
 traced = {}

@@ -99,7 +99,8 @@ class BatchNormAct(nn.BatchNorm2d):
     """nn.BatchNorm2d followed by an optional residual add, an activation and a 2x2 max-pool, as one fused op:
     forward(x, residual=None) = max_pool2d(act(bn(x) + residual), 2) (pool when `pool`). Same parameters,
     buffers and state_dict keys as nn.BatchNorm2d, same training/eval semantics (batch statistics and the
-    running-stat update in training, running statistics in eval)."""
+    running-stat update in training, running statistics in eval). Under torch.compile it hands Inductor
+    PyTorch's ops where Inductor's fused kernels are the faster (ops.batchnorm_act_pays)."""
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
                  activation="none", pool=False, backend="triton", device=None, dtype=None):
@@ -120,8 +121,9 @@ class BatchNormAct(nn.BatchNorm2d):
     def forward(self, x, residual=None):
         self._check_input_dim(x)
         momentum, batch_stats, running_mean, running_var = _batchnorm_call(self)
+        backend = self.backend if ops.batchnorm_act_pays(self.activation, self.pool) else "torch"
         return ops.batchnorm_act(x, self.weight, self.bias, residual, running_mean, running_var, batch_stats,
-                                 momentum, self.eps, self.activation, self.pool, self.backend)
+                                 momentum, self.eps, self.activation, self.pool, backend)
 
     def extra_repr(self):
         return f"{super().extra_repr()}, activation={self.activation}, pool={self.pool}, backend={self.backend}"
