@@ -394,8 +394,9 @@ def test_opcheck_registrations():
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_torch_compile_matches_eager_and_updates_running_stats(kernels_only, launches, backend):
+def test_torch_compile_matches_eager_and_updates_running_stats(monkeypatch, kernels_only, launches, backend):
     # the compiled graph runs the same launches (on the CPU through the interpreted twins of the triton_ops)
+    monkeypatch.setattr(ops, "COMPILED_POOL_MIN_ELEMENTS", 0)  # this small pool too takes our op when compiled
     torch.manual_seed(7)
     x = randn(2, 6, 4, 4, channels_last=True)
     res = randn(2, 6, 4, 4, channels_last=True)
@@ -421,11 +422,15 @@ def test_torch_compile_matches_eager_and_updates_running_stats(kernels_only, lau
     assert not torch.equal(eager.running_var, torch.ones(6, device=DEVICE))
 
 
-@pytest.mark.parametrize("activation,pool,ours", [("relu", False, False), ("none", False, False),
-                                                   ("relu", True, True), ("gelu", False, True)])
-def test_under_torch_compile_the_module_hands_inductor_pytorch_ops_where_its_kernels_win(activation, pool, ours):
-    """BatchNorm + ReLU (+ add) without the pool traces as PyTorch's ops (Inductor's fused kernels beat ours
-    there); with the pool or GELU it traces as our op. Eager calls take our op either way."""
+@pytest.mark.parametrize("activation,pool,pool_min,ours", [
+    ("relu", False, 0, False), ("none", False, 0, False), ("relu", True, 0, True), ("relu", True, 2 * 6 * 4 * 4 + 1,
+                                                                                   False), ("gelu", False, 0, True)])
+def test_under_torch_compile_the_module_hands_inductor_pytorch_ops_where_its_kernels_win(monkeypatch, activation,
+                                                                                         pool, pool_min, ours):
+    """BatchNorm + ReLU (+ add) without the pool, or with it on an input below COMPILED_POOL_MIN_ELEMENTS, traces
+    as PyTorch's ops (Inductor's fused kernels beat ours there); with the pool on a large input, or GELU, it
+    traces as our op. Eager calls take our op either way."""
+    monkeypatch.setattr(ops, "COMPILED_POOL_MIN_ELEMENTS", pool_min)
     graphs = []
 
     def record(gm, example_inputs):
@@ -443,7 +448,7 @@ def test_under_torch_compile_the_module_hands_inductor_pytorch_ops_where_its_ker
     assert any("batch_norm" in t for t in targets) == (not ours), targets
     close(y, reference(x, res).double(), 1e-6)
     close(module.running_var, reference.running_var.double(), 1e-6)
-    assert ops.batchnorm_act_pays(activation, pool)  # not compiling here
+    assert ops.batchnorm_act_pays(activation, pool, 1)  # not compiling here
 
 
 TRACE_FOR_A_GPU = TRACE_PRELUDE + r"""

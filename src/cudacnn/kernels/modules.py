@@ -121,7 +121,7 @@ class BatchNormAct(nn.BatchNorm2d):
     def forward(self, x, residual=None):
         self._check_input_dim(x)
         momentum, batch_stats, running_mean, running_var = _batchnorm_call(self)
-        backend = self.backend if ops.batchnorm_act_pays(self.activation, self.pool) else "torch"
+        backend = self.backend if ops.batchnorm_act_pays(self.activation, self.pool, x.numel()) else "torch"
         return ops.batchnorm_act(x, self.weight, self.bias, residual, running_mean, running_var, batch_stats,
                                  momentum, self.eps, self.activation, self.pool, backend)
 

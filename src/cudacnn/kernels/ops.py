@@ -507,16 +507,20 @@ class _BatchNormAct(torch.autograd.Function):
 
 # Under torch.compile, Inductor writes BatchNorm + residual add + activation as its own fused kernels. Against
 # them (device time of forward + backward in a CUDA graph, bf16 channels_last, benchmarks/kernels.md) ours were
-# faster where they also fuse the 2x2 max-pool (1.33x at 256x64x32x32; 0.90x at 256x256x8x8), which Inductor
-# runs as a separate pass, or compute GELU (1.33x, fast96's first group), and slower for BatchNorm + ReLU with
-# or without the add (0.74-0.82x, four shapes). Eager calls always take ours (1.00-2.89x cuDNN's).
+# faster where they also fuse the 2x2 max-pool over a large input (1.33x at 256x64x32x32; 0.90x at 256x256x8x8),
+# or compute GELU (1.33x, fast96's first group), and slower for BatchNorm + ReLU with or without the add
+# (0.74-0.82x, four shapes). Eager calls always take ours (1.00-2.89x cuDNN's).
 COMPILED_ACTIVATIONS = ("gelu",)
+COMPILED_POOL_MIN_ELEMENTS = 1 << 24
 
 
-def batchnorm_act_pays(activation: str, pool: bool) -> bool:
-    """Whether a BatchNorm (+ add) (+ activation) (+ pool) module runs our op rather than PyTorch's ops: always
-    in eager mode; under torch.compile only with the pool or an activation in COMPILED_ACTIVATIONS."""
-    return not torch.compiler.is_compiling() or pool or activation in COMPILED_ACTIVATIONS
+def batchnorm_act_pays(activation: str, pool: bool, numel: int) -> bool:
+    """Whether a BatchNorm (+ add) (+ activation) (+ pool) module with an input of `numel` elements runs our op
+    rather than PyTorch's ops: always in eager mode; under torch.compile with GELU, or with the pool at
+    COMPILED_POOL_MIN_ELEMENTS and more."""
+    if not torch.compiler.is_compiling():
+        return True
+    return activation in COMPILED_ACTIVATIONS or (pool and numel >= COMPILED_POOL_MIN_ELEMENTS)
 
 
 def batchnorm_act(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None = None,
