@@ -230,7 +230,7 @@ def test_activation_pool_matches_relu_then_max_pool(kernels_only, shape):
 def many_programs(monkeypatch):
     """7 reduction programs a channel block (the interpreter's default is 3): with 256-row tiles, (5, 20, 15,
     17) has 5 programs in each of 2 channel blocks, the last one short, merged 2 at a time (BLOCK_F) in 3 steps."""
-    monkeypatch.setattr(B, "_programs_per_channel_block", lambda c_blocks, device: 7)
+    monkeypatch.setattr(B, "_programs_per_channel_block", lambda c_blocks, device, waves: 7)
     for config in (B._stats_config, B._backward_config):
         config.cache_clear()
     yield

@@ -525,11 +525,14 @@ def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-# Elements a tile (a pool window counts once) by (pool, backward), with 8 warps. Chosen from ptxas's register
-# counts for sm_90 (channel strides 1 and strides divisible by 16, as Triton specializes them for NHWC): the
-# forward tiles keep 16-byte vector loads at 64-74 registers; the backward's four recomputed window
-# elements need ~100 registers at half the tile, ~180 at the full one (one program an SM). Not yet timed.
-_TILE_ELEMENTS = {(False, False): 4096, (False, True): 2048, (True, False): 2048, (True, True): 1024}
+# Elements a tile (a pool window counts once) by (pool, backward), and warps a program. Without the pool: 8192
+# elements forward and 4096 backward with 4 warps, timed best of 18 settings (tile x 1/2, 1, 2; 4 or 8 warps;
+# 2, 4 or 8 waves) at the four shapes swept (dev/bn_tile_sweep.py; benchmarks/kernels.md), 1.2-1.5x faster
+# forward + backward than the 4096 / 2048 elements with 8 warps before. With the pool (not swept): tiles
+# chosen from ptxas's register counts for sm_90, where the backward's four recomputed window elements need
+# ~100 registers a thread at 1024 elements and 8 warps.
+_TILE_ELEMENTS = {(False, False): 8192, (False, True): 4096, (True, False): 2048, (True, True): 1024}
+_TILE_WARPS = {False: 4, True: 8}
 
 
 def _tiles(C: int, pool: bool, backward: bool, interpreted: bool) -> tuple[int, int, int]:
@@ -539,7 +542,7 @@ def _tiles(C: int, pool: bool, backward: bool, interpreted: bool) -> tuple[int, 
         block_c = min(_pow2(C), 16 if C <= 32 else 128)
         return max(4096 // block_c, 32), block_c, 4
     block_c = min(_pow2(C), 64)
-    return _TILE_ELEMENTS[pool, backward] // block_c, block_c, 8
+    return _TILE_ELEMENTS[pool, backward] // block_c, block_c, _TILE_WARPS[pool]
 
 
 def _merge_rows(block_c: int, interpreted: bool) -> int:
@@ -553,17 +556,23 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _programs_per_channel_block(c_blocks: int, device: torch.device) -> int:
-    """Reduction programs a channel block: about 4 waves of the GPU in all."""
+# Reduction programs in all, in waves of the GPU (one program an SM a wave): 2 for the statistics and the
+# backward without the pool (swept with the tiles above), 4 for the pooled backward and the pool op's reductions.
+WAVES, POOLED_WAVES = 2, 4
+
+
+def _programs_per_channel_block(c_blocks: int, device: torch.device, waves: int) -> int:
+    """Reduction programs a channel block: about `waves` waves of the GPU in all."""
     if device.type != "cuda":
         return 3  # the interpreter: few programs, each merging several tiles (both levels of the reduction run)
-    return max(1, 4 * _multiprocessors(device) // c_blocks)
+    return max(1, waves * _multiprocessors(device) // c_blocks)
 
 
-def _reduction_split(units: int, block: int, c_blocks: int, device: torch.device) -> tuple[int, int]:
+def _reduction_split(units: int, block: int, c_blocks: int, device: torch.device,
+                     waves: int = POOLED_WAVES) -> tuple[int, int]:
     """(units a program, programs a channel block) of a reduction over `units` rows in tiles of `block`."""
     blocks = _cdiv(units, block)
-    per_program = _cdiv(blocks, min(blocks, _programs_per_channel_block(c_blocks, device))) * block
+    per_program = _cdiv(blocks, min(blocks, _programs_per_channel_block(c_blocks, device, waves))) * block
     return per_program, _cdiv(units, per_program)
 
 
@@ -593,7 +602,7 @@ def _stats_config(N: int, C: int, H: int, W: int, device: torch.device, update: 
     block_m, block_c, warps = _tiles(C, False, False, interpreted)
     c_blocks = _cdiv(C, block_c)
     M = N * H * W
-    rows, programs = _reduction_split(M, block_m, c_blocks, device)
+    rows, programs = _reduction_split(M, block_m, c_blocks, device, WAVES)
     meta = dict(UPDATE=update, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_F=_merge_rows(block_c, interpreted),
                 num_warps=warps)
     return (programs, c_blocks), rows, (M, C, H * W, W), meta
@@ -624,7 +633,7 @@ def _backward_config(N: int, C: int, H: int, W: int, device: torch.device, pool:
     P = N * PH * PW
     block_p, block_c, warps = _tiles(C, pool, True, interpreted)
     c_blocks = _cdiv(C, block_c)
-    units, programs = _reduction_split(P, block_p, c_blocks, device)
+    units, programs = _reduction_split(P, block_p, c_blocks, device, POOLED_WAVES if pool else WAVES)
     meta = dict(TRAINING=training, NORM=normalize, HAS_W=has_w, HAS_B=has_b, HAS_RES=has_res, HAS_DW=has_dw,
                 HAS_DB=has_db, KIND=activation_code(activation), POOL=pool, FAST=fast, BLOCK_P=block_p,
                 BLOCK_C=block_c, BLOCK_F=_merge_rows(block_c, interpreted), num_warps=warps)
