@@ -9,8 +9,8 @@ as device time (20 calls in one CUDA graph) under each setting: the library's ow
 (BLOCK_P) scaled by 1, 1/2 or 2 with 4 or 8 warps and 2, 4 or 8 waves. Each setting's outputs and gradients are
 checked against the library setting's (other summation orders differ in the last bits, and so may flip the
 side of ReLU's kink that an element falls on). The training calls run the op's Python path: a C++ plan keeps
-the settings it was recorded with. `--dry-run`: a toy case on the CPU under Triton's interpreter (there the tiles are the interpreter's,
-so only the code paths run).
+the settings it was recorded with. `--dry-run`: a toy case on the CPU under Triton's interpreter (there the
+tiles are the interpreter's, so only the code paths run).
 """
 
 from __future__ import annotations

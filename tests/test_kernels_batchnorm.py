@@ -423,8 +423,9 @@ def test_torch_compile_matches_eager_and_updates_running_stats(monkeypatch, kern
 
 
 @pytest.mark.parametrize("activation,pool,pool_min,ours", [
-    ("relu", False, 0, False), ("none", False, 0, False), ("relu", True, 0, True), ("relu", True, 2 * 6 * 4 * 4 + 1,
-                                                                                   False), ("gelu", False, 0, True)])
+    ("relu", False, 0, False), ("none", False, 0, False), ("relu", True, 0, True),
+    ("relu", True, 2 * 6 * 4 * 4 + 1, False),  # one element more than the input has
+    ("gelu", False, 0, True)])
 def test_under_torch_compile_the_module_hands_inductor_pytorch_ops_where_its_kernels_win(monkeypatch, activation,
                                                                                          pool, pool_min, ours):
     """BatchNorm + ReLU (+ add) without the pool, or with it on an input below COMPILED_POOL_MIN_ELEMENTS, traces

@@ -568,8 +568,7 @@ def _programs_per_channel_block(c_blocks: int, device: torch.device, waves: int)
     return max(1, waves * _multiprocessors(device) // c_blocks)
 
 
-def _reduction_split(units: int, block: int, c_blocks: int, device: torch.device,
-                     waves: int = POOLED_WAVES) -> tuple[int, int]:
+def _reduction_split(units: int, block: int, c_blocks: int, device: torch.device, waves: int) -> tuple[int, int]:
     """(units a program, programs a channel block) of a reduction over `units` rows in tiles of `block`."""
     blocks = _cdiv(units, block)
     per_program = _cdiv(blocks, min(blocks, _programs_per_channel_block(c_blocks, device, waves))) * block

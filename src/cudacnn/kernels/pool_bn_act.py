@@ -377,7 +377,7 @@ def _reduction_config(N: int, C: int, OH: int, OW: int, device: torch.device, ki
     interpreted = device.type != "cuda"
     block_p, block_c, warps = _reduce_tile(C, kind, interpreted)
     c_blocks = _bn._cdiv(C, block_c)
-    rows, programs = _bn._reduction_split(N * OH * OW, block_p, c_blocks, device)
+    rows, programs = _bn._reduction_split(N * OH * OW, block_p, c_blocks, device, _bn.POOLED_WAVES)
     meta = dict(BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_F=_bn._merge_rows(block_c, interpreted), num_warps=warps)
     return (programs, c_blocks), rows, meta
 
