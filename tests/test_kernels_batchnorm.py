@@ -15,7 +15,8 @@ from gpu_trace import COMPILE_PRELUDE, TRACE_PRELUDE
 from relu_kink import near_kink
 from torch import nn
 
-from cudacnn.kernels import ActivationPool, BatchNormAct, FusedBasicBlock, Linear, PoolBatchNormAct, ops, swap_modules
+from cudacnn.kernels import (ActivationPool, BatchNormAct, ConvBatchNormAct, FusedBasicBlock, Linear, PoolBatchNormAct,
+                             ops, swap_modules)
 from cudacnn.kernels import batchnorm as B
 from cudacnn.kernels.activations import reference_forward as act_reference
 
@@ -454,6 +455,29 @@ def test_under_torch_compile_the_module_hands_inductor_pytorch_ops_where_its_ker
     close(module.running_var, reference.running_var.double(), 1e-6)
 
 
+def test_under_torch_compile_a_conv_and_its_fused_module_trace_as_two_calls():
+    """A ConvBatchNormAct's one-call path is eager only: traced, it is the convolution and then the module's own
+    dispatch (here PyTorch's BatchNorm for Inductor), computing the same as eager, BatchNorm counted once."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append([str(node.target) for node in gm.graph.nodes if node.op == "call_function"])
+        return gm.forward
+
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU()).to(DEVICE)
+    swapped = swap_modules(copy.deepcopy(model), "triton")
+    assert isinstance(swapped[0], ConvBatchNormAct)
+    x = randn(2, 3, 4, 4, channels_last=True)
+    torch._dynamo.reset()
+    y = torch.compile(swapped, fullgraph=True, backend=record)(x)
+    (targets,) = graphs
+    assert sum("conv2d" in t for t in targets) == 1 and sum("batch_norm" in t for t in targets) == 1, targets
+    assert not any("cudacnn" in t for t in targets), targets
+    close(y, model(x).double(), 1e-5)
+    assert swapped[1].num_batches_tracked.item() == model[1].num_batches_tracked.item() == 1
+
+
 TRACE_FOR_A_GPU = TRACE_PRELUDE + r"""
 w, b, rm, rv, mean, rstd = (fake(64) for _ in range(6))
 traced = {}
@@ -519,17 +543,18 @@ def fused_modules(model):
             "act_pool": sum(isinstance(m, ActivationPool) for m in model.modules()),
             "blocks": sum(isinstance(m, FusedBasicBlock) for m in model.modules()),
             "pool_bn_act": sum(isinstance(m, PoolBatchNormAct) for m in model.modules()),
+            "conv": sum(isinstance(m, ConvBatchNormAct) for m in model.modules()),
             "plain_bn": sum(isinstance(m, nn.BatchNorm2d) and not isinstance(m, (BatchNormAct, PoolBatchNormAct))
                             for m in model.modules())}
 
 
 # what swap_modules must insert into each zoo model
-EXPECTED = {"simple": dict(bn_act=0, bn_pool=0, act_pool=2, blocks=0, pool_bn_act=0),
-            "bn_dropout": dict(bn_act=2, bn_pool=0, act_pool=2, blocks=0, pool_bn_act=0),
-            "smallnet": dict(bn_act=6, bn_pool=3, act_pool=0, blocks=0, pool_bn_act=0),
-            "resnet": dict(bn_act=9, bn_pool=0, act_pool=0, blocks=4, pool_bn_act=0),
-            "fast94": dict(bn_act=3, bn_pool=0, act_pool=0, blocks=0, pool_bn_act=3),
-            "fast96": dict(bn_act=6, bn_pool=0, act_pool=0, blocks=0, pool_bn_act=3)}
+EXPECTED = {"simple": dict(bn_act=0, bn_pool=0, act_pool=2, blocks=0, pool_bn_act=0, conv=2),
+            "bn_dropout": dict(bn_act=2, bn_pool=0, act_pool=2, blocks=0, pool_bn_act=0, conv=4),
+            "smallnet": dict(bn_act=6, bn_pool=3, act_pool=0, blocks=0, pool_bn_act=0, conv=6),
+            "resnet": dict(bn_act=9, bn_pool=0, act_pool=0, blocks=4, pool_bn_act=0, conv=4),  # stem, shortcuts
+            "fast94": dict(bn_act=3, bn_pool=0, act_pool=0, blocks=0, pool_bn_act=3, conv=0),
+            "fast96": dict(bn_act=6, bn_pool=0, act_pool=0, blocks=0, pool_bn_act=3, conv=0)}
 
 
 @pytest.mark.parametrize("name,kwargs", ZOO)
@@ -576,9 +601,18 @@ def test_swap_fuses_batchnorm_relu_and_pool_of_a_flat_sequential(kernels_only):
     assert isinstance(swapped[1], BatchNormAct) and swapped[1].activation == "relu" and swapped[1].pool
     assert isinstance(swapped[5], ActivationPool)
     assert all(type(swapped[i]) is nn.Identity for i in (2, 3, 6, 7))
+    # each conv computes the fused module after it, which stays in its place (its state_dict keys) and passes
+    # its input through
+    assert [type(swapped[i]) for i in (0, 4)] == [ConvBatchNormAct] * 2
+    assert swapped[0].norm is swapped[1] and swapped[4].norm is swapped[5]
+    assert swapped[1].applied_by_conv and swapped[5].applied_by_conv
+    assert list(swapped.state_dict()) == list(model.state_dict())
     x = randn(2, 3, 8, 8)
     close(swapped(x), model(x).double(), 1e-5)
     close(swapped[1].running_var, model[1].running_var.double(), 1e-6)
+    assert swapped[1].num_batches_tracked.item() == model[1].num_batches_tracked.item() == 1  # counted once
+    z = randn(2, 4, 8, 8)
+    assert swapped[1](z) is z and swapped[5](z) is z
 
 
 def test_swap_leaves_batchnorm_for_sync_batchnorm():

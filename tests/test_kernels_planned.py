@@ -114,13 +114,19 @@ def test_a_failed_build_warns_once_and_leaves_the_python_path(monkeypatch):
 
 
 def test_cpu_calls_never_take_the_cpp_path(monkeypatch):
-    """ops.batchnorm_act asks for the C++ path only for GPU tensors: on the CPU nothing is built."""
+    """ops.batchnorm_act and ops.conv_batchnorm_act ask for the C++ path only for GPU tensors: on the CPU nothing
+    is built."""
     from cudacnn.kernels import ops
 
-    monkeypatch.setattr(P, "batchnorm_act", lambda *a: pytest.fail("the C++ path was asked for a CPU tensor"))
+    for name in ("batchnorm_act", "conv_batchnorm_act", "link_conv"):
+        monkeypatch.setattr(P, name, lambda *a: pytest.fail("the C++ path was asked for a CPU tensor"))
     x = torch.randn(4, 3, 4, 4, requires_grad=True)
     y = ops.batchnorm_act(x, None, None, activation="relu", backend="triton")
     assert y.shape == x.shape
+    conv_w = torch.randn(5, 3, 3, 3, requires_grad=True)
+    y = ops.conv_batchnorm_act(x, conv_w, None, (1, 1), (1, 1), (1, 1), 1, None, None, activation="relu",
+                               backend="triton", normalize=False)
+    torch.testing.assert_close(y, torch.relu(torch.nn.functional.conv2d(x, conv_w, padding=1)))
 
 
 # ---------------------------------------------------------------- on a GPU: the C++ path against the Python path
@@ -218,6 +224,68 @@ def test_gpu_cpp_path_handles_what_the_plan_did_not_record(monkeypatch, case):
         assert torch.equal(a, b)
     new_keys = P.extension().plan_count() - before
     assert new_keys == (1 if case in ("misaligned input", "new batch size") else 0)
+
+
+def _conv_step(dtype, autocast, conv_bias, stride, x_grad, residual, normalize, seed=0):
+    """One training call of ops.conv_batchnorm_act (a 3x3 conv, or 1x1 at stride 2, into BN + ReLU (+ pool))
+    and its backward: (outputs..., grad_fn name)."""
+    from cudacnn.kernels import ops
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def randn(*s, dt=torch.float32):
+        return torch.randn(*s, generator=g, device="cuda", dtype=dt).contiguous(
+            memory_format=torch.channels_last if len(s) == 4 else torch.contiguous_format)
+
+    n, c_in, c, hw = 8, 16, 32, 16
+    k, padding = (3, 1) if stride == 1 else (1, 0)
+    x = randn(n, c_in, hw, hw, dt=dtype).requires_grad_(x_grad)
+    conv_w = randn(c, c_in, k, k).div_(k * c_in ** 0.5).requires_grad_()
+    conv_b = randn(c).requires_grad_() if conv_bias else None
+    weight = randn(c).requires_grad_() if normalize else None
+    bias = randn(c).requires_grad_() if normalize else None
+    res = randn(n, c, hw // stride, hw // stride, dt=torch.bfloat16 if autocast else dtype).requires_grad_() \
+        if residual else None
+    rm, rv = torch.zeros(c, device="cuda"), torch.ones(c, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        y = ops.conv_batchnorm_act(x, conv_w, conv_b, (stride, stride), (padding, padding), (1, 1), 1, weight, bias,
+                                   res, rm if normalize else None, rv if normalize else None, training=True,
+                                   activation="relu", pool=not residual, normalize=normalize)
+    dy = randn(*y.shape, dt=y.dtype)
+    inputs = [t for t in (x, conv_w, conv_b, weight, bias, res) if t is not None and t.requires_grad]
+    grads = torch.autograd.grad(y, inputs, dy)
+    return (y, rm, rv, *grads), y.grad_fn.name()
+
+
+CONV_CASES = [  # dtype, autocast, conv bias, stride, x needs a gradient, residual, normalize
+    (torch.float32, True, False, 1, False, False, True),   # a net's first conv: float32 images, bf16 autocast
+    (torch.bfloat16, True, False, 1, True, False, True),   # smallnet's later convs
+    (torch.bfloat16, True, True, 1, True, False, False),   # bn-dropout's conv into ReLU + pool, with bias
+    (torch.bfloat16, True, False, 2, True, True, True),    # a ResNet shortcut's shape (1x1, stride 2) + residual
+    (torch.float32, False, True, 1, True, False, True),    # no autocast: nothing cast
+]
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("dtype,autocast,conv_bias,stride,x_grad,residual,normalize", CONV_CASES)
+def test_gpu_conv_and_op_in_one_node_match_the_two_calls(monkeypatch, dtype, autocast, conv_bias, stride, x_grad,
+                                                        residual, normalize):
+    """The one C++ node gives bit for bit what F.conv2d (under autocast) then the fused op's Python path give:
+    output, running statistics and every gradient, in each input's dtype."""
+    assert P.extension() is not None, "the C++ launcher did not build"
+    args = (dtype, autocast, conv_bias, stride, x_grad, residual, normalize)
+    monkeypatch.setattr(P, "ENABLED", False)
+    python, python_node = _conv_step(*args)
+    monkeypatch.setattr(P, "ENABLED", True)
+    nodes = []
+    for call in range(3):  # the first runs the two calls and links the key, the next ones take one node
+        cpp, node = _conv_step(*args)
+        nodes.append(node)
+        for a, b in zip(python, cpp, strict=True):
+            assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+            assert torch.equal(a, b)
+    assert "ConvBatchNormAct" in nodes[-1] and "ConvBatchNormAct" not in python_node, (nodes, python_node)
 
 
 # The C++ backward as the first work of autograd's device thread in a fresh process: dy given, so no PyTorch op's

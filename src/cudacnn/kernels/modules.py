@@ -118,15 +118,29 @@ class BatchNormAct(nn.BatchNorm2d):
         new.activation, new.pool, new.backend = activation, pool, backend
         return new
 
+    applied_by_conv = False  # set by swap_modules when the ConvBatchNormAct before it computes it
+
     def forward(self, x, residual=None):
-        self._check_input_dim(x)
+        return x if self.applied_by_conv else self.compute(x, residual)
+
+    def compute(self, x, residual=None, conv: nn.Conv2d | None = None):
+        """The op on x, or with conv on conv(x) (one call: ops.conv_batchnorm_act)."""
+        x, conv = _fusable(conv, x)
+        if conv is None:
+            self._check_input_dim(x)
         momentum, batch_stats, running_mean, running_var = _batchnorm_call(self)
+        if conv is not None:
+            return ops.conv_batchnorm_act(x, *_conv_args(conv), self.weight, self.bias, residual, running_mean,
+                                          running_var, batch_stats, momentum, self.eps, self.activation, self.pool,
+                                          self.backend)
         backend = self.backend if ops.batchnorm_act_pays(self.activation, self.pool, x.numel()) else "torch"
         return ops.batchnorm_act(x, self.weight, self.bias, residual, running_mean, running_var, batch_stats,
                                  momentum, self.eps, self.activation, self.pool, backend)
 
     def extra_repr(self):
-        return f"{super().extra_repr()}, activation={self.activation}, pool={self.pool}, backend={self.backend}"
+        applied = ", applied by the conv before it" if self.applied_by_conv else ""
+        return (f"{super().extra_repr()}, activation={self.activation}, pool={self.pool}, backend={self.backend}"
+                f"{applied}")
 
 
 class PoolBatchNormAct(nn.BatchNorm2d):
@@ -172,12 +186,62 @@ class ActivationPool(nn.Module):
         activations.activation_code(kind)
         self.kind, self.backend = kind, backend
 
+    applied_by_conv = False  # as BatchNormAct's
+
     def forward(self, x):
-        return ops.batchnorm_act(x, None, None, activation=self.kind, pool=True, backend=self.backend,
+        return x if self.applied_by_conv else self.compute(x)
+
+    def compute(self, x, residual=None, conv: nn.Conv2d | None = None):
+        x, conv = _fusable(conv, x)
+        if conv is not None:
+            return ops.conv_batchnorm_act(x, *_conv_args(conv), None, None, residual, activation=self.kind,
+                                          pool=True, backend=self.backend, normalize=False)
+        return ops.batchnorm_act(x, None, None, residual, activation=self.kind, pool=True, backend=self.backend,
                                  normalize=False)
 
     def extra_repr(self):
-        return f"kind={self.kind}, backend={self.backend}"
+        applied = ", applied by the conv before it" if self.applied_by_conv else ""
+        return f"kind={self.kind}, backend={self.backend}{applied}"
+
+
+def _conv_args(conv: nn.Conv2d) -> tuple:
+    return conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups
+
+
+def _fusable(conv: nn.Conv2d | None, x) -> tuple:
+    """(x, conv) when a BatchNormAct / ActivationPool may take conv into its call on x (eager, zero padding
+    given as integers), else (conv's output, None): the call then is on that."""
+    if conv is None:
+        return x, None
+    if torch.compiler.is_compiling() or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return nn.Conv2d.forward(conv, x), None
+    return x, conv
+
+
+class ConvBatchNormAct(nn.Conv2d):
+    """An nn.Conv2d whose output goes straight into the BatchNormAct or ActivationPool after it (`norm`, which
+    then passes its input through): forward(x) = norm.compute(x, conv=self), one call and, in an eager
+    training step on a GPU, one autograd node (ops.conv_batchnorm_act). Shares the conv's parameters; `norm`
+    stays where it was (its state_dict keys with it) and is not a submodule here."""
+
+    @classmethod
+    def from_torch(cls, conv: nn.Conv2d, norm: nn.Module) -> "ConvBatchNormAct":
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "transposed",
+                     "output_padding", "groups", "padding_mode", "_reversed_padding_repeated_twice"):
+            setattr(new, name, getattr(conv, name))
+        new.weight, new.bias = conv.weight, conv.bias
+        object.__setattr__(new, "norm", norm)  # not registered: the norm's own place keeps its parameters
+        norm.applied_by_conv = True
+        new.train(conv.training)
+        return new
+
+    def forward(self, x):
+        return self.norm.compute(x, conv=self)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, then {type(self.norm).__name__} in one call"
 
 
 class FusedBasicBlock(nn.Module):
@@ -195,7 +259,7 @@ class FusedBasicBlock(nn.Module):
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
-        return self.bn2(self.conv2(self.bn1(self.conv1(x))), identity)
+        return self.bn2.compute(self.bn1.compute(x, conv=self.conv1), identity, conv=self.conv2)
 
 
 class CrossEntropyLoss(nn.Module):
@@ -247,6 +311,8 @@ def _fuse_zoo_blocks(model: nn.Module, backend: str) -> None:
         if isinstance(module, ResNet) and _swappable_bn(module.bn1) and isinstance(module.relu, nn.ReLU):
             module.bn1 = BatchNormAct.from_torch(module.bn1, "relu", backend=backend)
             module.relu = nn.Identity()  # the stem's only use of it: maxpool(relu(bn1(conv1(x))))
+            if _plain_conv(module.conv1):
+                module.conv1 = ConvBatchNormAct.from_torch(module.conv1, module.bn1)
         elif isinstance(module, ConvGroup):  # conv -> pool -> BN -> act, then conv -> BN (+ residual) -> act
             for i, norm in enumerate(module.norms):
                 if _swappable_bn(norm):
@@ -297,19 +363,38 @@ def _fuse_sequential(seq: nn.Sequential) -> None:
             first_name = second_name
 
 
+def _plain_conv(module: nn.Module) -> bool:
+    return type(module) is nn.Conv2d
+
+
+def _fuse_convs(model: nn.Module) -> None:
+    """Inside each nn.Sequential: an nn.Conv2d followed (nn.Identity aside) by a BatchNormAct or ActivationPool
+    becomes a ConvBatchNormAct computing both."""
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        children = [(name, m) for name, m in seq.named_children() if not isinstance(m, nn.Identity)]
+        for (name, first), (_, second) in zip(children, children[1:]):
+            if (_plain_conv(first) and isinstance(second, (BatchNormAct, ActivationPool))
+                    and not second.applied_by_conv):
+                setattr(seq, name, ConvBatchNormAct.from_torch(first, second))
+
+
 def swap_modules(model: nn.Module, backend: str, fuse: bool = True, batchnorm: bool = True) -> nn.Module:
     """Replace model's nn.Linear / nn.ReLU / nn.GELU / nn.SiLU / nn.BatchNorm2d with ours, in place (returns
     model). With fuse, inside an nn.Sequential an activation right after a Linear moves into the GEMM
     epilogue, one right after a BatchNorm2d into its BatchNormAct, and a following MaxPool2d(2) into that
     BatchNormAct or activation; the zoo's ResNet blocks and stem and the fast nets' conv groups fuse BN +
-    activation (+ shortcut add). batchnorm=False leaves BatchNorm2d alone (for SyncBatchNorm conversion).
-    Convolutions stay PyTorch's (cuDNN). backend "torch" leaves the model unchanged."""
+    activation (+ shortcut add), and an nn.Conv2d right before such a fused module computes it in the same call
+    (ConvBatchNormAct; ResNet's blocks and stem likewise). batchnorm=False leaves BatchNorm2d alone (for
+    SyncBatchNorm conversion). Convolutions stay PyTorch's (cuDNN). backend "torch" leaves the model
+    unchanged."""
     _check_backend(backend)
     if backend == "torch":
         return model
     if fuse and batchnorm:
         _fuse_zoo_blocks(model, backend)
     _swap(model, backend, fuse, batchnorm)
+    if fuse:
+        _fuse_convs(model)
     return model
 
 
@@ -337,5 +422,5 @@ def cross_entropy_loss(backend: str = "triton", label_smoothing: float = 0.0) ->
     return CrossEntropyLoss(label_smoothing=label_smoothing, backend=backend)
 
 
-__all__ = ["Linear", "Activation", "ActivationPool", "BatchNormAct", "PoolBatchNormAct", "FusedBasicBlock",
-           "CrossEntropyLoss", "swap_modules", "cross_entropy_loss", "activation_kind"]
+__all__ = ["Linear", "Activation", "ActivationPool", "BatchNormAct", "PoolBatchNormAct", "ConvBatchNormAct",
+           "FusedBasicBlock", "CrossEntropyLoss", "swap_modules", "cross_entropy_loss", "activation_kind"]

@@ -569,6 +569,31 @@ def batchnorm_act(x: Tensor, weight: Tensor | None, bias: Tensor | None, residua
     return _batchnorm_act(x, weight, bias, residual, mean, rstd, training, normalize, activation, pool)
 
 
+def conv_batchnorm_act(x: Tensor, conv_weight: Tensor, conv_bias: Tensor | None, stride: tuple, padding: tuple,
+                       dilation: tuple, groups: int, weight: Tensor | None, bias: Tensor | None,
+                       residual: Tensor | None = None, running_mean: Tensor | None = None,
+                       running_var: Tensor | None = None, training: bool = True, momentum: float = 0.1,
+                       eps: float = 1e-5, activation: str = "none", pool: bool = False, backend: str = "triton",
+                       normalize: bool = True) -> Tensor:
+    """batchnorm_act(F.conv2d(x, conv_weight, conv_bias, stride, padding, dilation, groups), ...), padding as
+    integers. An eager training call on a GPU runs both under one C++ autograd node (the convolution stays
+    PyTorch's: cuDNN, autocast's casts included), which saves the host time of the convolution's own autograd
+    node, autocast's cast nodes and the Python between the two calls; every other call is the two calls."""
+    conv = (conv_weight, conv_bias, stride, padding, dilation, groups)
+    norm = (weight, bias, residual, running_mean, running_var)
+    fused = (backend != "torch" and training and x.is_cuda and _planned.ENABLED and torch.is_grad_enabled()
+             and (x.requires_grad or conv_weight.requires_grad) and _direct(x))
+    if fused:
+        y = _planned.conv_batchnorm_act(x, *conv, *norm, float(momentum), float(eps), activation, pool, normalize)
+        if y is not None:
+            return y
+    z = F.conv2d(x, *conv)
+    y = batchnorm_act(z, *norm, training, momentum, eps, activation, pool, backend, normalize)
+    if fused:  # the op recorded z's plans (if it could): the call's next steps take the one node
+        _planned.link_conv(x, *conv, z, *norm, activation, pool, normalize)
+    return y
+
+
 # ---------------------------------------------------------------- fused 2x2 max-pool + BatchNorm + activation
 # The pool comes first (a conv group's conv -> pool -> BN -> act; kernels/pool_bn_act.py). Three triton_ops,
 # as for batchnorm_act: pool_bn_stats pools x (detached) and mutates the running statistics, returning

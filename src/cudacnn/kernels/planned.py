@@ -227,3 +227,43 @@ def batchnorm_act(x, weight, bias, residual, running_mean, running_var, momentum
         _REFUSED.add(key)
         return None
     return ext.batchnorm_act(config, x, weight, bias, residual, running_mean, running_var, momentum, eps)
+
+
+# ---------------------------------------------------------------- a convolution and the op in one node
+
+_CASTS: dict = {}  # dtype -> an empty tensor of it: how the extension is told autocast's dtype
+
+
+def _autocast_template(device_type: str):
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    dtype = torch.get_autocast_dtype(device_type)
+    template = _CASTS.get(dtype)
+    if template is None:
+        template = _CASTS[dtype] = torch.empty(0, dtype=dtype)
+    return template
+
+
+def conv_batchnorm_act(x, conv_weight, conv_bias, stride, padding, dilation, groups, weight, bias, residual,
+                       running_mean, running_var, momentum: float, eps: float, activation: str, pool: bool,
+                       normalize: bool):
+    """The fused op on F.conv2d(x, conv_weight, conv_bias, ...) through one C++ autograd node (the convolution
+    is PyTorch's, autocast's casts included), or None: no plan is linked to this call's key yet (the caller
+    runs the two calls, then link_conv). The caller checked as for batchnorm_act."""
+    ext = extension()
+    if ext is None:
+        return None
+    return ext.conv_batchnorm_act(config_code(activation, pool, normalize), x, conv_weight, conv_bias, stride,
+                                  padding, dilation, groups, _autocast_template(x.device.type), weight, bias,
+                                  residual, running_mean, running_var, momentum, eps)
+
+
+def link_conv(x, conv_weight, conv_bias, stride, padding, dilation, groups, y, weight, bias, residual, running_mean,
+              running_var, activation: str, pool: bool, normalize: bool) -> None:
+    """After conv_batchnorm_act returned None and the call ran as F.conv2d (giving y) and the fused op (which
+    recorded y's plans if it could): maps the call's key to those plans, for its next calls."""
+    ext = extension()
+    if ext is not None:
+        ext.link_conv(config_code(activation, pool, normalize), x, conv_weight, conv_bias, stride, padding, dilation,
+                      groups, _autocast_template(x.device.type), y, weight, bias, residual, running_mean,
+                      running_var)

@@ -17,6 +17,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -209,6 +210,54 @@ std::unordered_map<std::vector<int64_t>, std::unique_ptr<PlanPair>, KeyHash>& pl
 
 at::Tensor opt(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
 
+// The forward plan on x (the fused op's input): the output, with what its backward needs saved in ctx.
+at::Tensor forward_plan(AutogradContext* ctx, const PlanPair* pair, const at::Tensor& x, const at::Tensor& w,
+                        const at::Tensor& b, const at::Tensor& r, const at::Tensor& rm, const at::Tensor& rv,
+                        double momentum, double eps, std::vector<at::Tensor> more = {}) {
+  std::vector<at::Tensor> table{x, w, b, r, rm, rv};
+  const double scalars[2] = {momentum, eps};
+  run(pair->forward, table, scalars, x);
+  const auto& out = pair->forward.outputs;  // y, mean, rstd
+  std::vector<at::Tensor> saved{x, w, b, r, table[out[1]], table[out[2]]};
+  saved.insert(saved.end(), more.begin(), more.end());
+  ctx->save_for_backward(saved);
+  ctx->saved_data["pair"] = reinterpret_cast<int64_t>(pair);
+  return table[out[0]];
+}
+
+// The backward plan: the slot table after it ran (dx, dweight, dbias, dresidual at plan.outputs).
+std::vector<at::Tensor> backward_plan(AutogradContext* ctx, const variable_list& saved, at::Tensor g) {
+  const auto* pair = reinterpret_cast<const PlanPair*>(ctx->saved_data["pair"].toInt());
+  const Plan& plan = pair->backward;
+  const Layout& want = *plan.first;
+  if (g.scalar_type() != want.dtype || g.sizes() != c10::IntArrayRef(want.sizes) ||
+      g.strides() != c10::IntArrayRef(want.strides) || !aligned(g)) {
+    at::Tensor conformed = at::empty_strided(want.sizes, want.strides, g.options().dtype(want.dtype));
+    conformed.copy_(g);
+    g = conformed;
+  }
+  std::vector<at::Tensor> table{g, saved[0], saved[1], saved[2], saved[3], saved[4], saved[5]};
+  const double scalars[2] = {0.0, 0.0};
+  run(plan, table, scalars, saved[0]);
+  return table;
+}
+
+// The gradients of the op's weight, bias and residual into result[first..first+3) for those that were given
+// (saved[1..4)); edge counts the node's tensor inputs so far (needs_input_grad counts only those present).
+void norm_gradients(AutogradContext* ctx, const variable_list& saved, const Plan& plan,
+                    const std::vector<at::Tensor>& table, variable_list& result, size_t first, size_t& edge) {
+  for (size_t i = 1; i < 4; ++i) {
+    if (!saved[i].defined()) continue;
+    const int64_t slot = plan.outputs[i];
+    if (slot >= 0 && ctx->needs_input_grad(edge)) result[first + i - 1] = table[slot];
+    ++edge;
+  }
+}
+
+const Plan& backward_of(AutogradContext* ctx) {
+  return reinterpret_cast<const PlanPair*>(ctx->saved_data["pair"].toInt())->backward;
+}
+
 // y = maxpool?(act(batchnorm(x) + residual)), forward and backward through the plans.
 struct BatchNormAct : public torch::autograd::Function<BatchNormAct> {
   // Absent inputs are nullopt, not undefined tensors: autograd takes an undefined tensor for a variable.
@@ -217,43 +266,84 @@ struct BatchNormAct : public torch::autograd::Function<BatchNormAct> {
                             const std::optional<at::Tensor>& running_mean,
                             const std::optional<at::Tensor>& running_var, double momentum, double eps,
                             int64_t pair_address) {
-    const auto* pair = reinterpret_cast<const PlanPair*>(pair_address);
-    const at::Tensor w = opt(weight), b = opt(bias), r = opt(residual);
-    std::vector<at::Tensor> table{x, w, b, r, opt(running_mean), opt(running_var)};
-    const double scalars[2] = {momentum, eps};
-    run(pair->forward, table, scalars, x);
-    const auto& out = pair->forward.outputs;  // y, mean, rstd
-    ctx->save_for_backward({x, w, b, r, table[out[1]], table[out[2]]});
-    ctx->saved_data["pair"] = pair_address;
-    return table[out[0]];
+    return forward_plan(ctx, reinterpret_cast<const PlanPair*>(pair_address), x, opt(weight), opt(bias),
+                        opt(residual), opt(running_mean), opt(running_var), momentum, eps);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto* pair = reinterpret_cast<const PlanPair*>(ctx->saved_data["pair"].toInt());
-    const Plan& plan = pair->backward;
     variable_list saved = ctx->get_saved_variables();
     c10::cuda::CUDAGuard guard(saved[0].device());
-    at::Tensor g = grads[0];
-    const Layout& want = *plan.first;
-    if (g.scalar_type() != want.dtype || g.sizes() != c10::IntArrayRef(want.sizes) ||
-        g.strides() != c10::IntArrayRef(want.strides) || !aligned(g)) {
-      at::Tensor conformed = at::empty_strided(want.sizes, want.strides, g.options().dtype(want.dtype));
-      conformed.copy_(g);
-      g = conformed;
-    }
-    std::vector<at::Tensor> table{g, saved[0], saved[1], saved[2], saved[3], saved[4], saved[5]};
-    const double scalars[2] = {0.0, 0.0};
-    run(plan, table, scalars, saved[0]);
-    // One gradient a forward argument (none for the non-tensors and absent inputs); needs_input_grad counts
-    // only the tensors that were present.
+    const std::vector<at::Tensor> table = backward_plan(ctx, saved, grads[0]);
+    const Plan& plan = backward_of(ctx);
+    // One gradient a forward argument (none for the non-tensors and absent inputs).
     variable_list result(9);
-    size_t edge = 0;
-    for (size_t i = 0; i < 4; ++i) {  // dx, dweight, dbias, dresidual
-      if (i > 0 && !saved[i].defined()) continue;
-      const int64_t slot = plan.outputs[i];
-      if (slot >= 0 && ctx->needs_input_grad(edge)) result[i] = table[slot];
-      ++edge;
+    if (plan.outputs[0] >= 0 && ctx->needs_input_grad(0)) result[0] = table[plan.outputs[0]];
+    size_t edge = 1;
+    norm_gradients(ctx, saved, plan, table, result, 1, edge);
+    return result;
+  }
+};
+
+// A convolution's settings, and what it computed before the node that owns its backward was made: the fused
+// op's plan is found by its input's layout, so the convolution runs first (in the entry, below autograd).
+struct ConvCall {
+  std::vector<int64_t> stride, padding, dilation;
+  int64_t groups = 1;
+  at::Tensor x, weight, bias;  // as the convolution took them: cast to the autocast dtype when autocast is on
+  at::Tensor y;
+};
+
+// y = maxpool?(act(batchnorm(conv2d(x, conv_weight, conv_bias)) + residual)) with one autograd node: the
+// convolution is PyTorch's (cuDNN, as F.conv2d runs it, autocast's casts included), the rest the fused op's
+// plans. Against the two calls, a step saves the convolution's autograd node, autocast's cast nodes and the
+// Python calls between them (benchmarks/kernels.md, "Convolution and the fused op in one node").
+struct ConvBatchNormAct : public torch::autograd::Function<ConvBatchNormAct> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& conv_weight,
+                            const std::optional<at::Tensor>& conv_bias, const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                            const std::optional<at::Tensor>& running_mean,
+                            const std::optional<at::Tensor>& running_var, double momentum, double eps,
+                            int64_t pair_address, int64_t call_address) {
+    const auto* call = reinterpret_cast<const ConvCall*>(call_address);
+    ctx->saved_data["stride"] = call->stride;
+    ctx->saved_data["padding"] = call->padding;
+    ctx->saved_data["dilation"] = call->dilation;
+    ctx->saved_data["groups"] = call->groups;
+    ctx->saved_data["x_dtype"] = static_cast<int64_t>(x.scalar_type());
+    ctx->saved_data["weight_dtype"] = static_cast<int64_t>(conv_weight.scalar_type());
+    ctx->saved_data["bias_dtype"] = conv_bias.has_value() ? static_cast<int64_t>(conv_bias->scalar_type()) : -1;
+    return forward_plan(ctx, reinterpret_cast<const PlanPair*>(pair_address), call->y, opt(weight), opt(bias),
+                        opt(residual), opt(running_mean), opt(running_var), momentum, eps, {call->x, call->weight});
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list saved = ctx->get_saved_variables();  // the fused op's six, then the convolution's x and weight
+    c10::cuda::CUDAGuard guard(saved[0].device());
+    const std::vector<at::Tensor> table = backward_plan(ctx, saved, grads[0]);
+    const Plan& plan = backward_of(ctx);
+    variable_list result(12);
+    const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
+    const bool has_bias = bias_dtype >= 0;
+    const std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                   has_bias && ctx->needs_input_grad(2)};
+    if (mask[0] || mask[1] || mask[2]) {
+      const at::Tensor& w = saved[7];
+      const std::vector<int64_t> bias_sizes{w.size(0)};
+      auto grad = at::convolution_backward(
+          table[plan.outputs[0]], saved[6], w, has_bias ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt,
+          ctx->saved_data["stride"].toIntVector(), ctx->saved_data["padding"].toIntVector(),
+          ctx->saved_data["dilation"].toIntVector(), false, std::vector<int64_t>(w.dim() - 2, 0),
+          ctx->saved_data["groups"].toInt(), mask);
+      // autocast's casts' backward: each gradient in its input's dtype
+      const int64_t dtypes[3] = {ctx->saved_data["x_dtype"].toInt(), ctx->saved_data["weight_dtype"].toInt(),
+                                 bias_dtype};
+      at::Tensor* grads_out[3] = {&std::get<0>(grad), &std::get<1>(grad), &std::get<2>(grad)};
+      for (int i = 0; i < 3; ++i) {
+        if (mask[i]) result[i] = grads_out[i]->to(static_cast<c10::ScalarType>(dtypes[i]));
+      }
     }
+    size_t edge = has_bias ? 3 : 2;
+    norm_gradients(ctx, saved, plan, table, result, 3, edge);
     return result;
   }
 };
@@ -327,6 +417,91 @@ py::object batchnorm_act(int64_t config, const at::Tensor& x, const std::optiona
   return py::cast(BatchNormAct::apply(x, w, b, r, rm, rv, momentum, eps, reinterpret_cast<int64_t>(it->second.get())));
 }
 
+// A convolution call's key: the fused op's flags, the convolution's tensors and settings and the dtype it
+// computes in, and the fused op's other tensors. It fixes the layout of the convolution's output, so it maps to
+// the plans of the fused op's key for that output (nullptr: the fused op's call could not be planned).
+std::vector<int64_t> conv_key(int64_t config, const at::Tensor& x, const at::Tensor& conv_weight,
+                              const at::Tensor& conv_bias, const std::vector<int64_t>& stride,
+                              const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation,
+                              int64_t groups, const at::Tensor& cast, const at::Tensor& w, const at::Tensor& b,
+                              const at::Tensor& r, const at::Tensor& rm, const at::Tensor& rv) {
+  std::vector<int64_t> key = make_key(config, x, w, b, r, rm, rv);
+  put(key, conv_weight);
+  put(key, conv_bias);
+  for (const auto* v : {&stride, &padding, &dilation}) {
+    key.push_back(static_cast<int64_t>(v->size()));
+    key.insert(key.end(), v->begin(), v->end());
+  }
+  key.push_back(groups);
+  key.push_back(cast.defined() ? static_cast<int64_t>(cast.scalar_type()) : -1);
+  return key;
+}
+
+struct ConvLink {
+  const PlanPair* pair;          // nullptr: the fused op's call was not planned
+  std::vector<int64_t> plan_key;  // the fused op's key, of the convolution's output
+};
+
+std::unordered_map<std::vector<int64_t>, ConvLink, KeyHash>& conv_plans() {
+  static std::unordered_map<std::vector<int64_t>, ConvLink, KeyHash> table;
+  return table;
+}
+
+// After a convolution call ran as two calls (F.conv2d, then the fused op on its output y, which recorded that
+// key's plans if it could): maps the convolution call's key to them, so that its next calls take one node.
+void link_conv(int64_t config, const at::Tensor& x, const at::Tensor& conv_weight,
+               const std::optional<at::Tensor>& conv_bias, const std::vector<int64_t>& stride,
+               const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation, int64_t groups,
+               const std::optional<at::Tensor>& cast, const at::Tensor& y, const std::optional<at::Tensor>& w,
+               const std::optional<at::Tensor>& b, const std::optional<at::Tensor>& r,
+               const std::optional<at::Tensor>& rm, const std::optional<at::Tensor>& rv) {
+  auto key = conv_key(config, x, conv_weight, opt(conv_bias), stride, padding, dilation, groups, opt(cast), opt(w),
+                      opt(b), opt(r), opt(rm), opt(rv));
+  auto plan_key = make_key(config, y, opt(w), opt(b), opt(r), opt(rm), opt(rv));
+  auto it = plans().find(plan_key);
+  conv_plans().emplace(std::move(key), ConvLink{it == plans().end() ? nullptr : it->second.get(), plan_key});
+}
+
+// The convolution and the fused op through one node, or None: no plan is linked to this call's key (the
+// caller runs the two calls, then links), or the convolution's output came out in another layout than the
+// linked plan's input.
+py::object conv_batchnorm_act(int64_t config, const at::Tensor& x, const at::Tensor& conv_weight,
+                              const std::optional<at::Tensor>& conv_bias, const std::vector<int64_t>& stride,
+                              const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation,
+                              int64_t groups, const std::optional<at::Tensor>& cast,
+                              const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& b,
+                              const std::optional<at::Tensor>& r, const std::optional<at::Tensor>& rm,
+                              const std::optional<at::Tensor>& rv, double momentum, double eps) {
+  auto it = conv_plans().find(conv_key(config, x, conv_weight, opt(conv_bias), stride, padding, dilation, groups,
+                                       opt(cast), opt(w), opt(b), opt(r), opt(rm), opt(rv)));
+  if (it == conv_plans().end() || it->second.pair == nullptr) return py::none();
+  c10::cuda::CUDAGuard guard(x.device());
+  ConvCall call{stride, padding, dilation, groups};
+  {
+    // The node below owns the convolution's backward, and the casts are autocast's, done here once.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    const at::Tensor bias = opt(conv_bias);
+    if (cast.has_value()) {
+      const c10::ScalarType dtype = cast->scalar_type();
+      call.x = x.to(dtype);
+      call.weight = conv_weight.to(dtype);
+      call.bias = bias.defined() ? bias.to(dtype) : bias;
+    } else {
+      call.x = x;
+      call.weight = conv_weight;
+      call.bias = bias;
+    }
+    call.y = at::convolution(call.x, call.weight, call.bias.defined() ? std::optional<at::Tensor>(call.bias)
+                                                                        : std::nullopt,
+                             stride, padding, dilation, false, std::vector<int64_t>(stride.size(), 0), groups);
+  }
+  if (make_key(config, call.y, opt(w), opt(b), opt(r), opt(rm), opt(rv)) != it->second.plan_key) return py::none();
+  return py::cast(ConvBatchNormAct::apply(x, conv_weight, conv_bias, w, b, r, rm, rv, momentum, eps,
+                                          reinterpret_cast<int64_t>(it->second.pair),
+                                          reinterpret_cast<int64_t>(&call)));
+}
+
 int64_t plan_count() { return static_cast<int64_t>(plans().size()); }
 
 }  // namespace
@@ -336,4 +511,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_plan", &add_plan, "register the forward and backward plans of a key");
   m.def("batchnorm_act", &batchnorm_act, "batchnorm_act through its plan, or None without one");
   m.def("plan_count", &plan_count, "plans registered");
+  m.def("link_conv", &link_conv, "map a convolution call's key to the fused op's plans of its output");
+  m.def("conv_batchnorm_act", &conv_batchnorm_act, "conv2d + batchnorm_act through one node, or None");
 }
