@@ -39,6 +39,8 @@ def main() -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--presets", default="smallnet-plus,resnet18-cifar,bn-dropout-plus")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--kernels", default="torch,triton",
+                   help="the settings to train (one alone: against the other's accuracies from an earlier run)")
     p.add_argument("--epochs", type=int, help="default: each preset's own")
     p.add_argument("--jobs", type=int, default=6, help="trainings at once")
     p.add_argument("--json", type=Path, help="also write the runs and the summary here")
@@ -59,14 +61,15 @@ def main() -> None:
         print(done.stdout.strip(), flush=True)
         return json.loads(done.stdout.strip().splitlines()[-1])
 
-    runs = [(preset, kernels, seed) for preset in args.presets.split(",") for kernels in ("torch", "triton")
+    settings = args.kernels.split(",")
+    runs = [(preset, kernels, seed) for preset in args.presets.split(",") for kernels in settings
             for seed in range(args.seeds)]
     with ThreadPoolExecutor(args.jobs) as pool:
         results = list(pool.map(child, runs))
     summary = {}
     print(f"\n{'preset':18s} {'kernels':8s} {'accuracies':28s} mean")
     for preset in args.presets.split(","):
-        for kernels in ("torch", "triton"):
+        for kernels in settings:
             accs = [r["test_accuracy"] for r in results
                     if r["preset"] == preset and r["kernels"] == kernels and "test_accuracy" in r]
             summary[f"{preset} {kernels}"] = dict(accuracies=accs, mean=round(mean(accs), 4) if accs else None)
