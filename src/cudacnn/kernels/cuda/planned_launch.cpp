@@ -225,10 +225,13 @@ at::Tensor forward_plan(AutogradContext* ctx, const PlanPair* pair, const at::Te
   return table[out[0]];
 }
 
+const Plan& backward_of(AutogradContext* ctx) {
+  return reinterpret_cast<const PlanPair*>(ctx->saved_data["pair"].toInt())->backward;
+}
+
 // The backward plan: the slot table after it ran (dx, dweight, dbias, dresidual at plan.outputs).
 std::vector<at::Tensor> backward_plan(AutogradContext* ctx, const variable_list& saved, at::Tensor g) {
-  const auto* pair = reinterpret_cast<const PlanPair*>(ctx->saved_data["pair"].toInt());
-  const Plan& plan = pair->backward;
+  const Plan& plan = backward_of(ctx);
   const Layout& want = *plan.first;
   if (g.scalar_type() != want.dtype || g.sizes() != c10::IntArrayRef(want.sizes) ||
       g.strides() != c10::IntArrayRef(want.strides) || !aligned(g)) {
@@ -252,10 +255,6 @@ void norm_gradients(AutogradContext* ctx, const variable_list& saved, const Plan
     if (slot >= 0 && ctx->needs_input_grad(edge)) result[first + i - 1] = table[slot];
     ++edge;
   }
-}
-
-const Plan& backward_of(AutogradContext* ctx) {
-  return reinterpret_cast<const PlanPair*>(ctx->saved_data["pair"].toInt())->backward;
 }
 
 // y = maxpool?(act(batchnorm(x) + residual)), forward and backward through the plans.
@@ -295,8 +294,8 @@ struct ConvCall {
 
 // y = maxpool?(act(batchnorm(conv2d(x, conv_weight, conv_bias)) + residual)) with one autograd node: the
 // convolution is PyTorch's (cuDNN, as F.conv2d runs it, autocast's casts included), the rest the fused op's
-// plans. Against the two calls, a step saves the convolution's autograd node, autocast's cast nodes and the
-// Python calls between them (benchmarks/kernels.md, "Convolution and the fused op in one node").
+// plans: one node a layer where the two calls make three (the convolution's, autocast's weight cast's, the
+// op's), and no Python between them (benchmarks/kernels.md, "Convolution and the fused op in one node").
 struct ConvBatchNormAct : public torch::autograd::Function<ConvBatchNormAct> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& conv_weight,
                             const std::optional<at::Tensor>& conv_bias, const std::optional<at::Tensor>& weight,
