@@ -577,8 +577,8 @@ def conv_batchnorm_act(x: Tensor, conv_weight: Tensor, conv_bias: Tensor | None,
                        normalize: bool = True) -> Tensor:
     """batchnorm_act(F.conv2d(x, conv_weight, conv_bias, stride, padding, dilation, groups), ...), padding as
     integers. An eager training call on a GPU runs both under one C++ autograd node (the convolution stays
-    PyTorch's: cuDNN, autocast's casts included), which saves the host time of the convolution's own autograd
-    node, autocast's cast nodes and the Python between the two calls; every other call is the two calls."""
+    PyTorch's: cuDNN, autocast's casts included), where the two calls make three (the convolution's, the weight
+    cast's and the op's) with Python between them; every other call is the two calls."""
     conv = (conv_weight, conv_bias, stride, padding, dilation, groups)
     norm = (weight, bias, residual, running_mean, running_var)
     fused = (backend != "torch" and training and x.is_cuda and _planned.ENABLED and torch.is_grad_enabled()

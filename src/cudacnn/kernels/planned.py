@@ -18,9 +18,9 @@ what the Python path would launch; tests check the results are bit-identical.
 
 Taken by ops.batchnorm_act for eager training calls on a GPU that need gradients (the training step);
 eval, no-grad and traced calls keep the Python path. ops.conv_batchnorm_act also runs the convolution before
-the op (cuDNN, through ATen) in the same C++ node, once its key is linked to the op's plans (link_conv). The extension is built on first use (about a minute,
-cached like the CUDA kernels: cuda_ext.build_dir). CUDACNN_PLANNED_LAUNCH=0, or ENABLED = False, turns the
-path off; so does a failed build, with one warning."""
+the op (cuDNN, through ATen) in the same C++ node, once its key is linked to the op's plans (link_conv). The
+extension is built on first use (about a minute, cached like the CUDA kernels: cuda_ext.build_dir).
+CUDACNN_PLANNED_LAUNCH=0, or ENABLED = False, turns the path off; so does a failed build, with one warning."""
 
 from __future__ import annotations
 
