@@ -742,6 +742,7 @@ def test_cnn_kernels_bench_rows_on_the_cpu(monkeypatch):
     # compiled on the CPU, and the C++ path is for GPU tensors only)
     assert row["info"]["triton_cached_launches"] == 0 and "torch_cached_launches" not in row["info"]
     assert row["info"]["triton_cpp_plans"] == 0 and "torch_cpp_plans" not in row["info"]
+    assert row["info"]["triton_conv_nodes"] == 0
     assert row["measurements"]["--kernels torch"]["repeats"] == row["measurements"]["--kernels triton"]["repeats"] == 3
     # the same-accuracy rows: one full training per setting and seed, each the bench's full_training
     (accuracy,) = cnn_kernels.accuracy_rows(cnn_kernels._subset(dataset, 300), ("bn-dropout-plus",), seeds=1, epochs=1,

@@ -278,7 +278,7 @@ def test_gpu_conv_and_op_in_one_node_match_the_two_calls(monkeypatch, dtype, aut
     monkeypatch.setattr(P, "ENABLED", False)
     python, python_node = _conv_step(*args)
     monkeypatch.setattr(P, "ENABLED", True)
-    nodes = []
+    nodes, links = [], P.conv_link_count()
     for call in range(3):  # the first runs the two calls and links the key, the next ones take one node
         cpp, node = _conv_step(*args)
         nodes.append(node)
@@ -286,6 +286,7 @@ def test_gpu_conv_and_op_in_one_node_match_the_two_calls(monkeypatch, dtype, aut
             assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
             assert torch.equal(a, b)
     assert "ConvBatchNormAct" in nodes[-1] and "ConvBatchNormAct" not in python_node, (nodes, python_node)
+    assert P.conv_link_count() == links + 1
 
 
 # The C++ backward as the first work of autograd's device thread in a fresh process: dy given, so no PyTorch op's

@@ -290,7 +290,7 @@ def epoch_times(preset: str, mode: str, dataset, full_train: int, data: str | No
                     "fused_modules": fused}
             if kernels != "torch":  # whether the Triton kernels skipped Triton's per-call launch path, or Python
                 info.update(fast_launch=_launch.active(), cached_launches=_launch.cached_launches(),
-                            cpp_plans=planned.plan_count())
+                            cpp_plans=planned.plan_count(), conv_nodes=planned.conv_link_count())
             out[kernels] = (Stats.of(samples[kernels]), info)
         del trainers, trainer
     _release()

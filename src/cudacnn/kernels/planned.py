@@ -83,6 +83,14 @@ def plan_count() -> int:
     return ext.plan_count() if ext is not None else 0
 
 
+def conv_link_count() -> int:
+    """Convolution call keys that run with the op under one node (ops.conv_batchnorm_act); 0 if never built."""
+    if extension.cache_info().currsize == 0:
+        return 0
+    ext = extension()
+    return ext.conv_link_count() if ext is not None else 0
+
+
 def config_code(activation: str, pool: bool, normalize: bool) -> int:
     return activation_code(activation) * 4 + pool * 2 + normalize
 

@@ -503,6 +503,12 @@ py::object conv_batchnorm_act(int64_t config, const at::Tensor& x, const at::Ten
 
 int64_t plan_count() { return static_cast<int64_t>(plans().size()); }
 
+int64_t conv_link_count() {
+  int64_t n = 0;
+  for (const auto& entry : conv_plans()) n += entry.second.pair != nullptr;
+  return n;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -510,6 +516,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_plan", &add_plan, "register the forward and backward plans of a key");
   m.def("batchnorm_act", &batchnorm_act, "batchnorm_act through its plan, or None without one");
   m.def("plan_count", &plan_count, "plans registered");
+  m.def("conv_link_count", &conv_link_count, "convolution call keys linked to plans (they take one node)");
   m.def("link_conv", &link_conv, "map a convolution call's key to the fused op's plans of its output");
   m.def("conv_batchnorm_act", &conv_batchnorm_act, "conv2d + batchnorm_act through one node, or None");
 }
