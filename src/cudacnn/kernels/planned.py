@@ -75,19 +75,20 @@ def extension():
         return None
 
 
+def _built():
+    """The extension if an earlier call built it (asking must not build it), else None."""
+    return extension() if extension.cache_info().currsize else None
+
+
 def plan_count() -> int:
     """Plans registered so far (keys whose training calls run from C++); 0 if the extension was never built."""
-    if extension.cache_info().currsize == 0:  # asking must not build it
-        return 0
-    ext = extension()
+    ext = _built()
     return ext.plan_count() if ext is not None else 0
 
 
 def conv_link_count() -> int:
     """Convolution call keys that run with the op under one node (ops.conv_batchnorm_act); 0 if never built."""
-    if extension.cache_info().currsize == 0:
-        return 0
-    ext = extension()
+    ext = _built()
     return ext.conv_link_count() if ext is not None else 0
 
 
