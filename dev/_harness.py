@@ -1,6 +1,6 @@
 """What the dev/ benchmarks share: their --budget-s and --dry-run flags, a start that picks the GPU, or
 Triton's interpreter on the CPU for --dry-run (the code paths at toy sizes; the numbers mean nothing), and the
-per-call timer of the host-overhead scripts."""
+per-call timer, flags and version line of the host-overhead scripts."""
 
 from __future__ import annotations
 
@@ -26,6 +26,31 @@ def device_for(args, script: str) -> str | None:
         print(f"error: {script} needs a CUDA GPU (or --dry-run for the code paths on the CPU)", file=sys.stderr)
         return None
     return "cuda"
+
+
+def add_per_call_flags(parser, host_help: str = "calls a timed round (host)") -> None:
+    """The host-overhead scripts' flags: --calls, --host-calls, --rounds, --json."""
+    parser.add_argument("--calls", type=int, default=200, help="calls a timed round (launched)")
+    parser.add_argument("--host-calls", type=int, default=100, help=host_help)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--json", help="also write the results here")
+
+
+def gpu_about() -> dict:
+    """The GPU and library versions, printed on one line; exits with an error line without a GPU."""
+    import platform
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("error: needs a CUDA GPU; run it on the GPU machine")
+    import triton
+
+    about = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                 cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(), python=platform.python_version(),
+                 cpu=platform.processor() or platform.machine())
+    print(" ".join(f"{k} {v}" for k, v in about.items()), flush=True)
+    return about
 
 
 def per_call_us(fn, calls: int, rounds: int, sync: str = "none", warmup: int = 10) -> float:

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 
 import torch
 import torch.nn.functional as F
 
-from _harness import per_call_us
+from _harness import add_per_call_flags, gpu_about, per_call_us
 
 from cudacnn.atomic import write_text_atomic
 from cudacnn.kernels import ops, planned
@@ -62,18 +61,9 @@ def make_step(shape, way: str):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--calls", type=int, default=200, help="calls a timed round (launched)")
-    p.add_argument("--host-calls", type=int, default=100, help="calls a timed round (host)")
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--json", help="also write the results here")
+    add_per_call_flags(p)
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("error: needs a CUDA GPU; run it on the GPU machine")
-    import triton
-
-    about = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                 cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(), python=platform.python_version())
-    print(" ".join(f"{k} {v}" for k, v in about.items()), flush=True)
+    about = gpu_about()
     rows = []
     for name, shape in CASES:
         for way in WAYS:

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 
 import torch
 
-from _harness import per_call_us
+from _harness import add_per_call_flags, gpu_about, per_call_us
 
 from cudacnn.atomic import write_text_atomic
 from cudacnn.kernels import _launch, ops, planned
@@ -97,19 +96,9 @@ def check_fast_path_taken() -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--calls", type=int, default=200, help="calls a timed round (launched)")
-    p.add_argument("--host-calls", type=int, default=100,
-                   help="calls a timed round (host); 4 launches each must fit the launch queue")
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--json", help="also write the results here")
+    add_per_call_flags(p, "calls a timed round (host); 4 launches each must fit the launch queue")
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("error: needs a CUDA GPU; run it on the GPU machine")
-    import triton
-
-    about = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                 cuda=torch.version.cuda, python=platform.python_version(), cpu=platform.processor() or platform.machine())
-    print(" ".join(f"{k} {v}" for k, v in about.items()), flush=True)
+    about = gpu_about()
     rows = measure(args.calls, args.rounds, args.host_calls)
     about["cached_launchers"] = check_fast_path_taken()
 
