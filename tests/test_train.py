@@ -217,6 +217,8 @@ def test_not_a_checkpoint(tmp_path):
     (["--seed", "-1"], "seed must be in [0, 2**32)"), (["--seed", str(2**32)], "seed must be in [0, 2**32)"),
     (["--model-kwargs", "[1]"], "model_kwargs must be dict"), (["--device", "foo"], "device must be auto, cpu"),
     (["--name", "../elsewhere"], "name must be a plain folder name"), (["--name", "a/b"], "name must be a plain"),
+    (["--cuda-graphs", "--compile"], "cuda-graphs replays the eager model's kernels and compile compiles them"),
+    (["--cuda-graphs", "--device", "cpu"], "--cuda-graphs needs a CUDA GPU and this run is on cpu"),
 ])
 def test_bad_flag_values_are_rejected(flags, message, tmp_path, capsys):
     assert main(["train", "--model", "simple", "--out", str(tmp_path / "runs"), *flags]) == 2

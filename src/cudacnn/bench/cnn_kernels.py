@@ -251,7 +251,8 @@ KERNEL_SETTINGS = ("torch", "triton")
 def epoch_times(preset: str, mode: str, dataset, full_train: int, data: str | None, timed_epochs: int = 2,
                 device: str = "cuda", profile: Path | None = None) -> dict[str, tuple[Stats, dict]]:
     """{kernels: (epoch times, info)} of `cudacnn train --preset P --kernels K` for K in KERNEL_SETTINGS, eager
-    (`mode` "eager") or with `--compile --compile-mode MODE` ("reduce-overhead": CUDA graphs); ms scaled to
+    (`mode` "eager"), eager with `--cuda-graphs` ("graphs") or with `--compile --compile-mode MODE`
+    ("reduce-overhead": CUDA graphs); ms scaled to
     `full_train` images. Both settings' Trainers are built and run one warm-up epoch each, then their timed
     epochs alternate, the order flipping every epoch: eager epochs at these sizes are host-bound and the host's
     speed drifts, so each pair of epochs meets the same host. With `profile` (a folder), one more epoch of each
@@ -259,7 +260,8 @@ def epoch_times(preset: str, mode: str, dataset, full_train: int, data: str | No
     from cudacnn.train.config import resolve
     from cudacnn.train.trainer import Trainer, make_progress
 
-    compiled = dict(compile=True, compile_mode=mode) if mode != "eager" else dict(compile=False)
+    compiled = {"eager": dict(compile=False), "graphs": dict(compile=False, cuda_graphs=True)}.get(
+        mode, dict(compile=True, compile_mode=mode))
     epochs = 1 + timed_epochs + (profile is not None)  # the schedule (OneCycle) must cover every epoch run
     with contextlib.ExitStack() as stack:
         trainers = {}
@@ -329,7 +331,7 @@ def train_rows(dataset, presets=PRESETS, modes=("eager", "default"), train_image
     for preset in presets:
         for mode in modes:
             runs, infos = {}, {}
-            label = "eager" if mode == "eager" else f"compiled ({mode})"
+            label = {"eager": "eager", "graphs": "eager, CUDA graphs"}.get(mode, f"compiled ({mode})")
             for kernels, (stats, info) in epoch_times(preset, mode, short, len(dataset.train), data, timed_epochs,
                                                       device=device, profile=profile).items():
                 runs[f"--kernels {kernels}"], infos[kernels] = measurement(stats), info
@@ -397,6 +399,8 @@ def add_options(p) -> None:
     p.add_argument("--no-eager", action="store_true", help="no eager epoch rows (only the --compile-modes ones)")
     p.add_argument("--compile-modes", default="default", help="comma-separated torch.compile modes of the "
                    "compiled epoch rows (reduce-overhead: CUDA graphs, which take the launches off the host)")
+    p.add_argument("--cuda-graphs", action="store_true", help="also time epochs with --cuda-graphs (the eager "
+                   "model's forward and backward replayed from CUDA graphs, both kernel settings)")
     p.add_argument("--op", help="only the per-op cases whose label contains this text")
     p.add_argument("--profile", type=Path, metavar="DIR", help="also profile one more epoch of each preset, mode "
                    "and kernel setting (torch.profiler), a table each in DIR")

@@ -286,8 +286,9 @@ def run_cnn_kernels(args) -> int:
     unknown = [p for p in presets if p not in PRESETS]
     if unknown:
         raise ConfigError(f"unknown preset(s) {', '.join(unknown)} in --presets; choose from {', '.join(PRESETS)}")
-    if args.no_eager and args.no_compile and not args.no_epochs:
-        raise ConfigError("--no-eager with --no-compile leaves no epoch rows to time; drop one, or add --no-epochs")
+    if args.no_eager and args.no_compile and not args.cuda_graphs and not args.no_epochs:
+        raise ConfigError("--no-eager with --no-compile leaves no epoch rows to time; drop one, or add --no-epochs "
+                          "or --cuda-graphs")
     if args.profile and args.no_epochs:
         raise ConfigError("--profile profiles the training epochs, which --no-epochs skips; drop one of the two")
     if not torch.cuda.is_available() or args.device == "cpu":
@@ -309,7 +310,8 @@ def run_cnn_kernels(args) -> int:
 
         dataset = load_dataset(args.data, cache_dir=args.cache_dir)
         if not args.no_epochs:
-            modes = (() if args.no_eager else ("eager",)) + (() if args.no_compile else tuple(_csv(args.compile_modes)))
+            modes = ((() if args.no_eager else ("eager",)) + (("graphs",) if args.cuda_graphs else ())
+                     + (() if args.no_compile else tuple(_csv(args.compile_modes))))
             cnn_kernels.train_rows(dataset, presets, modes, args.train_images, args.data, on_rows=save,
                                    profile=args.profile, timed_epochs=args.timed_epochs)
         if args.accuracy_seeds:

@@ -28,6 +28,8 @@ HELP = {
     "sync_bn": "data-parallel: SyncBatchNorm across GPUs", "max_per_gpu_batch": "data-parallel: at most this "
     "many samples per forward; larger per-GPU parts of the global batch use gradient accumulation (0 = off)",
     "compile_mode": f"with --compile: {' | '.join(COMPILE_MODES)} (reduce-overhead: CUDA graphs)",
+    "cuda_graphs": "GPU, one process: replay the model's training forward and backward from CUDA graphs captured "
+    "at the first step (the eager kernels, nothing compiled): fewer host launches a step",
     "cache_dir": "where decoded data caches live (default: CUDACNN_CACHE, else ~/.cache/cudacnn)",
     "epochs": "training epochs", "batch_size": "global batch size", "lr": "peak learning rate",
     "momentum": "SGD momentum", "weight_decay": "weight decay", "warmup_epochs": "linear warm-up (cosine schedule)",
@@ -184,7 +186,7 @@ def run_train(args) -> int:
 
         flags["recipe"] = parse_settings(args.recipe)
     if args.resume:
-        allowed = {"device", "compile", "compile_mode", "data", "cache_dir", "epochs", "sync_bn", "max_per_gpu_batch"}
+        allowed = {"device", "compile", "compile_mode", "cuda_graphs", "data", "cache_dir", "epochs", "sync_bn", "max_per_gpu_batch"}
         given = sorted(k for k, v in flags.items() if v is not None and k not in allowed)
         if given or args.preset or args.config:
             raise ConfigError(f"--resume continues a run with its saved config; drop {', '.join(given) or '--preset/--config'}")

@@ -63,6 +63,7 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     compile_mode: str = "default"        # with --compile: one of COMPILE_MODES (reduce-overhead: CUDA graphs)
+    cuda_graphs: bool = False            # replay the eager model's training forward and backward from CUDA graphs
     tf32: bool = True
     kernels: str = "torch"               # torch | triton | cuda: which kernels run linear/activation/loss
     device: str = "auto"                 # auto | cuda | cpu
@@ -117,6 +118,8 @@ class TrainConfig:
             (self.keep_best >= 0, "keep-best must be >= 0 (0 = off)"),
             (set(self.log_sinks) <= set(LOG_SINKS),
              f"log takes a comma-separated list of {', '.join(LOG_SINKS)} (metrics.jsonl is always written)"),
+            (not (self.cuda_graphs and self.compile), "cuda-graphs replays the eager model's kernels and compile "
+             "compiles them; drop one (--compile --compile-mode reduce-overhead also replays CUDA graphs)"),
             (not (self.init_from and self.pretrained), "init-from and pretrained both set the first weights; pick one"),
             (not (self.early_stopping and self.val_fraction == 0),
              "early stopping needs a validation split: set --val-fraction > 0"),

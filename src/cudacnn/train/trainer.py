@@ -37,6 +37,7 @@ from cudacnn.train.checkpoint import (check_compatible, load_checkpoint, run_che
                                      stored_model_kwargs)
 from cudacnn.train.config import (DIST_TIMEOUT_S, TrainConfig, claim_run_dir, from_dict, load_config_file, run_name,
                                   save_config)
+from cudacnn.train.graphs import GraphedForward, check_graphs
 from cudacnn.train.setup import device_name
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ class Trainer:
                  dist_timeout_s: float = DIST_TIMEOUT_S, fit_to_cpu: bool = False):
         self.config, self.callbacks, self.resume = config, callbacks, resume
         self.dist, self.device = distributed.init(config.device, dist_timeout_s)
+        if config.cuda_graphs:  # before anything is written
+            check_graphs(config, self.device, self.dist.enabled)
         self.quiet = quiet or not self.dist.is_main
         self.run_dir = Path(run_dir) if run_dir else distributed.main_computes(lambda: new_run_dir(config))
         setup.seed_everything(config.seed, config.deterministic)
@@ -145,6 +148,8 @@ class Trainer:
         # need a GPU, so the CPU compiles in the default mode.
         mode = c.compile_mode if self.device.type == "cuda" else "default"
         self.forward = torch.compile(self.model, mode=mode) if c.compile else self.model
+        if c.cuda_graphs:
+            self.forward = GraphedForward(self.model)
         self.ddp = None
         if self.dist.enabled:  # DDP broadcasts rank 0's initial weights and averages gradients
             from torch.nn.parallel import DistributedDataParallel
