@@ -37,6 +37,27 @@ def test_evaluation_and_no_grad_calls_run_the_model_itself():
     assert forward.graphed is None  # nothing was captured (a capture needs a GPU)
 
 
+def test_a_failed_capture_says_so_and_undoes_its_warm_up(monkeypatch):
+    model = create_model("bn_dropout", num_classes=4).train()
+    before = copy.deepcopy(model.state_dict())
+
+    def failing_capture(module, sample_args, **kwargs):
+        module(*sample_args)  # a warm-up step: it moves the BatchNorm statistics
+        raise RuntimeError("operation not permitted when stream is capturing\nCUDA kernel errors ...")
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", failing_capture)
+    rng_states = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: torch.tensor([7]))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: rng_states.append(int(state)))
+    with pytest.raises(ConfigError, match=r"could not capture this model's training step \(operation not "
+                       r"permitted when stream is capturing\); train without --cuda-graphs$"):
+        GraphedForward(model)(torch.randn(4, 3, 32, 32))
+    after = model.state_dict()
+    assert int(after["features.0.1.num_batches_tracked"]) == 0 and rng_states == [7]
+    for key, value in before.items():
+        torch.testing.assert_close(after[key], value, rtol=0, atol=0, msg=key)
+
+
 # ---------------------------------------------------------------- GPU
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

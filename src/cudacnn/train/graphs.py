@@ -81,6 +81,10 @@ class GraphedForward:
             with autocast:
                 self.graphed = torch.cuda.make_graphed_callables(_Train(self.model), (x.detach().clone(),),
                                                                  allow_unused_input=True)
+        except RuntimeError as error:  # e.g. a module that reads a tensor on the host in its forward
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ConfigError(f"--cuda-graphs could not capture this model's training step ({first}); train "
+                              "without --cuda-graphs") from error
         finally:
             with torch.no_grad():  # in place: the graphs read and update these very tensors
                 for buffer, saved in zip(self.model.buffers(), buffers):
