@@ -767,6 +767,13 @@ def test_cnn_kernels_bench_rows_on_the_cpu(monkeypatch):
         cnn_kernels.epoch_times("bn-dropout-plus", "reduce-overhead", dataset, 600, None, device="cpu")
     assert [(c.compile, c.compile_mode, c.kernels) for c in seen] == [(True, "reduce-overhead", "torch"),
                                                                       (True, "reduce-overhead", "triton")]
+    # the CUDA-graph rows train eagerly with --cuda-graphs, which a CPU refuses
+    from cudacnn.errors import ConfigError
+
+    seen.clear()
+    with pytest.raises(ConfigError, match="--cuda-graphs needs a CUDA GPU"):
+        cnn_kernels.epoch_times("bn-dropout-plus", "graphs", dataset, 600, None, device="cpu")
+    assert [(c.compile, c.cuda_graphs, c.kernels) for c in seen] == [(False, True, "torch")]
 
 
 @pytest.mark.filterwarnings("ignore:cudacnn.kernels")
