@@ -23,7 +23,8 @@ from cudacnn.errors import ConfigError
 def check_graphs(config, device: torch.device, distributed: bool) -> None:
     """Refuses --cuda-graphs where the graphs cannot stand in for the model's forward and backward."""
     if device.type != "cuda":
-        raise ConfigError(f"--cuda-graphs needs a CUDA GPU and this run is on {device.type}; drop --cuda-graphs")
+        raise ConfigError(f"--cuda-graphs needs a CUDA GPU and this run is on {device.type}; drop --cuda-graphs "
+                          "(resuming such a run: --no-cuda-graphs)")
     if distributed:
         raise ConfigError("--cuda-graphs trains on one GPU (DDP's gradient hooks cannot run inside a captured "
                           "backward); drop --cuda-graphs or train without torchrun/--gpus")
