@@ -37,6 +37,45 @@ def test_evaluation_and_no_grad_calls_run_the_model_itself():
     assert forward.graphed is None  # nothing was captured (a capture needs a GPU)
 
 
+def _no_cuda_rng(monkeypatch) -> list:
+    restored = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: torch.tensor([7]))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append(int(state)))
+    return restored
+
+
+def test_the_graphs_take_the_captured_layout_and_other_batches_run_eagerly(monkeypatch):
+    model = create_model("bn_dropout", num_classes=4).train()
+    replays = []
+
+    class Replayed(torch.nn.Module):  # stands in for the graphed module: counts its calls
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            replays.append(x.shape[0])
+            return self.inner(x)
+
+    def capture(module, sample_args, **kwargs):
+        module(*sample_args)  # a warm-up step, undone after the capture
+        return Replayed(module)
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", capture)
+    restored = _no_cuda_rng(monkeypatch)
+    forward = GraphedForward(model)
+    x = torch.randn(4, 3, 32, 32).to(memory_format=torch.channels_last)
+    forward(x)
+    assert replays == [4] and restored == [7]
+    assert int(model.state_dict()["features.0.1.num_batches_tracked"]) == 1  # the warm-up's step undone
+    forward(torch.randn(4, 3, 32, 32).to(memory_format=torch.channels_last))
+    forward(torch.randn(4, 3, 32, 32))  # other strides
+    forward(torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last))  # another batch size
+    forward(x.clone().requires_grad_())  # an input that wants its own gradient
+    assert replays == [4, 4]
+    assert int(model.state_dict()["features.0.1.num_batches_tracked"]) == 5  # all ran
+
+
 def test_a_failed_capture_says_so_and_undoes_its_warm_up(monkeypatch):
     model = create_model("bn_dropout", num_classes=4).train()
     before = copy.deepcopy(model.state_dict())
@@ -46,9 +85,7 @@ def test_a_failed_capture_says_so_and_undoes_its_warm_up(monkeypatch):
         raise RuntimeError("operation not permitted when stream is capturing\nCUDA kernel errors ...")
 
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", failing_capture)
-    rng_states = []
-    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: torch.tensor([7]))
-    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: rng_states.append(int(state)))
+    rng_states = _no_cuda_rng(monkeypatch)
     with pytest.raises(ConfigError, match=r"could not capture this model's training step \(operation not "
                        r"permitted when stream is capturing\); train without --cuda-graphs$"):
         GraphedForward(model)(torch.randn(4, 3, 32, 32))
