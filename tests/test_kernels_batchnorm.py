@@ -803,6 +803,8 @@ def test_bench_cnn_kernels_profiles_an_epoch_of_each_setting(tmp_path, monkeypat
     for kernels, table in tables.items():
         head = re.match(rf"smallnet-plus eager --kernels {kernels}: 0.0 ms of GPU kernels, ([0-9.]+) ms of host", table)
         assert head and float(head[1]) > 0  # the CPU's own time, summed over the epoch's ops
+        info = times[kernels][1]  # the same sums go into the bench's rows
+        assert (info["profile_gpu_ms"], info["profile_host_ms"]) == (0.0, float(head[1]))
         assert "sorted by self_cpu_time_total" in table
         assert "aten::convolution" in table  # a training epoch's ops, not an empty profile
     # our fused op (forward and backward) runs in the triton epoch only: the tables tell the settings apart

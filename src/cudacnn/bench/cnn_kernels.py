@@ -284,12 +284,13 @@ def epoch_times(preset: str, mode: str, dataset, full_train: int, data: str | No
                 samples[kernels].append(timer.ms * full_train / len(trainer.train_loader.labels))
         out = {}
         for kernels, trainer in trainers.items():
-            if profile is not None:
-                write_profile(functools.partial(trainer._train_epoch, 1 + timed_epochs, progress),
-                              Path(profile) / f"{preset}-{mode}-{kernels}.txt", f"{preset} {mode} --kernels {kernels}")
             fused = sum(type(m).__name__ in ("BatchNormAct", "ActivationPool") for m in trainer.model.modules())
             info = {"steps_timed": len(trainer.train_loader), "train_loss": round(records[kernels]["train_loss"], 4),
                     "fused_modules": fused}
+            if profile is not None:  # the profiled epoch's sums: a host-bound epoch has more host than GPU time
+                info.update(write_profile(functools.partial(trainer._train_epoch, 1 + timed_epochs, progress),
+                                          Path(profile) / f"{preset}-{mode}-{kernels}.txt",
+                                          f"{preset} {mode} --kernels {kernels}"))
             if kernels != "torch":  # whether the Triton kernels skipped Triton's per-call launch path, or Python
                 info.update(fast_launch=_launch.active(), cached_launches=_launch.cached_launches(),
                             cpp_plans=planned.plan_count(), conv_nodes=planned.conv_link_count())
@@ -299,10 +300,11 @@ def epoch_times(preset: str, mode: str, dataset, full_train: int, data: str | No
     return out
 
 
-def write_profile(work, path: Path, title: str) -> None:
+def write_profile(work, path: Path, title: str) -> dict:
     """Runs `work()` under torch.profiler and writes its ops sorted by device time, with the sum of the GPU
     kernels' time, then sorted by the host's own (self) CPU time, with its sum: where a step's time goes, for
-    one setting beside another; an eager step that waits on the host shows it in the second table."""
+    one setting beside another; an eager step that waits on the host shows it in the second table. Returns the
+    two sums ({profile_gpu_ms, profile_host_ms}; the profiler's own overhead is in the host time)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.cuda.is_available()
@@ -319,6 +321,7 @@ def write_profile(work, path: Path, title: str) -> None:
     for key in (["device_time_total"] if cuda else []) + ["self_cpu_time_total"]:
         tables.append(f"\nsorted by {key}\n" + events.table(sort_by=key, row_limit=40, max_name_column_width=70))
     path.write_text("".join(tables))
+    return {"profile_gpu_ms": round(kernel_ms, 1), "profile_host_ms": round(host_ms, 1)}
 
 
 def train_rows(dataset, presets=PRESETS, modes=("eager", "default"), train_images: int = 10240,
