@@ -26,8 +26,8 @@ def check_graphs(config, device: torch.device, distributed: bool) -> None:
         raise ConfigError(f"--cuda-graphs needs a CUDA GPU and this run is on {device.type}; drop --cuda-graphs "
                           "(resuming such a run: --no-cuda-graphs)")
     if distributed:
-        raise ConfigError("--cuda-graphs trains on one GPU (DDP's gradient hooks cannot run inside a captured "
-                          "backward); drop --cuda-graphs or train without torchrun/--gpus")
+        raise ConfigError("--cuda-graphs trains on one GPU (its graphs stand in for the model, not for DDP's "
+                          "wrapper of it); drop --cuda-graphs or train without torchrun/--gpus")
     if 0 < config.max_per_gpu_batch < config.batch_size:
         raise ConfigError(f"--cuda-graphs captures one batch shape, and --max-per-gpu-batch "
                           f"{config.max_per_gpu_batch} splits each batch of {config.batch_size} into smaller "
