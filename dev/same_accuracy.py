@@ -21,7 +21,7 @@ from pathlib import Path
 from statistics import mean
 
 
-def train_one(preset: str, kernels: str, seed: int, data: str, epochs: int | None) -> dict:
+def train_one(preset: str, kernels: str, seed: int, data: str, epochs: int | None, cuda_graphs: bool) -> dict:
     """One full training in this process (the bench's own, cnn_kernels.full_training); its test accuracy and wall
     time."""
     from cudacnn.bench.cnn_kernels import full_training
@@ -29,8 +29,8 @@ def train_one(preset: str, kernels: str, seed: int, data: str, epochs: int | Non
 
     dataset = load_dataset(data, quiet=True)
     start = time.time()
-    result = full_training(preset, kernels, seed, dataset, epochs, data, device="auto")
-    return dict(preset=preset, kernels=kernels, seed=seed, test_accuracy=round(result.test_accuracy, 4),
+    result = full_training(preset, kernels, seed, dataset, epochs, data, device="auto", cuda_graphs=cuda_graphs)
+    return dict(preset=preset, kernels=kernels, seed=seed, cuda_graphs=cuda_graphs, test_accuracy=round(result.test_accuracy, 4),
                 epochs=result.epochs_done, wall_s=round(time.time() - start, 1))
 
 
@@ -42,19 +42,22 @@ def main() -> None:
     p.add_argument("--kernels", default="torch,triton",
                    help="the settings to train (one alone: against the other's accuracies from an earlier run)")
     p.add_argument("--epochs", type=int, help="default: each preset's own")
+    p.add_argument("--cuda-graphs", action="store_true", help="train with --cuda-graphs")
     p.add_argument("--jobs", type=int, default=6, help="trainings at once")
     p.add_argument("--json", type=Path, help="also write the runs and the summary here")
     p.add_argument("--one", nargs=3, metavar=("PRESET", "KERNELS", "SEED"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:  # a child: one training, one JSON line
         preset, kernels, seed = args.one
-        print(json.dumps(train_one(preset, kernels, int(seed), args.data, args.epochs)), flush=True)
+        print(json.dumps(train_one(preset, kernels, int(seed), args.data, args.epochs, args.cuda_graphs)), flush=True)
         return
 
     def child(run):
         command = [sys.executable, __file__, "--data", args.data, "--one", *map(str, run)]
         if args.epochs:
             command += ["--epochs", str(args.epochs)]
+        if args.cuda_graphs:
+            command += ["--cuda-graphs"]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             return dict(zip(("preset", "kernels", "seed"), run), error=done.stderr.strip().splitlines()[-1:])

@@ -350,14 +350,15 @@ def train_rows(dataset, presets=PRESETS, modes=("eager", "default"), train_image
 
 
 def full_training(preset: str, kernels: str, seed: int, dataset, epochs: int | None = None, data: str | None = None,
-                  device: str = "cuda"):
-    """`cudacnn train --preset P --kernels K --set seed=S` on `dataset`, in a scratch folder; its TrainResult."""
+                  device: str = "cuda", cuda_graphs: bool = False):
+    """`cudacnn train --preset P --kernels K --seed S [--cuda-graphs]` on `dataset`, in a scratch folder; its
+    TrainResult."""
     from cudacnn.train.config import resolve
     from cudacnn.train.trainer import Trainer
 
     with tempfile.TemporaryDirectory(prefix="cudacnn-cnn-kernels-") as scratch:
         config = resolve(preset, None, dict(kernels=kernels, seed=seed, epochs=epochs, data=data, out=scratch,
-                                            device=device))
+                                            device=device, cuda_graphs=cuda_graphs))
         return Trainer(config, run_dir=Path(scratch), dataset=dataset, quiet=True).fit()
 
 
