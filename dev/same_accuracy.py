@@ -30,8 +30,9 @@ def train_one(preset: str, kernels: str, seed: int, data: str, epochs: int | Non
     dataset = load_dataset(data, quiet=True)
     start = time.time()
     result = full_training(preset, kernels, seed, dataset, epochs, data, device="auto", cuda_graphs=cuda_graphs)
-    return dict(preset=preset, kernels=kernels, seed=seed, cuda_graphs=cuda_graphs, test_accuracy=round(result.test_accuracy, 4),
-                epochs=result.epochs_done, wall_s=round(time.time() - start, 1))
+    return dict(preset=preset, kernels=kernels, seed=seed, cuda_graphs=cuda_graphs,
+                test_accuracy=round(result.test_accuracy, 4), epochs=result.epochs_done,
+                wall_s=round(time.time() - start, 1))
 
 
 def main() -> None:
