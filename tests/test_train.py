@@ -442,3 +442,5 @@ def test_resume_takes_only_device_like_flags(tmp_path, capsys):
     # compile settings may change on resume: past the flag check, to the (missing) run folder
     assert main(["train", "--resume", str(tmp_path), "--compile", "--compile-mode", "reduce-overhead"]) == 2
     assert "is not a run folder (no config.yaml)" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path), "--no-cuda-graphs"]) == 2  # a graphed run resumed on a CPU
+    assert "is not a run folder (no config.yaml)" in capsys.readouterr().err

@@ -186,7 +186,8 @@ def run_train(args) -> int:
 
         flags["recipe"] = parse_settings(args.recipe)
     if args.resume:
-        allowed = {"device", "compile", "compile_mode", "cuda_graphs", "data", "cache_dir", "epochs", "sync_bn", "max_per_gpu_batch"}
+        allowed = {"device", "compile", "compile_mode", "cuda_graphs", "data", "cache_dir", "epochs", "sync_bn",
+                   "max_per_gpu_batch"}
         given = sorted(k for k, v in flags.items() if v is not None and k not in allowed)
         if given or args.preset or args.config:
             raise ConfigError(f"--resume continues a run with its saved config; drop {', '.join(given) or '--preset/--config'}")
