@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,9 +84,9 @@ def _final_weights(run_dir):
     return load_checkpoint(run_dir / "checkpoints" / "last.pt")["train_state"]["model"]
 
 
-def test_resume_ends_with_the_same_weights(tmp_path, dataset):
-    # bn_dropout: dropout draws from the RNG, so the saved RNG state must be restored for equality
-    config = tiny_config(tmp_path, model="bn_dropout", epochs=3, batch_size=64)
+def straight_and_resumed(config: TrainConfig, dataset: Dataset):
+    """The results of `config` trained straight through, and trained again, interrupted after its second epoch
+    and resumed (run folders "straight" and "interrupted" under config.out)."""
     straight = Trainer(dataclasses.replace(config, name="straight"), dataset=dataset, quiet=True).fit()
 
     def interrupt_after_second(trainer, record):
@@ -95,9 +96,15 @@ def test_resume_ends_with_the_same_weights(tmp_path, dataset):
     interrupted = dataclasses.replace(config, name="interrupted")
     with pytest.raises(KeyboardInterrupt):
         Trainer(interrupted, dataset=dataset, callbacks=(interrupt_after_second,), quiet=True).fit()
-    run_dir = tmp_path / "runs" / "interrupted"
+    run_dir = Path(config.out) / "interrupted"
     assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["epoch"] == 1
-    resumed = Trainer(interrupted, run_dir=run_dir, resume=True, dataset=dataset, quiet=True).fit()
+    return straight, Trainer(interrupted, run_dir=run_dir, resume=True, dataset=dataset, quiet=True).fit()
+
+
+def test_resume_ends_with_the_same_weights(tmp_path, dataset):
+    # bn_dropout: dropout draws from the RNG, so the saved RNG state must be restored for equality
+    config = tiny_config(tmp_path, model="bn_dropout", epochs=3, batch_size=64)
+    straight, resumed = straight_and_resumed(config, dataset)
     a, b = _final_weights(straight.run_dir), _final_weights(resumed.run_dir)
     assert a.keys() == b.keys()
     for key in a:

@@ -180,27 +180,13 @@ def test_gpu_trainer_with_graphs_trains_as_without(tmp_path):
 def test_gpu_a_graphed_run_resumes_to_the_same_weights(tmp_path):
     """The capture's warm-up leaves no trace and the replays draw their dropout masks from the saved random
     state, so an interrupted graphed run resumes to the weights of one that was not."""
-    import dataclasses
-
-    from test_train import learnable_dataset
+    from test_train import learnable_dataset, straight_and_resumed
 
     from cudacnn.train.checkpoint import load_checkpoint
-    from cudacnn.train.trainer import Trainer
 
-    dataset = learnable_dataset(n_train=512, n_test=128)
     config = TrainConfig(model="bn_dropout", epochs=3, batch_size=64, lr=0.05, val_fraction=0.0, amp="bf16",
                          device="cuda", cuda_graphs=True, deterministic=True, out=str(tmp_path / "runs")).validate()
-    straight = Trainer(dataclasses.replace(config, name="straight"), dataset=dataset, quiet=True).fit()
-
-    def interrupt_after_second(trainer, record):
-        if record["epoch"] == 2:
-            raise KeyboardInterrupt
-
-    interrupted = dataclasses.replace(config, name="interrupted")
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(interrupted, dataset=dataset, callbacks=(interrupt_after_second,), quiet=True).fit()
-    run_dir = tmp_path / "runs" / "interrupted"
-    resumed = Trainer(interrupted, run_dir=run_dir, resume=True, dataset=dataset, quiet=True).fit()
+    straight, resumed = straight_and_resumed(config, learnable_dataset(n_train=512, n_test=128))
     a, b = (load_checkpoint(r.run_dir / "checkpoints" / "last.pt")["train_state"]["model"] for r in (straight, resumed))
     for key in a:
         assert torch.equal(a[key], b[key]), key
