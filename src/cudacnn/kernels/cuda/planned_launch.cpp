@@ -437,7 +437,7 @@ std::vector<int64_t> conv_key(int64_t config, const at::Tensor& x, const at::Ten
 }
 
 struct ConvLink {
-  const PlanPair* pair;          // nullptr: the fused op's call was not planned
+  const PlanPair* pair;          // nullptr: the fused op's call was not planned, or the link was dropped
   std::vector<int64_t> plan_key;  // the fused op's key, of the convolution's output
 };
 
@@ -463,7 +463,7 @@ void link_conv(int64_t config, const at::Tensor& x, const at::Tensor& conv_weigh
 
 // The convolution and the fused op through one node, or None: no plan is linked to this call's key (the
 // caller runs the two calls, then links), or the convolution's output came out in another layout than the
-// linked plan's input.
+// linked plan's input (then the link is dropped: the key's calls run as the two calls from then on).
 py::object conv_batchnorm_act(int64_t config, const at::Tensor& x, const at::Tensor& conv_weight,
                               const std::optional<at::Tensor>& conv_bias, const std::vector<int64_t>& stride,
                               const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation,
@@ -495,7 +495,10 @@ py::object conv_batchnorm_act(int64_t config, const at::Tensor& x, const at::Ten
                                                                         : std::nullopt,
                              stride, padding, dilation, false, std::vector<int64_t>(stride.size(), 0), groups);
   }
-  if (make_key(config, call.y, opt(w), opt(b), opt(r), opt(rm), opt(rv)) != it->second.plan_key) return py::none();
+  if (make_key(config, call.y, opt(w), opt(b), opt(r), opt(rm), opt(rv)) != it->second.plan_key) {
+    it->second.pair = nullptr;  // the key's later calls go straight to the two calls, not computing this twice
+    return py::none();
+  }
   return py::cast(ConvBatchNormAct::apply(x, conv_weight, conv_bias, w, b, r, rm, rv, momentum, eps,
                                           reinterpret_cast<int64_t>(it->second.pair),
                                           reinterpret_cast<int64_t>(&call)));
