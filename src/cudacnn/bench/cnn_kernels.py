@@ -246,6 +246,14 @@ def _subset(dataset, n: int | None, seed: int = 0):
 
 
 KERNEL_SETTINGS = ("torch", "triton")
+# the epoch modes besides torch.compile's own (any other mode is `--compile --compile-mode MODE`): label, config
+EAGER_MODES = {"eager": ("eager", dict(compile=False)),
+               "graphs": ("eager, CUDA graphs", dict(compile=False, cuda_graphs=True))}
+
+
+def _mode(mode: str) -> tuple[str, dict]:
+    """(row label, config overrides) of an epoch mode."""
+    return EAGER_MODES.get(mode, (f"compiled ({mode})", dict(compile=True, compile_mode=mode)))
 
 
 def epoch_times(preset: str, mode: str, dataset, full_train: int, data: str | None, timed_epochs: int = 2,
@@ -260,8 +268,7 @@ def epoch_times(preset: str, mode: str, dataset, full_train: int, data: str | No
     from cudacnn.train.config import resolve
     from cudacnn.train.trainer import Trainer, make_progress
 
-    compiled = {"eager": dict(compile=False), "graphs": dict(compile=False, cuda_graphs=True)}.get(
-        mode, dict(compile=True, compile_mode=mode))
+    _, compiled = _mode(mode)
     epochs = 1 + timed_epochs + (profile is not None)  # the schedule (OneCycle) must cover every epoch run
     with contextlib.ExitStack() as stack:
         trainers = {}
@@ -334,7 +341,7 @@ def train_rows(dataset, presets=PRESETS, modes=("eager", "default"), train_image
     for preset in presets:
         for mode in modes:
             runs, infos = {}, {}
-            label = {"eager": "eager", "graphs": "eager, CUDA graphs"}.get(mode, f"compiled ({mode})")
+            label, _ = _mode(mode)
             for kernels, (stats, info) in epoch_times(preset, mode, short, len(dataset.train), data, timed_epochs,
                                                       device=device, profile=profile).items():
                 runs[f"--kernels {kernels}"], infos[kernels] = measurement(stats), info

@@ -22,6 +22,5 @@ from .ops import BACKENDS
 __all__ = [
     "gemm", "gemm_backward", "column_sum", "activation_forward", "activation_backward", "softmax_cross_entropy",
     "Linear", "Activation", "BatchNormAct", "PoolBatchNormAct", "ActivationPool", "ConvBatchNormAct",
-    "FusedBasicBlock",
-    "CrossEntropyLoss", "swap_modules", "cross_entropy_loss", "BACKENDS",
+    "FusedBasicBlock", "CrossEntropyLoss", "swap_modules", "cross_entropy_loss", "BACKENDS",
 ]

@@ -147,9 +147,10 @@ class Trainer:
         # CUDA graphs (reduce-overhead) cut the per-step launch cost that bounds small per-GPU batches; they
         # need a GPU, so the CPU compiles in the default mode.
         mode = c.compile_mode if self.device.type == "cuda" else "default"
-        self.forward = torch.compile(self.model, mode=mode) if c.compile else self.model
-        if c.cuda_graphs:
-            self.forward = GraphedForward(self.model)
+        if c.compile:
+            self.forward = torch.compile(self.model, mode=mode)
+        else:
+            self.forward = GraphedForward(self.model) if c.cuda_graphs else self.model
         self.ddp = None
         if self.dist.enabled:  # DDP broadcasts rank 0's initial weights and averages gradients
             from torch.nn.parallel import DistributedDataParallel
