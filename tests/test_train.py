@@ -101,9 +101,12 @@ def straight_and_resumed(config: TrainConfig, dataset: Dataset):
     return straight, Trainer(interrupted, run_dir=run_dir, resume=True, dataset=dataset, quiet=True).fit()
 
 
-def test_resume_ends_with_the_same_weights(tmp_path, dataset):
-    # bn_dropout: dropout draws from the RNG, so the saved RNG state must be restored for equality
-    config = tiny_config(tmp_path, model="bn_dropout", epochs=3, batch_size=64)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="resuming on a GPU needs a CUDA GPU")])])
+def test_resume_ends_with_the_same_weights(tmp_path, dataset, device):
+    # bn_dropout: dropout draws from the RNG, so the saved RNG state must be restored for equality. On a GPU the
+    # checkpoint is read onto the GPU, the generators' saved states with it.
+    config = tiny_config(tmp_path, model="bn_dropout", epochs=3, batch_size=64, device=device)
     straight, resumed = straight_and_resumed(config, dataset)
     a, b = _final_weights(straight.run_dir), _final_weights(resumed.run_dir)
     assert a.keys() == b.keys()
