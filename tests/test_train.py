@@ -431,6 +431,7 @@ def test_onecycle_handles_short_runs(steps):
         assert rates[0] == pytest.approx(0.1 / 25) and rates[-1] == pytest.approx(0.1 / 25 / 1e3, rel=0.05)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs (compile mode reduce-overhead) need a CUDA GPU")
 def test_cuda_graph_training_matches_eager_on_gpu(tmp_path, dataset):
     """`--compile --compile-mode reduce-overhead` replays the step from CUDA graphs: the same training as eager.
