@@ -287,6 +287,7 @@ def test_bench_all_tiny(tmp_path):
         assert report.read_json(tmp_path / f"{suite}.json")["suite"] == suite
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 def test_graphed_pipeline_learns_like_eager():
     """The replayed graph must really train: same task, same seed, accuracy close to the eager step's."""

@@ -161,6 +161,7 @@ def test_train_loss_is_the_summed_cross_entropy_and_the_hits():
     assert net.head.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_train_fast_compiled_on_gpu():
     result = train_fast("fast94", tiny_dataset(4000, 2000), device="cuda", compile=True, log=lambda *_: None,
@@ -170,6 +171,7 @@ def test_train_fast_compiled_on_gpu():
     assert next(result.model.parameters()).dtype == torch.float16
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("overrides", [{}, {"keep_fraction": 0.5}, {"tta_fraction": 0.25, "activation": "silu"}],
                          ids=["plain", "filtered", "selective-tta"])

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA C++ kernels need a CUDA GPU")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA C++ kernels need a CUDA GPU")]
 
 from cudacnn.kernels import cuda_ext, gemm, ops, softmax_cross_entropy  # noqa: E402
 from cudacnn.kernels.activations import reference_backward, reference_forward  # noqa: E402
