@@ -37,7 +37,7 @@ from cudacnn.train.checkpoint import (check_compatible, load_checkpoint, run_che
                                      stored_model_kwargs)
 from cudacnn.train.config import (DIST_TIMEOUT_S, TrainConfig, claim_run_dir, from_dict, load_config_file, run_name,
                                   save_config)
-from cudacnn.train.graphs import GraphedForward, check_graphs
+from cudacnn.train.graphs import GraphedStep, check_graphs
 from cudacnn.train.setup import device_name
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ class Trainer:
         if c.compile:
             self.forward = torch.compile(self.model, mode=mode)
         else:
-            self.forward = GraphedForward(self.model) if c.cuda_graphs else self.model
+            self.forward = self.model
         self.ddp = None
         if self.dist.enabled:  # DDP broadcasts rank 0's initial weights and averages gradients
             from torch.nn.parallel import DistributedDataParallel
@@ -168,6 +168,7 @@ class Trainer:
         self.optimizer = setup.build_optimizer(self.model, c)
         self.scheduler = setup.build_scheduler(self.optimizer, c, len(self.train_loader))
         self.scaler = torch.amp.GradScaler(self.device.type) if c.amp == "fp16" else None
+        self.graphed = GraphedStep(self.model, self._forward_backward) if c.cuda_graphs else None
         self.ema = setup.build_ema(self.model, c.ema_decay)
         self.early = EarlyStopping(c.early_stopping)
         self.history: list[dict] = []
@@ -251,36 +252,29 @@ class Trainer:
         self.train_loader.set_epoch(epoch)
         steps = len(self.train_loader)
         task = progress.add_task(f"epoch {epoch + 1}/{c.epochs}", total=steps, stats="", eta_label="epoch ETA")
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        if self.graphed:  # the graph adds to its own totals
+            loss_sum, correct = self.graphed.totals(self.device)
+        else:
+            loss_sum = torch.zeros((), device=self.device)
+            correct = torch.zeros((), device=self.device, dtype=torch.long)
         seen, start = 0, time.perf_counter()
         shown = start - 1.0  # the first step is shown at once: an ETA within seconds of the start
-        amp = c.amp != "none"
         world = self.dist.world_size
         batches = zip(self.train_loader, self.train_loader.step_sizes())
         for step, ((images, labels), global_size) in enumerate(batches):
-            self.optimizer.zero_grad(set_to_none=True)
-            micro = [(x, y) for x, y in zip(images.tensor_split(self.accumulation),
-                                            labels.tensor_split(self.accumulation)) if len(y)]
-            for index, (x, y) in enumerate(micro):
-                # Gradients are all-reduced once, after the last micro-batch.
-                last = index == len(micro) - 1
-                with nullcontext() if last or self.ddp is None else self.ddp.no_sync():
-                    with torch.autocast(self.device.type, dtype=AMP_DTYPES.get(c.amp), enabled=amp):
-                        logits = self.forward(x)
-                        loss = self.criterion(logits.float(), y)
-                    # DDP averages over ranks: scaled so the result is the global batch's mean-loss gradient.
-                    scale = len(y) * world / global_size
-                    scaled = loss if scale == 1 else loss * scale
-                    # One GPU: backward runs on this thread rather than autograd's device thread; the hand-off
-                    # there and back cost 65-140 us a backward, more with our ops' Python autograd Functions in
-                    # the graph, and small nets' eager steps are host-bound (benchmarks/kernels.md). DDP keeps the
-                    # default, under which its gradient hooks were tested.
-                    with (torch.autograd.set_multithreading_enabled(False) if self.ddp is None else nullcontext()):
-                        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-                loss_sum += loss.detach() * len(y)
-                correct += (logits.argmax(1) == y).sum()
-                seen += len(y)
+            seen += len(labels)
+            if self.graphed:  # one batch a step (no split under graphs), its gradients written, not added
+                self.graphed.step(images, labels)
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
+                micro = [(x, y) for x, y in zip(images.tensor_split(self.accumulation),
+                                                labels.tensor_split(self.accumulation)) if len(y)]
+                for index, (x, y) in enumerate(micro):
+                    # Gradients are all-reduced once, after the last micro-batch.
+                    last = index == len(micro) - 1
+                    with nullcontext() if last or self.ddp is None else self.ddp.no_sync():
+                        # DDP averages over ranks: scaled so the result is the global batch's mean-loss gradient.
+                        self._forward_backward(x, y, loss_sum, correct, scale=len(y) * world / global_size)
             if self.scaler:
                 self.scaler.unscale_(self.optimizer)
             if c.grad_clip > 0:
@@ -315,6 +309,26 @@ class Trainer:
         return {"epoch": epoch + 1, "train_loss": mean_loss, "train_acc": accuracy,
                 "lr": self.optimizer.param_groups[0]["lr"], "epoch_time_s": elapsed,
                 "images_per_s": total / elapsed}
+
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor, loss_sum: torch.Tensor, correct: torch.Tensor,
+                          scale: float = 1.0) -> None:
+        """Forward, loss and backward of one (micro-)batch; its loss sum and correct count added to the totals in
+        place. Under --cuda-graphs this is the step the graph holds."""
+        c = self.config
+        # a graph keeps the casts of the step that captured it: autocast's weight-cast cache would outlive them
+        with torch.autocast(self.device.type, dtype=AMP_DTYPES.get(c.amp), enabled=c.amp != "none",
+                            cache_enabled=self.graphed is None):
+            logits = self.forward(x)
+            loss = self.criterion(logits.float(), y)
+        scaled = loss if scale == 1 else loss * scale
+        # One GPU: backward runs on this thread rather than autograd's device thread; the hand-off there and
+        # back cost 65-140 us a backward, more with our ops' Python autograd Functions in the graph, and small
+        # nets' eager steps are host-bound (benchmarks/kernels.md). DDP keeps the default, under which its
+        # gradient hooks were tested.
+        with (torch.autograd.set_multithreading_enabled(False) if self.ddp is None else nullcontext()):
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
 
     def _local_stats(self, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> tuple[float, float, int]:
         """(mean loss, accuracy, samples) of this rank, the samples scaled to the world; no collective."""
