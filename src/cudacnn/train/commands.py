@@ -28,7 +28,7 @@ HELP = {
     "sync_bn": "data-parallel: SyncBatchNorm across GPUs", "max_per_gpu_batch": "data-parallel: at most this "
     "many samples per forward; larger per-GPU parts of the global batch use gradient accumulation (0 = off)",
     "compile_mode": f"with --compile: {' | '.join(COMPILE_MODES)} (reduce-overhead: CUDA graphs)",
-    "cuda_graphs": "GPU, one process: replay the model's training forward and backward from CUDA graphs captured "
+    "cuda_graphs": "GPU, one process: replay the step's forward, loss and backward from a CUDA graph captured "
     "at the first step (the eager kernels, nothing compiled): fewer host launches a step",
     "cache_dir": "where decoded data caches live (default: CUDACNN_CACHE, else ~/.cache/cudacnn)",
     "epochs": "training epochs", "batch_size": "global batch size", "lr": "peak learning rate",

@@ -63,7 +63,7 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     compile_mode: str = "default"        # with --compile: one of COMPILE_MODES (reduce-overhead: CUDA graphs)
-    cuda_graphs: bool = False            # replay the eager model's training forward and backward from CUDA graphs
+    cuda_graphs: bool = False            # replay the step's forward, loss and backward from a CUDA graph
     tf32: bool = True
     kernels: str = "torch"               # torch | triton | cuda: which kernels run linear/activation/loss
     device: str = "auto"                 # auto | cuda | cpu
