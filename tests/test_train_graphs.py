@@ -97,8 +97,8 @@ def test_the_step_replays_its_layout_and_runs_other_batches_eagerly(monkeypatch)
     model = create_model("bn_dropout", num_classes=4, dropout=0.0, head_dropout=0.0).train()
     twin = copy.deepcopy(model)
     fake = _FakeCuda(monkeypatch)
-    step = fake.step = GraphedStep(model, _body(model))
-    loss_sum, correct = step.totals(torch.device("cpu"))
+    step = fake.step = GraphedStep(model, _body(model), torch.device("cpu"))
+    loss_sum, correct = step.totals()
     x, y = _batch(8)
     step.step(x, y)
     assert fake.captures == 1 and fake.replays == 1 and fake.rng_restored == [7]
@@ -124,15 +124,16 @@ def test_the_step_replays_its_layout_and_runs_other_batches_eagerly(monkeypatch)
         for got, want in zip(grads, _eager_grads(copy.deepcopy(model), *other)):
             torch.testing.assert_close(got, want)
     assert int(model.state_dict()["features.0.1.num_batches_tracked"]) == 4
-    assert step.totals(torch.device("cpu")) == (loss_sum, correct) and float(loss_sum) == 0  # zeroed, the same tensors
+    zeroed = step.totals()
+    assert zeroed[0] is loss_sum and zeroed[1] is correct and float(loss_sum) == 0 == int(correct)  # in place
 
 
 def test_a_failed_capture_says_so_and_undoes_its_warm_up(monkeypatch):
     model = create_model("bn_dropout", num_classes=4).train()
     before = copy.deepcopy(model.state_dict())
     fake = _FakeCuda(monkeypatch, fail="operation not permitted when stream is capturing\nCUDA kernel errors ...")
-    step = fake.step = GraphedStep(model, _body(model))
-    loss_sum, correct = step.totals(torch.device("cpu"))
+    step = fake.step = GraphedStep(model, _body(model), torch.device("cpu"))
+    loss_sum, correct = step.totals()
     with pytest.raises(ConfigError, match=r"could not capture this model's training step \(operation not "
                        r"permitted when stream is capturing\); train without --cuda-graphs$"):
         step.step(*_batch(4))
@@ -160,8 +161,8 @@ def _steps(model, batches, graphed: bool, lr=0.05):
         loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
 
-    step = GraphedStep(model, body) if graphed else None
-    loss_sum, correct = step.totals(CUDA) if step else (torch.zeros((), device=CUDA),
+    step = GraphedStep(model, body, CUDA) if graphed else None
+    loss_sum, correct = step.totals() if step else (torch.zeros((), device=CUDA),
                                                          torch.zeros((), device=CUDA, dtype=torch.long))
     for x, y in batches:
         if step:

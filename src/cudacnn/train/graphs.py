@@ -53,19 +53,16 @@ class GraphedStep:
     Capture runs a few warm-up steps on the first batch; their effects (BatchNorm statistics, the random stream
     dropout draws from, the totals) are undone, so a run with the graph starts where one without would."""
 
-    def __init__(self, model: nn.Module, body: StepBody):
+    def __init__(self, model: nn.Module, body: StepBody, device: torch.device):
         self.model, self.body = model, body
         self.graph: torch.cuda.CUDAGraph | None = None
         self.layout: tuple | None = None
         self.inputs: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.loss_sum: torch.Tensor | None = None
-        self.correct: torch.Tensor | None = None
+        self.loss_sum = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device, dtype=torch.long)
 
-    def totals(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def totals(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The epoch's running loss sum and correct count, zeroed: the graph adds to these very tensors."""
-        if self.loss_sum is None:
-            self.loss_sum = torch.zeros((), device=device)
-            self.correct = torch.zeros((), device=device, dtype=torch.long)
         self.loss_sum.zero_()
         self.correct.zero_()
         return self.loss_sum, self.correct
@@ -88,8 +85,6 @@ class GraphedStep:
         self.body(x, y, self.loss_sum, self.correct)
 
     def _capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        if self.loss_sum is None:
-            self.totals(x.device)
         totals = (self.loss_sum.clone(), self.correct.clone())
         buffers = [b.detach().clone() for b in self.model.buffers()]
         rng = torch.cuda.get_rng_state(x.device)

@@ -168,7 +168,7 @@ class Trainer:
         self.optimizer = setup.build_optimizer(self.model, c)
         self.scheduler = setup.build_scheduler(self.optimizer, c, len(self.train_loader))
         self.scaler = torch.amp.GradScaler(self.device.type) if c.amp == "fp16" else None
-        self.graphed = GraphedStep(self.model, self._forward_backward) if c.cuda_graphs else None
+        self.graphed = GraphedStep(self.model, self._forward_backward, self.device) if c.cuda_graphs else None
         self.ema = setup.build_ema(self.model, c.ema_decay)
         self.early = EarlyStopping(c.early_stopping)
         self.history: list[dict] = []
@@ -253,7 +253,7 @@ class Trainer:
         steps = len(self.train_loader)
         task = progress.add_task(f"epoch {epoch + 1}/{c.epochs}", total=steps, stats="", eta_label="epoch ETA")
         if self.graphed:  # the graph adds to its own totals
-            loss_sum, correct = self.graphed.totals(self.device)
+            loss_sum, correct = self.graphed.totals()
         else:
             loss_sum = torch.zeros((), device=self.device)
             correct = torch.zeros((), device=self.device, dtype=torch.long)
