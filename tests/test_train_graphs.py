@@ -28,11 +28,14 @@ def test_graphs_are_refused_where_they_cannot_replace_the_step(distributed, over
     check_graphs(TrainConfig(cuda_graphs=True, batch_size=256, max_per_gpu_batch=256), CUDA, False)  # no split
 
 
-def _body(model):
-    """The step a graph holds, as the Trainer's: forward, loss, backward, the totals added in place."""
+def _body(model, autocast: str | None = None, cache: bool = True):
+    """The step a graph holds, as the Trainer's: forward and loss (under `autocast`'s bf16 where named), backward,
+    the totals added in place."""
     def body(x, y, loss_sum, correct):
-        logits = model(x)
-        loss = torch.nn.functional.cross_entropy(logits.float(), y)
+        with torch.autocast(autocast or "cpu", dtype=torch.bfloat16, enabled=autocast is not None,
+                            cache_enabled=cache):
+            logits = model(x)
+            loss = torch.nn.functional.cross_entropy(logits.float(), y)
         loss.backward()
         loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
@@ -153,14 +156,7 @@ def _steps(model, batches, graphed: bool, lr=0.05):
     """SGD steps under bf16 autocast as the Trainer takes them, eagerly or through a GraphedStep; the totals."""
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, fused=True)
 
-    def body(x, y, loss_sum, correct):
-        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graphed):
-            logits = model(x)
-            loss = torch.nn.functional.cross_entropy(logits.float(), y)
-        loss.backward()
-        loss_sum += loss.detach() * len(y)
-        correct += (logits.argmax(1) == y).sum()
-
+    body = _body(model, autocast="cuda", cache=not graphed)
     step = GraphedStep(model, body, CUDA) if graphed else None
     loss_sum, correct = step.totals() if step else (torch.zeros((), device=CUDA),
                                                          torch.zeros((), device=CUDA, dtype=torch.long))

@@ -9,9 +9,9 @@ fused optimizers take those as host numbers, which a graph would freeze. Unlike 
 reduce-overhead`, which also replays graphs, nothing is compiled: the graph holds the eager kernels (PyTorch's,
 or ours with --kernels), so `--kernels triton` against `--kernels torch` still compares kernels.
 
-What a graph needs and the Trainer guarantees: one batch shape (a batch of another shape, such as an epoch's
-last, runs eagerly), the same parameters, buffers and gradients for the whole run (the optimizer and checkpoint
-loads update them in place; nothing sets the gradients to None), and no host sync inside the step.
+What a graph needs and the Trainer guarantees: one batch shape (a batch of another shape runs eagerly), the
+same parameters, buffers and gradients for the whole run (the optimizer and checkpoint loads update them in
+place; nothing sets the gradients to None), and no host sync inside the step.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class GraphedStep:
 
     @staticmethod
     def _layout(x: torch.Tensor, y: torch.Tensor) -> tuple:
-        return x.shape, x.stride(), x.dtype, x.device, y.shape, y.dtype
+        return x.shape, x.stride(), x.dtype, y.shape, y.dtype
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         if self.graph is None:

@@ -147,10 +147,7 @@ class Trainer:
         # CUDA graphs (reduce-overhead) cut the per-step launch cost that bounds small per-GPU batches; they
         # need a GPU, so the CPU compiles in the default mode.
         mode = c.compile_mode if self.device.type == "cuda" else "default"
-        if c.compile:
-            self.forward = torch.compile(self.model, mode=mode)
-        else:
-            self.forward = self.model
+        self.forward = torch.compile(self.model, mode=mode) if c.compile else self.model
         self.ddp = None
         if self.dist.enabled:  # DDP broadcasts rank 0's initial weights and averages gradients
             from torch.nn.parallel import DistributedDataParallel
