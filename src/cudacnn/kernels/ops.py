@@ -578,7 +578,10 @@ def conv_batchnorm_act(x: Tensor, conv_weight: Tensor, conv_bias: Tensor | None,
     """batchnorm_act(F.conv2d(x, conv_weight, conv_bias, stride, padding, dilation, groups), ...), padding as
     integers. An eager training call on a GPU runs both under one C++ autograd node (the convolution stays
     PyTorch's: cuDNN, autocast's casts included), where the two calls make three (the convolution's, the weight
-    cast's and the op's) with Python between them; every other call is the two calls."""
+    cast's and the op's) with Python between them; every other call is the two calls. With normalize, the node
+    returns the convolution's bias gradient as zeros without computing it: a BatchNorm with batch statistics
+    gives the same output for any per-channel shift of its input, so that gradient is zero (the two calls compute
+    it, to within rounding of zero)."""
     conv = (conv_weight, conv_bias, stride, padding, dilation, groups)
     norm = (weight, bias, residual, running_mean, running_var)
     fused = (backend != "torch" and training and x.is_cuda and _planned.ENABLED and torch.is_grad_enabled()

@@ -290,6 +290,9 @@ struct ConvCall {
   int64_t groups = 1;
   at::Tensor x, weight, bias;  // as the convolution took them: cast to the autocast dtype when autocast is on
   at::Tensor y;
+  // y feeds a BatchNorm with batch statistics, whose output does not change when a channel of y is shifted, so
+  // the convolution's bias gradient (the sum of dy over each channel) is zero and is not computed
+  bool bias_grad_is_zero = false;
 };
 
 // y = maxpool?(act(batchnorm(conv2d(x, conv_weight, conv_bias)) + residual)) with one autograd node: the
@@ -311,6 +314,7 @@ struct ConvBatchNormAct : public torch::autograd::Function<ConvBatchNormAct> {
     ctx->saved_data["x_dtype"] = static_cast<int64_t>(x.scalar_type());
     ctx->saved_data["weight_dtype"] = static_cast<int64_t>(conv_weight.scalar_type());
     ctx->saved_data["bias_dtype"] = conv_bias.has_value() ? static_cast<int64_t>(conv_bias->scalar_type()) : -1;
+    ctx->saved_data["bias_grad_is_zero"] = call->bias_grad_is_zero;
     return forward_plan(ctx, reinterpret_cast<const PlanPair*>(pair_address), call->y, opt(weight), opt(bias),
                         opt(residual), opt(running_mean), opt(running_var), momentum, eps, {call->x, call->weight});
   }
@@ -323,10 +327,15 @@ struct ConvBatchNormAct : public torch::autograd::Function<ConvBatchNormAct> {
     variable_list result(12);
     const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
     const bool has_bias = bias_dtype >= 0;
+    const bool bias_grad = has_bias && ctx->needs_input_grad(2);
+    const bool bias_grad_is_zero = ctx->saved_data["bias_grad_is_zero"].toBool();
     const std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
-                                   has_bias && ctx->needs_input_grad(2)};
+                                   bias_grad && !bias_grad_is_zero};
+    const at::Tensor& w = saved[7];
+    if (bias_grad && bias_grad_is_zero) {
+      result[2] = at::zeros({w.size(0)}, w.options().dtype(static_cast<c10::ScalarType>(bias_dtype)));
+    }
     if (mask[0] || mask[1] || mask[2]) {
-      const at::Tensor& w = saved[7];
       const std::vector<int64_t> bias_sizes{w.size(0)};
       auto grad = at::convolution_backward(
           table[plan.outputs[0]], saved[6], w, has_bias ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt,
@@ -476,6 +485,7 @@ py::object conv_batchnorm_act(int64_t config, const at::Tensor& x, const at::Ten
   if (it == conv_plans().end() || it->second.pair == nullptr) return py::none();
   c10::cuda::CUDAGuard guard(x.device());
   ConvCall call{stride, padding, dilation, groups};
+  call.bias_grad_is_zero = (config & 1) != 0;  // normalize (this node runs in training only: batch statistics)
   {
     // The node below owns the convolution's backward, and the casts are autocast's, done here once.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
