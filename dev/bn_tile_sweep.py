@@ -3,8 +3,8 @@
     PYTHONPATH=src python3 dev/bn_tile_sweep.py --json $OUT/bn_tiles.json [--budget-s 480] [--cases resnet18]
 
 The op's tiles (batchnorm._tiles) and its reductions' waves of the GPU (batchnorm.WAVES) are the best of this
-sweep where it ran (the cases without the pool). For each BatchNorm case of `cudacnn bench cnn-kernels`
-(bench/cnn_kernels.OP_CASES: bf16, channels_last, training), this times the op's forward and forward + backward
+sweep where it ran (the cases without the pool). For each case of `cudacnn bench cnn-kernels`
+(bench/cnn_kernels.OP_CASES: bf16, channels_last, training; ReLU + pool without BatchNorm included), this times the op's forward and forward + backward
 as device time (20 calls in one CUDA graph) under each setting: the library's own first, then the tile
 (BLOCK_P) scaled by 1, 1/2 or 2 with 4 or 8 warps and 2, 4 or 8 waves. Each setting's outputs and gradients are
 checked against the library setting's (other summation orders differ in the last bits, and so may flip the
@@ -24,7 +24,8 @@ from _harness import add_run_flags, device_for
 
 SCALES, WARPS, WAVES = (1.0, 0.5, 2.0), (4, 8), (2, 4, 8)
 SETTINGS = [(1.0, None, None)] + list(itertools.product(SCALES, WARPS, WAVES))  # None: the library's
-DRY_CASES = [("toy BN+add+ReLU", (2, 20, 6, 6), "relu", True, False, True)]
+DRY_CASES = [("toy BN+add+ReLU", (2, 20, 6, 6), "relu", True, False, True),
+             ("toy ReLU+pool", (2, 20, 6, 6), "relu", False, True, False)]
 
 
 def parse(argv):
@@ -44,14 +45,14 @@ def main(argv=None) -> int:
 
     from cudacnn.atomic import write_text_atomic
     from cudacnn.bench.cnn_kernels import OP_CASES, graph_time_fn
-    from cudacnn.kernels import BatchNormAct, planned
+    from cudacnn.kernels import ActivationPool, BatchNormAct, planned
     from cudacnn.kernels import batchnorm as B
 
     # A C++ plan keeps the launch settings it was recorded with (its key has no tiles): time the Python path,
     # which launches the same kernels with each setting's tiles.
     planned.ENABLED = False
 
-    cases = DRY_CASES if args.dry_run else [c for c in OP_CASES if c[5] and (
+    cases = DRY_CASES if args.dry_run else [c for c in OP_CASES if (
         not args.cases or any(t in c[0] for t in args.cases.split(",")))]
     tiles, programs = B._tiles, B._programs_per_channel_block
     configs = [B._stats_config, B._apply_config, B._backward_config]
@@ -84,23 +85,31 @@ def main(argv=None) -> int:
         fn()
         return (time.perf_counter() - start) * 1e3
 
-    def sweep(label, shape, activation, residual, pool) -> list[dict]:
+    def sweep(label, shape, activation, residual, pool, normalize) -> list[dict]:
         """Every setting's times at one case, the library's first."""
         torch.manual_seed(0)
         dtype = torch.float32 if args.dry_run else torch.bfloat16
         x = torch.randn(shape, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
         x.requires_grad_()
         res = torch.randn_like(x).requires_grad_() if residual else None
-        op = BatchNormAct.from_torch(torch.nn.BatchNorm2d(shape[1], device=device), activation, pool)
-        inputs = [t for t in (x, res) if t is not None] + [op.weight, op.bias]
-        dy = torch.randn_like(op(x, res))
+        if normalize:
+            module = BatchNormAct.from_torch(torch.nn.BatchNorm2d(shape[1], device=device), activation, pool)
+            params = [module.weight, module.bias]
+        else:
+            module, params = ActivationPool(activation), []
+        inputs = [t for t in (x, res) if t is not None] + params
+
+        def op():
+            return module(x, res) if normalize else module(x)
+
+        dy = torch.randn_like(op())
 
         def forward():
             with torch.no_grad():
-                return op(x, res)
+                return op()
 
         def both():
-            y = op(x, res)
+            y = op()
             return (y, *torch.autograd.grad(y, inputs, dy))
 
         rows, reference = [], None
@@ -123,17 +132,17 @@ def main(argv=None) -> int:
 
     print(f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}; torch {torch.__version__}", flush=True)
     results, started = [], time.perf_counter()
-    for label, shape, activation, residual, pool, _ in cases:
+    for label, shape, activation, residual, pool, normalize in cases:
         if time.perf_counter() - started > args.budget_s:
             print(f"budget of {args.budget_s:.0f} s spent: skipping {label} and after", flush=True)
             break
-        rows = sweep(label, shape, activation, residual, pool)
+        rows = sweep(label, shape, activation, residual, pool, normalize)
         if rows:
             best = min(rows, key=lambda r: r["fwd_bwd_ms"])
             print(f"{label}: best {best} = {best['fwd_bwd_ms'] / rows[0]['fwd_bwd_ms']:.3f}x the library's "
                   "fwd+bwd", flush=True)
             results.append({"case": label, "shape": list(shape), "activation": activation, "residual": residual,
-                            "pool": pool, "settings": rows, "best": best})
+                            "pool": pool, "batchnorm": normalize, "settings": rows, "best": best})
         if args.json:
             write_text_atomic(args.json, json.dumps(results, indent=2))
     return 0
