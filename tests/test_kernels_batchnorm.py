@@ -380,6 +380,31 @@ def test_without_normalize_residual_gradients_match_float64(request, monkeypatch
     assert x.grad.data_ptr() != r.grad.data_ptr()
 
 
+@pytest.mark.parametrize("path", ["triton", "reference"])
+@pytest.mark.parametrize("pool,shape", [(True, (5, 20, 15, 17)), (False, (3, 20, 6, 4))])
+def test_without_normalize_input_sum_is_the_sum_of_dx_from_one_launch(request, monkeypatch, launches, many_programs,
+                                                                     path, pool, shape):
+    # what the conv node takes as the gradient of the convolution's bias before ReLU + pool: one launch that
+    # writes the same dx as without the sum, and the sum of dx over each channel, merged from several programs
+    if path == "triton":
+        request.getfixturevalue("kernels_only")
+    else:
+        monkeypatch.setattr(B, "_triton_ok", lambda x: False)
+    x = randn(*shape, channels_last=True)
+    dy = torch.randn(B.pooled_shape(x.shape) if pool else x.shape, device=DEVICE)
+    args = (dy, x, None, None, None, None, None, False, False, "relu", pool)
+    dx, dw, db, dres = B.backward(*args)
+    assert db is None
+    launches.clear()
+    dx_sum, dw, db, dres = B.backward(*args, shared_counters=path == "triton", input_sum=True)
+    assert torch.equal(dx_sum, dx) and dw is None and dres is None
+    assert db.dtype == torch.float32 and db.shape == (shape[1],)
+    close(db, dx.double().sum((0, 2, 3)), 1e-6)
+    if path == "triton":
+        assert launches == ["_backward_kernel"]
+        assert not B._COUNTERS[x.device].any()  # the last programs set them back for the next launch
+
+
 def test_opcheck_registrations():
     x = randn(2, 3, 4, 4, channels_last=True).requires_grad_()
     w, b, r = randn(3).requires_grad_(), randn(3).requires_grad_(), randn(2, 3, 4, 4, channels_last=True)

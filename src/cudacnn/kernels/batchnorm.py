@@ -17,7 +17,9 @@ activation and the pool's argmax from x.
 Backward, two launches: _backward_kernel PHASE 0 reads x and dy and writes per-program partial sums of dz
 and dz * xhat per channel (dz = gradient at the activation's input, routed through the pool's argmax; summed
 per lane, then across lanes once a program); its last program of a channel block sums them and writes
-d bias and d weight; PHASE 1 reads x and dy again and writes dx (and d residual = dz).
+d bias and d weight; PHASE 1 reads x and dy again and writes dx (and d residual = dz). Without batch
+statistics one launch: PHASE 1, or PHASE 2 where the sum of dz per channel is wanted too (the gradient of the
+bias of the convolution that wrote x): PHASE 0's programs and sums, writing dx as they go.
 The counters start at zero and the last program sets its counter back to zero, so one zeroed buffer serves
 every launch on a stream (ops.py's eager path keeps one a device; a traced call allocates it zeroed).
 
@@ -349,12 +351,13 @@ def _backward_element(x_ptr, res_ptr, dx_ptr, dres_ptr, x_off, r_off, mask, dz, 
                       rstd, wgt, acc_dz, acc_dzx, PHASE: tl.constexpr, TRAINING: tl.constexpr,
                       NORM: tl.constexpr, HAS_RES: tl.constexpr):
     """PHASE 0: add this element's dz and dz * xhat to the per-lane sums (BLOCK_P x BLOCK_C); PHASE 1: write dx
-    (and dres)."""
+    (and dres); PHASE 2: both."""
     dz = tl.where(mask, dz, 0.0)
-    if PHASE == 0:
+    if PHASE != 1:
         acc_dz += dz
+    if PHASE == 0:
         acc_dzx += dz * xhat
-    else:
+    if PHASE != 0:
         dx = dz
         if NORM:
             if TRAINING:
@@ -380,7 +383,8 @@ def _backward_kernel(dy_ptr, x_ptr, res_ptr, dx_ptr, dres_ptr, mean_ptr, rstd_pt
     PHASE 0 (units_per_prog units a program) writes program i's partial sums of dz and dz * xhat at row
     1 + i, and its last program of a channel block their totals at row 0, d bias = sum dz and d weight =
     sum dz * xhat (HAS_DB, HAS_DW: in the parameters' dtypes); PHASE 1 (one tile a program) reads row 0 and
-    writes dx and dres. dy's strides: sd*."""
+    writes dx and dres; PHASE 2 (not TRAINING) does both at once: PHASE 0's sums, writing dx and dres as
+    PHASE 1. dy's strides: sd*."""
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -473,7 +477,7 @@ def _backward_kernel(dy_ptr, x_ptr, res_ptr, dx_ptr, dres_ptr, mean_ptr, rstd_pt
             acc_dz, acc_dzx = _backward_element(
                 x_ptr, res_ptr, dx_ptr, dres_ptr, x_off, r_off, mask, dy * _act_grad(z, KIND, FAST), xhat,
                 mean_dz, mean_dzx, rstd, wgt, acc_dz, acc_dzx, PHASE, TRAINING, NORM, HAS_RES)
-    if PHASE == 0:
+    if PHASE != 1:
         _store_sums(sums_ptr, counter_ptr, dw_ptr, db_ptr, pid_p, pid_c, tl.sum(acc_dz, axis=0),
                     tl.sum(acc_dzx, axis=0), c, c_ok, C, HAS_DW, HAS_DB, BLOCK_C, BLOCK_F)
 
@@ -736,11 +740,15 @@ def running_stats(running_mean, running_var, eps: float, dtype: torch.dtype):
 
 
 def backward(grad_y, x, weight, bias, residual, mean, rstd, training: bool, normalize: bool, activation: str,
-             pool: bool, needs_affine: bool = True, shared_counters: bool = False, wrap=None):
+             pool: bool, needs_affine: bool = True, shared_counters: bool = False, wrap=None,
+             input_sum: bool = False):
     """(dx, dweight, dbias, dresidual), None for an absent input (and for dweight/dbias without needs_affine).
-    mean/rstd are forward's outputs. Two launches with batch statistics or affine gradients, else one."""
+    mean/rstd are forward's outputs. Two launches with batch statistics or affine gradients, else one. Without
+    normalize, input_sum puts in dbias's place the sum of dx over each channel (float32; the gradient of a bias
+    added to x, as a convolution's before the op), from the same launch."""
     if not normalize:
         training = False
+    input_sum = input_sum and not normalize
     grad_y = grad_y.to(x.dtype)  # y's dtype: the pool's argmax is recomputed from values rounded to it
     if grad_y.shape != (pooled_shape(x.shape) if pool else x.shape):
         raise ValueError(f"grad_y has shape {tuple(grad_y.shape)}; the output of input {tuple(x.shape)} "
@@ -748,6 +756,8 @@ def backward(grad_y, x, weight, bias, residual, mean, rstd, training: bool, norm
     if not _triton_ok(x) or x.numel() == 0:
         dx, dw, db, dres = reference_backward(grad_y, x, weight, bias, residual, mean, rstd, training, normalize,
                                               activation, pool)
+        if input_sum:
+            return dx, None, dx.sum((0, 2, 3), dtype=torch.float32), dres
         return dx, dw if needs_affine else None, db if needs_affine else None, dres
     N, C, H, W = x.shape
     affine = normalize and needs_affine
@@ -766,6 +776,13 @@ def backward(grad_y, x, weight, bias, residual, mean, rstd, training: bool, norm
     strides = (*x.stride(), *_strides(residual, x), *grad_y.stride())
     sums = x  # read by PHASE 1 only in training, which has PHASE 0
     dw = db = None
+    if input_sum:
+        sums = torch.empty((1 + reduce_grid[0], 2, C), dtype=torch.float32, device=x.device)
+        db = torch.empty(C, dtype=torch.float32, device=x.device)
+        _launch(_backward_kernel, reduce_grid, wrap)(
+            *pointers, sums, _counters(x.device, reduce_grid[1], shared_counters), x, db, *sizes, units, *strides,
+            **dict(meta0, PHASE=2, HAS_DB=True))
+        return dx, None, db, dres
     if normalize and (training or needs_affine):
         sums = torch.empty((1 + reduce_grid[0], 2, C), dtype=torch.float32, device=x.device)
         dw = torch.empty(C, dtype=torch.float32, device=x.device) if has_dw else None

@@ -205,8 +205,9 @@ def _record(ext, key, config, x, weight, bias, residual, running_mean, running_v
                                               pool, normalize)
         grad = torch.zeros_like(y)
         with _launch.recording() as backward:
+            # without the BatchNorm, db is the sum of dx over each channel: a conv node's bias gradient
             dx, dw, db, dres = _bn.backward(grad, x, weight, bias, residual, mean, rstd, normalize, normalize,
-                                            activation, pool, True, shared_counters=True)
+                                            activation, pool, True, shared_counters=True, input_sum=not normalize)
     if (weight is not None and dw is None) or (bias is not None and db is None):
         return False
     try:

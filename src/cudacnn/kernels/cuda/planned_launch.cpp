@@ -329,11 +329,16 @@ struct ConvBatchNormAct : public torch::autograd::Function<ConvBatchNormAct> {
     const bool has_bias = bias_dtype >= 0;
     const bool bias_grad = has_bias && ctx->needs_input_grad(2);
     const bool bias_grad_is_zero = ctx->saved_data["bias_grad_is_zero"].toBool();
+    // without the BatchNorm the op's backward plan gives the sum of dy over each channel (float32, in the
+    // launch that writes dy), which is the bias gradient
+    const int64_t input_sum = bias_grad_is_zero ? -1 : plan.outputs[2];
     const std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
-                                   bias_grad && !bias_grad_is_zero};
+                                   bias_grad && !bias_grad_is_zero && input_sum < 0};
     const at::Tensor& w = saved[7];
     if (bias_grad && bias_grad_is_zero) {
       result[2] = at::zeros({w.size(0)}, w.options().dtype(static_cast<c10::ScalarType>(bias_dtype)));
+    } else if (bias_grad && input_sum >= 0) {
+      result[2] = table[input_sum].to(static_cast<c10::ScalarType>(bias_dtype));
     }
     if (mask[0] || mask[1] || mask[2]) {
       const std::vector<int64_t> bias_sizes{w.size(0)};
