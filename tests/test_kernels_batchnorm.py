@@ -696,9 +696,9 @@ build(B._stats_kernel, dict(UPDATE=True, BLOCK_M=64, BLOCK_C=64, BLOCK_F=32))
 for pool, kind, norm in ((False, 4, True), (True, 2, True), (True, 1, False)):
     flags = dict(NORM=norm, HAS_W=norm, HAS_B=norm, HAS_RES=not pool, KIND=kind, POOL=pool, FAST=True, BLOCK_C=64)
     build(B._apply_kernel, dict(flags, BLOCK_P=32))
-    for phase in (0, 1):
-        build(B._backward_kernel, dict(flags, PHASE=phase, TRAINING=norm, HAS_DW=norm, HAS_DB=norm, BLOCK_P=16,
-                                       BLOCK_F=32))
+    for phase in (0, 1) if norm else (0, 1, 2):  # PHASE 2: dx and its sums in one launch, without BatchNorm
+        build(B._backward_kernel, dict(flags, PHASE=phase, TRAINING=norm, HAS_DW=norm, HAS_DB=norm or phase == 2,
+                                       BLOCK_P=16, BLOCK_F=32))
 print("compiled")
 """
 
