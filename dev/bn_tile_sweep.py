@@ -2,15 +2,17 @@
 
     PYTHONPATH=src python3 dev/bn_tile_sweep.py --json $OUT/bn_tiles.json [--budget-s 480] [--cases resnet18]
 
-The op's tiles (batchnorm._tiles) and its reductions' waves of the GPU (batchnorm.WAVES) are the best of this
-sweep where it ran (the cases without the pool). For each case of `cudacnn bench cnn-kernels`
-(bench/cnn_kernels.OP_CASES: bf16, channels_last, training; ReLU + pool without BatchNorm included), this times the op's forward and forward + backward
-as device time (20 calls in one CUDA graph) under each setting: the library's own first, then the tile
+The op's tiles (batchnorm._tiles) and its reductions' waves of the GPU (batchnorm.WAVES) are the best of this sweep
+where it ran (the cases without the pool). For each case of `cudacnn bench cnn-kernels` (bench/cnn_kernels.OP_CASES:
+bf16, channels_last, training; ReLU + pool without BatchNorm included), this times the op's forward and forward +
+backward as device time (20 calls in one CUDA graph) under each setting: the library's own first, then the tile
 (BLOCK_P) scaled by 1, 1/2 or 2 with 4 or 8 warps and 2, 4 or 8 waves. Each setting's outputs and gradients are
-checked against the library setting's (other summation orders differ in the last bits, and so may flip the
-side of ReLU's kink that an element falls on). The training calls run the op's Python path: a C++ plan keeps
-the settings it was recorded with. `--dry-run`: a toy case on the CPU under Triton's interpreter (there the
-tiles are the interpreter's, so only the code paths run).
+checked against the library setting's (other summation orders differ in the last bits, and so may flip the side of
+ReLU's kink that an element falls on). The training calls run the op's Python path: a C++ plan keeps the settings it
+was recorded with (for ReLU + pool without BatchNorm that path's backward is the launch that writes dx alone;
+training's conv node takes the one that also sums it, with the same tile but the reduction's split into waves).
+`--dry-run`: a toy case on the CPU under Triton's interpreter (there the tiles are the interpreter's, so only the
+code paths run).
 """
 
 from __future__ import annotations

@@ -581,7 +581,8 @@ def conv_batchnorm_act(x: Tensor, conv_weight: Tensor, conv_bias: Tensor | None,
     cast's and the op's) with Python between them; every other call is the two calls. With normalize, the node
     returns the convolution's bias gradient as zeros without computing it: a BatchNorm with batch statistics
     gives the same output for any per-channel shift of its input, so that gradient is zero (the two calls compute
-    it, to within rounding of zero)."""
+    it, to within rounding of zero). Without normalize, the op's backward launch sums the gradient per channel as
+    it writes it, and the node returns that sum as the bias gradient."""
     conv = (conv_weight, conv_bias, stride, padding, dilation, groups)
     norm = (weight, bias, residual, running_mean, running_var)
     fused = (backend != "torch" and training and x.is_cuda and _planned.ENABLED and torch.is_grad_enabled()
