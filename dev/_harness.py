@@ -28,6 +28,19 @@ def device_for(args, script: str) -> str | None:
     return "cuda"
 
 
+def device_ms(fn, device: str) -> float:
+    """ms of one fn() as device time (calls captured in a CUDA graph: bench.cnn_kernels.graph_time_fn), or one
+    call's wall time off a GPU (--dry-run: the code paths only)."""
+    from cudacnn.bench.cnn_kernels import graph_time_fn
+
+    stats = graph_time_fn(fn, device)
+    if stats is not None:
+        return stats.median_ms
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
 def add_per_call_flags(parser, host_help: str = "calls a timed round (host)") -> None:
     """The host-overhead scripts' flags: --calls, --host-calls, --rounds, --json."""
     parser.add_argument("--calls", type=int, default=200, help="calls a timed round (launched)")

@@ -22,7 +22,7 @@ import itertools
 import json
 import time
 
-from _harness import add_run_flags, device_for
+from _harness import add_run_flags, device_for, device_ms
 
 SCALES, WARPS, WAVES = (1.0, 0.5, 2.0), (4, 8), (2, 4, 8)
 SETTINGS = [(1.0, None, None)] + list(itertools.product(SCALES, WARPS, WAVES))  # None: the library's
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     import torch
 
     from cudacnn.atomic import write_text_atomic
-    from cudacnn.bench.cnn_kernels import OP_CASES, graph_time_fn
+    from cudacnn.bench.cnn_kernels import OP_CASES
     from cudacnn.kernels import ActivationPool, BatchNormAct, planned
     from cudacnn.kernels import batchnorm as B
 
@@ -78,14 +78,6 @@ def main(argv=None) -> int:
         B._tiles, B._programs_per_channel_block = scaled, waved
         for config in configs:
             config.cache_clear()
-
-    def device_ms(fn) -> float:
-        stats = graph_time_fn(fn, device)
-        if stats is not None:
-            return stats.median_ms
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
 
     def sweep(label, shape, activation, residual, pool, normalize) -> list[dict]:
         """Every setting's times at one case, the library's first."""
@@ -119,7 +111,7 @@ def main(argv=None) -> int:
             use(scale, warps, waves)
             try:
                 outputs = [t.detach().float() for t in both()]
-                fwd_ms, both_ms = device_ms(forward), device_ms(both)
+                fwd_ms, both_ms = device_ms(forward, device), device_ms(both, device)
             except Exception as error:  # noqa: BLE001 -- a tile too large for the SM: report it, go on
                 print(f"{label}: scale {scale} warps {warps} waves {waves}: failed ({error})", flush=True)
                 continue

@@ -17,7 +17,7 @@ import argparse
 import json
 import time
 
-from _harness import add_run_flags, device_for
+from _harness import add_run_flags, device_for, device_ms
 
 # (label, batch, output channels, conv bias): the first conv of bn-dropout-plus, smallnet-plus, resnet18-cifar
 CASES = [("bn_dropout conv1", 256, 32, True), ("smallnet conv1", 256, 64, False),
@@ -36,15 +36,6 @@ def main(argv=None) -> int:
     import torch
     import torch.nn.functional as F
 
-    from cudacnn.bench.cnn_kernels import graph_time_fn
-
-    def device_ms(fn) -> float:
-        stats = graph_time_fn(fn, device)
-        if stats is not None:
-            return stats.median_ms
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
 
     results, started = [], time.perf_counter()
     for label, n, c_out, has_bias in CASES:
@@ -75,7 +66,7 @@ def main(argv=None) -> int:
             reference = reference or out
             diff = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(out, reference))
             zero = dw[:, 3:].abs().max().item() if width > 3 else 0.0
-            row[f"ms_{width}"] = round(device_ms(step), 4)
+            row[f"ms_{width}"] = round(device_ms(step, device), 4)
             row[f"max_rel_diff_{width}"] = float(f"{diff:.2e}")
             print(f"{label}: {width} input channels: {row[f'ms_{width}']:.4f} ms (fwd + weight grad), outputs "
                   f"within {diff:.1e} of 3 channels', padded channels' weight gradient max {zero:.1e}", flush=True)
