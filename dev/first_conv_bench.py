@@ -4,9 +4,11 @@ graph).
 
     PYTHONPATH=src python3 dev/first_conv_bench.py --json $OUT/first_conv.json
 
-Why: in a profiled `--cuda-graphs` epoch of bn-dropout-plus, cuDNN ran its first convolution (3 -> 32 channels)
-with a generic kernel (`convolve_common_engine_float_NHWC`, 46 us a step in both kernel settings), where wider
-inputs get tensor-core kernels. Zero channels leave the output and the real weights' gradient unchanged (their
+Why: in a profiled `--cuda-graphs` epoch of bn-dropout-plus (`cudacnn bench cnn-kernels --no-ops --no-eager
+--no-compile --cuda-graphs --profile DIR`, NVIDIA H100 80GB HBM3, PyTorch 2.11.0+cu130, cuDNN 9.19, 2026-12-08),
+cuDNN ran one of its first convolution's kernels (3 -> 32 channels) as a generic one
+(`convolve_common_engine_float_NHWC`, 46 us a step in both kernel settings), where wider inputs get tensor-core
+kernels. Zero channels leave the output and the real weights' gradient unchanged (their
 own weight gradient is zero), so padding could live inside the model or the conv node; this measures whether it
 pays. `--dry-run`: the code paths on the CPU at toy sizes.
 """

@@ -776,20 +776,17 @@ def backward(grad_y, x, weight, bias, residual, mean, rstd, training: bool, norm
     strides = (*x.stride(), *_strides(residual, x), *grad_y.stride())
     sums = x  # read by PHASE 1 only in training, which has PHASE 0
     dw = db = None
-    if input_sum:
-        sums = torch.empty((1 + reduce_grid[0], 2, C), dtype=torch.float32, device=x.device)
-        db = torch.empty(C, dtype=torch.float32, device=x.device)
-        _launch(_backward_kernel, reduce_grid, wrap)(
-            *pointers, sums, _counters(x.device, reduce_grid[1], shared_counters), x, db, *sizes, units, *strides,
-            **dict(meta0, PHASE=2, HAS_DB=True))
-        return dx, None, db, dres
-    if normalize and (training or needs_affine):
+    if input_sum or (normalize and (training or needs_affine)):
+        has_db = has_db or input_sum  # input_sum: PHASE 2 writes the sum of dz (= dx) as d bias
         sums = torch.empty((1 + reduce_grid[0], 2, C), dtype=torch.float32, device=x.device)
         dw = torch.empty(C, dtype=torch.float32, device=x.device) if has_dw else None
         db = torch.empty(C, dtype=torch.float32, device=x.device) if has_db else None
         _launch(_backward_kernel, reduce_grid, wrap)(
             *pointers, sums, _counters(x.device, reduce_grid[1], shared_counters), dw if has_dw else x,
-            db if has_db else x, *sizes, units, *strides, **meta0)
+            db if has_db else x, *sizes, units, *strides, **(dict(meta0, PHASE=2, HAS_DB=True) if input_sum
+                                                              else meta0))
+        if input_sum:  # that launch wrote dx too
+            return dx, None, db, dres
         if affine and weight is not None and not has_dw:
             dw = sums[0, 1].to(weight.dtype)  # another dtype: a copy, so no output aliases `sums`
         if affine and bias is not None and not has_db:
